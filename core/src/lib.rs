@@ -1,0 +1,15 @@
+//! `dinovmf-core`: the single source of truth for the mathematics of DINO and DINO-vMF.
+//!
+//! `#![no_std]`, no allocation on any hot path: every function takes slices plus explicit
+//! dimensions. See `shared/spec/method.md` for the formulas this crate implements.
+#![no_std]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod real;
+pub mod vmf;
+
+pub use real::Real;

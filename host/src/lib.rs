@@ -1,0 +1,2 @@
+//! `dinovmf`: the host library behind the `dinovmf` command-line program.
+pub mod cli;
