@@ -1,2 +1,5 @@
 //! `dinovmf`: the host library behind the `dinovmf` command-line program.
+pub mod backend;
+pub mod checkpoint;
 pub mod cli;
+pub mod eval;

@@ -1,0 +1,152 @@
+//! Matrix products of the CPU backend, all through one function so the GEMM crate is one choice.
+//!
+//! `gemm` (by the faer authors) is used because it dispatches to AVX-512/AVX2+FMA kernels at run
+//! time and parallelises with rayon; on the 2-core Zen 4 dev machine it beats `matrixmultiply`
+//! on the skinny shapes of a small ViT (see `benches/` and the project notes).
+
+/// How an operand is stored: `N` = as given (row-major rows x cols), `T` = transposed view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    N,
+    T,
+}
+
+/// `c[m x n] = beta_c * c + a[m x k] * b[k x n]`, every matrix row-major (`Op::T` reads the
+/// transpose of a row-major buffer: `a` then is stored `k x m`).
+/// `accumulate = false` overwrites `c` (its old contents are never read, NaN included).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    op_a: Op,
+    b: &[f32],
+    op_b: Op,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    assert!(a.len() >= m * k, "matmul: a has {} < {}x{}", a.len(), m, k);
+    assert!(b.len() >= k * n, "matmul: b has {} < {}x{}", b.len(), k, n);
+    assert!(c.len() >= m * n, "matmul: c has {} < {}x{}", c.len(), m, n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // Strides in elements: (column stride, row stride) of the logical matrix.
+    let (a_cs, a_rs) = match op_a {
+        Op::N => (1isize, k as isize),
+        Op::T => (m as isize, 1isize),
+    };
+    let (b_cs, b_rs) = match op_b {
+        Op::N => (1isize, n as isize),
+        Op::T => (k as isize, 1isize),
+    };
+    let flops = m * n * k;
+    let par = if flops >= 1 << 16 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above bound every index the strides reach; c does not alias a or b
+    // (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: &[f32], ta: Op, b: &[f32], tb: Op) -> Vec<f64> {
+        let mut c = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0f64;
+                for l in 0..k {
+                    let av = match ta {
+                        Op::N => a[i * k + l],
+                        Op::T => a[l * m + i],
+                    };
+                    let bv = match tb {
+                        Op::N => b[l * n + j],
+                        Op::T => b[j * k + l],
+                    };
+                    s += av as f64 * bv as f64;
+                }
+                c[i * n + j] = s;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn matmul_matches_f64_naive_all_transposes_rel_1e5() {
+        let mut seed = 12345u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (7, 5, 3),
+            (33, 17, 65),
+            (130, 96, 288),
+            (65, 65, 32),
+        ] {
+            for ta in [Op::N, Op::T] {
+                for tb in [Op::N, Op::T] {
+                    let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+                    let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+                    let c0: Vec<f32> = (0..m * n).map(|_| rnd()).collect();
+                    let want = naive(m, n, k, &a, ta, &b, tb);
+                    // overwrite: poison first so unwritten elements show
+                    let mut c = vec![f32::NAN; m * n];
+                    matmul(m, n, k, &a, ta, &b, tb, &mut c, false);
+                    for (x, w) in c.iter().zip(&want) {
+                        assert!(
+                            (*x as f64 - w).abs() <= 1e-5 * (k as f64).sqrt().max(1.0) * 4.0,
+                            "{m}x{n}x{k} {ta:?}{tb:?}: {x} vs {w}"
+                        );
+                    }
+                    let mut c = c0.clone();
+                    matmul(m, n, k, &a, ta, &b, tb, &mut c, true);
+                    for ((x, w), c0) in c.iter().zip(&want).zip(&c0) {
+                        assert!(
+                            (*x as f64 - (w + *c0 as f64)).abs()
+                                <= 1e-5 * (k as f64).sqrt().max(1.0) * 4.0
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,2 @@
+//! Evaluation of learned features.
+pub mod knn;
