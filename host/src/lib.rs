@@ -3,3 +3,4 @@ pub mod backend;
 pub mod checkpoint;
 pub mod cli;
 pub mod eval;
+pub mod train;

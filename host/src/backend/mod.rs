@@ -1,2 +1,77 @@
 //! Backends run the training step; the trainer never sees which one it has.
+//!
+//! A backend owns the whole training state (student, teacher, optimiser moments, centers) where
+//! its ops run, so a GPU backend keeps everything on the device: only batches go in and
+//! metrics come out.
+use anyhow::Result;
+
+use crate::data::Batch;
+
 pub mod cpu;
+pub mod cuda;
+pub mod reduce;
+
+pub use reduce::{GradReducer, SingleProcess};
+
+/// Which network's features to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Net {
+    Student,
+    Teacher,
+}
+
+/// The values of the per-step schedules, computed by the trainer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepHyper {
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub teacher_momentum: f32,
+    pub teacher_temp: f32,
+    /// Last layer gets no update (DINO freezes it during the first epoch).
+    pub freeze_last_layer: bool,
+    /// Per-tensor gradient-norm clip; 0 disables.
+    pub clip_grad: f32,
+    /// Seeds the step's randomness (drop path) so a step is a pure function of state + batch.
+    pub seed: u64,
+}
+
+/// What one step reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepMetrics {
+    pub loss: f32,
+    /// Mean over teacher rows of the entropy of P_t (ln K = uniform targets).
+    pub teacher_entropy: f32,
+    /// Entropy of the batch-mean teacher distribution (low = few prototypes used).
+    pub mean_entropy: f32,
+    /// Largest mass of the batch-mean teacher distribution (near 1 = one prototype wins all).
+    pub max_mass: f32,
+    /// Mean KL(P_t || P_s) over the loss pairs.
+    pub kl: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+}
+
+/// The full training state in host memory, in the flat parameter layout of `dinovmf_core::model`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainState {
+    pub student: Vec<f32>,
+    pub teacher: Vec<f32>,
+    pub adam_m: Vec<f32>,
+    pub adam_v: Vec<f32>,
+    pub center: Vec<f32>,
+    /// AdamW steps taken (bias correction).
+    pub adam_step: u64,
+}
+
+pub trait Backend: Send {
+    fn name(&self) -> String;
+    /// Loads the state onto the backend.
+    fn set_state(&mut self, s: &TrainState) -> Result<()>;
+    /// Reads the state back (for checkpoints).
+    fn state(&mut self) -> Result<TrainState>;
+    /// One full step: student forward on every crop, teacher on the global crops, loss, backward,
+    /// gradient reduction, clipping, AdamW, teacher EMA, center update.
+    fn train_step(&mut self, batch: &Batch, hp: &StepHyper) -> Result<StepMetrics>;
+    /// Final-LayerNorm [CLS] features ([n, dim]) of `images` ([n, 3, size, size]).
+    fn embed(&mut self, net: Net, images: &[f32], n: usize, size: usize) -> Result<Vec<f32>>;
+}

@@ -1,0 +1,2 @@
+//! The trainer (being written).
+pub mod config;
