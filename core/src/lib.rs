@@ -9,7 +9,12 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod model;
+pub mod ops;
+pub mod optim;
 pub mod real;
+#[cfg(feature = "alloc")]
+pub mod reference_model;
 pub mod vmf;
 
 pub use real::Real;
