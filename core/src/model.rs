@@ -246,8 +246,9 @@ pub struct ParamSpec {
     pub numel: usize,
     /// Gets weight decay. DINO's rule (`get_params_groups`): everything except names ending in
     /// `.bias` and tensors with one dimension. On PyTorch's shapes that exempts biases and
-    /// LayerNorm parameters but decays `cls_token [1, 1, D]`, `pos_embed [1, T, D]` and
-    /// `weight_g [K, 1]`.
+    /// LayerNorm parameters but decays `cls_token [1, 1, D]` and `pos_embed [1, T, D]`.
+    /// `weight_g [K, 1]` (learned only without `norm_last_layer`, i.e. for vMF) holds one norm
+    /// per prototype and is treated as 1-d: no decay (method.md, Training recipe).
     pub decay: bool,
     /// Part of `head.last_layer` (DINO freezes it during the first epoch).
     pub last_layer: bool,
@@ -281,7 +282,9 @@ pub fn for_each_param(cfg: &ModelConfig, mut f: impl FnMut(&ParamSpec)) {
         let numel = shape.iter().product();
         let last_layer = matches!(kind, ParamKind::LastLayerG | ParamKind::LastLayerV);
         let spec = ParamSpec {
-            decay: !s.ends_with(".bias") && shape.len() > 1,
+            // weight_g is one norm per prototype: a 1-d parameter in the spec's sense even though
+            // PyTorch stores it [K, 1]. Decaying it would pull every kappa towards 0.
+            decay: !s.ends_with(".bias") && shape.len() > 1 && kind != ParamKind::LastLayerG,
             trainable: !(kind == ParamKind::LastLayerG && h.norm_last_layer),
             name: s,
             kind,
