@@ -18,3 +18,8 @@ pub mod reference_model;
 pub mod vmf;
 
 pub use real::Real;
+pub mod centering;
+pub mod collapse;
+pub mod logits;
+pub mod loss;
+pub mod schedule;
