@@ -143,8 +143,8 @@ impl VmfNorm {
             q: [0.0; FAST_DEG],
             dp: [0.0; FAST_DEG],
         };
-        // NaN-safe: `!(nu > -1)` also catches NaN.
-        if !(nu > -1.0) {
+        // Orders <= -1 have no 0F1(; nu+1; .); NaN propagates.
+        if nu.is_nan() || nu <= -1.0 {
             return me;
         }
         let large_nu = approx == BesselApprox::LargeNu && nu > LARGE_NU_MIN;
@@ -362,7 +362,7 @@ pub fn log_cp(p: usize, kappa: f32, approx: BesselApprox) -> f64 {
 /// size of those terms). `LargeNu` gives the textbook leading term
 /// nu eta - 0.5 ln(2 pi nu) - 0.5 ln s (needs nu > 0, else it falls back to `Uniform`).
 pub fn log_bessel_i(nu: f32, x: f32, approx: BesselApprox) -> f32 {
-    if !(nu > -1.0) || x.is_nan() || x < 0.0 {
+    if nu.is_nan() || nu <= -1.0 || x.is_nan() || x < 0.0 {
         return f32::NAN;
     }
     if x == 0.0 {
@@ -563,7 +563,7 @@ pub mod reference {
 
     /// log I_nu(x), nu > -1, x >= 0: series for x <= 60, else Debye (nu >= 0.5) or Hankel.
     pub fn log_bessel_i(nu: f64, x: f64) -> f64 {
-        if !(nu > -1.0) || x.is_nan() || x < 0.0 {
+        if nu.is_nan() || nu <= -1.0 || x.is_nan() || x < 0.0 {
             return f64::NAN;
         }
         if x == f64::INFINITY {
@@ -626,7 +626,7 @@ pub mod reference {
 
     /// (D_nu, A_nu) for a real order nu > -1 (D = -ln 0F1(; nu+1; kappa^2/4), A = I_{nu+1}/I_nu).
     pub fn d_and_a(nu: f64, kappa: f64) -> (f64, f64) {
-        if !(nu > -1.0) || kappa.is_nan() {
+        if nu.is_nan() || nu <= -1.0 || kappa.is_nan() {
             return (f64::NAN, f64::NAN);
         }
         let k = libm::fabs(kappa);
