@@ -1,4 +1,5 @@
 //! The thread-block abstraction every kernel body is written against.
+use crate::math as m;
 
 /// Block-uniform geometry: the same for every thread of a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,18 +147,16 @@ impl Lse {
     /// Adds one value.
     #[inline]
     pub fn push(&mut self, x: f32) {
-        use dinovmf_core::Real;
         if x > self.m {
-            self.s = self.s * (self.m - x).exp() + 1.0;
+            self.s = self.s * m::exp(self.m - x) + 1.0;
             self.m = x;
         } else if x > f32::NEG_INFINITY {
-            self.s += (x - self.m).exp();
+            self.s += m::exp(x - self.m);
         }
     }
     /// Merges another state.
     #[inline]
     pub fn merge(&mut self, o: Lse) {
-        use dinovmf_core::Real;
         if o.m == f32::NEG_INFINITY {
             return;
         }
@@ -166,20 +165,19 @@ impl Lse {
             return;
         }
         if o.m > self.m {
-            self.s = self.s * (self.m - o.m).exp() + o.s;
+            self.s = self.s * m::exp(self.m - o.m) + o.s;
             self.m = o.m;
         } else {
-            self.s += o.s * (o.m - self.m).exp();
+            self.s += o.s * m::exp(o.m - self.m);
         }
     }
     /// `max + ln(sum)`; `-inf` for an empty state.
     #[inline]
     pub fn value(self) -> f32 {
-        use dinovmf_core::Real;
         if self.m == f32::NEG_INFINITY {
             f32::NEG_INFINITY
         } else {
-            self.m + self.s.ln()
+            self.m + m::ln(self.s)
         }
     }
 }
@@ -194,7 +192,6 @@ pub fn block_reduce_lse<B: Block, L: Copy, G: Fn(&mut L) -> &mut Lse + Copy>(
     field: G,
     off: usize,
 ) {
-    use dinovmf_core::Real;
     b.each(l, |_, st, _| {
         let e = field(st);
         let v = e.value();
@@ -206,7 +203,7 @@ pub fn block_reduce_lse<B: Block, L: Copy, G: Fn(&mut L) -> &mut Lse + Copy>(
         e.s = if e.s == f32::NEG_INFINITY {
             0.0
         } else {
-            (e.s - e.m).exp()
+            m::exp(e.s - e.m)
         };
     });
     b.warp_reduce(l, Op::Sum, move |st| &mut field(st).s);

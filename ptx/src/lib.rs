@@ -24,6 +24,7 @@ pub mod block;
 pub mod elem;
 pub mod kernels;
 pub mod manifest;
+pub mod math;
 
 #[cfg(target_arch = "nvptx64")]
 mod gpu;

@@ -1,7 +1,7 @@
 //! Elementwise ops: GELU, residual, accumulation, drop path, fill.
+use crate::math as m;
 use super::for_each_elem;
 use crate::block::Block;
-use dinovmf_core::Real;
 
 const FRAC_1_SQRT_2: f64 = core::f64::consts::FRAC_1_SQRT_2;
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
@@ -9,17 +9,17 @@ const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 /// Exact (erf) GELU of one value, the expression of `core::ops::gelu_forward`.
 #[inline(always)]
 pub fn gelu(x: f32) -> f32 {
-    let c = f32::from_f64(FRAC_1_SQRT_2);
-    0.5 * x * (1.0 + (x * c).erf())
+    let c = FRAC_1_SQRT_2 as f32;
+    0.5 * x * (1.0 + m::erf(x * c))
 }
 
 /// `d gelu / dx`, the expression of `core::ops::gelu_backward`.
 #[inline(always)]
 pub fn gelu_grad(x: f32) -> f32 {
-    let c = f32::from_f64(FRAC_1_SQRT_2);
-    let k = f32::from_f64(FRAC_1_SQRT_2PI);
-    let cdf = 0.5 * (1.0 + (x * c).erf());
-    let pdf = k * (-0.5 * x * x).exp();
+    let c = FRAC_1_SQRT_2 as f32;
+    let k = FRAC_1_SQRT_2PI as f32;
+    let cdf = 0.5 * (1.0 + m::erf(x * c));
+    let pdf = k * m::exp(-0.5 * x * x);
     cdf + x * pdf
 }
 

@@ -6,12 +6,12 @@
 //! place of the dots, dL/dr) -> GEMMs `dy = ddots mu`, `dmu = ddots^T y` -> `l2norm_backward`.
 //! Teacher: `gemm` "nt" (dots) -> [`teacher_targets`] -> [`teacher_stat`]; after the loss,
 //! [`center_update`].
+use crate::math as m;
 use super::for_each_elem;
 use crate::block::{block_reduce, block_reduce_lse, Block, Lse, Op};
 use dinovmf_core::centering::{self, Centering, CENTER_FLOOR};
 use dinovmf_core::logits::{self, LogitKind};
 use dinovmf_core::vmf::BesselApprox;
-use dinovmf_core::Real;
 
 /// Logit kind from its launch code: 0 DINO, 1 vMF.
 #[inline(always)]
@@ -117,7 +117,7 @@ struct TwoLse {
 fn center_shift(c: f32, inv_tau: f32, centering: Centering) -> f32 {
     match centering {
         Centering::Logit => c * inv_tau,
-        Centering::Probability => c.max(CENTER_FLOOR as f32).ln(),
+        Centering::Probability => m::ln(c.max(CENTER_FLOOR as f32)),
     }
 }
 
@@ -165,7 +165,7 @@ pub fn teacher_targets<B: Block>(
             let mut j = t as usize;
             while j < k {
                 let x = scale[j] * dots[row * k + j] + bias[j];
-                p_t[row * k + j] = (x - center_shift(center[j], inv_tau, centering) - lse).exp();
+                p_t[row * k + j] = m::exp(x - center_shift(center[j], inv_tau, centering) - lse);
                 j += bdim;
             }
             if t == 0 {
@@ -197,7 +197,7 @@ pub fn teacher_stat<B: Block>(
             let x = scale[j] * dots[row * k + j] + bias[j];
             acc += w * match centering {
                 Centering::Logit => tau_t * x,
-                Centering::Probability => (x - lse_raw[row]).exp(),
+                Centering::Probability => m::exp(x - lse_raw[row]),
             };
         }
         stat[j] = acc;
@@ -257,7 +257,7 @@ pub fn xent_columns<B: Block>(
                 let x = scale[j] * d + bias[j];
                 let nls = lse[i] - x;
                 st.loss += tgt * nls;
-                let dl = (nq * (-nls).exp() - tgt) * gs;
+                let dl = (nq * m::exp(-nls) - tgt) * gs;
                 dots[i * k + j] = dl * scale[j];
                 dr_acc += dl * (d * inv_tau + dbias_dr[j]);
             }

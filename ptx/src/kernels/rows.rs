@@ -1,9 +1,9 @@
 //! Row kernels, one warp per row ([`ROW_BLOCK`](super::ROW_BLOCK) threads = 4 rows per block,
 //! `ceil(rows / 4)` blocks): LayerNorm, softmax (attention rows), L2 normalisation, weight norm.
 //! Lane `l` of a row's warp handles columns `l, l + 32, ...`; row sums are warp butterflies.
+use crate::math as m;
 use super::for_each_elem;
 use crate::block::{Block, Op};
-use dinovmf_core::Real;
 
 #[derive(Clone, Copy, Default)]
 struct Acc {
@@ -76,7 +76,7 @@ pub fn layernorm_forward<B: Block>(
         let (r, lane) = row_lane(r0, t);
         if r < n {
             let m = s.a;
-            let rs = 1.0 / (s.b * inv_d + eps).sqrt();
+            let rs = 1.0 / m::sqrt(s.b * inv_d + eps);
             let mut i = lane;
             while i < d {
                 y[r * d + i] = (x[r * d + i] - m) * rs * gamma[i] + beta[i];
@@ -210,7 +210,7 @@ pub fn softmax_rows<B: Block>(
             let mut j = lane;
             let mut sum = 0.0;
             while j < t {
-                let e = (score(s, r, j) - st.a).exp();
+                let e = m::exp(score(s, r, j) - st.a);
                 s[r * t + j] = e;
                 sum += e;
                 j += 32;
@@ -292,7 +292,7 @@ pub fn l2norm_forward<B: Block>(
     b.each(&mut l, |th, st, _| {
         let (r, lane) = row_lane(r0, th);
         if r < n {
-            let nr = st.a.sqrt();
+            let nr = m::sqrt(st.a);
             let inv = 1.0 / nr.max(eps);
             let mut i = lane;
             while i < d {
@@ -370,7 +370,7 @@ pub fn weight_norm_forward<B: Block>(
     b.each(&mut l, |th, st, _| {
         let (r, lane) = row_lane(r0, th);
         if r < k {
-            let nr = st.a.sqrt();
+            let nr = m::sqrt(st.a);
             let c = g[r] / nr;
             let mut i = lane;
             while i < p {
