@@ -1,8 +1,8 @@
 //! The device side of [`Block`]: one thread, registers for locals, `bar.sync` for barriers.
 use crate::block::{Block, Dims, Op, Shared, BFLY};
+use crate::manifest::SmemKind;
 use core::arch::asm;
 use core::arch::nvptx;
-use crate::manifest::SmemKind;
 
 // Static shared arrays. A kernel's shared size is that of the one array it references (ptxas
 // reports it); see `manifest.rs` for which kernel uses which.
@@ -10,7 +10,6 @@ core::arch::global_asm!(
     ".shared .align 16 .b8 dinovmf_smem_small[1024];",
     ".shared .align 16 .b8 dinovmf_smem_gemm[8704];",
 );
-
 
 pub struct Smem(*mut f32);
 

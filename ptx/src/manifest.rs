@@ -7,9 +7,9 @@
 //! (launch with 0 dynamic bytes; `smem_bytes` is what the kernel declares). Sizes are `u32`, so
 //! every buffer must hold fewer than 2^32 elements.
 use crate::kernels::gemm::GEMM_BLOCK;
-use crate::kernels::{EW_BLOCK, ROW_BLOCK, SMEM_GEMM_WORDS, SMEM_SMALL_WORDS, WIDE_BLOCK};
 #[allow(unused_imports)]
 use crate::kernels::{elementwise, gemm, head, optim, reduce, rows, tokens};
+use crate::kernels::{EW_BLOCK, ROW_BLOCK, SMEM_GEMM_WORDS, SMEM_SMALL_WORDS, WIDE_BLOCK};
 #[allow(unused_imports)]
 use crate::H16;
 

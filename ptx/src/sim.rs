@@ -6,9 +6,9 @@
 //! phase, or a write to a word another thread read or wrote in the same phase (all of which
 //! would be races or garbage on the GPU) panic with the offending index.
 use crate::block::{Block, Dims, Op, Shared, BFLY};
-use core::cell::{Cell, RefCell};
 use alloc::vec;
 use alloc::vec::Vec;
+use core::cell::{Cell, RefCell};
 
 const NONE: u32 = u32::MAX;
 const MANY: u32 = u32::MAX - 1;
@@ -108,7 +108,10 @@ impl Block for Sim {
         op: Op,
         field: G,
     ) {
-        assert!(l.len() % 32 == 0, "block size must be a multiple of 32");
+        assert!(
+            l.len().is_multiple_of(32),
+            "block size must be a multiple of 32"
+        );
         for warp in l.chunks_mut(32) {
             let mut v: [f32; 32] = core::array::from_fn(|i| *field(&mut warp[i]));
             for m in BFLY {
@@ -127,7 +130,10 @@ impl Block for Sim {
 /// Runs `body` for every block of a `grid` of blocks of `block` threads with `smem_words` f32
 /// words of shared memory (the size the GPU kernel declares, see `manifest.rs`).
 pub fn launch(grid: [u32; 3], block: u32, smem_words: usize, mut body: impl FnMut(&mut Sim)) {
-    assert!(block > 0 && block <= 1024 && block % 32 == 0, "bad block size {block}");
+    assert!(
+        block > 0 && block <= 1024 && block.is_multiple_of(32),
+        "bad block size {block}"
+    );
     assert!(grid.iter().all(|&g| g > 0), "empty grid {grid:?}");
     for z in 0..grid[2] {
         for y in 0..grid[1] {

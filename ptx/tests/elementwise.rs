@@ -42,7 +42,9 @@ fn residual_axpy_fill_drop_path_exact() {
         assert_close("residual (exact)", &y, &want, 0.0, 0.0);
 
         let mut acc = f.clone();
-        launch("axpy", grid1("axpy", n), |b| ew::axpy(b, &mut acc, &x, 0.5, n));
+        launch("axpy", grid1("axpy", n), |b| {
+            ew::axpy(b, &mut acc, &x, 0.5, n)
+        });
         let want: Vec<f32> = f.iter().zip(&x).map(|(a, b)| a + 0.5 * b).collect();
         assert_close("axpy (exact)", &acc, &want, 0.0, 0.0);
 
@@ -66,7 +68,11 @@ fn residual_axpy_fill_drop_path_exact() {
 #[test]
 fn patchify_and_tokens_match_core_exactly() {
     let mut r = rng(3);
-    for (batch, c, h, w, p, d) in [(1, 1, 4, 4, 2, 5), (2, 3, 8, 12, 4, 33), (3, 3, 6, 6, 3, 40)] {
+    for (batch, c, h, w, p, d) in [
+        (1, 1, 4, 4, 2, 5),
+        (2, 3, 8, 12, 4, 33),
+        (3, 3, 6, 6, 3, 40),
+    ] {
         let img = rand_vec(&mut r, batch * c * h * w, -1.0, 1.0);
         let n = (h / p) * (w / p);
         let k = c * p * p;
@@ -83,9 +89,11 @@ fn patchify_and_tokens_match_core_exactly() {
         let pos = rand_vec(&mut r, (n + 1) * d, -1.0, 1.0);
         let t = n + 1;
         let mut x = poison(batch * t * d);
-        launch("tokens_forward", grid1("tokens_forward", batch * t * d), |b| {
-            tokens::tokens_forward(b, &mut x, &patch, &cls, &pos, batch, n, d)
-        });
+        launch(
+            "tokens_forward",
+            grid1("tokens_forward", batch * t * d),
+            |b| tokens::tokens_forward(b, &mut x, &patch, &cls, &pos, batch, n, d),
+        );
         let mut want = vec![0f32; batch * t * d];
         ops::tokens_forward(&mut want, &patch, &cls, &pos, batch, n, d);
         assert_close("tokens fwd (exact)", &x, &want, 0.0, 0.0);
@@ -94,13 +102,18 @@ fn patchify_and_tokens_match_core_exactly() {
         let mut dpatch = poison(batch * n * d);
         let mut dcls = rand_vec(&mut r, d, -1.0, 1.0);
         let mut dpos = rand_vec(&mut r, t * d, -1.0, 1.0);
-        let (mut wpatch, mut wcls, mut wpos) = (vec![0f32; batch * n * d], dcls.clone(), dpos.clone());
-        launch("tokens_backward_patch", grid1("tokens_backward_patch", batch * n * d), |b| {
-            tokens::tokens_backward_patch(b, &mut dpatch, &dx, batch, n, d)
-        });
-        launch("tokens_backward_params", grid1("tokens_backward_params", t * d), |b| {
-            tokens::tokens_backward_params(b, &mut dcls, &mut dpos, &dx, batch, n, d)
-        });
+        let (mut wpatch, mut wcls, mut wpos) =
+            (vec![0f32; batch * n * d], dcls.clone(), dpos.clone());
+        launch(
+            "tokens_backward_patch",
+            grid1("tokens_backward_patch", batch * n * d),
+            |b| tokens::tokens_backward_patch(b, &mut dpatch, &dx, batch, n, d),
+        );
+        launch(
+            "tokens_backward_params",
+            grid1("tokens_backward_params", t * d),
+            |b| tokens::tokens_backward_params(b, &mut dcls, &mut dpos, &dx, batch, n, d),
+        );
         ops::tokens_backward(&mut wpatch, &mut wcls, &mut wpos, &dx, batch, n, d);
         assert_close("tokens bwd dpatch (exact)", &dpatch, &wpatch, 0.0, 0.0);
         assert_close("tokens bwd dcls (rtol 1e-6)", &dcls, &wcls, 1e-6, 1e-6);
@@ -111,12 +124,19 @@ fn patchify_and_tokens_match_core_exactly() {
 #[test]
 fn pos_resize_forward_backward_match_core_rtol_1e6() {
     let mut r = rng(4);
-    for (sh, sw, gh, gw, d) in [(4, 4, 2, 2, 3), (2, 2, 4, 4, 5), (7, 5, 3, 6, 40), (3, 3, 3, 3, 2)] {
+    for (sh, sw, gh, gw, d) in [
+        (4, 4, 2, 2, 3),
+        (2, 2, 4, 4, 5),
+        (7, 5, 3, 6, 40),
+        (3, 3, 3, 3, 2),
+    ] {
         let src = rand_vec(&mut r, sh * sw * d, -1.0, 1.0);
         let mut dst = poison(gh * gw * d);
-        launch("pos_resize_forward", grid1("pos_resize_forward", gh * gw * d), |b| {
-            tokens::pos_resize_forward(b, &mut dst, &src, sh, sw, gh, gw, d)
-        });
+        launch(
+            "pos_resize_forward",
+            grid1("pos_resize_forward", gh * gw * d),
+            |b| tokens::pos_resize_forward(b, &mut dst, &src, sh, sw, gh, gw, d),
+        );
         let mut want = vec![0f32; gh * gw * d];
         ops::pos_resize_forward(&mut want, &src, sh, sw, gh, gw, d);
         assert_close("pos_resize fwd (rtol 1e-6)", &dst, &want, 1e-6, 1e-6);
@@ -124,9 +144,11 @@ fn pos_resize_forward_backward_match_core_rtol_1e6() {
         let g = rand_vec(&mut r, gh * gw * d, -1.0, 1.0);
         let mut dsrc = rand_vec(&mut r, sh * sw * d, -1.0, 1.0);
         let mut want = dsrc.clone();
-        launch("pos_resize_backward", grid1("pos_resize_backward", sh * sw * d), |b| {
-            tokens::pos_resize_backward(b, &mut dsrc, &g, sh, sw, gh, gw, d)
-        });
+        launch(
+            "pos_resize_backward",
+            grid1("pos_resize_backward", sh * sw * d),
+            |b| tokens::pos_resize_backward(b, &mut dsrc, &g, sh, sw, gh, gw, d),
+        );
         ops::pos_resize_backward(&mut want, &g, sh, sw, gh, gw, d);
         assert_close("pos_resize bwd (rtol 1e-5)", &dsrc, &want, 1e-5, 1e-6);
     }

@@ -19,7 +19,14 @@ const SHAPES: [(usize, usize, usize); 6] = [
     (100, 7, 129),
 ];
 
-fn ref_gemm(a: &[f64], b: &[f64], s: &GemmShape, ta: bool, tb: bool, z: (usize, usize)) -> Vec<f64> {
+fn ref_gemm(
+    a: &[f64],
+    b: &[f64],
+    s: &GemmShape,
+    ta: bool,
+    tb: bool,
+    z: (usize, usize),
+) -> Vec<f64> {
     let (ao, bo) = (z.0 * s.sa[0] + z.1 * s.sa[1], z.0 * s.sb[0] + z.1 * s.sb[1]);
     let mut c = vec![0f64; s.m * s.n];
     for i in 0..s.m {
@@ -62,8 +69,16 @@ fn check_layout<const TA: bool, const TB: bool>(name: &str) {
         // Overwrite (beta 0, poisoned C, with bias).
         let mut c = poison(m * n);
         run::<f32, f32, TA, TB>(name, &mut c, &a, &b, Some(&bias), &s, 1);
-        let w: Vec<f64> = (0..m * n).map(|i| 0.75 * want[i] + bias[i % n] as f64).collect();
-        assert_close(&format!("{name} {m}x{n}x{k} beta 0 (rtol 1e-5, atol 1e-5)"), &c, &w, 1e-5, 1e-5);
+        let w: Vec<f64> = (0..m * n)
+            .map(|i| 0.75 * want[i] + bias[i % n] as f64)
+            .collect();
+        assert_close(
+            &format!("{name} {m}x{n}x{k} beta 0 (rtol 1e-5, atol 1e-5)"),
+            &c,
+            &w,
+            1e-5,
+            1e-5,
+        );
         // Accumulate (beta 1, no bias).
         let c0 = rand_vec(&mut r, m * n, -1.0, 1.0);
         let mut c = c0.clone();
@@ -74,7 +89,13 @@ fn check_layout<const TA: bool, const TB: bool>(name: &str) {
         s1.beta = 1.0;
         let mut c = c0.clone();
         run::<f32, f32, TA, TB>(name, &mut c, &a, &b, None, &s1, 1);
-        assert_close(&format!("{name} {m}x{n}x{k} beta 1 (rtol 1e-5, atol 1e-5)"), &c, &w, 1e-5, 1e-5);
+        assert_close(
+            &format!("{name} {m}x{n}x{k} beta 1 (rtol 1e-5, atol 1e-5)"),
+            &c,
+            &w,
+            1e-5,
+            1e-5,
+        );
     }
 }
 
@@ -108,13 +129,33 @@ fn check_f16<const TA: bool, const TB: bool>(tag: &str) {
         let b64: Vec<f64> = b.iter().map(|h| h.ld() as f64).collect();
         let want = ref_gemm(&a64, &b64, &s, TA, TB, (0, 0));
         let mut c32 = poison(m * n);
-        run::<H16, f32, TA, TB>(&format!("gemm_{tag}_f16_f32"), &mut c32, &a, &b, None, &s, 1);
-        assert_close(&format!("gemm_{tag}_f16_f32 {m}x{n}x{k} (rtol 1e-5, atol 1e-5)"), &c32, &want, 1e-5, 1e-5);
+        run::<H16, f32, TA, TB>(
+            &format!("gemm_{tag}_f16_f32"),
+            &mut c32,
+            &a,
+            &b,
+            None,
+            &s,
+            1,
+        );
+        assert_close(
+            &format!("gemm_{tag}_f16_f32 {m}x{n}x{k} (rtol 1e-5, atol 1e-5)"),
+            &c32,
+            &want,
+            1e-5,
+            1e-5,
+        );
         let mut c16 = vec![H16::st(f32::NAN); m * n];
         run::<H16, H16, TA, TB>(&format!("gemm_{tag}_f16"), &mut c16, &a, &b, None, &s, 1);
         let got: Vec<f32> = c16.iter().map(|h| h.ld()).collect();
         // One f16 rounding of the f32 result: relative 2^-11, plus the f32 accumulation.
-        assert_close(&format!("gemm_{tag}_f16 {m}x{n}x{k} (rtol 5e-4, atol 1e-4)"), &got, &want, 5e-4, 1e-4);
+        assert_close(
+            &format!("gemm_{tag}_f16 {m}x{n}x{k} (rtol 5e-4, atol 1e-4)"),
+            &got,
+            &want,
+            5e-4,
+            1e-4,
+        );
     }
 }
 
@@ -158,9 +199,31 @@ fn linear_forward_backward_via_gemm_match_core_rtol_1e5() {
             reduce::column_sum(b, &mut db, &dy, n, d_out, true)
         });
         let mut wdx = vec![0f32; n * d_in];
-        ops::linear_backward(Some(&mut wdx), &mut wdw, Some(&mut wdb), &dy, &x, &w, n, d_in, d_out);
-        assert_close("linear bwd dx (rtol 1e-5, atol 1e-5)", &dx, &wdx, 1e-5, 1e-5);
-        assert_close("linear bwd dw (rtol 1e-5, atol 1e-5)", &dw, &wdw, 1e-5, 1e-5);
+        ops::linear_backward(
+            Some(&mut wdx),
+            &mut wdw,
+            Some(&mut wdb),
+            &dy,
+            &x,
+            &w,
+            n,
+            d_in,
+            d_out,
+        );
+        assert_close(
+            "linear bwd dx (rtol 1e-5, atol 1e-5)",
+            &dx,
+            &wdx,
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            "linear bwd dw (rtol 1e-5, atol 1e-5)",
+            &dw,
+            &wdw,
+            1e-5,
+            1e-5,
+        );
         assert_close("linear bwd dbias (exact order)", &db, &wdb, 0.0, 0.0);
     }
 }
@@ -217,8 +280,20 @@ fn attention_via_batched_gemm_and_softmax_matches_core_rtol_1e4() {
         let q64 = to_f64(&qkv);
         let m64 = to_f64(&mask);
         ops::attention_forward(&mut wout, &mut watt, &q64, Some(&m64), batch, t, d, heads);
-        assert_close("attention P (rtol 1e-5, atol 1e-6)", &att, &watt, 1e-5, 1e-6);
-        assert_close("attention out (rtol 1e-4, atol 1e-5)", &out, &wout, 1e-4, 1e-5);
+        assert_close(
+            "attention P (rtol 1e-5, atol 1e-6)",
+            &att,
+            &watt,
+            1e-5,
+            1e-6,
+        );
+        assert_close(
+            "attention out (rtol 1e-4, atol 1e-5)",
+            &out,
+            &wout,
+            1e-4,
+            1e-5,
+        );
 
         // Backward.
         let dout = rand_vec(&mut r, batch * t * d, -1.0, 1.0);
@@ -235,9 +310,11 @@ fn attention_via_batched_gemm_and_softmax_matches_core_rtol_1e4() {
         (s.sa, s.sb, s.sc) = ([heads * t * t, t * t], [t * d, hd], [t * row, hd]);
         run::<f32, f32, true, false>("gemm_tn_f32", &mut dqkv[2 * d..], &att, &dout, None, &s, bh);
         // dS = scale P (dP - <dP, P>).
-        launch("softmax_backward_rows", grid_rows("softmax_backward_rows", bh * t), |b| {
-            rows::softmax_backward_rows(b, &mut dp, &att, bh * t, t, scale)
-        });
+        launch(
+            "softmax_backward_rows",
+            grid_rows("softmax_backward_rows", bh * t),
+            |b| rows::softmax_backward_rows(b, &mut dp, &att, bh * t, t, scale),
+        );
         // dQ = dS K: "nn"; dK = dS^T Q: "tn".
         let mut s = sq(t, hd, t);
         (s.lda, s.ldb, s.ldc) = (t, row, row);
@@ -247,6 +324,12 @@ fn attention_via_batched_gemm_and_softmax_matches_core_rtol_1e4() {
 
         let mut wd = vec![0f64; batch * t * row];
         ops::attention_backward(&mut wd, &to_f64(&dout), &q64, &watt, batch, t, d, heads);
-        assert_close("attention dqkv (rtol 1e-4, atol 2e-5)", &dqkv, &wd, 1e-4, 2e-5);
+        assert_close(
+            "attention dqkv (rtol 1e-4, atol 2e-5)",
+            &dqkv,
+            &wd,
+            1e-4,
+            2e-5,
+        );
     }
 }

@@ -17,29 +17,72 @@ fn layernorm_forward_backward_match_core_f64_rtol_2e5() {
         let beta = rand_vec(&mut r, d, -0.5, 0.5);
         let eps = 1e-6f32;
         let (mut y, mut mean, mut rstd) = (poison(n * d), poison(n), poison(n));
-        launch("layernorm_forward", grid_rows("layernorm_forward", n), |b| {
-            rows::layernorm_forward(b, &mut y, &mut mean, &mut rstd, &x, &gamma, &beta, n, d, eps)
-        });
+        launch(
+            "layernorm_forward",
+            grid_rows("layernorm_forward", n),
+            |b| {
+                rows::layernorm_forward(
+                    b, &mut y, &mut mean, &mut rstd, &x, &gamma, &beta, n, d, eps,
+                )
+            },
+        );
         let (mut wy, mut wm, mut wr) = (vec![0f64; n * d], vec![0f64; n], vec![0f64; n]);
         let (x64, g64) = (to_f64(&x), to_f64(&gamma));
-        ops::layernorm_forward(&mut wy, &mut wm, &mut wr, &x64, &g64, &to_f64(&beta), n, d, eps as f64);
+        ops::layernorm_forward(
+            &mut wy,
+            &mut wm,
+            &mut wr,
+            &x64,
+            &g64,
+            &to_f64(&beta),
+            n,
+            d,
+            eps as f64,
+        );
         assert_close("ln fwd y (rtol 2e-5)", &y, &wy, 2e-5, 2e-6);
         assert_close("ln fwd mean (rtol 2e-5)", &mean, &wm, 2e-5, 2e-6);
         assert_close("ln fwd rstd (rtol 2e-5)", &rstd, &wr, 2e-5, 2e-6);
 
         let dy = rand_vec(&mut r, n * d, -1.0, 1.0);
         let mut dx = poison(n * d);
-        launch("layernorm_backward_dx", grid_rows("layernorm_backward_dx", n), |b| {
-            rows::layernorm_backward_dx(b, &mut dx, &dy, &x, &mean, &rstd, &gamma, n, d)
-        });
+        launch(
+            "layernorm_backward_dx",
+            grid_rows("layernorm_backward_dx", n),
+            |b| rows::layernorm_backward_dx(b, &mut dx, &dy, &x, &mean, &rstd, &gamma, n, d),
+        );
         let mut dgamma = rand_vec(&mut r, d, -1.0, 1.0);
         let mut dbeta = rand_vec(&mut r, d, -1.0, 1.0);
         let (mut wdg, mut wdb) = (to_f64(&dgamma), to_f64(&dbeta));
-        launch("layernorm_backward_params", grid1("layernorm_backward_params", d), |b| {
-            rows::layernorm_backward_params(b, &mut dgamma, &mut dbeta, &dy, &x, &mean, &rstd, n, d)
-        });
+        launch(
+            "layernorm_backward_params",
+            grid1("layernorm_backward_params", d),
+            |b| {
+                rows::layernorm_backward_params(
+                    b,
+                    &mut dgamma,
+                    &mut dbeta,
+                    &dy,
+                    &x,
+                    &mean,
+                    &rstd,
+                    n,
+                    d,
+                )
+            },
+        );
         let mut wdx = vec![0f64; n * d];
-        ops::layernorm_backward(&mut wdx, &mut wdg, &mut wdb, &to_f64(&dy), &x64, &wm, &wr, &g64, n, d);
+        ops::layernorm_backward(
+            &mut wdx,
+            &mut wdg,
+            &mut wdb,
+            &to_f64(&dy),
+            &x64,
+            &wm,
+            &wr,
+            &g64,
+            n,
+            d,
+        );
         assert_close("ln bwd dx (rtol 1e-4, atol 2e-5)", &dx, &wdx, 1e-4, 2e-5);
         assert_close("ln bwd dgamma (rtol 1e-4)", &dgamma, &wdg, 1e-4, 2e-5);
         assert_close("ln bwd dbeta (rtol 1e-5)", &dbeta, &wdb, 1e-5, 2e-6);
@@ -82,9 +125,11 @@ fn softmax_rows_with_mask_and_backward_match_core_f64_rtol_1e5() {
         let dp0 = rand_vec(&mut r, n_rows * t, -1.0, 1.0);
         for sc in [1.0f32, 0.25] {
             let mut dp = dp0.clone();
-            launch("softmax_backward_rows", grid_rows("softmax_backward_rows", n_rows), |b| {
-                rows::softmax_backward_rows(b, &mut dp, &p, n_rows, t, sc)
-            });
+            launch(
+                "softmax_backward_rows",
+                grid_rows("softmax_backward_rows", n_rows),
+                |b| rows::softmax_backward_rows(b, &mut dp, &p, n_rows, t, sc),
+            );
             let mut wdx = vec![0f64; n_rows * t];
             ops::softmax_backward(&mut wdx, &to_f64(&p), &to_f64(&dp0), n_rows, t);
             let wdx: Vec<f64> = wdx.iter().map(|v| v * sc as f64).collect();
@@ -146,9 +191,11 @@ fn weight_norm_forward_backward_match_core_f64_rtol_1e5() {
         let v = rand_vec(&mut r, k * p, -1.0, 1.0);
         let g = rand_vec(&mut r, k, 0.5, 2.0);
         let (mut w, mut vn) = (poison(k * p), poison(k));
-        launch("weight_norm_forward", grid_rows("weight_norm_forward", k), |b| {
-            rows::weight_norm_forward(b, &mut w, &mut vn, &v, &g, k, p)
-        });
+        launch(
+            "weight_norm_forward",
+            grid_rows("weight_norm_forward", k),
+            |b| rows::weight_norm_forward(b, &mut w, &mut vn, &v, &g, k, p),
+        );
         let (mut ww, mut wvn) = (vec![0f64; k * p], vec![0f64; k]);
         let (v64, g64) = (to_f64(&v), to_f64(&g));
         ops::weight_norm_forward(&mut ww, &mut wvn, &v64, &g64, k, p);
@@ -161,19 +208,48 @@ fn weight_norm_forward_backward_match_core_f64_rtol_1e5() {
             let mut dg = rand_vec(&mut r, k, -1.0, 1.0);
             let (mut wdv, mut wdg) = (to_f64(&dv), to_f64(&dg));
             let dg0 = dg.clone();
-            launch("weight_norm_backward", grid_rows("weight_norm_backward", k), |b| {
-                rows::weight_norm_backward(
-                    b, &mut dv, if with_dg { Some(&mut dg) } else { None }, &dw, &v, &g, &vn, k, p,
-                )
-            });
+            launch(
+                "weight_norm_backward",
+                grid_rows("weight_norm_backward", k),
+                |b| {
+                    rows::weight_norm_backward(
+                        b,
+                        &mut dv,
+                        if with_dg { Some(&mut dg) } else { None },
+                        &dw,
+                        &v,
+                        &g,
+                        &vn,
+                        k,
+                        p,
+                    )
+                },
+            );
             ops::weight_norm_backward(
                 &mut wdv,
                 if with_dg { Some(&mut wdg) } else { None },
-                &to_f64(&dw), &v64, &g64, &wvn, k, p,
+                &to_f64(&dw),
+                &v64,
+                &g64,
+                &wvn,
+                k,
+                p,
             );
-            assert_close("weight_norm bwd dv (rtol 1e-4, atol 1e-5)", &dv, &wdv, 1e-4, 1e-5);
+            assert_close(
+                "weight_norm bwd dv (rtol 1e-4, atol 1e-5)",
+                &dv,
+                &wdv,
+                1e-4,
+                1e-5,
+            );
             if with_dg {
-                assert_close("weight_norm bwd dg (rtol 1e-5, atol 1e-5)", &dg, &wdg, 1e-5, 1e-5);
+                assert_close(
+                    "weight_norm bwd dg (rtol 1e-5, atol 1e-5)",
+                    &dg,
+                    &wdg,
+                    1e-5,
+                    1e-5,
+                );
             } else {
                 assert_eq!(dg, dg0, "dg must be untouched when not requested");
             }

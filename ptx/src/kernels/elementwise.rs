@@ -1,7 +1,7 @@
 //! Elementwise ops: GELU, residual, accumulation, drop path, fill.
-use crate::math as m;
 use super::for_each_elem;
 use crate::block::Block;
+use crate::math as m;
 
 const FRAC_1_SQRT_2: f64 = core::f64::consts::FRAC_1_SQRT_2;
 const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;

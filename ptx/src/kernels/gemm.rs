@@ -107,7 +107,11 @@ fn mainloop<B: Block, E: Elem, const TA: bool, const TB: bool>(
             for r in 0..(BM * BK / GEMM_BLOCK as usize) {
                 let e = t as usize + GEMM_BLOCK as usize * r;
                 // Consecutive threads read consecutive addresses of the stored layout.
-                let (kk, mm) = if TA { (e / BM, e % BM) } else { (e % BK, e / BK) };
+                let (kk, mm) = if TA {
+                    (e / BM, e % BM)
+                } else {
+                    (e % BK, e / BK)
+                };
                 let (gm, gk) = (m0 + mm, k0 + kk);
                 let v = if gm < s.m && gk < s.k {
                     a[aoff + if TA { gk * s.lda + gm } else { gm * s.lda + gk }].ld()
@@ -115,7 +119,11 @@ fn mainloop<B: Block, E: Elem, const TA: bool, const TB: bool>(
                     0.0
                 };
                 sm.st(kk * LD_S + mm, v);
-                let (kk, nn) = if TB { (e % BK, e / BK) } else { (e / BN, e % BN) };
+                let (kk, nn) = if TB {
+                    (e % BK, e / BK)
+                } else {
+                    (e / BN, e % BN)
+                };
                 let (gn, gk) = (n0 + nn, k0 + kk);
                 let v = if gn < s.n && gk < s.k {
                     bm[boff + if TB { gn * s.ldb + gk } else { gk * s.ldb + gn }].ld()

@@ -6,9 +6,9 @@
 //! place of the dots, dL/dr) -> GEMMs `dy = ddots mu`, `dmu = ddots^T y` -> `l2norm_backward`.
 //! Teacher: `gemm` "nt" (dots) -> [`teacher_targets`] -> [`teacher_stat`]; after the loss,
 //! [`center_update`].
-use crate::math as m;
 use super::for_each_elem;
 use crate::block::{block_reduce, block_reduce_lse, Block, Lse, Op};
+use crate::math as m;
 use dinovmf_core::centering::{self, Centering, CENTER_FLOOR};
 use dinovmf_core::logits::{self, LogitKind};
 use dinovmf_core::vmf::BesselApprox;

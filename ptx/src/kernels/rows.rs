@@ -1,9 +1,9 @@
 //! Row kernels, one warp per row ([`ROW_BLOCK`](super::ROW_BLOCK) threads = 4 rows per block,
 //! `ceil(rows / 4)` blocks): LayerNorm, softmax (attention rows), L2 normalisation, weight norm.
 //! Lane `l` of a row's warp handles columns `l, l + 32, ...`; row sums are warp butterflies.
-use crate::math as m;
 use super::for_each_elem;
 use crate::block::{Block, Op};
+use crate::math as m;
 
 #[derive(Clone, Copy, Default)]
 struct Acc {
