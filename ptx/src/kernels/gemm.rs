@@ -14,6 +14,7 @@
 use super::SMEM_GEMM_WORDS;
 use crate::block::{Block, Lse, Shared};
 use crate::elem::Elem;
+use crate::math as m;
 
 pub const BM: usize = 64;
 pub const BN: usize = 64;
@@ -141,7 +142,7 @@ fn mainloop<B: Block, E: Elem, const TA: bool, const TB: bool>(
                 let bv: [f32; 4] = core::array::from_fn(|j| sm.ld(B_OFF + kk * LD_S + tx + 16 * j));
                 for i in 0..4 {
                     for j in 0..4 {
-                        acc[i][j] += av[i] * bv[j];
+                        acc[i][j] = m::fma(av[i], bv[j], acc[i][j]);
                     }
                 }
             }
