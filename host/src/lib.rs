@@ -1,2 +1,3 @@
 //! `dinovmf`: the host library behind the `dinovmf` command-line program.
 pub mod cli;
+pub mod data;
