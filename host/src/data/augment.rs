@@ -158,7 +158,7 @@ impl CropConfig {
                 "colour jitter {j:?}: strengths must be >= 0, hue <= 0.5"
             ));
         }
-        if self.std.iter().any(|&s| !(s > 0.0)) {
+        if self.std.iter().any(|&s| s.is_nan() || s <= 0.0) {
             return bad(format!("std {:?} must be positive", self.std));
         }
         Ok(())
@@ -173,7 +173,8 @@ pub enum CropKind {
     Local,
 }
 
-/// An RGB image in f32, interleaved HWC, values in [0, 1].
+/// An RGB image in f32, planar CHW (plane c at `c * width * height`), values in [0, 1]. Planar so
+/// that every op below is a straight loop over contiguous floats, which the compiler vectorises.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FloatImage {
     pub width: usize,
@@ -183,11 +184,26 @@ pub struct FloatImage {
 
 impl FloatImage {
     pub fn from_image(img: &Image) -> Self {
+        let n = img.width * img.height;
+        let mut data = vec![0.0; 3 * n];
+        for (i, p) in img.rgb.chunks_exact(3).take(n).enumerate() {
+            for c in 0..3 {
+                data[c * n + i] = p[c] as f32 / 255.0;
+            }
+        }
         FloatImage {
             width: img.width,
             height: img.height,
-            data: img.rgb.iter().map(|&v| v as f32 / 255.0).collect(),
+            data,
         }
+    }
+
+    /// The R, G and B planes.
+    pub fn planes_mut(&mut self) -> (&mut [f32], &mut [f32], &mut [f32]) {
+        let n = self.width * self.height;
+        let (r, rest) = self.data.split_at_mut(n);
+        let (g, b) = rest.split_at_mut(n);
+        (r, g, &mut b[..n])
     }
 }
 
@@ -277,8 +293,9 @@ fn taps(in_size: usize, box0: f32, box_len: f32, out: usize) -> Taps {
     };
     for o in 0..out {
         let center = box0 + (o as f32 + 0.5) * scale;
-        let lo = (center - fscale + 0.5).floor().max(0.0) as usize;
-        let hi = ((center + fscale + 0.5).floor().max(0.0) as usize)
+        // Truncation is floor here: the values are clamped to be non-negative first.
+        let lo = (center - fscale + 0.5).max(0.0) as usize;
+        let hi = ((center + fscale + 0.5).max(0.0) as usize)
             .min(in_size)
             .min(lo + stride);
         let lo = lo.min(hi.saturating_sub(1));
@@ -324,56 +341,48 @@ pub fn resample(img: &Image, bx: CropBox, out_w: usize, out_h: usize) -> FloatIm
         .map(|o| ty.start[o] + ty.len[o])
         .max()
         .unwrap_or(row0);
-    // Horizontal pass over the rows the vertical pass needs.
-    let mut tmp = vec![0.0f32; (row1 - row0) * out_w * 3];
+    let rows = row1 - row0;
+    // Horizontal pass over the rows the vertical pass needs, into planes tmp[c][row][x].
+    let mut tmp = vec![0.0f32; 3 * rows * out_w];
     for r in row0..row1 {
         let src = &img.rgb[3 * r * img.width..3 * (r + 1) * img.width];
-        let dst = &mut tmp[(r - row0) * out_w * 3..(r - row0 + 1) * out_w * 3];
         for o in 0..out_w {
             let ws = &tx.w[o * tx.stride..o * tx.stride + tx.len[o]];
+            let px = &src[3 * tx.start[o]..3 * (tx.start[o] + tx.len[o])];
             let (mut a, mut b, mut c) = (0.0, 0.0, 0.0);
-            for (k, &w) in ws.iter().enumerate() {
-                let p = 3 * (tx.start[o] + k);
-                a += w * src[p] as f32;
-                b += w * src[p + 1] as f32;
-                c += w * src[p + 2] as f32;
+            for (&w, p) in ws.iter().zip(px.chunks_exact(3)) {
+                a += w * p[0] as f32;
+                b += w * p[1] as f32;
+                c += w * p[2] as f32;
             }
-            dst[3 * o] = a;
-            dst[3 * o + 1] = b;
-            dst[3 * o + 2] = c;
+            let at = (r - row0) * out_w + o;
+            tmp[at] = a;
+            tmp[rows * out_w + at] = b;
+            tmp[2 * rows * out_w + at] = c;
         }
     }
-    let row_len = out_w * 3;
-    for o in 0..out_h {
-        let dst = &mut out.data[o * row_len..(o + 1) * row_len];
-        let ws = &ty.w[o * ty.stride..o * ty.stride + ty.len[o]];
-        for (k, &w) in ws.iter().enumerate() {
-            let r = ty.start[o] + k - row0;
-            let src = &tmp[r * row_len..(r + 1) * row_len];
-            for (d, &s) in dst.iter_mut().zip(src) {
-                *d += w * s;
+    for c in 0..3 {
+        let plane = &tmp[c * rows * out_w..(c + 1) * rows * out_w];
+        for o in 0..out_h {
+            let dst = &mut out.data[(c * out_h + o) * out_w..(c * out_h + o + 1) * out_w];
+            let ws = &ty.w[o * ty.stride..o * ty.stride + ty.len[o]];
+            for (k, &w) in ws.iter().enumerate() {
+                let r = ty.start[o] + k - row0;
+                for (d, &v) in dst.iter_mut().zip(&plane[r * out_w..(r + 1) * out_w]) {
+                    *d += w * v;
+                }
             }
+            dst.iter_mut()
+                .for_each(|v| *v = (*v * (1.0 / 255.0)).clamp(0.0, 1.0));
         }
-        dst.iter_mut()
-            .for_each(|v| *v = (*v / 255.0).clamp(0.0, 1.0));
     }
     out
 }
 
 /// Mirrors left-right.
 pub fn hflip(img: &mut FloatImage) {
-    let w = img.width;
-    for row in img.data.chunks_exact_mut(3 * w.max(1)) {
-        for x in 0..w / 2 {
-            for c in 0..3 {
-                row.swap(3 * x + c, 3 * (w - 1 - x) + c);
-            }
-        }
-    }
-}
-
-fn luma(p: &[f32]) -> f32 {
-    LUMA[0] * p[0] + LUMA[1] * p[1] + LUMA[2] * p[2]
+    let w = img.width.max(1);
+    img.data.chunks_exact_mut(w).for_each(|row| row.reverse());
 }
 
 /// Multiplies by `factor` (torchvision `adjust_brightness`).
@@ -385,11 +394,13 @@ pub fn adjust_brightness(img: &mut FloatImage, factor: f32) {
 
 /// Blends with the mean luma of the whole image (torchvision `adjust_contrast`).
 pub fn adjust_contrast(img: &mut FloatImage, factor: f32) {
-    let n = img.data.len() / 3;
+    let n = img.width * img.height;
     if n == 0 {
         return;
     }
-    let mean = img.data.chunks_exact(3).map(luma).sum::<f32>() / n as f32;
+    let (r, g, b) = img.planes_mut();
+    let sum = |p: &[f32]| p.iter().sum::<f32>();
+    let mean = (LUMA[0] * sum(r) + LUMA[1] * sum(g) + LUMA[2] * sum(b)) / n as f32;
     let off = (1.0 - factor) * mean;
     img.data
         .iter_mut()
@@ -398,74 +409,81 @@ pub fn adjust_contrast(img: &mut FloatImage, factor: f32) {
 
 /// Blends each pixel with its own luma (torchvision `adjust_saturation`).
 pub fn adjust_saturation(img: &mut FloatImage, factor: f32) {
-    for p in img.data.chunks_exact_mut(3) {
-        let off = (1.0 - factor) * luma(p);
-        for v in p.iter_mut() {
-            *v = (factor * *v + off).clamp(0.0, 1.0);
-        }
+    let (r, g, b) = img.planes_mut();
+    let keep = 1.0 - factor;
+    for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
+        let off = keep * (LUMA[0] * *r + LUMA[1] * *g + LUMA[2] * *b);
+        *r = (factor * *r + off).clamp(0.0, 1.0);
+        *g = (factor * *g + off).clamp(0.0, 1.0);
+        *b = (factor * *b + off).clamp(0.0, 1.0);
     }
 }
 
 /// Rotates hue by `shift` turns (torchvision `adjust_hue`: RGB -> HSV, h += shift mod 1, -> RGB).
+/// Written on (max, min, delta) directly (HSV's v = max and v (1 - s) = min) with selects instead of
+/// branches, so the loop has no data-dependent jumps.
 pub fn adjust_hue(img: &mut FloatImage, shift: f32) {
-    for p in img.data.chunks_exact_mut(3) {
-        let (r, g, b) = (p[0], p[1], p[2]);
+    let turn = 6.0 * (shift - shift.round()); // in [-3, 3]
+    let (rp, gp, bp) = img.planes_mut();
+    for ((rv, gv), bv) in rp.iter_mut().zip(gp.iter_mut()).zip(bp.iter_mut()) {
+        let (r, g, b) = (*rv, *gv, *bv);
         let max = r.max(g).max(b);
         let min = r.min(g).min(b);
         let delta = max - min;
-        if delta <= 0.0 {
-            continue; // grey: hue has no effect
-        }
-        let s = delta / max;
+        // Grey pixels (delta 0) come out unchanged: every channel is max - 0.
+        let inv = if delta > 0.0 { 1.0 / delta } else { 0.0 };
+        // Hue in sextants, in [-1, 5).
         let h = if max == r {
-            (g - b) / delta
+            (g - b) * inv
         } else if max == g {
-            2.0 + (b - r) / delta
+            2.0 + (b - r) * inv
         } else {
-            4.0 + (r - g) / delta
+            4.0 + (r - g) * inv
         };
-        let h = (h / 6.0 + shift).rem_euclid(1.0) * 6.0;
-        let i = (h.floor() as i32).rem_euclid(6);
-        let f = h - h.floor();
-        let v = max;
-        let (pp, q, t) = (v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f)));
-        let rgb = match i {
-            0 => [v, t, pp],
-            1 => [q, v, pp],
-            2 => [pp, v, t],
-            3 => [pp, q, v],
-            4 => [t, pp, v],
-            _ => [v, pp, q],
+        let mut h = h + turn; // in [-4, 8)
+        h += if h < 0.0 { 6.0 } else { 0.0 };
+        h -= if h >= 6.0 { 6.0 } else { 0.0 };
+        // HSV -> RGB: channel_n = max - delta * clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6,
+        // n = 5, 3, 1 for r, g, b.
+        let chan = |n: f32| {
+            let k = n + h;
+            let k = k - if k >= 6.0 { 6.0 } else { 0.0 };
+            max - delta * k.min(4.0 - k).clamp(0.0, 1.0)
         };
-        p.copy_from_slice(&rgb);
+        *rv = chan(5.0);
+        *gv = chan(3.0);
+        *bv = chan(1.0);
     }
 }
 
 /// Replaces every channel by the luma (RandomGrayscale keeps 3 channels).
 pub fn grayscale(img: &mut FloatImage) {
-    for p in img.data.chunks_exact_mut(3) {
-        let y = luma(p);
-        p.fill(y);
+    let (r, g, b) = img.planes_mut();
+    for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
+        let y = LUMA[0] * *r + LUMA[1] * *g + LUMA[2] * *b;
+        (*r, *g, *b) = (y, y, y);
     }
 }
 
 /// Inverts values at or above `threshold` (8-bit level), as PIL's `ImageOps.solarize`.
 pub fn solarize(img: &mut FloatImage, threshold: u8) {
     let t = threshold as f32 / 255.0 - 0.5 / 255.0;
-    img.data.iter_mut().for_each(|v| {
-        if *v >= t {
-            *v = 1.0 - *v;
-        }
-    });
+    img.data
+        .iter_mut()
+        .for_each(|v| *v = if *v >= t { 1.0 - *v } else { *v });
 }
 
+/// Below this sigma the outer taps of the kernel weigh under 4e-6: the blur is skipped.
+const MIN_SIGMA: f32 = 0.2;
+
 /// Separable Gaussian blur with standard deviation `sigma` pixels, kernel radius ceil(3 sigma), edges
-/// clamped.
+/// clamped. Sigmas below 0.2 (outer tap weight < 4e-6) leave the image as it is.
 pub fn gaussian_blur(img: &mut FloatImage, sigma: f32) {
-    let r = (3.0 * sigma).ceil() as usize;
-    if !(sigma > 0.0) || r == 0 || img.width == 0 || img.height == 0 {
+    let (w, h) = (img.width, img.height);
+    if sigma.is_nan() || sigma < MIN_SIGMA || w == 0 || h == 0 {
         return;
     }
+    let r = (3.0 * sigma).ceil() as usize;
     let k: Vec<f32> = (0..=2 * r)
         .map(|i| {
             let d = i as f32 - r as f32;
@@ -474,33 +492,31 @@ pub fn gaussian_blur(img: &mut FloatImage, sigma: f32) {
         .collect();
     let sum: f32 = k.iter().sum();
     let k: Vec<f32> = k.iter().map(|v| v / sum).collect();
-    let (w, h) = (img.width, img.height);
-    let mut tmp = vec![0.0f32; img.data.len()];
-    let clampi = |i: isize, n: usize| i.clamp(0, n as isize - 1) as usize;
-    for y in 0..h {
-        for x in 0..w {
-            let mut acc = [0.0f32; 3];
-            for (i, &kv) in k.iter().enumerate() {
-                let xs = clampi(x as isize + i as isize - r as isize, w);
-                let p = 3 * (y * w + xs);
-                for c in 0..3 {
-                    acc[c] += kv * img.data[p + c];
+    let clamp = |i: usize, n: usize| i.saturating_sub(r).min(n - 1);
+    let mut padded = vec![0.0f32; w + 2 * r];
+    let mut plane_tmp = vec![0.0f32; w * h];
+    for plane in img.data.chunks_exact_mut(w * h) {
+        // Rows: pad with clamped edge samples, then convolve.
+        for (row, out) in plane.chunks_exact(w).zip(plane_tmp.chunks_exact_mut(w)) {
+            for (i, p) in padded.iter_mut().enumerate() {
+                *p = row[clamp(i, w)];
+            }
+            out.fill(0.0);
+            for (t, &kv) in k.iter().enumerate() {
+                for (o, &v) in out.iter_mut().zip(&padded[t..t + w]) {
+                    *o += kv * v;
                 }
             }
-            tmp[3 * (y * w + x)..3 * (y * w + x) + 3].copy_from_slice(&acc);
         }
-    }
-    for y in 0..h {
-        for x in 0..w {
-            let mut acc = [0.0f32; 3];
-            for (i, &kv) in k.iter().enumerate() {
-                let ys = clampi(y as isize + i as isize - r as isize, h);
-                let p = 3 * (ys * w + x);
-                for c in 0..3 {
-                    acc[c] += kv * tmp[p + c];
+        // Columns, a whole row at a time.
+        for (y, out) in plane.chunks_exact_mut(w).enumerate() {
+            out.fill(0.0);
+            for (t, &kv) in k.iter().enumerate() {
+                let ys = clamp(y + t, h);
+                for (o, &v) in out.iter_mut().zip(&plane_tmp[ys * w..(ys + 1) * w]) {
+                    *o += kv * v;
                 }
             }
-            img.data[3 * (y * w + x)..3 * (y * w + x) + 3].copy_from_slice(&acc);
         }
     }
 }
@@ -531,16 +547,17 @@ pub fn color_jitter(img: &mut FloatImage, cj: &ColorJitter, rng: &mut ChaCha8Rng
     }
 }
 
-/// HWC [0, 1] -> CHW, `(v - mean) / std` per channel, into `out` (3 x H x W floats).
+/// `(v - mean) / std` per channel, into `out` (3 x H x W floats, CHW like the image).
 pub fn normalize_chw(img: &FloatImage, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
     let n = img.width * img.height;
-    let (r, rest) = out.split_at_mut(n);
-    let (g, b) = rest.split_at_mut(n);
-    let inv = [1.0 / std[0], 1.0 / std[1], 1.0 / std[2]];
-    for (i, p) in img.data.chunks_exact(3).enumerate() {
-        r[i] = (p[0] - mean[0]) * inv[0];
-        g[i] = (p[1] - mean[1]) * inv[1];
-        b[i] = (p[2] - mean[2]) * inv[2];
+    for c in 0..3 {
+        let inv = 1.0 / std[c];
+        for (o, &v) in out[c * n..(c + 1) * n]
+            .iter_mut()
+            .zip(&img.data[c * n..(c + 1) * n])
+        {
+            *o = (v - mean[c]) * inv;
+        }
     }
 }
 
@@ -589,15 +606,29 @@ pub fn multi_crop(img: &Image, cfg: &CropConfig, seed: u64) -> (Vec<f32>, Vec<f3
     let (gl, ll) = (cfg.global_len(), cfg.local_len());
     let mut global = vec![0.0; cfg.n_global * gl];
     let mut local = vec![0.0; cfg.n_local * ll];
-    for (k, out) in global.chunks_exact_mut(gl.max(1)).enumerate() {
-        let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(&[seed, k as u64]));
-        augment_crop(img, cfg, CropKind::Global(k), &mut rng, out);
+    let mut outs: Vec<&mut [f32]> = Vec::with_capacity(cfg.n_global + cfg.n_local);
+    if gl > 0 {
+        outs.extend(global.chunks_exact_mut(gl));
     }
-    for (k, out) in local.chunks_exact_mut(ll.max(1)).enumerate() {
-        let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(&[seed, (cfg.n_global + k) as u64]));
-        augment_crop(img, cfg, CropKind::Local, &mut rng, out);
+    if ll > 0 {
+        outs.extend(local.chunks_exact_mut(ll));
     }
+    multi_crop_into(img, cfg, seed, &mut outs);
     (global, local)
+}
+
+/// [`multi_crop`] writing into caller-provided crops: `outs` holds the global crops then the local
+/// ones (the loader passes slices of its batch buffers, avoiding a copy).
+pub fn multi_crop_into(img: &Image, cfg: &CropConfig, seed: u64, outs: &mut [&mut [f32]]) {
+    for (k, out) in outs.iter_mut().enumerate() {
+        let kind = if k < cfg.n_global {
+            CropKind::Global(k)
+        } else {
+            CropKind::Local
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(&[seed, k as u64]));
+        augment_crop(img, cfg, kind, &mut rng, out);
+    }
 }
 
 /// Evaluation transform: the whole image resized to `size x size` (triangle filter), normalised with

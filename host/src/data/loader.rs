@@ -21,7 +21,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use super::augment::{eval_transform, multi_crop, CropConfig};
+use super::augment::{eval_transform, multi_crop_into, CropConfig};
 use super::{derive_seed, DataError, Dataset};
 
 const TAG_PERM: u64 = 0x7065_726d;
@@ -73,33 +73,48 @@ impl EpochJob {
     fn build(&self, i: usize, stop: &AtomicBool) -> Result<Batch, DataError> {
         let b = self.batch_size;
         let indices = &self.order[i * b..(i + 1) * b];
-        let work = |&d: &usize| -> Result<(Vec<f32>, Vec<f32>), DataError> {
+        let c = &self.crops;
+        let (gl, ll) = (c.global_len(), c.local_len());
+        let mut global = vec![0.0f32; c.n_global * b * gl];
+        let mut local = vec![0.0f32; c.n_local * b * ll];
+        // Each sample's crops are disjoint slices of the crop-major batch buffers: workers write
+        // straight into them.
+        let mut slots: Vec<Vec<&mut [f32]>> = (0..b)
+            .map(|_| Vec::with_capacity(c.n_global + c.n_local))
+            .collect();
+        for (buf, len) in [(&mut global, gl), (&mut local, ll)] {
+            if len > 0 {
+                for crop in buf.chunks_exact_mut(b * len) {
+                    for (slot, piece) in slots.iter_mut().zip(crop.chunks_exact_mut(len)) {
+                        slot.push(piece);
+                    }
+                }
+            }
+        }
+        let work = |(&d, outs): (&usize, &mut Vec<&mut [f32]>)| -> Result<(), DataError> {
             if stop.load(Ordering::Relaxed) {
                 return Err(DataError::Cancelled);
             }
             let img = self.dataset.load(d)?;
             let seed = derive_seed(&[self.seed, TAG_AUG, self.epoch, d as u64]);
-            Ok(multi_crop(&img, &self.crops, seed))
+            multi_crop_into(&img, c, seed, outs);
+            Ok(())
         };
-        let results: Vec<Result<(Vec<f32>, Vec<f32>), DataError>> = match &self.pool {
-            Some(pool) => pool.install(|| indices.par_iter().map(work).collect()),
-            None => indices.iter().map(work).collect(),
+        let results: Vec<Result<(), DataError>> = match &self.pool {
+            Some(pool) => pool.install(|| {
+                indices
+                    .par_iter()
+                    .zip(slots.par_iter_mut())
+                    .map(work)
+                    .collect()
+            }),
+            None => indices.iter().zip(slots.iter_mut()).map(work).collect(),
         };
-        let c = &self.crops;
-        let (gl, ll) = (c.global_len(), c.local_len());
-        let mut global = vec![0.0f32; c.n_global * b * gl];
-        let mut local = vec![0.0f32; c.n_local * b * ll];
-        for (s, r) in results.into_iter().enumerate() {
-            let (g, l) = r?;
-            for k in 0..c.n_global {
-                global[(k * b + s) * gl..(k * b + s + 1) * gl]
-                    .copy_from_slice(&g[k * gl..(k + 1) * gl]);
-            }
-            for k in 0..c.n_local {
-                local[(k * b + s) * ll..(k * b + s + 1) * ll]
-                    .copy_from_slice(&l[k * ll..(k + 1) * ll]);
-            }
-        }
+        drop(slots);
+        // The first failure in batch order, whichever thread met it first.
+        results
+            .into_iter()
+            .collect::<Result<Vec<()>, DataError>>()?;
         Ok(Batch {
             global,
             local,

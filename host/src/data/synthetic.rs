@@ -55,7 +55,7 @@ enum Shape {
     Crescent,
     Arrow,
     Ellipse,
-    LShape,
+    Corner,
 }
 
 const SHAPES: [Shape; 12] = [
@@ -70,7 +70,7 @@ const SHAPES: [Shape; 12] = [
     Shape::Crescent,
     Shape::Arrow,
     Shape::Ellipse,
-    Shape::LShape,
+    Shape::Corner,
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -448,7 +448,7 @@ struct Polygons {
     star: Poly,
     hexagon: Poly,
     arrow: Poly,
-    lshape: Poly,
+    corner: Poly,
 }
 
 fn regular(n: usize, r: f32, start: f32) -> Vec<[f32; 2]> {
@@ -498,7 +498,7 @@ fn polygons() -> &'static Polygons {
                 [0.15, 0.25],
                 [-0.9, 0.25],
             ]),
-            lshape: Poly::new(vec![
+            corner: Poly::new(vec![
                 [-0.7, -0.9],
                 [-0.25, -0.9],
                 [-0.25, 0.45],
@@ -528,7 +528,7 @@ fn sdf(shape: Shape, q: [f32; 2]) -> f32 {
         Shape::Crescent => (length(x, y) - 0.9).max(0.75 - length(x - 0.45, y)),
         Shape::Arrow => p.arrow.sdf(q),
         Shape::Ellipse => (length(x / 0.95, y / 0.45) - 1.0) * 0.45,
-        Shape::LShape => p.lshape.sdf(q),
+        Shape::Corner => p.corner.sdf(q),
     }
 }
 
@@ -617,8 +617,8 @@ impl Canvas {
                     };
                     if cov > 0.0 {
                         let t = paint.pattern(q);
-                        for c in 0..3 {
-                            col[c] += cov * (paint.a[c] * (1.0 - t) + paint.b[c] * t);
+                        for ((acc, a), b) in col.iter_mut().zip(paint.a).zip(paint.b) {
+                            *acc += cov * (a * (1.0 - t) + b * t);
                         }
                         cov_sum += cov;
                     }
@@ -626,8 +626,8 @@ impl Canvas {
                 if cov_sum > 0.0 {
                     let w = alpha * cov_sum / 4.0;
                     let p = &mut self.px[yi * self.n + xi];
-                    for c in 0..3 {
-                        p[c] = p[c] * (1.0 - w) + alpha * col[c] / 4.0;
+                    for (v, acc) in p.iter_mut().zip(col) {
+                        *v = *v * (1.0 - w) + alpha * acc / 4.0;
                     }
                 }
             }
