@@ -9,7 +9,8 @@
 //! [`CropConfig::for_image_size`] scales that range by `image_size / 224` (so a 32 px run draws sigma
 //! in U(0.014, 0.29) px): the blur then removes the same fraction of the image's detail as in DINO.
 //! Blurring a 32 px crop by 2 px would erase most of its content. The range is a plain field, so a
-//! caller who wants more blur sets it.
+//! caller who wants more blur sets it. Sigmas below 0.2 px are skipped (the kernel's outer taps would
+//! weigh under 4e-6), which at 32 px is most draws.
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
