@@ -14,3 +14,8 @@ pub mod real;
 pub mod vmf;
 
 pub use real::Real;
+pub mod centering;
+pub mod collapse;
+pub mod logits;
+pub mod loss;
+pub mod schedule;

@@ -1,0 +1,142 @@
+//! Teacher targets and the center that keeps the teacher from collapsing (no gradient here).
+//!
+//! Two ways to center (method.md, "switch centering = logit | probability"):
+//! - **Logit**: `P_t = softmax(l_t - c / tau_t)`. The center is kept in the units of the *raw*
+//!   teacher logits `tau_t * l_t` (for DINO that is `w_k . y`, as in DINO itself), so it does not
+//!   jump when `tau_t` warms up. For vMF logits the raw logit `tau_t * l_t = w_k . y +
+//!   tau_t D_p(kappa_k)` contains the normaliser, which the centering therefore cancels on the
+//!   teacher; this is the behaviour the spec describes, and why vMF defaults to probability
+//!   centering. Initialised to 0.
+//! - **Probability**: `P~ = softmax(l_t)`, `P_t = softmax(l_t - ln c)` (that is `P~ / c`
+//!   renormalised); the center tracks the batch mean of `P~`. Initialised to `1/K`.
+//!
+//! Either center moves as `c <- m c + (1 - m) batch_mean` *after* the loss: a batch is always
+//! centered with the previous center.
+use crate::real::Real;
+
+/// Where the teacher is centered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Centering {
+    /// Subtract an EMA of the raw teacher logits (DINO).
+    #[default]
+    Logit,
+    /// Divide by an EMA of the teacher probabilities (DINO-vMF).
+    Probability,
+}
+
+/// The smallest center value used inside `ln c`: an f32 EMA of a probability that stays at zero
+/// underflows after ~900 steps, and `ln 0` would turn the whole row into NaN. Clamping keeps the
+/// (intended, large) boost of a long-unused prototype finite.
+pub const CENTER_FLOOR: f64 = 1e-30;
+
+/// Initial center: 0 for logit centering, `1/K` for probability centering.
+pub fn center_init<T: Real>(center: &mut [T], centering: Centering) {
+    let v = match centering {
+        Centering::Logit => T::ZERO,
+        Centering::Probability => T::ONE / T::from_usize(center.len().max(1)),
+    };
+    center.fill(v);
+}
+
+/// Log-sum-exp of a row, shifted by its maximum.
+#[inline]
+pub fn log_sum_exp<T: Real>(l: &[T]) -> T {
+    let mut m = T::NEG_INFINITY;
+    for &x in l {
+        m = m.max(x);
+    }
+    let mut s = T::ZERO;
+    for &x in l {
+        s += (x - m).exp();
+    }
+    m + s.ln()
+}
+
+/// `out = softmax(l)`; returns the row's log-sum-exp.
+pub fn softmax_row<T: Real>(out: &mut [T], l: &[T]) -> T {
+    let lse = log_sum_exp(l);
+    for (o, &x) in out.iter_mut().zip(l) {
+        *o = (x - lse).exp();
+    }
+    lse
+}
+
+/// `out = softmax(l - shift)` without a temporary: two passes over the row.
+fn softmax_shifted_row<T: Real>(out: &mut [T], l: &[T], shift: impl Fn(usize) -> T) {
+    let mut m = T::NEG_INFINITY;
+    for (i, &x) in l.iter().enumerate() {
+        m = m.max(x - shift(i));
+    }
+    let mut s = T::ZERO;
+    for (i, (o, &x)) in out.iter_mut().zip(l).enumerate() {
+        let e = (x - shift(i) - m).exp();
+        *o = e;
+        s += e;
+    }
+    let inv = T::ONE / s;
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+/// One teacher row: writes the target `p_t = P_t` and adds `weight *` this row's centering
+/// statistic (`tau_t l` or `softmax(l)`) into `stat` (with `weight = 1 / rows` it builds the batch
+/// mean the center update needs). `center` is the previous center.
+pub fn teacher_targets_row<T: Real>(
+    p_t: &mut [T],
+    stat: &mut [T],
+    l: &[T],
+    center: &[T],
+    tau_t: T,
+    centering: Centering,
+    weight: T,
+) {
+    let k = l.len();
+    debug_assert!(p_t.len() >= k && stat.len() >= k && center.len() >= k);
+    let (p_t, stat, center) = (&mut p_t[..k], &mut stat[..k], &center[..k]);
+    match centering {
+        Centering::Logit => {
+            for (s, &x) in stat.iter_mut().zip(l) {
+                *s += weight * (tau_t * x);
+            }
+            let inv_tau = T::ONE / tau_t;
+            softmax_shifted_row(p_t, l, |i| center[i] * inv_tau);
+        }
+        Centering::Probability => {
+            softmax_row(p_t, l);
+            for (s, &x) in stat.iter_mut().zip(p_t.iter()) {
+                *s += weight * x;
+            }
+            let floor = T::from_f64(CENTER_FLOOR);
+            softmax_shifted_row(p_t, l, |i| center[i].max(floor).ln());
+        }
+    }
+}
+
+/// Teacher targets for a whole batch `l_t[n, k]`: writes `p_t[n, k]` and `batch_stat[k]` (the
+/// batch mean the center update uses).
+#[allow(clippy::too_many_arguments)]
+pub fn teacher_targets_forward<T: Real>(
+    p_t: &mut [T],
+    batch_stat: &mut [T],
+    l_t: &[T],
+    center: &[T],
+    tau_t: T,
+    centering: Centering,
+    n: usize,
+    k: usize,
+) {
+    batch_stat[..k].fill(T::ZERO);
+    let w = T::ONE / T::from_usize(n.max(1));
+    for (pr, lr) in p_t.chunks_exact_mut(k).zip(l_t.chunks_exact(k)).take(n) {
+        teacher_targets_row(pr, batch_stat, lr, center, tau_t, centering, w);
+    }
+}
+
+/// `c <- m c + (1 - m) batch_stat`; call it after the loss of the batch that produced `batch_stat`.
+pub fn center_update<T: Real>(center: &mut [T], batch_stat: &[T], momentum: T) {
+    let one_m = T::ONE - momentum;
+    for (c, &s) in center.iter_mut().zip(batch_stat) {
+        *c = momentum * *c + one_m * s;
+    }
+}
