@@ -1,6 +1,8 @@
 //! Head-output math of DINO / DINO-vMF: gradients against central finite differences (f64), the
 //! loss against a direct double loop written from method.md, the stage functions against the
 //! composite, f32 and f16 against f64 / f32, the center timing, and collapse signals.
+// The direct formulas index several arrays by the same k, as the spec writes them.
+#![allow(clippy::needless_range_loop)]
 use dinovmf_suite::core_math::centering::{self, Centering};
 use dinovmf_suite::core_math::collapse::{self, CollapseStats};
 use dinovmf_suite::core_math::logits::{self, LogitKind};
@@ -679,10 +681,10 @@ fn to16(x: &[f64]) -> Vec<f16> {
     x.iter().map(|&v| f16::from_f64(v)).collect()
 }
 
-fn run_f16(
-    cfg: &LossConfig,
-    c: &Case,
-) -> (LossOutput<f32>, Vec<f16>, Vec<f16>, Vec<f16>, Vec<f32>) {
+/// Output, dz, dv, dg (f16) and the updated center (f32).
+type F16Run = (LossOutput<f32>, Vec<f16>, Vec<f16>, Vec<f16>, Vec<f32>);
+
+fn run_f16(cfg: &LossConfig, c: &Case) -> F16Run {
     let LossDims {
         n_crops,
         batch,

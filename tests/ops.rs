@@ -1,6 +1,7 @@
 //! Reference ViT ops: every backward against central finite differences in f64, f32 forwards
 //! against f64, layouts against direct formulas. Tolerances are in the assertion messages.
 use dinovmf_core::ops::*;
+use dinovmf_core::optim::{adamw_step, clip_grad_tensor, ema_update, AdamW};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -765,4 +766,95 @@ fn weight_norm_backward_matches_fd_tol_1e7() {
         weight_norm_backward(&mut dv2, None, &ry, &v, &g, &nv, k, p);
         assert_eq!(dv2, dv, "dv does not depend on whether dg is requested");
     }
+}
+
+// ------------------------------------------------------------------------------------------
+// optimiser
+
+#[test]
+fn adamw_matches_direct_formula_tol_1e12() {
+    let mut r = rng(16);
+    let n = 11;
+    let hp = AdamW::default();
+    let (lr, wd) = (3e-3, 0.04);
+    let mut p = rvec(&mut r, n, 1.0);
+    let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+    let (mut pd, mut md, mut vd) = (p.clone(), vec![0.0; n], vec![0.0; n]);
+    for t in 1..=6u64 {
+        let g = rvec(&mut r, n, 0.5);
+        adamw_step(&mut p, &g, &mut m, &mut v, &hp, lr, wd, t);
+        for i in 0..n {
+            md[i] = 0.9 * md[i] + 0.1 * g[i];
+            vd[i] = 0.999 * vd[i] + 0.001 * g[i] * g[i];
+            let mhat = md[i] / (1.0 - 0.9f64.powi(t as i32));
+            let vhat = vd[i] / (1.0 - 0.999f64.powi(t as i32));
+            pd[i] = pd[i] - lr * wd * pd[i] - lr * mhat / (vhat.sqrt() + 1e-8);
+        }
+        for i in 0..n {
+            assert!(
+                (p[i] - pd[i]).abs() < 1e-12,
+                "adamw step {t} param {i}: {} vs {}",
+                p[i],
+                pd[i]
+            );
+            assert!(
+                (m[i] - md[i]).abs() < 1e-15 && (v[i] - vd[i]).abs() < 1e-15,
+                "moments"
+            );
+        }
+    }
+    // f32 follows f64 to f32 rounding.
+    let mut p32 = [0.5f32, -0.25];
+    let (mut m32, mut v32) = ([0.0f32; 2], [0.0f32; 2]);
+    adamw_step(
+        &mut p32,
+        &[0.1, -0.3],
+        &mut m32,
+        &mut v32,
+        &hp,
+        1e-3,
+        0.1,
+        1,
+    );
+    // Step 1: mhat = g, vhat = g^2 => p = p (1 - lr wd) - lr g / (|g| + eps).
+    let want = [
+        0.5 * (1.0 - 1e-4) - 1e-3 * 0.1 / (0.1 + 1e-8),
+        -0.25 * (1.0 - 1e-4) + 1e-3 * 0.3 / (0.3 + 1e-8),
+    ];
+    for i in 0..2 {
+        assert!(
+            (p32[i] as f64 - want[i]).abs() < 1e-7,
+            "adamw f32 step 1 within 1e-7"
+        );
+    }
+}
+
+#[test]
+fn ema_and_clip_match_direct_formulas() {
+    let mut r = rng(17);
+    let s = rvec(&mut r, 9, 1.0);
+    let t0 = rvec(&mut r, 9, 1.0);
+    let mut t = t0.clone();
+    ema_update(&mut t, &s, 0.996);
+    for i in 0..9 {
+        assert!((t[i] - (0.996 * t0[i] + 0.004 * s[i])).abs() < 1e-15, "ema");
+    }
+    let g0 = rvec(&mut r, 9, 3.0);
+    let norm: f64 = g0.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let mut g = g0.clone();
+    let got = clip_grad_tensor(&mut g, 0.5 * norm);
+    assert!(
+        (got - norm).abs() < 1e-12 * norm,
+        "returns the pre-clip norm"
+    );
+    let coef = 0.5 * norm / (norm + 1e-6);
+    for i in 0..9 {
+        assert!(
+            (g[i] - g0[i] * coef).abs() < 1e-14,
+            "clip scales by clip / (norm + 1e-6)"
+        );
+    }
+    let mut g = g0.clone();
+    clip_grad_tensor(&mut g, 2.0 * norm);
+    assert_eq!(g, g0, "no change below the threshold");
 }

@@ -9,13 +9,17 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
-pub mod ops;
-pub mod real;
-pub mod vmf;
-
-pub use real::Real;
 pub mod centering;
 pub mod collapse;
 pub mod logits;
 pub mod loss;
+pub mod model;
+pub mod ops;
+pub mod optim;
+pub mod real;
+#[cfg(feature = "alloc")]
+pub mod reference_model;
 pub mod schedule;
+pub mod vmf;
+
+pub use real::Real;

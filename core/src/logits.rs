@@ -145,9 +145,14 @@ pub fn l2_normalize_backward<T: Real>(
     p: usize,
 ) {
     debug_assert!(dz.len() >= n * p && dy.len() >= n * p && y.len() >= n * p && norm.len() >= n);
-    for i in 0..n {
-        let r = i * p..(i + 1) * p;
-        l2_normalize_row_backward(&mut dz[r.clone()], &dy[r.clone()], &y[r], norm[i]);
+    for (((dzr, dyr), yr), &nr) in dz
+        .chunks_exact_mut(p)
+        .zip(dy.chunks_exact(p))
+        .zip(y.chunks_exact(p))
+        .zip(norm)
+        .take(n)
+    {
+        l2_normalize_row_backward(dzr, dyr, yr, nr);
     }
 }
 

@@ -39,9 +39,16 @@ pub struct ModelSpec {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum DataSpec {
     /// The procedurally generated dataset that ships in the binary.
-    Builtin { seed: u64, train_per_class: usize, test_per_class: usize },
+    Builtin {
+        seed: u64,
+        train_per_class: usize,
+        test_per_class: usize,
+    },
     /// `root/<class>/<image>`; held-out split from `test_root` when given.
-    Folder { root: String, test_root: Option<String> },
+    Folder {
+        root: String,
+        test_root: Option<String>,
+    },
     /// CIFAR-10/100 binary files in a folder.
     Cifar { root: String },
 }
@@ -82,7 +89,11 @@ pub const PRESETS: &[&str] = &["small32", "tiny", "vit-s16", "vit-b16"];
 impl TrainConfig {
     /// A preset with the loss's own defaults (centering, `norm_last_layer`).
     pub fn preset(name: &str, loss: LossKind) -> Result<Self> {
-        let builtin = DataSpec::Builtin { seed: 0, train_per_class: 500, test_per_class: 100 };
+        let builtin = DataSpec::Builtin {
+            seed: 0,
+            train_per_class: 500,
+            test_per_class: 100,
+        };
         let (vmf_center, vmf_norm) = match loss {
             LossKind::Dino => (CenteringKind::Logit, true),
             LossKind::Vmf => (CenteringKind::Probability, false),
@@ -176,7 +187,11 @@ impl TrainConfig {
                 );
                 c.batch_size = 8;
                 c.n_local = 2;
-                c.data = DataSpec::Builtin { seed: 0, train_per_class: 8, test_per_class: 4 };
+                c.data = DataSpec::Builtin {
+                    seed: 0,
+                    train_per_class: 8,
+                    test_per_class: 4,
+                };
                 c
             }
             "vit-s16" => big(ModelSpec {
@@ -203,7 +218,10 @@ impl TrainConfig {
                 prototypes: 65536,
                 drop_path: 0.1,
             }),
-            other => bail!("unknown preset '{other}' (choose one of: {})", PRESETS.join(", ")),
+            other => bail!(
+                "unknown preset '{other}' (choose one of: {})",
+                PRESETS.join(", ")
+            ),
         })
     }
 
@@ -211,7 +229,11 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let m = &self.model;
         if m.patch == 0 || m.img_size % m.patch != 0 {
-            bail!("image size {} is not a multiple of the patch size {}", m.img_size, m.patch);
+            bail!(
+                "image size {} is not a multiple of the patch size {}",
+                m.img_size,
+                m.patch
+            );
         }
         if m.heads == 0 || m.dim % m.heads != 0 {
             bail!("dim {} is not divisible by {} heads", m.dim, m.heads);
@@ -224,15 +246,24 @@ impl TrainConfig {
         }
         let local = (m.img_size / 2).max(m.patch);
         if local % m.patch != 0 {
-            bail!("local crop size {local} is not a multiple of the patch size {}", m.patch);
+            bail!(
+                "local crop size {local} is not a multiple of the patch size {}",
+                m.patch
+            );
         }
-        for (what, t) in [("teacher", self.teacher_temp), ("student", self.student_temp)] {
+        for (what, t) in [
+            ("teacher", self.teacher_temp),
+            ("student", self.student_temp),
+        ] {
             if !(t > 0.0 && t.is_finite()) {
                 bail!("{what} temperature must be positive (got {t})");
             }
         }
         if !(0.0..1.0).contains(&self.center_momentum) {
-            bail!("center momentum must be in [0, 1) (got {})", self.center_momentum);
+            bail!(
+                "center momentum must be in [0, 1) (got {})",
+                self.center_momentum
+            );
         }
         Ok(())
     }

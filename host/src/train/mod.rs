@@ -1,2 +1,505 @@
-//! The trainer (being written).
+//! The training loop: data -> backend step -> schedules, metrics, checkpoints, collapse watch,
+//! k-NN evaluation at the start and the end.
 pub mod config;
+pub mod state;
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use dinovmf_core::schedule::Recipe;
+
+use crate::backend::{Backend, Net, StepHyper, StepMetrics};
+use crate::data::{self, CropConfig, Dataset, Loader, OnError};
+use crate::eval::knn::{knn_accuracy, KnnScore, KNN_KS, KNN_TEMPERATURE};
+pub use config::{CenteringKind, DataSpec, LossKind, ModelSpec, TrainConfig};
+
+/// Where the training step runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+/// How to run (not part of the method: nothing here changes the numbers).
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub out_dir: PathBuf,
+    pub resume: Option<PathBuf>,
+    pub device: Device,
+    /// Data worker threads (0 = decode on the rayon pool).
+    pub workers: usize,
+    pub progress: bool,
+    /// k-NN at initialisation and at the end.
+    pub eval: bool,
+    /// Stop after this many steps in total (the schedules still span every epoch).
+    pub max_steps: Option<u64>,
+    pub on_error: OnError,
+    /// Checkpoint every this many epochs (and at the end).
+    pub checkpoint_every: u64,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            out_dir: PathBuf::from("runs/latest"),
+            resume: None,
+            device: Device::Cpu,
+            workers: 1,
+            progress: true,
+            eval: true,
+            max_steps: None,
+            on_error: OnError::Skip,
+            checkpoint_every: 1,
+        }
+    }
+}
+
+/// What a run reports at its end.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub losses: Vec<f32>,
+    pub images_per_sec: f64,
+    pub knn_init: Option<Vec<(usize, f64)>>,
+    pub knn_final: Option<Vec<(usize, f64)>>,
+    pub knn_pixels: Option<Vec<(usize, f64)>>,
+    pub checkpoint: PathBuf,
+}
+
+/// Training and held-out datasets of a run.
+pub struct Datasets {
+    pub train: Arc<dyn Dataset>,
+    pub test: Option<Arc<dyn Dataset>>,
+}
+
+/// Opens the datasets a config names.
+pub fn open_data(spec: &DataSpec, img_size: usize, on_error: OnError) -> Result<Datasets> {
+    Ok(match spec {
+        DataSpec::Builtin {
+            seed,
+            train_per_class,
+            test_per_class,
+        } => {
+            let cfg = data::SyntheticConfig {
+                seed: *seed,
+                train_per_class: *train_per_class,
+                test_per_class: *test_per_class,
+                size: img_size.max(16),
+                ..Default::default()
+            };
+            Datasets {
+                train: Arc::new(data::Synthetic::new(cfg, data::Split::Train)),
+                test: Some(Arc::new(data::Synthetic::new(cfg, data::Split::Test))),
+            }
+        }
+        DataSpec::Folder { root, test_root } => Datasets {
+            train: Arc::new(data::ImageFolder::open(root, on_error)?),
+            test: match test_root {
+                Some(t) => Some(Arc::new(data::ImageFolder::open(t, on_error)?)),
+                None => None,
+            },
+        },
+        DataSpec::Cifar { root } => Datasets {
+            train: Arc::new(data::Cifar::open(root, data::Split::Train)?),
+            test: Some(Arc::new(data::Cifar::open(root, data::Split::Test)?)),
+        },
+    })
+}
+
+/// The crop settings of a config.
+pub fn crop_config(cfg: &TrainConfig) -> CropConfig {
+    let mut c = CropConfig::for_image_size(cfg.model.img_size, cfg.n_local);
+    c.global_scale = cfg.global_scale;
+    c.local_scale = cfg.local_scale;
+    c
+}
+
+/// The per-step schedules of a config.
+pub fn recipe(cfg: &TrainConfig, steps_per_epoch: u64) -> Recipe {
+    let mut r = Recipe::new(cfg.epochs, steps_per_epoch, cfg.batch_size as u64);
+    r.base_lr = cfg.lr;
+    r.min_lr = cfg.min_lr;
+    r.warmup_epochs = cfg.warmup_epochs;
+    r.weight_decay = cfg.weight_decay;
+    r.weight_decay_end = cfg.weight_decay_end;
+    r.momentum_teacher = cfg.momentum_teacher;
+    r.teacher_temp_start = cfg.warmup_teacher_temp;
+    r.teacher_temp = cfg.teacher_temp;
+    r.teacher_temp_warmup_epochs = cfg.warmup_teacher_temp_epochs;
+    r.freeze_last_layer_epochs = cfg.freeze_last_layer_epochs;
+    r
+}
+
+/// Opens the backend a run asks for.
+pub fn open_backend(cfg: &TrainConfig, device: Device) -> Result<Box<dyn Backend>> {
+    match device {
+        Device::Cpu => state::cpu_backend(cfg),
+        Device::Cuda => crate::backend::cuda::open(),
+    }
+}
+
+/// Seed of step `step`'s own randomness (drop path), independent of the data seed stream.
+fn step_seed(seed: u64, step: u64) -> u64 {
+    data::derive_seed(&[seed, 0x5354_4550, step])
+}
+
+/// L2-normalised teacher [CLS] features of a whole dataset, with labels.
+pub fn dataset_features(
+    backend: &mut dyn Backend,
+    ds: &Arc<dyn Dataset>,
+    size: usize,
+    net: Net,
+) -> Result<(Vec<f32>, Vec<u32>, usize)> {
+    let mut feats = Vec::new();
+    let mut labels = Vec::new();
+    let mut dim = 0;
+    for b in data::eval_batches(ds.clone(), size, 256) {
+        let (imgs, labs) = b?;
+        let n = labs.len();
+        let f = backend.embed(net, &imgs, n, size)?;
+        dim = f.len() / n.max(1);
+        feats.extend_from_slice(&f);
+        labels.extend_from_slice(&labs);
+    }
+    Ok((feats, labels, dim))
+}
+
+/// Raw pixels of a dataset (the eval transform's normalised values) as features.
+pub fn dataset_pixels(ds: &Arc<dyn Dataset>, size: usize) -> Result<(Vec<f32>, Vec<u32>, usize)> {
+    let mut feats = Vec::new();
+    let mut labels = Vec::new();
+    for b in data::eval_batches(ds.clone(), size, 256) {
+        let (imgs, labs) = b?;
+        feats.extend_from_slice(&imgs);
+        labels.extend_from_slice(&labs);
+    }
+    Ok((feats, labels, 3 * size * size))
+}
+
+/// k-NN of the backend's teacher features: train split as memory, held-out split as queries.
+pub fn knn_eval(backend: &mut dyn Backend, data: &Datasets, size: usize) -> Result<Vec<KnnScore>> {
+    let test = data
+        .test
+        .as_ref()
+        .ok_or_else(|| anyhow!("no held-out split to evaluate on"))?;
+    let (tr, trl, d) = dataset_features(backend, &data.train, size, Net::Teacher)?;
+    let (te, tel, _) = dataset_features(backend, test, size, Net::Teacher)?;
+    let classes = data.train.num_classes().max(test.num_classes());
+    knn_accuracy(&tr, &trl, &te, &tel, d, classes, &KNN_KS, KNN_TEMPERATURE)
+}
+
+/// The raw-pixel k-NN baseline.
+pub fn knn_pixels(data: &Datasets, size: usize) -> Result<Vec<KnnScore>> {
+    let test = data
+        .test
+        .as_ref()
+        .ok_or_else(|| anyhow!("no held-out split to evaluate on"))?;
+    let (tr, trl, d) = dataset_pixels(&data.train, size)?;
+    let (te, tel, _) = dataset_pixels(test, size)?;
+    let classes = data.train.num_classes().max(test.num_classes());
+    knn_accuracy(&tr, &trl, &te, &tel, d, classes, &KNN_KS, KNN_TEMPERATURE)
+}
+
+fn pairs(s: &[KnnScore]) -> Vec<(usize, f64)> {
+    s.iter().map(|x| (x.k, x.top1)).collect()
+}
+
+#[derive(Serialize)]
+struct MetricsLine<'a> {
+    step: u64,
+    epoch: u64,
+    lr: f64,
+    wd: f64,
+    teacher_temp: f64,
+    teacher_momentum: f64,
+    loss: f32,
+    teacher_entropy: f32,
+    mean_entropy: f32,
+    max_mass: f32,
+    kl: f32,
+    grad_norm: f32,
+    images_per_sec: f64,
+    device: &'a str,
+}
+
+/// Watches the metrics for the signatures of collapse and prints one warning per kind.
+struct CollapseWatch {
+    ln_k: f32,
+    warned_uniform: bool,
+    warned_single: bool,
+}
+
+impl CollapseWatch {
+    fn check(&mut self, step: u64, steps_per_epoch: u64, m: &StepMetrics) -> Option<String> {
+        // The first epoch is allowed to sit near the uniform solution.
+        if step < steps_per_epoch {
+            return None;
+        }
+        if !self.warned_uniform
+            && (m.loss > 0.98 * self.ln_k || m.teacher_entropy > 0.98 * self.ln_k)
+        {
+            self.warned_uniform = true;
+            return Some(format!(
+                "warning: step {step}: loss {:.3} / teacher entropy {:.3} near ln K = {:.3}: the teacher is \
+                 close to uniform (collapse to the uniform solution). Hint: lower --teacher-temp, \
+                 raise --lr, or use fewer --prototypes.",
+                m.loss, m.teacher_entropy, self.ln_k
+            ));
+        }
+        if !self.warned_single && m.max_mass > 0.5 {
+            self.warned_single = true;
+            return Some(format!(
+                "warning: step {step}: one prototype holds {:.0}% of the batch's teacher mass (collapse \
+                 to one prototype). Hint: raise --center-momentum's effect by lowering it, or raise --teacher-temp.",
+                100.0 * m.max_mass
+            ));
+        }
+        None
+    }
+}
+
+/// Runs training as configured; returns the summary, or an error that names the problem.
+pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
+    cfg.validate()?;
+    let data = open_data(&cfg.data, cfg.model.img_size, opts.on_error)?;
+    let crops = crop_config(cfg);
+    let loader = Loader::new(
+        data.train.clone(),
+        crops.clone(),
+        cfg.batch_size,
+        cfg.seed,
+        opts.workers,
+        4,
+    );
+    let spe = loader.batches_per_epoch() as u64;
+    if spe == 0 {
+        bail!(
+            "the training set ({}) has {} images, fewer than one batch of {}: lower --batch-size",
+            data.train.describe(),
+            data.train.len(),
+            cfg.batch_size
+        );
+    }
+    let recipe = recipe(cfg, spe);
+    let total = recipe.total_steps();
+    let end = opts.max_steps.map_or(total, |m| m.min(total));
+    std::fs::create_dir_all(&opts.out_dir)
+        .with_context(|| format!("creating the run folder {}", opts.out_dir.display()))?;
+    let ckpt_path = opts.out_dir.join("checkpoint.safetensors");
+    std::fs::write(
+        opts.out_dir.join("config.json"),
+        serde_json::to_string_pretty(cfg)?,
+    )?;
+
+    let mut backend = open_backend(cfg, opts.device)?;
+    let (start, mut knn_init) = match &opts.resume {
+        Some(path) => {
+            let (st, step, saved_cfg, knn) = state::load_checkpoint(path)?;
+            if &saved_cfg != cfg {
+                bail!(
+                    "checkpoint {} was written with another configuration; resume with the same options \
+                     (saved: {})",
+                    path.display(),
+                    serde_json::to_string(&saved_cfg)?
+                );
+            }
+            backend.set_state(&st)?;
+            (step, knn)
+        }
+        None => {
+            backend.set_state(&state::init_state(cfg))?;
+            (0, None)
+        }
+    };
+    if start >= end {
+        bail!("nothing to do: the run is at step {start} of {end}");
+    }
+    let size = cfg.model.img_size;
+    if opts.eval && knn_init.is_none() && data.test.is_some() {
+        eprintln!("evaluating the network at initialisation (k-NN on the held-out split)...");
+        knn_init = Some(pairs(&knn_eval(backend.as_mut(), &data, size)?));
+    }
+
+    let metrics_path = opts.out_dir.join("metrics.jsonl");
+    let metrics_file = if opts.resume.is_some() {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+    } else {
+        File::create(&metrics_path)
+    }
+    .with_context(|| format!("opening {}", metrics_path.display()))?;
+    let mut metrics = BufWriter::new(metrics_file);
+
+    let bar = if opts.progress {
+        ProgressBar::with_draw_target(Some(end), ProgressDrawTarget::stderr_with_hz(4))
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} steps  {msg}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar.set_position(start);
+    let mut watch = CollapseWatch {
+        ln_k: (cfg.model.prototypes as f32).ln(),
+        warned_uniform: false,
+        warned_single: false,
+    };
+    let device = backend.name();
+    let mut losses = Vec::new();
+    let t0 = Instant::now();
+    let mut last_save = start;
+    let mut step = start;
+    let mut ips = 0.0;
+    'epochs: while step < end {
+        let epoch = step / spe;
+        let first = (step % spe) as usize;
+        for batch in loader.epoch(epoch, first) {
+            let batch = batch?;
+            let t = Instant::now();
+            let sv = recipe.at(step);
+            let hp = StepHyper {
+                lr: sv.lr as f32,
+                weight_decay: sv.weight_decay as f32,
+                teacher_momentum: sv.teacher_momentum as f32,
+                teacher_temp: sv.teacher_temp as f32,
+                freeze_last_layer: sv.freeze_last_layer,
+                clip_grad: cfg.clip_grad as f32,
+                seed: step_seed(cfg.seed, step),
+            };
+            let m = backend.train_step(&batch, &hp)?;
+            if !m.loss.is_finite() {
+                bar.abandon();
+                bail!(
+                    "the loss became {} at step {step} (epoch {epoch}): training stopped. The last good \
+                     checkpoint ({}) is untouched{}. Hint: lower --lr or raise --warmup-epochs.",
+                    m.loss,
+                    ckpt_path.display(),
+                    if last_save > 0 { format!(" (step {last_save})") } else { String::new() }
+                );
+            }
+            let dt = t.elapsed().as_secs_f64();
+            ips = if ips == 0.0 {
+                cfg.batch_size as f64 / dt
+            } else {
+                0.9 * ips + 0.1 * cfg.batch_size as f64 / dt
+            };
+            losses.push(m.loss);
+            serde_json::to_writer(
+                &mut metrics,
+                &MetricsLine {
+                    step,
+                    epoch,
+                    lr: sv.lr,
+                    wd: sv.weight_decay,
+                    teacher_temp: sv.teacher_temp,
+                    teacher_momentum: sv.teacher_momentum,
+                    loss: m.loss,
+                    teacher_entropy: m.teacher_entropy,
+                    mean_entropy: m.mean_entropy,
+                    max_mass: m.max_mass,
+                    kl: m.kl,
+                    grad_norm: m.grad_norm,
+                    images_per_sec: ips,
+                    device: &device,
+                },
+            )?;
+            metrics.write_all(b"\n")?;
+            if let Some(w) = watch.check(step, spe, &m) {
+                bar.suspend(|| eprintln!("{w}"));
+            }
+            step += 1;
+            bar.set_position(step);
+            bar.set_message(format!(
+                "ep {epoch} loss {:.3} H(t) {:.2} H(mean) {:.2} max {:.2} | {:.0} img/s",
+                m.loss, m.teacher_entropy, m.mean_entropy, m.max_mass, ips
+            ));
+            let epoch_done = step % spe == 0;
+            if (epoch_done && (step / spe) % opts.checkpoint_every.max(1) == 0) || step == end {
+                metrics.flush()?;
+                let st = backend.state()?;
+                state::save_checkpoint(&ckpt_path, cfg, &st, step, knn_init.as_deref())?;
+                last_save = step;
+            }
+            if step >= end {
+                break 'epochs;
+            }
+        }
+    }
+    metrics.flush()?;
+    bar.finish();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let images_per_sec = (step - start) as f64 * cfg.batch_size as f64 / elapsed.max(1e-9);
+
+    let (mut knn_final, mut knn_px) = (None, None);
+    if opts.eval && data.test.is_some() {
+        eprintln!("evaluating the trained teacher (k-NN on the held-out split)...");
+        knn_final = Some(pairs(&knn_eval(backend.as_mut(), &data, size)?));
+        knn_px = Some(pairs(&knn_pixels(&data, size)?));
+    }
+    let summary = TrainSummary {
+        steps: step,
+        losses,
+        images_per_sec,
+        knn_init,
+        knn_final,
+        knn_pixels: knn_px,
+        checkpoint: ckpt_path,
+    };
+    std::fs::write(
+        opts.out_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    Ok(summary)
+}
+
+/// Prints the k-NN table of a summary.
+pub fn print_knn_table(s: &TrainSummary, out: &mut dyn Write) -> std::io::Result<()> {
+    let (Some(fin), Some(init)) = (&s.knn_final, &s.knn_init) else {
+        return Ok(());
+    };
+    writeln!(
+        out,
+        "k-NN top-1 accuracy on the held-out split (weighted vote, T = 0.07):"
+    )?;
+    writeln!(
+        out,
+        "  {:>5}  {:>10}  {:>12}  {:>10}",
+        "k", "trained", "at init", "raw pixels"
+    )?;
+    for (i, (k, acc)) in fin.iter().enumerate() {
+        let a0 = init.get(i).map_or(f64::NAN, |x| x.1);
+        let px = s
+            .knn_pixels
+            .as_ref()
+            .and_then(|p| p.get(i))
+            .map_or(f64::NAN, |x| x.1);
+        writeln!(
+            out,
+            "  {:>5}  {:>9.1}%  {:>11.1}%  {:>9.1}%",
+            k,
+            100.0 * acc,
+            100.0 * a0,
+            100.0 * px
+        )?;
+    }
+    Ok(())
+}
+
+/// Path helper for tests and the CLI: the checkpoint of a run folder.
+pub fn checkpoint_in(dir: &Path) -> PathBuf {
+    dir.join("checkpoint.safetensors")
+}

@@ -1,0 +1,194 @@
+//! `dinovmf train`: pre-train a ViT with DINO or DINO-vMF.
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::data::OnError;
+use crate::train::{self, CenteringKind, DataSpec, Device, LossKind, RunOptions, TrainConfig};
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// Model and recipe preset: small32 (default, 32 px images), tiny (smoke tests),
+    /// vit-s16 / vit-b16 (the paper's backbones, 224 px).
+    #[arg(long, default_value = "small32")]
+    pub preset: String,
+    /// dino: w.y/tau logits; vmf: kappa mu.y + log C_p(kappa) (DINO-vMF).
+    #[arg(long, value_enum, default_value = "vmf")]
+    pub loss: LossKind,
+    /// Teacher centering; default: logit for dino, probability for vmf.
+    #[arg(long, value_enum)]
+    pub centering: Option<CenteringKind>,
+    /// Fix the prototype norms g = 1 (default: on for dino, off for vmf).
+    #[arg(long)]
+    pub norm_last_layer: Option<bool>,
+    /// Training data: `builtin` (procedural dataset in the binary), `folder:PATH`
+    /// (PATH/<class>/<image>; held-out split from `folder:PATH,TEST_PATH`) or `cifar:PATH`
+    /// (folder with the CIFAR-10/100 .bin files).
+    #[arg(long, default_value = "builtin")]
+    pub data: String,
+    /// Where metrics.jsonl, checkpoint.safetensors and summary.json go.
+    #[arg(long, short = 'o', default_value = "runs/latest")]
+    pub out: PathBuf,
+    /// Continue a run bit-exactly from its checkpoint (same options required).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: Device,
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Base learning rate for batch 256 (scaled by batch/256).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub warmup_epochs: Option<u64>,
+    /// Number of prototypes K.
+    #[arg(long)]
+    pub prototypes: Option<usize>,
+    /// Final teacher temperature (after warm-up).
+    #[arg(long)]
+    pub teacher_temp: Option<f64>,
+    /// Teacher temperature at step 0 (warms up linearly to --teacher-temp).
+    #[arg(long)]
+    pub warmup_teacher_temp: Option<f64>,
+    #[arg(long)]
+    pub warmup_teacher_temp_epochs: Option<u64>,
+    #[arg(long)]
+    pub student_temp: Option<f64>,
+    /// Teacher EMA momentum at step 0 (cosine to 1).
+    #[arg(long)]
+    pub momentum_teacher: Option<f64>,
+    #[arg(long)]
+    pub center_momentum: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub weight_decay_end: Option<f64>,
+    /// Per-tensor gradient-norm clip (0 = off).
+    #[arg(long)]
+    pub clip_grad: Option<f64>,
+    /// Number of local crops.
+    #[arg(long)]
+    pub n_local: Option<usize>,
+    #[arg(long)]
+    pub drop_path: Option<f32>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop after this many steps (the schedules still span all epochs).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Data worker threads decoding and augmenting ahead of the step.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Skip the k-NN evaluations at the start and the end.
+    #[arg(long)]
+    pub no_eval: bool,
+    /// Stop at the first unreadable image instead of reporting and skipping it.
+    #[arg(long)]
+    pub strict_data: bool,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+impl TrainArgs {
+    /// The configuration these arguments describe.
+    pub fn config(&self) -> Result<TrainConfig> {
+        let mut c = TrainConfig::preset(&self.preset, self.loss)?;
+        if let Some(v) = self.centering {
+            c.centering = v;
+        }
+        if let Some(v) = self.norm_last_layer {
+            c.norm_last_layer = v;
+        }
+        c.data = parse_data(&self.data, &c.data)?;
+        macro_rules! set {
+            ($($f:ident => $($path:ident).+),* $(,)?) => {$(
+                if let Some(v) = self.$f { c.$($path).+ = v; }
+            )*};
+        }
+        set!(epochs => epochs, batch_size => batch_size, lr => lr, warmup_epochs => warmup_epochs,
+             prototypes => model.prototypes, teacher_temp => teacher_temp,
+             warmup_teacher_temp => warmup_teacher_temp,
+             warmup_teacher_temp_epochs => warmup_teacher_temp_epochs, student_temp => student_temp,
+             momentum_teacher => momentum_teacher, center_momentum => center_momentum,
+             weight_decay => weight_decay, weight_decay_end => weight_decay_end,
+             clip_grad => clip_grad, n_local => n_local, drop_path => model.drop_path, seed => seed);
+        if self.teacher_temp.is_some()
+            && self.warmup_teacher_temp.is_none()
+            && c.warmup_teacher_temp_epochs == 0
+        {
+            c.warmup_teacher_temp = c.teacher_temp;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn options(&self) -> RunOptions {
+        RunOptions {
+            out_dir: self.out.clone(),
+            resume: self.resume.clone(),
+            device: self.device,
+            workers: self.workers,
+            progress: !self.quiet,
+            eval: !self.no_eval,
+            max_steps: self.max_steps,
+            on_error: if self.strict_data {
+                OnError::Stop
+            } else {
+                OnError::Skip
+            },
+            checkpoint_every: 1,
+        }
+    }
+}
+
+/// `builtin`, `folder:PATH[,TEST]`, `cifar:PATH`.
+pub fn parse_data(s: &str, builtin: &DataSpec) -> Result<DataSpec> {
+    if s == "builtin" {
+        return Ok(match builtin {
+            b @ DataSpec::Builtin { .. } => b.clone(),
+            _ => DataSpec::Builtin {
+                seed: 0,
+                train_per_class: 500,
+                test_per_class: 100,
+            },
+        });
+    }
+    if let Some(p) = s.strip_prefix("folder:") {
+        let mut it = p.splitn(2, ',');
+        let root = it.next().unwrap_or_default().to_string();
+        return Ok(DataSpec::Folder {
+            root,
+            test_root: it.next().map(str::to_string),
+        });
+    }
+    if let Some(p) = s.strip_prefix("cifar:") {
+        return Ok(DataSpec::Cifar {
+            root: p.to_string(),
+        });
+    }
+    anyhow::bail!("--data '{s}': expected builtin, folder:PATH[,TEST_PATH] or cifar:PATH")
+}
+
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let cfg = args.config()?;
+    let opts = args.options();
+    eprintln!(
+        "dinovmf train: preset {} | loss {:?} | centering {:?} | norm_last_layer {} | K {} | {} epochs x batch {} | device {:?}",
+        cfg.preset, cfg.loss, cfg.centering, cfg.norm_last_layer, cfg.model.prototypes, cfg.epochs,
+        cfg.batch_size, opts.device
+    );
+    let s = train::train(&cfg, &opts)?;
+    eprintln!(
+        "trained {} steps at {:.0} images/s; final loss {:.4}; checkpoint {}",
+        s.steps,
+        s.images_per_sec,
+        s.losses.last().copied().unwrap_or(f32::NAN),
+        s.checkpoint.display()
+    );
+    train::print_knn_table(&s, &mut std::io::stdout())?;
+    Ok(())
+}
