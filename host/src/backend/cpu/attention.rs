@@ -41,9 +41,7 @@ pub fn forward(
                     false,
                     false,
                 );
-                for r in s.chunks_exact_mut(t) {
-                    fastmath::softmax_in_place(r);
-                }
+                fastmath::softmax_rows(s, t);
                 // O_h = P V
                 matmul_strided(
                     t,
@@ -160,4 +158,115 @@ pub fn backward(
                 );
             }
         });
+}
+
+/// Attention of the `[CLS]` query only (the last block, whose other outputs nobody reads):
+/// `out[n, d]` and `att[n, heads, t]` from `qkv[n, t, 3d]`.
+pub fn forward_cls(
+    out: &mut [f32],
+    att: &mut [f32],
+    qkv: &[f32],
+    n: usize,
+    t: usize,
+    d: usize,
+    heads: usize,
+) {
+    let hd = d / heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let row = 3 * d;
+    out[..n * d]
+        .par_chunks_mut(d)
+        .zip(att[..n * heads * t].par_chunks_mut(heads * t))
+        .zip(qkv[..n * t * row].par_chunks(t * row))
+        .for_each(|((o, a), x)| {
+            for h in 0..heads {
+                let q = &x[h * hd..(h + 1) * hd];
+                let s = &mut a[h * t..(h + 1) * t];
+                for (j, sj) in s.iter_mut().enumerate() {
+                    let k = &x[j * row + d + h * hd..][..hd];
+                    *sj = scale * dot(q, k);
+                }
+                fastmath::softmax_rows(s, t);
+                let o = &mut o[h * hd..(h + 1) * hd];
+                o.fill(0.0);
+                for (j, &pj) in s.iter().enumerate() {
+                    let v = &x[j * row + 2 * d + h * hd..][..hd];
+                    for (oc, &vc) in o.iter_mut().zip(v) {
+                        *oc += pj * vc;
+                    }
+                }
+            }
+        });
+}
+
+/// Backward of [`forward_cls`]: `dqkv[n, t, 3d]` overwritten (q rows other than `[CLS]` get 0)
+/// from `dout[n, d]`; `dp` is `[n, t]` scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_cls(
+    dqkv: &mut [f32],
+    dp: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    att: &[f32],
+    n: usize,
+    t: usize,
+    d: usize,
+    heads: usize,
+) {
+    let hd = d / heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let row = 3 * d;
+    dqkv[..n * t * row]
+        .par_chunks_mut(t * row)
+        .zip(dp[..n * t].par_chunks_mut(t))
+        .zip(dout[..n * d].par_chunks(d))
+        .zip(qkv[..n * t * row].par_chunks(t * row))
+        .zip(att[..n * heads * t].par_chunks(heads * t))
+        .for_each(|((((dx, dpv), go), x), a)| {
+            dx.fill(0.0);
+            for h in 0..heads {
+                let p = &a[h * t..(h + 1) * t];
+                let go = &go[h * hd..(h + 1) * hd];
+                let mut pdp = 0.0f32;
+                for (j, (dpj, &pj)) in dpv.iter_mut().zip(p).enumerate() {
+                    let v = &x[j * row + 2 * d + h * hd..][..hd];
+                    *dpj = dot(go, v);
+                    pdp += pj * *dpj;
+                    let dv = &mut dx[j * row + 2 * d + h * hd..][..hd];
+                    for (o, &g) in dv.iter_mut().zip(go) {
+                        *o = pj * g;
+                    }
+                }
+                let q = &x[h * hd..(h + 1) * hd];
+                for (j, (&dpj, &pj)) in dpv.iter().zip(p).enumerate() {
+                    let ds = scale * pj * (dpj - pdp);
+                    let k = &x[j * row + d + h * hd..][..hd];
+                    let (dq, rest) = dx.split_at_mut(j * row + d + h * hd);
+                    for (o, &kc) in dq[h * hd..(h + 1) * hd].iter_mut().zip(k) {
+                        *o += ds * kc;
+                    }
+                    for (o, &qc) in rest[..hd].iter_mut().zip(q) {
+                        *o = ds * qc;
+                    }
+                }
+            }
+        });
+}
+
+/// Dot product in eight fixed lanes.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for j in 0..8 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
 }

@@ -341,7 +341,7 @@ impl CpuBackend {
             false,
         );
         self.cls_t.copy_from_slice(&self.glob.cls[..n_g * d]);
-        head::forward(&cx, &self.teacher, &mut self.head_t, &self.cls_t, n_g);
+        head::forward(&cx, &self.teacher, &mut self.head_t, &self.cls_t, n_g, false);
         self.tick(0, &mut t);
 
         // Student: every crop, with drop path, activations saved.
@@ -368,7 +368,7 @@ impl CpuBackend {
             self.cls_s[n_g * d..].copy_from_slice(&loc.cls[..n_l * d]);
         }
         let rows_s = n_g + n_l;
-        head::forward(&cx, &self.student, &mut self.head_s, &self.cls_s, rows_s);
+        head::forward(&cx, &self.student, &mut self.head_s, &self.cls_s, rows_s, true);
         self.tick(1, &mut t);
 
         // Loss: dL/dz, and the prototype layer's gradients straight into the flat buffer.

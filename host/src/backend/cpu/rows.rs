@@ -124,31 +124,38 @@ pub fn fill_rows(y: &mut [f32], bias: &[f32], n: usize) {
         });
 }
 
-/// `pre += bias; act = gelu(pre)` on `[n, cols]`.
-pub fn bias_gelu(pre: &mut [f32], act: &mut [f32], bias: &[f32], n: usize) {
+/// `pre += bias; act = gelu(pre)` on `[n, cols]`, and `dgelu = gelu'(pre)` when given.
+pub fn bias_gelu(
+    pre: &mut [f32],
+    act: &mut [f32],
+    dgelu: Option<&mut [f32]>,
+    bias: &[f32],
+    n: usize,
+) {
     let cols = bias.len();
-    pre[..n * cols]
-        .par_chunks_mut(CHUNK_ROWS * cols)
-        .zip(act[..n * cols].par_chunks_mut(CHUNK_ROWS * cols))
-        .for_each(|(p, a)| {
-            for (pr, ar) in p.chunks_exact_mut(cols).zip(a.chunks_exact_mut(cols)) {
-                for ((x, y), &b) in pr.iter_mut().zip(ar.iter_mut()).zip(bias) {
-                    *x += b;
-                    *y = fastmath::gelu(*x);
-                }
-            }
-        });
+    let c = CHUNK_ROWS * cols;
+    let pre = pre[..n * cols].par_chunks_mut(c);
+    let act = act[..n * cols].par_chunks_mut(c);
+    match dgelu {
+        Some(dg) => pre
+            .zip(act)
+            .zip(dg[..n * cols].par_chunks_mut(c))
+            .for_each(|((p, a), g)| fastmath::bias_gelu_rows(p, a, Some(g), bias)),
+        None => pre
+            .zip(act)
+            .for_each(|(p, a)| fastmath::bias_gelu_rows(p, a, None, bias)),
+    }
 }
 
-/// `d[i] *= gelu'(pre[i])` on `n` elements (turns d act into d pre).
-pub fn gelu_bwd_inplace(d: &mut [f32], pre: &[f32], n: usize) {
+/// `d[i] *= dgelu[i]` on `n` elements (turns d act into d pre with the saved derivative).
+pub fn mul_inplace(d: &mut [f32], dgelu: &[f32], n: usize) {
     const C: usize = 8192;
     d[..n]
         .par_chunks_mut(C)
-        .zip(pre[..n].par_chunks(C))
-        .for_each(|(d, p)| {
-            for (g, &x) in d.iter_mut().zip(p) {
-                *g *= fastmath::gelu_grad(x);
+        .zip(dgelu[..n].par_chunks(C))
+        .for_each(|(d, g)| {
+            for (a, &b) in d.iter_mut().zip(g) {
+                *a *= b;
             }
         });
 }
@@ -195,19 +202,6 @@ pub fn scale_images(out: &mut [f32], dx: &[f32], scale: Option<&[f32]>, n_img: u
             let s = scale.map_or(1.0, |s| s[i]);
             for (o, &x) in o.iter_mut().zip(x) {
                 *o = s * x;
-            }
-        });
-}
-
-/// `y[i] += x[i]` on `n` elements.
-pub fn add_inplace(y: &mut [f32], x: &[f32], n: usize) {
-    const C: usize = 16384;
-    y[..n]
-        .par_chunks_mut(C)
-        .zip(x[..n].par_chunks(C))
-        .for_each(|(y, x)| {
-            for (a, &b) in y.iter_mut().zip(x) {
-                *a += b;
             }
         });
 }
