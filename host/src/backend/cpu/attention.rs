@@ -270,3 +270,70 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dinovmf_core::ops::{attention_backward, attention_forward};
+
+    fn rnd(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn max_rel(a: &[f32], b: &[f64]) -> f64 {
+        let scale = b.iter().fold(1e-12f64, |m, x| m.max(x.abs()));
+        a.iter()
+            .zip(b)
+            .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - y).abs()))
+            / scale
+    }
+
+    #[test]
+    fn attention_and_cls_attention_match_core_f64_rel_1e5() {
+        let (n, t, d, heads) = (3, 17, 24, 3);
+        let qkv = rnd(n * t * 3 * d, 1);
+        let dout = rnd(n * t * d, 2);
+        let q64: Vec<f64> = qkv.iter().map(|&x| x as f64).collect();
+        let g64: Vec<f64> = dout.iter().map(|&x| x as f64).collect();
+        let mut o64 = vec![0.0; n * t * d];
+        let mut a64 = vec![0.0; n * heads * t * t];
+        attention_forward(&mut o64, &mut a64, &q64, None, n, t, d, heads);
+        let mut dq64 = vec![0.0; n * t * 3 * d];
+        attention_backward(&mut dq64, &g64, &q64, &a64, n, t, d, heads);
+
+        let mut o = vec![f32::NAN; n * t * d];
+        let mut a = vec![f32::NAN; n * heads * t * t];
+        forward(&mut o, &mut a, &qkv, n, t, d, heads);
+        assert!(max_rel(&o, &o64) < 1e-5, "out");
+        assert!(max_rel(&a, &a64) < 1e-5, "att");
+        let mut dq = vec![f32::NAN; n * t * 3 * d];
+        let mut dp = vec![0.0; n * t * t];
+        backward(&mut dq, &mut dp, &dout, &qkv, &a, n, t, d, heads);
+        assert!(max_rel(&dq, &dq64) < 1e-5, "dqkv");
+
+        // [CLS] query only: core's full attention with the output gradient on query 0 only.
+        let mut oc = vec![f32::NAN; n * d];
+        let mut ac = vec![f32::NAN; n * heads * t];
+        forward_cls(&mut oc, &mut ac, &qkv, n, t, d, heads);
+        let o0: Vec<f64> = (0..n).flat_map(|b| o64[b * t * d..b * t * d + d].to_vec()).collect();
+        assert!(max_rel(&oc, &o0) < 1e-5, "cls out");
+        let mut g0 = vec![0.0f64; n * t * d];
+        let gc: Vec<f32> = rnd(n * d, 3);
+        for b in 0..n {
+            for c in 0..d {
+                g0[b * t * d + c] = gc[b * d + c] as f64;
+            }
+        }
+        attention_backward(&mut dq64, &g0, &q64, &a64, n, t, d, heads);
+        let mut dqc = vec![f32::NAN; n * t * 3 * d];
+        let mut dpc = vec![0.0; n * t];
+        backward_cls(&mut dqc, &mut dpc, &gc, &qkv, &ac, n, t, d, heads);
+        assert!(max_rel(&dqc, &dq64) < 1e-5, "cls dqkv");
+    }
+}

@@ -210,3 +210,84 @@ pub fn scale_images(out: &mut [f32], dx: &[f32], scale: Option<&[f32]>, n_img: u
 pub fn zero(y: &mut [f32]) {
     y.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rnd(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn layernorm_and_column_sums_match_core_f64_rel_1e5() {
+        // 100 rows: several chunks and a ragged last one.
+        let (n, d) = (100, 24);
+        let x: Vec<f32> = rnd(n * d, 1).iter().map(|v| 3.0 * v + 0.5).collect();
+        let gamma: Vec<f32> = rnd(d, 2).iter().map(|v| 1.0 + 0.3 * v).collect();
+        let beta = rnd(d, 3);
+        let dy = rnd(n * d, 4);
+        let resid = rnd(n * d, 5);
+        let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        let (x64, g64, b64, dy64) = (f(&x), f(&gamma), f(&beta), f(&dy));
+        let mut y64 = vec![0.0; n * d];
+        let (mut m64, mut r64) = (vec![0.0; n], vec![0.0; n]);
+        layernorm_forward(&mut y64, &mut m64, &mut r64, &x64, &g64, &b64, n, d, 1e-6);
+        let mut dx64 = vec![0.0; n * d];
+        let (mut dg64, mut db64) = (vec![0.0; d], vec![0.0; d]);
+        layernorm_backward(
+            &mut dx64, &mut dg64, &mut db64, &dy64, &x64, &m64, &r64, &g64, n, d,
+        );
+
+        let mut y = vec![0.0; n * d];
+        let (mut m, mut r) = (vec![0.0; n], vec![0.0; n]);
+        layernorm_fwd(&mut y, &mut m, &mut r, &x, &gamma, &beta, n, d, 1e-6);
+        let mut dx = resid.clone();
+        let mut tmp = vec![0.0; n * d];
+        let (mut dg, mut db) = (vec![0.5f32; d], vec![-0.5f32; d]);
+        let mut part = vec![0.0; n_chunks(n) * 2 * d];
+        layernorm_bwd_add(
+            &mut dx, &mut tmp, &mut dg, &mut db, &dy, &x, &m, &r, &gamma, &mut part, n, d,
+        );
+        let close = |a: f32, b: f64, scale: f64| (a as f64 - b).abs() <= 1e-5 * scale;
+        for i in 0..n * d {
+            assert!(close(y[i], y64[i], 3.0), "y[{i}]");
+            assert!(close(dx[i], dx64[i] + resid[i] as f64, 3.0), "dx[{i}]");
+        }
+        for j in 0..d {
+            assert!(close(dg[j], dg64[j] + 0.5, 10.0), "dgamma[{j}]");
+            assert!(close(db[j], db64[j] - 0.5, 10.0), "dbeta[{j}]");
+        }
+
+        let mut cs = vec![1.0f32; d];
+        colsum_add(&mut cs, &dy, n, d, &mut part);
+        for j in 0..d {
+            let want: f64 = 1.0 + (0..n).map(|i| dy64[i * d + j]).sum::<f64>();
+            assert!(close(cs[j], want, 10.0), "colsum[{j}]");
+        }
+    }
+
+    #[test]
+    fn residual_drop_and_scale_match_definition() {
+        let (n, t, d) = (3, 5, 4);
+        let x = rnd(n * t * d, 1);
+        let br = rnd(n * t * d, 2);
+        let bias = rnd(d, 3);
+        let s = [0.0f32, 1.25, 1.0];
+        let mut out = vec![0.0; n * t * d];
+        residual_drop(&mut out, &x, &br, &bias, Some(&s), n, t * d);
+        let mut sc = vec![0.0; n * t * d];
+        scale_images(&mut sc, &x, Some(&s), n, t * d);
+        for i in 0..n * t * d {
+            let img = i / (t * d);
+            assert_eq!(out[i], x[i] + s[img] * (br[i] + bias[i % d]));
+            assert_eq!(sc[i], s[img] * x[i]);
+        }
+    }
+}
