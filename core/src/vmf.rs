@@ -87,6 +87,13 @@ const fn fast_table() -> [[f32; FAST_DEG + 1]; FAST_K + 1] {
 
 const FAST_U: [[f32; FAST_DEG + 1]; FAST_K + 1] = fast_table();
 
+/// ln(1 + x) for |x| <= 0.01 (the Debye correction: |x| <= 0.12/nu + 0.04/nu^2, nu >= 15):
+/// five terms, truncation below 2e-13.
+#[inline(always)]
+fn ln1p_small(x: f32) -> f32 {
+    x * (1.0 + x * (-0.5 + x * (1.0 / 3.0 + x * (-0.25 + x * 0.2))))
+}
+
 #[inline(always)]
 fn horner<const N: usize>(c: &[f32; N], t: f32) -> f32 {
     let mut acc = c[N - 1];
@@ -185,12 +192,17 @@ impl VmfNorm {
     }
 
     /// D and A at the evaluation order nu' (before the downward shift); `kappa` >= 0, finite.
+    /// Only the parts asked for are computed (A is also needed for D when the order is shifted).
     #[inline(always)]
-    fn expansion<const CORR: bool>(&self, kappa: f32) -> (f32, f32) {
+    fn expansion<const CORR: bool, const WANT_D: bool, const WANT_A: bool>(
+        &self,
+        kappa: f32,
+    ) -> (f32, f32) {
         let nu = self.nu;
         let z = kappa * self.inv_nu;
-        let r = nu / kappa; // inf at kappa = 0, unused there
-                            // Work with min(z, 1/z) so that neither z^2 overflows nor (1/z)^2 does.
+        // Work with min(z, 1/z) so that neither z^2 nor (1/z)^2 overflows; r = inf at kappa = 0
+        // is not selected there.
+        let r = nu / kappa;
         let small = z <= 1.0;
         let m = if small { z } else { r };
         let g = libm::sqrtf(1.0 + m * m);
@@ -199,27 +211,45 @@ impl VmfNorm {
         let y = if small { z * e } else { e }; // z/(1+s)
         let w = z * y; // s - 1
         let t = 1.0 / (1.0 + w);
-        let mut d = -nu * (w - libm::log1pf(0.5 * w)) + 0.5 * libm::log1pf(w);
-        let tt = t * t;
-        let mut bracket = h - 0.5 * tt * self.inv_nu;
-        if CORR {
-            let delta = -(w * t) * horner(&self.q, t);
-            d -= libm::log1pf(delta);
-            bracket -= tt * t * self.inv_nu * horner(&self.dp, t) / (1.0 + delta);
+        let delta = if CORR {
+            -(w * t) * horner(&self.q, t)
+        } else {
+            0.0
+        };
+        let mut d = 0.0;
+        if WANT_D {
+            d = -nu * (w - libm::log1pf(0.5 * w)) + 0.5 * libm::log1pf(w);
+            if CORR {
+                d -= ln1p_small(delta);
+            }
         }
-        (d, z * bracket)
+        let mut a = 0.0;
+        if WANT_A || (CORR && WANT_D && self.shift > 0) {
+            let tt = t * t;
+            let mut bracket = h - 0.5 * tt * self.inv_nu;
+            if CORR {
+                bracket -= tt * t * self.inv_nu * horner(&self.dp, t) / (1.0 + delta);
+            }
+            a = z * bracket;
+        }
+        (d, a)
     }
 
     #[inline(always)]
-    fn eval_impl<const CORR: bool>(&self, kappa: f32) -> (f32, f32) {
+    fn eval_impl<const CORR: bool, const WANT_D: bool, const WANT_A: bool>(
+        &self,
+        kappa: f32,
+    ) -> (f32, f32) {
         let k = libm::fabsf(kappa);
-        let (mut d, mut a) = self.expansion::<CORR>(k);
+        let (mut d, mut a) = self.expansion::<CORR, WANT_D, WANT_A>(k);
         if CORR {
             let mut nuj = self.nu;
             let mut sum = 0.0f32;
             for _ in 0..self.shift {
                 let two = 2.0 * nuj;
-                sum += libm::log1pf(k * a / two);
+                if WANT_D {
+                    sum += libm::log1pf(k * a / two);
+                }
                 a = k / (two + k * a);
                 nuj -= 1.0;
             }
@@ -243,22 +273,30 @@ impl VmfNorm {
     #[inline]
     pub fn eval(&self, kappa: f32) -> (f32, f32) {
         if self.corrected {
-            self.eval_impl::<true>(kappa)
+            self.eval_impl::<true, true, true>(kappa)
         } else {
-            self.eval_impl::<false>(kappa)
+            self.eval_impl::<false, true, true>(kappa)
         }
     }
 
     /// D_p(kappa) = log C_p(kappa) - c_p.
     #[inline]
     pub fn log_norm_shifted(&self, kappa: f32) -> f32 {
-        self.eval(kappa).0
+        if self.corrected {
+            self.eval_impl::<true, true, false>(kappa).0
+        } else {
+            self.eval_impl::<false, true, false>(kappa).0
+        }
     }
 
     /// A_p(kappa) = I_{p/2}(kappa) / I_{p/2-1}(kappa) = -dD_p/dkappa.
     #[inline]
     pub fn mean_resultant(&self, kappa: f32) -> f32 {
-        self.eval(kappa).1
+        if self.corrected {
+            self.eval_impl::<true, false, true>(kappa).1
+        } else {
+            self.eval_impl::<false, false, true>(kappa).1
+        }
     }
 
     /// Slice form of [`Self::eval`]; `d_out` and `a_out` must be as long as `kappas`.
@@ -267,7 +305,7 @@ impl VmfNorm {
         debug_assert_eq!(kappas.len(), a_out.len());
         fn run<const C: bool>(me: &VmfNorm, ks: &[f32], d_out: &mut [f32], a_out: &mut [f32]) {
             for ((&k, d), a) in ks.iter().zip(d_out.iter_mut()).zip(a_out.iter_mut()) {
-                (*d, *a) = me.eval_impl::<C>(k);
+                (*d, *a) = me.eval_impl::<C, true, true>(k);
             }
         }
         if self.corrected {
@@ -282,7 +320,7 @@ impl VmfNorm {
         debug_assert_eq!(kappas.len(), out.len());
         fn run<const C: bool>(me: &VmfNorm, ks: &[f32], out: &mut [f32]) {
             for (&k, o) in ks.iter().zip(out.iter_mut()) {
-                *o = me.eval_impl::<C>(k).0;
+                *o = me.eval_impl::<C, true, false>(k).0;
             }
         }
         if self.corrected {
@@ -297,7 +335,7 @@ impl VmfNorm {
         debug_assert_eq!(kappas.len(), out.len());
         fn run<const C: bool>(me: &VmfNorm, ks: &[f32], out: &mut [f32]) {
             for (&k, o) in ks.iter().zip(out.iter_mut()) {
-                *o = me.eval_impl::<C>(k).1;
+                *o = me.eval_impl::<C, false, true>(k).1;
             }
         }
         if self.corrected {

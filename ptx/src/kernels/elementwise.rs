@@ -1,0 +1,74 @@
+//! Elementwise ops: GELU, residual, accumulation, drop path, fill.
+use super::for_each_elem;
+use crate::block::Block;
+use crate::math as m;
+
+const FRAC_1_SQRT_2: f64 = core::f64::consts::FRAC_1_SQRT_2;
+const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+/// Exact (erf) GELU of one value, the expression of `core::ops::gelu_forward`.
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    let c = FRAC_1_SQRT_2 as f32;
+    0.5 * x * (1.0 + m::erf(x * c))
+}
+
+/// `d gelu / dx`, the expression of `core::ops::gelu_backward`.
+#[inline(always)]
+pub fn gelu_grad(x: f32) -> f32 {
+    let c = FRAC_1_SQRT_2 as f32;
+    let k = FRAC_1_SQRT_2PI as f32;
+    let cdf = 0.5 * (1.0 + m::erf(x * c));
+    let pdf = k * m::exp(-0.5 * x * x);
+    cdf + x * pdf
+}
+
+/// `y = gelu(x)`.
+pub fn gelu_forward<B: Block>(b: &mut B, y: &mut [f32], x: &[f32], n: usize) {
+    for_each_elem(b, n, |i| y[i] = gelu(x[i]));
+}
+
+/// `dx = dy gelu'(x)` (overwrites `dx`).
+pub fn gelu_backward<B: Block>(b: &mut B, dx: &mut [f32], x: &[f32], dy: &[f32], n: usize) {
+    for_each_elem(b, n, |i| dx[i] = dy[i] * gelu_grad(x[i]));
+}
+
+/// `y = x + f`.
+pub fn residual_forward<B: Block>(b: &mut B, y: &mut [f32], x: &[f32], f: &[f32], n: usize) {
+    for_each_elem(b, n, |i| y[i] = x[i] + f[i]);
+}
+
+/// `y += alpha x`: gradient accumulation into a residual stream or a parameter gradient.
+pub fn axpy<B: Block>(b: &mut B, y: &mut [f32], x: &[f32], alpha: f32, n: usize) {
+    for_each_elem(b, n, |i| y[i] += alpha * x[i]);
+}
+
+/// `x = value`.
+pub fn fill<B: Block>(b: &mut B, x: &mut [f32], value: f32, n: usize) {
+    for_each_elem(b, n, |i| x[i] = value);
+}
+
+/// Per-sample scale of drop path (timm's `scale_by_keep`; unscaled when `keep_prob` is 0).
+#[inline(always)]
+fn drop_scale(mask: f32, keep_prob: f32) -> f32 {
+    if keep_prob > 0.0 {
+        mask / keep_prob
+    } else {
+        mask
+    }
+}
+
+/// `y[b, :] = x[b, :] mask[b] / keep_prob`; the backward is the same call on `dy`.
+pub fn drop_path<B: Block>(
+    b: &mut B,
+    y: &mut [f32],
+    x: &[f32],
+    mask: &[f32],
+    keep_prob: f32,
+    batch: usize,
+    per_sample: usize,
+) {
+    for_each_elem(b, batch * per_sample, |i| {
+        y[i] = x[i] * drop_scale(mask[i / per_sample], keep_prob)
+    });
+}

@@ -1,0 +1,359 @@
+//! The kernel entry points of `dinovmf.ptx`: names, parameters (in order, with their Rust types:
+//! pointers are `u64` device addresses in PTX, `H16` is f16 bits, a null pointer means "none"
+//! where a parameter is optional) and launch configurations. The host's CUDA backend launches
+//! from this table; `tests/manifest.rs` checks it against the committed `.ptx`.
+//!
+//! All blocks are one-dimensional (`blockDim = (block, 1, 1)`) and shared memory is static
+//! (launch with 0 dynamic bytes; `smem_bytes` is what the kernel declares). Sizes are `u32`, so
+//! every buffer must hold fewer than 2^32 elements.
+use crate::kernels::gemm::GEMM_BLOCK;
+#[allow(unused_imports)]
+use crate::kernels::{elementwise, gemm, head, optim, reduce, rows, tokens};
+use crate::kernels::{EW_BLOCK, ROW_BLOCK, SMEM_GEMM_WORDS, SMEM_SMALL_WORDS, WIDE_BLOCK};
+#[allow(unused_imports)]
+use crate::H16;
+
+/// Which static shared array a kernel uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmemKind {
+    None,
+    /// `dinovmf_smem_small`: block reductions.
+    Small,
+    /// `dinovmf_smem_gemm`: GEMM tiles.
+    Gemm,
+}
+
+/// Static shared memory of a kind, in bytes.
+pub const fn smem_bytes(k: SmemKind) -> u32 {
+    match k {
+        SmemKind::None => 0,
+        SmemKind::Small => (SMEM_SMALL_WORDS * 4) as u32,
+        SmemKind::Gemm => (SMEM_GEMM_WORDS * 4) as u32,
+    }
+}
+
+/// One kernel parameter.
+#[derive(Clone, Copy, Debug)]
+pub struct Param {
+    pub name: &'static str,
+    /// The Rust type of the entry point's parameter (`*mut f32`, `u32`, `f64`, ...).
+    pub ty: &'static str,
+}
+
+/// One kernel entry point.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelInfo {
+    pub name: &'static str,
+    pub params: &'static [Param],
+    /// Threads per block.
+    pub block: u32,
+    /// Static shared memory the kernel declares.
+    pub smem: SmemKind,
+    /// The grid, in terms of the parameters.
+    pub grid: &'static str,
+    pub doc: &'static str,
+}
+
+impl KernelInfo {
+    pub const fn smem_bytes(&self) -> u32 {
+        smem_bytes(self.smem)
+    }
+}
+
+/// Every kernel of `dinovmf.ptx`, in groups.
+pub const KERNELS: &[&[KernelInfo]] = &[GEMM_KERNELS, OTHER_KERNELS];
+
+/// All kernels.
+pub fn all() -> impl Iterator<Item = &'static KernelInfo> {
+    KERNELS.iter().flat_map(|g| g.iter())
+}
+
+/// Looks a kernel up by name.
+pub fn kernel(name: &str) -> Option<&'static KernelInfo> {
+    all().find(|k| k.name == name)
+}
+
+macro_rules! kernels {
+    ($group:ident, $module:ident; $(
+        $(#[doc = $doc:literal])*
+        $name:ident [$block:expr, $smem:ident, $grid:literal]
+        ($($p:ident : $t:ty),* $(,)?) |$bk:ident| $body:block
+    )*) => {
+        /// One group of kernels of `dinovmf.ptx` (see [`KERNELS`]).
+        pub const $group: &[KernelInfo] = &[$(KernelInfo {
+            name: stringify!($name),
+            params: &[$(Param { name: stringify!($p), ty: stringify!($t) }),*],
+            block: $block,
+            smem: SmemKind::$smem,
+            grid: $grid,
+            doc: concat!($($doc, "\n"),*),
+        }),*];
+
+        #[cfg(target_arch = "nvptx64")]
+        mod $module {
+            #![allow(clippy::too_many_arguments)]
+            use super::*;
+            #[allow(unused_imports)]
+            use crate::block::Block;
+            use crate::gpu::*;
+            $(
+                $(#[doc = $doc])*
+                #[no_mangle]
+                pub unsafe extern "ptx-kernel" fn $name($($p: $t),*) {
+                    let $bk = &mut Gpu::new(SmemKind::$smem);
+                    $body
+                }
+            )*
+        }
+    };
+}
+
+/// Shared body of the GEMM entry points.
+#[cfg(target_arch = "nvptx64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn gemm_entry<E: crate::Elem, EC: crate::Elem, const TA: bool, const TB: bool>(
+    b: &mut crate::gpu::Gpu,
+    c: *mut EC,
+    a: *const E,
+    bm: *const E,
+    bias: *const f32,
+    lens: [u32; 3],
+    dims: [u32; 7],
+    strides: [u32; 6],
+    alpha: f32,
+    beta: f32,
+) {
+    use crate::gpu::{opt, sl, sl_mut};
+    let s = gemm::GemmShape {
+        m: dims[0] as usize,
+        n: dims[1] as usize,
+        k: dims[2] as usize,
+        lda: dims[3] as usize,
+        ldb: dims[4] as usize,
+        ldc: dims[5] as usize,
+        inner: dims[6] as usize,
+        sa: [strides[0] as usize, strides[1] as usize],
+        sb: [strides[2] as usize, strides[3] as usize],
+        sc: [strides[4] as usize, strides[5] as usize],
+        alpha,
+        beta,
+    };
+    gemm::gemm::<_, E, EC, TA, TB>(
+        b,
+        sl_mut(c, lens[2]),
+        sl(a, lens[0]),
+        sl(bm, lens[1]),
+        opt(bias, s.n as u32),
+        &s,
+    );
+}
+
+/// Declares one GEMM entry point per (storage, output, transposes).
+macro_rules! gemm_kernels {
+    ($($(#[doc = $doc:literal])* $name:ident: $e:ty, $ec:ty, $ta:literal, $tb:literal;)*) => {
+        kernels! { GEMM_KERNELS, gemm_entries; $(
+            $(#[doc = $doc])*
+            $name [GEMM_BLOCK, Gemm, "(ceil(n/64), ceil(m/64), batches = outer * inner)"]
+            (c: *mut $ec, a: *const $e, b: *const $e, bias: *const f32,
+             a_len: u32, b_len: u32, c_len: u32,
+             m: u32, n: u32, k: u32, lda: u32, ldb: u32, ldc: u32, inner: u32,
+             sa_outer: u32, sa_inner: u32, sb_outer: u32, sb_inner: u32,
+             sc_outer: u32, sc_inner: u32, alpha: f32, beta: f32)
+            |blk| {
+                gemm_entry::<$e, $ec, $ta, $tb>(blk, c, a, b, bias, [a_len, b_len, c_len],
+                    [m, n, k, lda, ldb, ldc, inner],
+                    [sa_outer, sa_inner, sb_outer, sb_inner, sc_outer, sc_inner], alpha, beta)
+            }
+        )* }
+    };
+}
+
+gemm_kernels! {
+    /// `C = alpha A B + bias + beta C`, f32 ("nn": `dx = dy w`, `P V`, `dS K`).
+    gemm_nn_f32: f32, f32, false, false;
+    /// `C = alpha A B^T + bias + beta C`, f32 ("nt": linear forward `x w^T`, `Q K^T`, `dO V^T`).
+    gemm_nt_f32: f32, f32, false, true;
+    /// `C = alpha A^T B + bias + beta C`, f32 ("tn": weight gradients `dy^T x` with beta 1, `P^T dO`).
+    gemm_tn_f32: f32, f32, true, false;
+    /// "nn" with f16 A, B, C (f32 accumulate).
+    gemm_nn_f16: H16, H16, false, false;
+    /// "nt" with f16 A, B, C (f32 accumulate).
+    gemm_nt_f16: H16, H16, false, true;
+    /// "tn" with f16 A, B, C (f32 accumulate).
+    gemm_tn_f16: H16, H16, true, false;
+    /// "nn" with f16 A, B and f32 C (f32 master gradients).
+    gemm_nn_f16_f32: H16, f32, false, false;
+    /// "nt" with f16 A, B and f32 C.
+    gemm_nt_f16_f32: H16, f32, false, true;
+    /// "tn" with f16 A, B and f32 C (weight gradients into f32).
+    gemm_tn_f16_f32: H16, f32, true, false;
+}
+
+kernels! { OTHER_KERNELS, other_entries;
+    /// `y = gelu(x)` (exact, erf form).
+    gelu_forward [EW_BLOCK, None, "ceil(n/256)"] (y: *mut f32, x: *const f32, n: u32) |b| {
+        elementwise::gelu_forward(b, sl_mut(y, n), sl(x, n), n as usize)
+    }
+    /// `dx = dy gelu'(x)`.
+    gelu_backward [EW_BLOCK, None, "ceil(n/256)"] (dx: *mut f32, x: *const f32, dy: *const f32, n: u32) |b| {
+        elementwise::gelu_backward(b, sl_mut(dx, n), sl(x, n), sl(dy, n), n as usize)
+    }
+    /// `y = x + f`.
+    residual_forward [EW_BLOCK, None, "ceil(n/256)"] (y: *mut f32, x: *const f32, f: *const f32, n: u32) |b| {
+        elementwise::residual_forward(b, sl_mut(y, n), sl(x, n), sl(f, n), n as usize)
+    }
+    /// `y += alpha x` (gradient accumulation).
+    axpy [EW_BLOCK, None, "ceil(n/256)"] (y: *mut f32, x: *const f32, alpha: f32, n: u32) |b| {
+        elementwise::axpy(b, sl_mut(y, n), sl(x, n), alpha, n as usize)
+    }
+    /// `x = value`.
+    fill [EW_BLOCK, None, "ceil(n/256)"] (x: *mut f32, value: f32, n: u32) |b| {
+        elementwise::fill(b, sl_mut(x, n), value, n as usize)
+    }
+    /// Drop path, forward (`y = x mask[b] / keep_prob`) and backward (the same on `dy`).
+    drop_path [EW_BLOCK, None, "ceil(batch*per_sample/256)"] (y: *mut f32, x: *const f32, mask: *const f32, keep_prob: f32, batch: u32, per_sample: u32) |b| {
+        let n = batch * per_sample;
+        elementwise::drop_path(b, sl_mut(y, n), sl(x, n), sl(mask, batch), keep_prob, batch as usize, per_sample as usize)
+    }
+    /// Images `[B, C, H, W]` to patch rows `[B, N, C P P]`.
+    patchify [EW_BLOCK, None, "ceil(batch*c*height*width/256)"] (patches: *mut f32, img: *const f32, batch: u32, c: u32, height: u32, width: u32, p: u32) |b| {
+        let n = batch * c * height * width;
+        tokens::patchify(b, sl_mut(patches, n), sl(img, n), batch as usize, c as usize, height as usize, width as usize, p as usize)
+    }
+    /// Tokens `[B, 1 + N, D]` from patch tokens, `[CLS]` and a position embedding on this grid.
+    tokens_forward [EW_BLOCK, None, "ceil(batch*(n+1)*d/256)"] (x: *mut f32, patch: *const f32, cls: *const f32, pos: *const f32, batch: u32, n: u32, d: u32) |b| {
+        tokens::tokens_forward(b, sl_mut(x, batch * (n + 1) * d), sl(patch, batch * n * d), sl(cls, d), sl(pos, (n + 1) * d), batch as usize, n as usize, d as usize)
+    }
+    /// `dpatch[b, i] = dx[b, 1 + i]`.
+    tokens_backward_patch [EW_BLOCK, None, "ceil(batch*n*d/256)"] (dpatch: *mut f32, dx: *const f32, batch: u32, n: u32, d: u32) |b| {
+        tokens::tokens_backward_patch(b, sl_mut(dpatch, batch * n * d), sl(dx, batch * (n + 1) * d), batch as usize, n as usize, d as usize)
+    }
+    /// `dpos += Σ_b dx[b]`, `dcls += Σ_b dx[b, 0]`.
+    tokens_backward_params [EW_BLOCK, None, "ceil((n+1)*d/256)"] (dcls: *mut f32, dpos: *mut f32, dx: *const f32, batch: u32, n: u32, d: u32) |b| {
+        tokens::tokens_backward_params(b, sl_mut(dcls, d), sl_mut(dpos, (n + 1) * d), sl(dx, batch * (n + 1) * d), batch as usize, n as usize, d as usize)
+    }
+    /// Bilinear resize of a `[sh, sw, d]` position grid to `[gh, gw, d]`.
+    pos_resize_forward [EW_BLOCK, None, "ceil(gh*gw*d/256)"] (dst: *mut f32, src: *const f32, sh: u32, sw: u32, gh: u32, gw: u32, d: u32) |b| {
+        tokens::pos_resize_forward(b, sl_mut(dst, gh * gw * d), sl(src, sh * sw * d), sh as usize, sw as usize, gh as usize, gw as usize, d as usize)
+    }
+    /// `dsrc += R^T ddst` (accumulates).
+    pos_resize_backward [EW_BLOCK, None, "ceil(sh*sw*d/256)"] (dsrc: *mut f32, ddst: *const f32, sh: u32, sw: u32, gh: u32, gw: u32, d: u32) |b| {
+        tokens::pos_resize_backward(b, sl_mut(dsrc, sh * sw * d), sl(ddst, gh * gw * d), sh as usize, sw as usize, gh as usize, gw as usize, d as usize)
+    }
+    /// LayerNorm forward, one warp per row.
+    layernorm_forward [ROW_BLOCK, None, "ceil(n/4)"] (y: *mut f32, mean: *mut f32, rstd: *mut f32, x: *const f32, gamma: *const f32, beta: *const f32, n: u32, d: u32, eps: f32) |b| {
+        rows::layernorm_forward(b, sl_mut(y, n * d), sl_mut(mean, n), sl_mut(rstd, n), sl(x, n * d), sl(gamma, d), sl(beta, d), n as usize, d as usize, eps)
+    }
+    /// LayerNorm backward to the input (overwrites `dx`), one warp per row.
+    layernorm_backward_dx [ROW_BLOCK, None, "ceil(n/4)"] (dx: *mut f32, dy: *const f32, x: *const f32, mean: *const f32, rstd: *const f32, gamma: *const f32, n: u32, d: u32) |b| {
+        rows::layernorm_backward_dx(b, sl_mut(dx, n * d), sl(dy, n * d), sl(x, n * d), sl(mean, n), sl(rstd, n), sl(gamma, d), n as usize, d as usize)
+    }
+    /// `dgamma += Σ dy xh`, `dbeta += Σ dy`, one thread per column.
+    layernorm_backward_params [EW_BLOCK, None, "ceil(d/256)"] (dgamma: *mut f32, dbeta: *mut f32, dy: *const f32, x: *const f32, mean: *const f32, rstd: *const f32, n: u32, d: u32) |b| {
+        rows::layernorm_backward_params(b, sl_mut(dgamma, d), sl_mut(dbeta, d), sl(dy, n * d), sl(x, n * d), sl(mean, n), sl(rstd, n), n as usize, d as usize)
+    }
+    /// Row softmax in place of `scale s + mask[row / rows_per_mask]` (mask optional).
+    softmax_rows [ROW_BLOCK, None, "ceil(n_rows/4)"] (s: *mut f32, mask: *const f32, n_rows: u32, t: u32, rows_per_mask: u32, scale: f32) |b| {
+        let rpm = rows_per_mask.max(1);
+        rows::softmax_rows(b, sl_mut(s, n_rows * t), opt(mask, n_rows.div_ceil(rpm) * t), n_rows as usize, t as usize, rpm as usize, scale)
+    }
+    /// Softmax backward in place: `dp <- scale p (dp - <dp, p>)`.
+    softmax_backward_rows [ROW_BLOCK, None, "ceil(n_rows/4)"] (dp: *mut f32, p: *const f32, n_rows: u32, t: u32, scale: f32) |b| {
+        rows::softmax_backward_rows(b, sl_mut(dp, n_rows * t), sl(p, n_rows * t), n_rows as usize, t as usize, scale)
+    }
+    /// `y = x / max(||x||, eps)` per row, `norm[r] = ||x_r||`.
+    l2norm_forward [ROW_BLOCK, None, "ceil(n/4)"] (y: *mut f32, norm: *mut f32, x: *const f32, n: u32, d: u32, eps: f32) |b| {
+        rows::l2norm_forward(b, sl_mut(y, n * d), sl_mut(norm, n), sl(x, n * d), n as usize, d as usize, eps)
+    }
+    /// Backward of `l2norm_forward` (overwrites `dx`).
+    l2norm_backward [ROW_BLOCK, None, "ceil(n/4)"] (dx: *mut f32, dy: *const f32, y: *const f32, norm: *const f32, n: u32, d: u32, eps: f32) |b| {
+        rows::l2norm_backward(b, sl_mut(dx, n * d), sl(dy, n * d), sl(y, n * d), sl(norm, n), n as usize, d as usize, eps)
+    }
+    /// `w = g v / ||v||` per prototype row.
+    weight_norm_forward [ROW_BLOCK, None, "ceil(k/4)"] (w: *mut f32, vnorm: *mut f32, v: *const f32, g: *const f32, k: u32, p: u32) |b| {
+        rows::weight_norm_forward(b, sl_mut(w, k * p), sl_mut(vnorm, k), sl(v, k * p), sl(g, k), k as usize, p as usize)
+    }
+    /// Backward of `weight_norm_forward`: `dv +=`, `dg +=` (`dg` optional).
+    weight_norm_backward [ROW_BLOCK, None, "ceil(k/4)"] (dv: *mut f32, dg: *mut f32, dw: *const f32, v: *const f32, g: *const f32, vnorm: *const f32, k: u32, p: u32) |b| {
+        rows::weight_norm_backward(b, sl_mut(dv, k * p), opt_mut(dg, k), sl(dw, k * p), sl(v, k * p), sl(g, k), sl(vnorm, k), k as usize, p as usize)
+    }
+    /// Per-prototype `scale`, `bias` (`D_p(kappa)` for vMF), `d bias / d r`; `kind` 0 DINO / 1 vMF,
+    /// `approx` 0 uniform / 1 large-nu.
+    branch_terms [EW_BLOCK, None, "ceil(k/256)"] (scale: *mut f32, bias: *mut f32, dbias_dr: *mut f32, r: *const f32, k: u32, tau: f32, p: u32, kind: u32, approx: u32) |b| {
+        head::branch_terms(b, sl_mut(scale, k), sl_mut(bias, k), sl_mut(dbias_dr, k), sl(r, k), k as usize, tau, p as usize, head::logit_kind(kind), head::bessel_approx(approx))
+    }
+    /// Student logits GEMM `dots = y mu^T` (`[m, n]`) with per-64-column-tile LSE states of
+    /// `scale dots + bias` in `lse_part[m, ceil(n/64), 2]`.
+    gemm_logits_f32 [GEMM_BLOCK, Gemm, "(ceil(n/64), ceil(m/64), 1)"] (dots: *mut f32, lse_part: *mut f32, y: *const f32, mu: *const f32, scale: *const f32, bias: *const f32, m: u32, n: u32, k: u32) |b| {
+        gemm::gemm_logits(b, sl_mut(dots, m * n), sl_mut(lse_part, m * n.div_ceil(64) * 2), sl(y, m * k), sl(mu, n * k), sl(scale, n), sl(bias, n), m as usize, n as usize, k as usize)
+    }
+    /// `gemm_logits_f32` with f16 `y`, `mu` (f32 dots and LSE).
+    gemm_logits_f16 [GEMM_BLOCK, Gemm, "(ceil(n/64), ceil(m/64), 1)"] (dots: *mut f32, lse_part: *mut f32, y: *const H16, mu: *const H16, scale: *const f32, bias: *const f32, m: u32, n: u32, k: u32) |b| {
+        gemm::gemm_logits(b, sl_mut(dots, m * n), sl_mut(lse_part, m * n.div_ceil(64) * 2), sl(y, m * k), sl(mu, n * k), sl(scale, n), sl(bias, n), m as usize, n as usize, k as usize)
+    }
+    /// Row log-sum-exps from `lse_part` (`ntiles = ceil(n/64)` of the logits GEMM).
+    lse_combine [WIDE_BLOCK, Small, "m"] (lse: *mut f32, lse_part: *const f32, m: u32, ntiles: u32) |b| {
+        head::lse_combine(b, sl_mut(lse, m), sl(lse_part, m * ntiles * 2), m as usize, ntiles as usize)
+    }
+    /// Teacher targets `p_t[nt, k]` with the previous center (`centering` 0 logit / 1 probability)
+    /// and `lse_raw[nt]`.
+    teacher_targets [WIDE_BLOCK, Small, "nt"] (p_t: *mut f32, lse_raw: *mut f32, dots: *const f32, scale: *const f32, bias: *const f32, center: *const f32, tau_t: f32, centering: u32, nt: u32, k: u32) |b| {
+        head::teacher_targets(b, sl_mut(p_t, nt * k), sl_mut(lse_raw, nt), sl(dots, nt * k), sl(scale, k), sl(bias, k), sl(center, k), tau_t, head::centering_kind(centering), nt as usize, k as usize)
+    }
+    /// Center-update statistic `stat[k]` (batch mean of `tau_t l` or of `softmax(l)`).
+    teacher_stat [EW_BLOCK, None, "ceil(k/256)"] (stat: *mut f32, dots: *const f32, scale: *const f32, bias: *const f32, lse_raw: *const f32, tau_t: f32, centering: u32, nt: u32, k: u32) |b| {
+        head::teacher_stat(b, sl_mut(stat, k), sl(dots, nt * k), sl(scale, k), sl(bias, k), sl(lse_raw, nt), tau_t, head::centering_kind(centering), nt as usize, k as usize)
+    }
+    /// Fused multi-crop cross-entropy + gradient: `dots[n_crops*batch, k]` is read once and
+    /// overwritten with `dL/d dots`; `dr += dL/dr` (optional); `loss_part[ceil(k/256)]`.
+    xent_columns [EW_BLOCK, Small, "ceil(k/256)"] (dots: *mut f32, dr: *mut f32, loss_part: *mut f32, lse: *const f32, p_t: *const f32, scale: *const f32, bias: *const f32, dbias_dr: *const f32, tau: f32, n_crops: u32, batch: u32, k: u32) |b| {
+        let ns = n_crops * batch;
+        head::xent_columns(b, sl_mut(dots, ns * k), opt_mut(dr, k), sl_mut(loss_part, k.div_ceil(EW_BLOCK)), sl(lse, ns), sl(p_t, 2 * batch * k), sl(scale, k), sl(bias, k), sl(dbias_dr, k), tau, n_crops as usize, batch as usize, k as usize)
+    }
+    /// `c <- m c + (1 - m) stat`.
+    center_update [EW_BLOCK, None, "ceil(k/256)"] (center: *mut f32, stat: *const f32, momentum: f32, k: u32) |b| {
+        head::center_update(b, sl_mut(center, k), sl(stat, k), momentum, k as usize)
+    }
+    /// AdamW step over one parameter group (`core::optim::adamw_step`).
+    adamw [EW_BLOCK, None, "ceil(n/256)"] (p: *mut f32, g: *const f32, m: *mut f32, v: *mut f32, n: u32, lr: f64, weight_decay: f64, beta1: f64, beta2: f64, eps: f64, step: u64) |b| {
+        let hp = dinovmf_core::optim::AdamW { beta1, beta2, eps };
+        optim::adamw(b, sl_mut(p, n), sl(g, n), sl_mut(m, n), sl_mut(v, n), n as usize, &hp, lr, weight_decay, step)
+    }
+    /// Teacher EMA `t = m t + (1 - m) s`.
+    ema [EW_BLOCK, None, "ceil(n/256)"] (teacher: *mut f32, student: *const f32, n: u32, momentum: f64) |b| {
+        optim::ema(b, sl_mut(teacher, n), sl(student, n), n as usize, momentum)
+    }
+    /// Stage 1 of a per-segment reduction (`op` 0 sum / 1 sum of squares / 2 max-abs) of f32 `x`
+    /// (`x_len` elements); `part[nseg, parts]`.
+    reduce_segments_f32 [WIDE_BLOCK, Small, "(parts = ceil(max seg_len / 4096), nseg)"] (part: *mut f32, x: *const f32, x_len: u32, seg_off: *const u64, seg_len: *const u64, op: u32) |b| {
+        let (parts, nseg) = (b.dims().gdim[0], b.dims().gdim[1]);
+        reduce::reduce_segments(b, sl_mut(part, parts * nseg), sl(x, x_len), sl(seg_off, nseg), sl(seg_len, nseg), reduce::RedOp::from_code(op))
+    }
+    /// `reduce_segments_f32` over f16 `x`.
+    reduce_segments_f16 [WIDE_BLOCK, Small, "(parts = ceil(max seg_len / 4096), nseg)"] (part: *mut f32, x: *const H16, x_len: u32, seg_off: *const u64, seg_len: *const u64, op: u32) |b| {
+        let (parts, nseg) = (b.dims().gdim[0], b.dims().gdim[1]);
+        reduce::reduce_segments(b, sl_mut(part, parts * nseg), sl(x, x_len), sl(seg_off, nseg), sl(seg_len, nseg), reduce::RedOp::from_code(op))
+    }
+    /// Stage 2: `out[s] = scale Σ part[s]` (f64 in order) or the max.
+    reduce_final [EW_BLOCK, None, "ceil(nseg/256)"] (out: *mut f32, part: *const f32, parts: u32, nseg: u32, op: u32, scale: f32) |b| {
+        reduce::reduce_final(b, sl_mut(out, nseg), sl(part, parts * nseg), parts as usize, nseg as usize, reduce::RedOp::from_code(op), scale)
+    }
+    /// Per-tensor clip coefficients and norms from stage-1 sums of squares.
+    clip_coef [EW_BLOCK, None, "ceil(nseg/256)"] (coef: *mut f32, norm: *mut f32, part: *const f32, parts: u32, nseg: u32, clip: f64) |b| {
+        reduce::clip_coef(b, sl_mut(coef, nseg), sl_mut(norm, nseg), sl(part, parts * nseg), parts as usize, nseg as usize, clip)
+    }
+    /// `x[segment s] *= coef[s]`.
+    scale_segments [EW_BLOCK, None, "(ceil(max seg_len / 256), nseg)"] (x: *mut f32, x_len: u32, seg_off: *const u64, seg_len: *const u64, coef: *const f32) |b| {
+        let nseg = b.dims().gdim[1];
+        reduce::scale_segments(b, sl_mut(x, x_len), sl(seg_off, nseg), sl(seg_len, nseg), sl(coef, nseg))
+    }
+    /// `out[c] (+)= Σ_r x[r, c]` (bias gradients), f32 `x`.
+    column_sum_f32 [EW_BLOCK, None, "ceil(cols/256)"] (out: *mut f32, x: *const f32, rows: u32, cols: u32, accumulate: u32) |b| {
+        reduce::column_sum(b, sl_mut(out, cols), sl(x, rows * cols), rows as usize, cols as usize, accumulate != 0)
+    }
+    /// `column_sum_f32` over f16 `x`.
+    column_sum_f16 [EW_BLOCK, None, "ceil(cols/256)"] (out: *mut f32, x: *const H16, rows: u32, cols: u32, accumulate: u32) |b| {
+        reduce::column_sum(b, sl_mut(out, cols), sl(x, rows * cols), rows as usize, cols as usize, accumulate != 0)
+    }
+}

@@ -1,0 +1,335 @@
+//! The tiled GEMM (every layout, f32 and f16 storage, batched/strided) and the compositions the
+//! trainer builds from it (linear layer, attention) on the simulator, against f64 references and
+//! dinovmf-core.
+mod common;
+use common::*;
+use dinovmf_core::ops;
+use dinovmf_ptx::kernels::gemm::{gemm, GemmShape};
+use dinovmf_ptx::kernels::{reduce, rows};
+use dinovmf_ptx::sim::Sim;
+use dinovmf_ptx::{Elem, H16};
+
+/// (m, n, k): below, at and above the 64 x 64 x 16 tile, and ragged.
+const SHAPES: [(usize, usize, usize); 6] = [
+    (1, 1, 1),
+    (17, 33, 5),
+    (64, 64, 16),
+    (65, 130, 47),
+    (3, 200, 70),
+    (100, 7, 129),
+];
+
+fn ref_gemm(
+    a: &[f64],
+    b: &[f64],
+    s: &GemmShape,
+    ta: bool,
+    tb: bool,
+    z: (usize, usize),
+) -> Vec<f64> {
+    let (ao, bo) = (z.0 * s.sa[0] + z.1 * s.sa[1], z.0 * s.sb[0] + z.1 * s.sb[1]);
+    let mut c = vec![0f64; s.m * s.n];
+    for i in 0..s.m {
+        for j in 0..s.n {
+            let mut acc = 0.0;
+            for kk in 0..s.k {
+                let av = a[ao + if ta { kk * s.lda + i } else { i * s.lda + kk }];
+                let bv = b[bo + if tb { j * s.ldb + kk } else { kk * s.ldb + j }];
+                acc += av * bv;
+            }
+            c[i * s.n + j] = acc;
+        }
+    }
+    c
+}
+
+fn run<E: Elem, EC: Elem, const TA: bool, const TB: bool>(
+    name: &str,
+    c: &mut [EC],
+    a: &[E],
+    b: &[E],
+    bias: Option<&[f32]>,
+    s: &GemmShape,
+    batches: usize,
+) {
+    launch(name, s.grid(batches), |blk: &mut Sim| {
+        gemm::<_, E, EC, TA, TB>(blk, c, a, b, bias, s)
+    });
+}
+
+fn check_layout<const TA: bool, const TB: bool>(name: &str) {
+    let mut r = rng(20);
+    for (m, n, k) in SHAPES {
+        let mut s = GemmShape::plain(m, n, k, TA, TB);
+        s.alpha = 0.75;
+        let a = rand_vec(&mut r, m * k, -1.0, 1.0);
+        let b = rand_vec(&mut r, k * n, -1.0, 1.0);
+        let bias = rand_vec(&mut r, n, -1.0, 1.0);
+        let want = ref_gemm(&to_f64(&a), &to_f64(&b), &s, TA, TB, (0, 0));
+        // Overwrite (beta 0, poisoned C, with bias).
+        let mut c = poison(m * n);
+        run::<f32, f32, TA, TB>(name, &mut c, &a, &b, Some(&bias), &s, 1);
+        let w: Vec<f64> = (0..m * n)
+            .map(|i| 0.75 * want[i] + bias[i % n] as f64)
+            .collect();
+        assert_close(
+            &format!("{name} {m}x{n}x{k} beta 0 (rtol 1e-5, atol 1e-5)"),
+            &c,
+            &w,
+            1e-5,
+            1e-5,
+        );
+        // Accumulate (beta 1, no bias).
+        let c0 = rand_vec(&mut r, m * n, -1.0, 1.0);
+        let mut c = c0.clone();
+        run::<f32, f32, TA, TB>(name, &mut c, &a, &b, None, &s, 1);
+        let w: Vec<f64> = (0..m * n).map(|i| 0.75 * want[i] + c0[i] as f64).collect();
+        let _ = &s;
+        let mut s1 = s;
+        s1.beta = 1.0;
+        let mut c = c0.clone();
+        run::<f32, f32, TA, TB>(name, &mut c, &a, &b, None, &s1, 1);
+        assert_close(
+            &format!("{name} {m}x{n}x{k} beta 1 (rtol 1e-5, atol 1e-5)"),
+            &c,
+            &w,
+            1e-5,
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn gemm_nn_f32_all_shapes_rtol_1e5() {
+    check_layout::<false, false>("gemm_nn_f32");
+}
+
+#[test]
+fn gemm_nt_f32_all_shapes_rtol_1e5() {
+    check_layout::<false, true>("gemm_nt_f32");
+}
+
+#[test]
+fn gemm_tn_f32_all_shapes_rtol_1e5() {
+    check_layout::<true, false>("gemm_tn_f32");
+}
+
+fn to_h(x: &[f32]) -> Vec<H16> {
+    x.iter().map(|&v| H16::st(v)).collect()
+}
+
+fn check_f16<const TA: bool, const TB: bool>(tag: &str) {
+    let mut r = rng(21);
+    for (m, n, k) in SHAPES {
+        let s = GemmShape::plain(m, n, k, TA, TB);
+        let a = to_h(&rand_vec(&mut r, m * k, -1.0, 1.0));
+        let b = to_h(&rand_vec(&mut r, k * n, -1.0, 1.0));
+        // Reference on the f16-rounded inputs, in f64.
+        let a64: Vec<f64> = a.iter().map(|h| h.ld() as f64).collect();
+        let b64: Vec<f64> = b.iter().map(|h| h.ld() as f64).collect();
+        let want = ref_gemm(&a64, &b64, &s, TA, TB, (0, 0));
+        let mut c32 = poison(m * n);
+        run::<H16, f32, TA, TB>(
+            &format!("gemm_{tag}_f16_f32"),
+            &mut c32,
+            &a,
+            &b,
+            None,
+            &s,
+            1,
+        );
+        assert_close(
+            &format!("gemm_{tag}_f16_f32 {m}x{n}x{k} (rtol 1e-5, atol 1e-5)"),
+            &c32,
+            &want,
+            1e-5,
+            1e-5,
+        );
+        let mut c16 = vec![H16::st(f32::NAN); m * n];
+        run::<H16, H16, TA, TB>(&format!("gemm_{tag}_f16"), &mut c16, &a, &b, None, &s, 1);
+        let got: Vec<f32> = c16.iter().map(|h| h.ld()).collect();
+        // One f16 rounding of the f32 result: relative 2^-11, plus the f32 accumulation.
+        assert_close(
+            &format!("gemm_{tag}_f16 {m}x{n}x{k} (rtol 5e-4, atol 1e-4)"),
+            &got,
+            &want,
+            5e-4,
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn gemm_f16_storage_all_layouts_match_f64_on_rounded_inputs() {
+    check_f16::<false, false>("nn");
+    check_f16::<false, true>("nt");
+    check_f16::<true, false>("tn");
+}
+
+#[test]
+fn linear_forward_backward_via_gemm_match_core_rtol_1e5() {
+    let mut r = rng(22);
+    for (n, d_in, d_out) in [(5, 7, 9), (70, 48, 130), (1, 65, 3)] {
+        let x = rand_vec(&mut r, n * d_in, -1.0, 1.0);
+        let w = rand_vec(&mut r, d_out * d_in, -1.0, 1.0);
+        let bias = rand_vec(&mut r, d_out, -1.0, 1.0);
+        // y = x w^T + b: "nt".
+        let mut y = poison(n * d_out);
+        let s = GemmShape::plain(n, d_out, d_in, false, true);
+        run::<f32, f32, false, true>("gemm_nt_f32", &mut y, &x, &w, Some(&bias), &s, 1);
+        let mut wy = vec![0f32; n * d_out];
+        ops::linear_forward(&mut wy, &x, &w, Some(&bias), n, d_in, d_out);
+        assert_close("linear fwd (rtol 1e-5, atol 1e-5)", &y, &wy, 1e-5, 1e-5);
+
+        let dy = rand_vec(&mut r, n * d_out, -1.0, 1.0);
+        // dx = dy w: "nn" [n, d_out] x [d_out, d_in].
+        let mut dx = poison(n * d_in);
+        let s = GemmShape::plain(n, d_in, d_out, false, false);
+        run::<f32, f32, false, false>("gemm_nn_f32", &mut dx, &dy, &w, None, &s, 1);
+        // dw += dy^T x: "tn" [d_out, n] x [n, d_in], beta 1.
+        let mut dw = rand_vec(&mut r, d_out * d_in, -1.0, 1.0);
+        let mut s = GemmShape::plain(d_out, d_in, n, true, false);
+        s.beta = 1.0;
+        let mut wdw = dw.clone();
+        run::<f32, f32, true, false>("gemm_tn_f32", &mut dw, &dy, &x, None, &s, 1);
+        // dbias += column sums of dy.
+        let mut db = rand_vec(&mut r, d_out, -1.0, 1.0);
+        let mut wdb = db.clone();
+        launch("column_sum_f32", grid1("column_sum_f32", d_out), |b| {
+            reduce::column_sum(b, &mut db, &dy, n, d_out, true)
+        });
+        let mut wdx = vec![0f32; n * d_in];
+        ops::linear_backward(
+            Some(&mut wdx),
+            &mut wdw,
+            Some(&mut wdb),
+            &dy,
+            &x,
+            &w,
+            n,
+            d_in,
+            d_out,
+        );
+        assert_close(
+            "linear bwd dx (rtol 1e-5, atol 1e-5)",
+            &dx,
+            &wdx,
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            "linear bwd dw (rtol 1e-5, atol 1e-5)",
+            &dw,
+            &wdw,
+            1e-5,
+            1e-5,
+        );
+        assert_close("linear bwd dbias (exact order)", &db, &wdb, 0.0, 0.0);
+    }
+}
+
+/// Attention = strided batched GEMMs over (batch, head) + the masked softmax rows, forward and
+/// backward, against `core::ops::attention_{forward,backward}`.
+#[test]
+fn attention_via_batched_gemm_and_softmax_matches_core_rtol_1e4() {
+    let mut r = rng(23);
+    for (batch, t, d, heads) in [(1, 1, 4, 1), (2, 5, 12, 3), (2, 17, 32, 2), (1, 70, 24, 4)] {
+        let hd = d / heads;
+        let row = 3 * d;
+        let bh = batch * heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let qkv = rand_vec(&mut r, batch * t * row, -1.0, 1.0);
+        let mut mask = vec![0f32; batch * t];
+        if t > 2 {
+            mask[1] = f32::NEG_INFINITY;
+            if batch > 1 {
+                mask[t + 2] = -0.7;
+            }
+        }
+        // S = Q K^T per (b, h): A = q (lda 3D), B^T = k (ldb 3D).
+        let sq = |m, n, k| GemmShape {
+            m,
+            n,
+            k,
+            lda: 0,
+            ldb: 0,
+            ldc: 0,
+            inner: heads,
+            sa: [0, 0],
+            sb: [0, 0],
+            sc: [0, 0],
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        let mut s = sq(t, t, hd);
+        (s.lda, s.ldb, s.ldc) = (row, row, t);
+        (s.sa, s.sb, s.sc) = ([t * row, hd], [t * row, hd], [heads * t * t, t * t]);
+        let mut att = poison(bh * t * t);
+        run::<f32, f32, false, true>("gemm_nt_f32", &mut att, &qkv, &qkv[d..], None, &s, bh);
+        launch("softmax_rows", grid_rows("softmax_rows", bh * t), |b| {
+            rows::softmax_rows(b, &mut att, Some(&mask), bh * t, t, heads * t, scale)
+        });
+        // O = P V: A = P (lda T), B = v (ldb 3D), C = out (ldc D, head columns).
+        let mut s = sq(t, hd, t);
+        (s.lda, s.ldb, s.ldc) = (t, row, d);
+        (s.sa, s.sb, s.sc) = ([heads * t * t, t * t], [t * row, hd], [t * d, hd]);
+        let mut out = poison(batch * t * d);
+        run::<f32, f32, false, false>("gemm_nn_f32", &mut out, &att, &qkv[2 * d..], None, &s, bh);
+
+        let (mut wout, mut watt) = (vec![0f64; batch * t * d], vec![0f64; bh * t * t]);
+        let q64 = to_f64(&qkv);
+        let m64 = to_f64(&mask);
+        ops::attention_forward(&mut wout, &mut watt, &q64, Some(&m64), batch, t, d, heads);
+        assert_close(
+            "attention P (rtol 1e-5, atol 1e-6)",
+            &att,
+            &watt,
+            1e-5,
+            1e-6,
+        );
+        assert_close(
+            "attention out (rtol 1e-4, atol 1e-5)",
+            &out,
+            &wout,
+            1e-4,
+            1e-5,
+        );
+
+        // Backward.
+        let dout = rand_vec(&mut r, batch * t * d, -1.0, 1.0);
+        let mut dqkv = poison(batch * t * row);
+        // dP = dO V^T: "nt".
+        let mut s = sq(t, t, hd);
+        (s.lda, s.ldb, s.ldc) = (d, row, t);
+        (s.sa, s.sb, s.sc) = ([t * d, hd], [t * row, hd], [heads * t * t, t * t]);
+        let mut dp = poison(bh * t * t);
+        run::<f32, f32, false, true>("gemm_nt_f32", &mut dp, &dout, &qkv[2 * d..], None, &s, bh);
+        // dV = P^T dO: "tn" into the v columns.
+        let mut s = sq(t, hd, t);
+        (s.lda, s.ldb, s.ldc) = (t, d, row);
+        (s.sa, s.sb, s.sc) = ([heads * t * t, t * t], [t * d, hd], [t * row, hd]);
+        run::<f32, f32, true, false>("gemm_tn_f32", &mut dqkv[2 * d..], &att, &dout, None, &s, bh);
+        // dS = scale P (dP - <dP, P>).
+        launch(
+            "softmax_backward_rows",
+            grid_rows("softmax_backward_rows", bh * t),
+            |b| rows::softmax_backward_rows(b, &mut dp, &att, bh * t, t, scale),
+        );
+        // dQ = dS K: "nn"; dK = dS^T Q: "tn".
+        let mut s = sq(t, hd, t);
+        (s.lda, s.ldb, s.ldc) = (t, row, row);
+        (s.sa, s.sb, s.sc) = ([heads * t * t, t * t], [t * row, hd], [t * row, hd]);
+        run::<f32, f32, false, false>("gemm_nn_f32", &mut dqkv, &dp, &qkv[d..], None, &s, bh);
+        run::<f32, f32, true, false>("gemm_tn_f32", &mut dqkv[d..], &dp, &qkv, None, &s, bh);
+
+        let mut wd = vec![0f64; batch * t * row];
+        ops::attention_backward(&mut wd, &to_f64(&dout), &q64, &watt, batch, t, d, heads);
+        assert_close(
+            "attention dqkv (rtol 1e-4, atol 2e-5)",
+            &dqkv,
+            &wd,
+            1e-4,
+            2e-5,
+        );
+    }
+}

@@ -1,0 +1,105 @@
+//! End-to-end trainer tests on the tiny preset: a few steps, resume bit-exactness, divergence
+//! handling, checkpoint errors. Every run here takes seconds.
+use std::path::PathBuf;
+
+use dinovmf::train::{self, state, LossKind, RunOptions, TrainConfig};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dinovmf-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn tiny(loss: LossKind) -> TrainConfig {
+    let mut c = TrainConfig::preset("tiny", loss).unwrap();
+    c.epochs = 2;
+    c
+}
+
+fn opts(dir: &PathBuf) -> RunOptions {
+    RunOptions { out_dir: dir.clone(), progress: false, eval: false, workers: 2, ..Default::default() }
+}
+
+#[test]
+fn tiny_runs_train_with_finite_decreasing_history_for_both_losses() {
+    for loss in [LossKind::Dino, LossKind::Vmf] {
+        let dir = tmp(&format!("run-{loss:?}"));
+        let cfg = tiny(loss);
+        let s = train::train(&cfg, &opts(&dir)).unwrap();
+        assert!(s.steps > 0 && s.losses.len() as u64 == s.steps);
+        assert!(s.losses.iter().all(|l| l.is_finite()), "{loss:?}: {:?}", s.losses);
+        // The checkpoint and metrics exist and reload into the same configuration.
+        let (_, step, saved, _) = state::load_checkpoint(&s.checkpoint).unwrap();
+        assert_eq!(step, s.steps);
+        assert_eq!(saved, cfg);
+        let lines = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        assert_eq!(lines.lines().count() as u64, s.steps);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+#[test]
+fn resume_is_bit_exact() {
+    for loss in [LossKind::Dino, LossKind::Vmf] {
+        let cfg = tiny(loss);
+        let full_dir = tmp(&format!("full-{loss:?}"));
+        let full = train::train(&cfg, &opts(&full_dir)).unwrap();
+        let n = full.steps;
+        assert!(n >= 4, "need a few steps, got {n}");
+
+        let half_dir = tmp(&format!("half-{loss:?}"));
+        let mut o = opts(&half_dir);
+        o.max_steps = Some(n / 2 + 1); // stop mid-epoch on purpose
+        let first = train::train(&cfg, &o).unwrap();
+        let mut o2 = opts(&half_dir);
+        o2.resume = Some(first.checkpoint.clone());
+        let second = train::train(&cfg, &o2).unwrap();
+
+        let mut joined = first.losses.clone();
+        joined.extend_from_slice(&second.losses);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&joined), bits(&full.losses), "{loss:?}: resumed losses differ");
+        // Final states agree bit for bit as well.
+        let (a, ..) = state::load_checkpoint(&full.checkpoint).unwrap();
+        let (b, ..) = state::load_checkpoint(&second.checkpoint).unwrap();
+        assert!(a == b, "{loss:?}: final states differ");
+        std::fs::remove_dir_all(&full_dir).ok();
+        std::fs::remove_dir_all(&half_dir).ok();
+    }
+}
+
+#[test]
+fn divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint() {
+    let dir = tmp("diverge");
+    let cfg = tiny(LossKind::Vmf);
+    let first = train::train(&cfg, &opts(&dir)).unwrap();
+    let before = std::fs::read(&first.checkpoint).unwrap();
+    // Absurd learning rate in a second run into the same folder: it must blow up and say so.
+    let mut bad = cfg.clone();
+    bad.lr = 1e30;
+    bad.clip_grad = 0.0;
+    bad.warmup_epochs = 0;
+    let err = train::train(&bad, &opts(&dir)).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("loss became"), "{msg}");
+    assert_eq!(std::fs::read(&first.checkpoint).unwrap(), before, "checkpoint was overwritten");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_configs_and_checkpoints_are_clear_errors() {
+    let mut c = tiny(LossKind::Dino);
+    c.model.heads = 3; // dim 16 is not divisible by 3
+    assert!(format!("{:#}", c.validate().unwrap_err()).contains("divisible"));
+    assert!(TrainConfig::preset("nope", LossKind::Dino).is_err());
+    let dir = tmp("badckpt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("x.safetensors");
+    std::fs::write(&p, b"not a checkpoint").unwrap();
+    let e = format!("{:#}", state::load_checkpoint(&p).unwrap_err());
+    assert!(e.contains("x.safetensors"), "{e}");
+    let mut o = opts(&dir);
+    o.resume = Some(p);
+    assert!(train::train(&tiny(LossKind::Dino), &o).is_err());
+    std::fs::remove_dir_all(&dir).ok();
+}
