@@ -81,24 +81,44 @@ fn setup() -> (CpuBackend, Batch, StepHyper) {
     (be, batch, hp)
 }
 
+/// User + system CPU seconds of this process so far (Linux `/proc/self/stat`, 100 Hz ticks);
+/// `None` elsewhere. On a machine shared with other jobs the wall time says little, the CPU time
+/// what one step costs.
+fn cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 fn bench_step(c: &mut Criterion) {
     let (mut be, batch, mut hp) = setup();
     // Warm up, then a timed loop of our own for the phase split.
     be.train_step(&batch, &hp).unwrap();
     be.reset_phase_seconds();
     let steps = 10;
+    let cpu0 = cpu_seconds();
     let t = Instant::now();
     for i in 0..steps {
         hp.seed = i;
         be.train_step(&batch, &hp).unwrap();
     }
     let per = t.elapsed().as_secs_f64() / steps as f64;
+    let threads = rayon::current_num_threads();
     eprintln!(
-        "train_step small32 B={B} 2x{G}px + {N_LOCAL}x{L}px, {} threads: {:.1} ms/step, {:.1} images/s",
-        rayon::current_num_threads(),
+        "train_step small32 B={B} 2x{G}px + {N_LOCAL}x{L}px, {threads} threads: {:.1} ms/step, {:.1} images/s",
         per * 1e3,
         B as f64 / per
     );
+    if let (Some(a), Some(b)) = (cpu0, cpu_seconds()) {
+        let cpu = (b - a) / steps as f64;
+        eprintln!(
+            "  CPU time {:.1} ms/step; with {threads} cores to itself: {:.1} images/s",
+            cpu * 1e3,
+            B as f64 * threads as f64 / cpu
+        );
+    }
     for (name, s) in be.phase_seconds() {
         eprintln!(
             "  {name:<18} {:7.1} ms  {:4.1}%",

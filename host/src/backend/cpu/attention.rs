@@ -280,7 +280,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -321,7 +323,9 @@ mod tests {
         let mut oc = vec![f32::NAN; n * d];
         let mut ac = vec![f32::NAN; n * heads * t];
         forward_cls(&mut oc, &mut ac, &qkv, n, t, d, heads);
-        let o0: Vec<f64> = (0..n).flat_map(|b| o64[b * t * d..b * t * d + d].to_vec()).collect();
+        let o0: Vec<f64> = (0..n)
+            .flat_map(|b| o64[b * t * d..b * t * d + d].to_vec())
+            .collect();
         assert!(max_rel(&oc, &o0) < 1e-5, "cls out");
         let mut g0 = vec![0.0f64; n * t * d];
         let gc: Vec<f32> = rnd(n * d, 3);

@@ -274,7 +274,9 @@ mod tests {
     #[test]
     fn softmax_rows_within_1e6_of_f64() {
         for cols in [1usize, 7, 8, 17, 65] {
-            let x: Vec<f32> = (0..3 * cols).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.7).collect();
+            let x: Vec<f32> = (0..3 * cols)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.7)
+                .collect();
             let mut s = x.clone();
             softmax_rows(&mut s, cols);
             for (r, xr) in s.chunks(cols).zip(x.chunks(cols)) {
@@ -282,7 +284,10 @@ mod tests {
                 let z: f64 = xr.iter().map(|&v| (v as f64 - m).exp()).sum();
                 for (&a, &v) in r.iter().zip(xr) {
                     let want = (v as f64 - m).exp() / z;
-                    assert!((a as f64 - want).abs() <= 1e-6 * want.max(1e-30) + 1e-12, "{a} vs {want}");
+                    assert!(
+                        (a as f64 - want).abs() <= 1e-6 * want.max(1e-30) + 1e-12,
+                        "{a} vs {want}"
+                    );
                 }
             }
         }

@@ -60,12 +60,32 @@ pub fn forward(cx: &Cx, p: &[f32], hb: &mut HeadBufs, x: &[f32], rows: usize, sa
         let w = &p[hl.w..hl.w + hl.d_out * hl.d_in];
         let b = &p[hl.b..hl.b + hl.d_out];
         if l + 1 < nl {
-            matmul(rows, hl.d_out, hl.d_in, input, Op::N, w, Op::T, &mut pre[l], false);
+            matmul(
+                rows,
+                hl.d_out,
+                hl.d_in,
+                input,
+                Op::N,
+                w,
+                Op::T,
+                &mut pre[l],
+                false,
+            );
             let dg = if save { Some(&mut dact[l][..]) } else { None };
             rows::bias_gelu(&mut pre[l], &mut act[l], dg, b, rows);
         } else {
             rows::fill_rows(&mut pre[l], b, rows);
-            matmul(rows, hl.d_out, hl.d_in, input, Op::N, w, Op::T, &mut pre[l], true);
+            matmul(
+                rows,
+                hl.d_out,
+                hl.d_in,
+                input,
+                Op::N,
+                w,
+                Op::T,
+                &mut pre[l],
+                true,
+            );
         }
     }
 }
@@ -93,7 +113,13 @@ pub fn backward(
     for l in (0..nl).rev() {
         let hl = cx.lay.head_layer(l);
         let input: &[f32] = if l == 0 { x } else { &hb.act[l - 1] };
-        rows::colsum_add(&mut grads[hl.b..hl.b + hl.d_out], s0, rows, hl.d_out, partials);
+        rows::colsum_add(
+            &mut grads[hl.b..hl.b + hl.d_out],
+            s0,
+            rows,
+            hl.d_out,
+            partials,
+        );
         matmul(
             hl.d_out,
             hl.d_in,
