@@ -44,6 +44,19 @@ pub struct TrainArgs {
     pub lr: Option<f64>,
     #[arg(long)]
     pub warmup_epochs: Option<u64>,
+    /// Dimension p of the sphere the prototypes live on (the head's bottleneck).
+    #[arg(long)]
+    pub bottleneck: Option<usize>,
+    /// Width of the head's hidden layers.
+    #[arg(long)]
+    pub head_hidden: Option<usize>,
+    /// ViT width, depth and heads (override the preset's).
+    #[arg(long)]
+    pub dim: Option<usize>,
+    #[arg(long)]
+    pub depth: Option<usize>,
+    #[arg(long)]
+    pub heads: Option<usize>,
     /// Number of prototypes K.
     #[arg(long)]
     pub prototypes: Option<usize>,
@@ -75,6 +88,12 @@ pub struct TrainArgs {
     /// Learning rate at the end of the cosine schedule.
     #[arg(long)]
     pub min_lr: Option<f64>,
+    /// Area range of the global crops, as `MIN,MAX` fractions of the image (DINO: 0.4,1).
+    #[arg(long, value_parser = parse_range)]
+    pub global_scale: Option<(f32, f32)>,
+    /// Area range of the local crops, as `MIN,MAX` fractions of the image (DINO: 0.05,0.4).
+    #[arg(long, value_parser = parse_range)]
+    pub local_scale: Option<(f32, f32)>,
     /// Number of local crops.
     #[arg(long)]
     pub n_local: Option<usize>,
@@ -116,13 +135,14 @@ impl TrainArgs {
             )*};
         }
         set!(epochs => epochs, batch_size => batch_size, lr => lr, warmup_epochs => warmup_epochs,
-             prototypes => model.prototypes, teacher_temp => teacher_temp,
+             prototypes => model.prototypes, bottleneck => model.bottleneck,
+             head_hidden => model.head_hidden, dim => model.dim, depth => model.depth, heads => model.heads, teacher_temp => teacher_temp,
              warmup_teacher_temp => warmup_teacher_temp,
              warmup_teacher_temp_epochs => warmup_teacher_temp_epochs, student_temp => student_temp,
              momentum_teacher => momentum_teacher, center_momentum => center_momentum,
              weight_decay => weight_decay, weight_decay_end => weight_decay_end,
              clip_grad => clip_grad, freeze_last_layer_epochs => freeze_last_layer_epochs,
-             min_lr => min_lr, n_local => n_local, drop_path => model.drop_path, seed => seed);
+             min_lr => min_lr, global_scale => global_scale, local_scale => local_scale, n_local => n_local, drop_path => model.drop_path, seed => seed);
         if self.teacher_temp.is_some()
             && self.warmup_teacher_temp.is_none()
             && c.warmup_teacher_temp_epochs == 0
@@ -150,6 +170,17 @@ impl TrainArgs {
             checkpoint_every: 1,
         }
     }
+}
+
+/// `MIN,MAX` with 0 < MIN <= MAX <= 1.
+fn parse_range(s: &str) -> Result<(f32, f32), String> {
+    let (a, b) = s.split_once(',').ok_or_else(|| format!("expected MIN,MAX, got '{s}'"))?;
+    let a: f32 = a.trim().parse().map_err(|e| format!("'{a}': {e}"))?;
+    let b: f32 = b.trim().parse().map_err(|e| format!("'{b}': {e}"))?;
+    if !(a > 0.0 && a <= b && b <= 1.0) {
+        return Err(format!("need 0 < MIN <= MAX <= 1, got {a},{b}"));
+    }
+    Ok((a, b))
 }
 
 /// `builtin`, `folder:PATH[,TEST]`, `cifar:PATH`.
