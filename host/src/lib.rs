@@ -2,5 +2,6 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod cli;
+pub mod data;
 pub mod eval;
 pub mod train;
