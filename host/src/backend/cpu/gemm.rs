@@ -80,6 +80,100 @@ pub fn matmul(
     }
 }
 
+/// A strided matrix view for [`matmul_strided`]: element `(i, j)` is at `offset + i rs + j cs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct View {
+    pub offset: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl View {
+    /// A row-major block starting at `offset` whose rows are `rs` apart.
+    pub const fn rows(offset: usize, rs: usize) -> Self {
+        Self { offset, rs, cs: 1 }
+    }
+    /// The transpose of a row-major block: logical `(i, j)` reads stored `(j, i)`.
+    pub const fn t(offset: usize, rs: usize) -> Self {
+        Self {
+            offset,
+            rs: 1,
+            cs: rs,
+        }
+    }
+    fn fits(&self, rows: usize, cols: usize, len: usize) -> bool {
+        rows == 0
+            || cols == 0
+            || self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs < len
+    }
+}
+
+/// `c = (accumulate ? c : 0) + scale * a[m x k] b[k x n]` on strided views, single-threaded
+/// when `parallel` is false (the attention calls it from inside a rayon loop over images).
+/// gemm splits its parallel work over output tiles only and runs k in a fixed order, so the
+/// result does not depend on scheduling.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    va: View,
+    b: &[f32],
+    vb: View,
+    c: &mut [f32],
+    vc: View,
+    scale: f32,
+    accumulate: bool,
+    parallel: bool,
+) {
+    assert!(va.fits(m, k, a.len()), "matmul_strided: a out of bounds");
+    assert!(vb.fits(k, n, b.len()), "matmul_strided: b out of bounds");
+    assert!(vc.fits(m, n, c.len()), "matmul_strided: c out of bounds");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    c[vc.offset + i * vc.rs + j * vc.cs] = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    let par = if parallel && m * n * k >= 1 << 16 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: `fits` bounds every index the views reach; `c` is a distinct mutable borrow.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr().add(vc.offset),
+            vc.cs as isize,
+            vc.rs as isize,
+            accumulate,
+            a.as_ptr().add(va.offset),
+            va.cs as isize,
+            va.rs as isize,
+            b.as_ptr().add(vb.offset),
+            vb.cs as isize,
+            vb.rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,2 +1,648 @@
 //! The CPU backend: all cores through rayon, matrix products through one GEMM crate.
+//!
+//! One training step is a pure function of (state, batch, hyper-parameters): drop-path masks come
+//! from a ChaCha8 stream seeded by `StepHyper::seed`, every GEMM splits its parallel work over
+//! output tiles only (fixed summation order along k), and every reduction over rows runs over a
+//! fixed partition (see `rows`). Results are bit-identical run to run, whatever the scheduling.
+//!
+//! Every activation and scratch buffer of the step is allocated once, in [`CpuBackend::new`];
+//! the only allocations inside a step are the packing buffers the `gemm` crate makes per call.
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use dinovmf_core::loss::LossConfig;
+use dinovmf_core::model::{for_each_param, num_params, ModelConfig};
+use dinovmf_core::optim::{adamw_step, ema_update, l2_norm, AdamW};
+
+use super::{Backend, GradReducer, Net, StepHyper, StepMetrics, TrainState};
+use crate::data::Batch;
+
+mod attention;
+pub mod fastmath;
 pub mod gemm;
+mod head;
+mod loss;
+mod rows;
+mod vit;
+
+use head::HeadBufs;
+use loss::LossBufs;
+use vit::{BackScratch, Cx, Group};
+
+/// The fixed shapes of the batches a backend is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepShapes {
+    pub batch: usize,
+    /// Must be 2 (the DINO loss pairs two global views).
+    pub n_global: usize,
+    pub n_local: usize,
+    pub global_size: usize,
+    pub local_size: usize,
+}
+
+/// One parameter tensor of the flat layout, as the optimiser needs it.
+#[derive(Clone, Copy, Debug)]
+struct Tensor {
+    start: usize,
+    end: usize,
+    decay: bool,
+    last_layer: bool,
+    trainable: bool,
+}
+
+/// What [`CpuBackend::compute_gradients`] reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GradReport {
+    pub loss: f32,
+    pub teacher_entropy: f32,
+    pub mean_entropy: f32,
+    pub max_mass: f32,
+    pub kl: f32,
+}
+
+/// Names of the phases [`CpuBackend::phase_seconds`] times.
+pub const PHASES: [&str; 7] = [
+    "teacher forward",
+    "student forward",
+    "loss",
+    "head backward",
+    "backbone backward",
+    "reduce + clip",
+    "adamw + ema",
+];
+
+/// Images per forward in [`Backend::embed`] (bounds its buffers).
+const EMBED_CHUNK: usize = 64;
+/// Elements per parallel task of the optimiser passes.
+const OPT_CHUNK: usize = 1 << 14;
+
+pub struct CpuBackend {
+    cx: Cx,
+    loss_cfg: LossConfig,
+    shapes: StepShapes,
+    reducer: Box<dyn GradReducer>,
+    tensors: Vec<Tensor>,
+    norms: Vec<f64>,
+    student: Vec<f32>,
+    teacher: Vec<f32>,
+    adam_m: Vec<f32>,
+    adam_v: Vec<f32>,
+    center: Vec<f32>,
+    next_center: Vec<f32>,
+    adam_step: u64,
+    grads: Vec<f32>,
+    glob: Group,
+    loc: Option<Group>,
+    back: BackScratch,
+    head_s: HeadBufs,
+    head_t: HeadBufs,
+    cls_s: Vec<f32>,
+    cls_t: Vec<f32>,
+    dcls_s: Vec<f32>,
+    hs0: Vec<f32>,
+    hs1: Vec<f32>,
+    partials: Vec<f32>,
+    lossb: LossBufs,
+    mask_g: Vec<f32>,
+    mask_l: Vec<f32>,
+    embed_group: Option<Group>,
+    phase: [f64; PHASES.len()],
+}
+
+/// Draws the step's drop-path keep masks (0/1) from `ChaCha8Rng::seed_from_u64(seed)`:
+/// `global` is `[depth][2][n_global_images]` (attention branch, then MLP branch, per block),
+/// then `local` likewise; mask = `u < keep_prob(block)` for `u` uniform in [0, 1) (f64), the
+/// rule of core's `drop_path_mask_from_uniform`.
+pub fn draw_drop_masks(
+    model: &ModelConfig,
+    seed: u64,
+    n_global_images: usize,
+    n_local_images: usize,
+    global: &mut [f32],
+    local: &mut [f32],
+) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let depth = model.vit.depth;
+    for (buf, n) in [(global, n_global_images), (local, n_local_images)] {
+        for i in 0..depth {
+            let keep = model.vit.keep_prob(i);
+            for m in buf[2 * i * n..(2 * i + 2) * n].iter_mut() {
+                let u: f64 = rng.gen();
+                *m = if u < keep { 1.0 } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// Masks to the factors `mask / keep` the forward multiplies by (as core's drop path, in f32).
+fn masks_to_scales(model: &ModelConfig, masks: &mut [f32], n: usize) {
+    for i in 0..model.vit.depth {
+        let keep = model.vit.keep_prob(i) as f32;
+        for m in masks[2 * i * n..(2 * i + 2) * n].iter_mut() {
+            if keep > 0.0 {
+                *m /= keep;
+            }
+        }
+    }
+}
+
+impl CpuBackend {
+    pub fn new(
+        model: ModelConfig,
+        loss: LossConfig,
+        shapes: StepShapes,
+        reducer: Box<dyn GradReducer>,
+    ) -> Result<Self> {
+        ensure!(model.is_valid(), "model configuration is not runnable: {model:?}");
+        ensure!(
+            shapes.n_global == 2,
+            "the DINO loss needs exactly 2 global crops, got {}",
+            shapes.n_global
+        );
+        ensure!(shapes.batch > 0, "batch size must be positive");
+        let v = &model.vit;
+        ensure!(
+            v.accepts(shapes.global_size),
+            "global crop size {} is not a positive multiple of the patch size {}",
+            shapes.global_size,
+            v.patch
+        );
+        ensure!(
+            shapes.n_local == 0 || v.accepts(shapes.local_size),
+            "local crop size {} is not a positive multiple of the patch size {}",
+            shapes.local_size,
+            v.patch
+        );
+        ensure!(
+            loss.norm_last_layer == model.head.norm_last_layer,
+            "loss and model disagree on norm_last_layer ({} vs {})",
+            loss.norm_last_layer,
+            model.head.norm_last_layer
+        );
+        let cx = Cx::new(&model);
+        let b = shapes.batch;
+        let (d, k, p) = (cx.d, model.head.out_dim, model.head.bottleneck);
+        let n = num_params(&model);
+        let mut tensors = Vec::new();
+        for_each_param(&model, |s| {
+            tensors.push(Tensor {
+                start: s.offset,
+                end: s.offset + s.numel,
+                decay: s.decay,
+                last_layer: s.last_layer,
+                trainable: s.trainable,
+            })
+        });
+        let n_g = 2 * b;
+        let n_l = shapes.n_local * b;
+        let rows_s = n_g + n_l;
+        let glob = Group::new(&cx, n_g, shapes.global_size, true);
+        let loc = (shapes.n_local > 0).then(|| Group::new(&cx, n_l, shapes.local_size, true));
+        let mut groups = vec![(n_g, glob.t)];
+        if let Some(l) = &loc {
+            groups.push((n_l, l.t));
+        }
+        let back = BackScratch::new(&cx, &groups);
+        let hw = head::max_width(&cx);
+        let mut center = vec![0.0; k];
+        dinovmf_core::centering::center_init(&mut center, loss.centering);
+        Ok(Self {
+            loss_cfg: loss,
+            shapes,
+            reducer,
+            norms: vec![0.0; tensors.len()],
+            tensors,
+            student: vec![0.0; n],
+            teacher: vec![0.0; n],
+            adam_m: vec![0.0; n],
+            adam_v: vec![0.0; n],
+            next_center: center.clone(),
+            center,
+            adam_step: 0,
+            grads: vec![0.0; n],
+            glob,
+            loc,
+            back,
+            head_s: HeadBufs::new(&cx, rows_s),
+            head_t: HeadBufs::new(&cx, n_g),
+            cls_s: vec![0.0; rows_s * d],
+            cls_t: vec![0.0; n_g * d],
+            dcls_s: vec![0.0; rows_s * d],
+            hs0: vec![0.0; rows_s * hw],
+            hs1: vec![0.0; rows_s * hw],
+            partials: vec![0.0; rows::n_chunks(rows_s) * hw],
+            lossb: LossBufs::new(2 + shapes.n_local, b, k, p),
+            mask_g: vec![0.0; v.depth * 2 * n_g],
+            mask_l: vec![0.0; v.depth * 2 * n_l],
+            embed_group: None,
+            phase: [0.0; PHASES.len()],
+            cx,
+        })
+    }
+
+    pub fn model(&self) -> &ModelConfig {
+        &self.cx.cfg
+    }
+
+    fn check_batch(&self, b: &Batch) -> Result<()> {
+        let s = &self.shapes;
+        let g = s.global_size;
+        let l = s.local_size;
+        ensure!(
+            b.batch_size == s.batch
+                && b.n_global == s.n_global
+                && b.n_local == s.n_local
+                && b.global_size == g
+                && (s.n_local == 0 || b.local_size == l),
+            "batch shape (B {}, {} x {} px global, {} x {} px local) does not match the backend's \
+             (B {}, {} x {} px, {} x {} px)",
+            b.batch_size,
+            b.n_global,
+            b.global_size,
+            b.n_local,
+            b.local_size,
+            s.batch,
+            s.n_global,
+            g,
+            s.n_local,
+            l
+        );
+        let c = self.cx.cfg.vit.in_chans;
+        ensure!(
+            b.global.len() == s.n_global * s.batch * c * g * g,
+            "global crops hold {} values, expected {}",
+            b.global.len(),
+            s.n_global * s.batch * c * g * g
+        );
+        ensure!(
+            b.local.len() == s.n_local * s.batch * c * l * l,
+            "local crops hold {} values, expected {}",
+            b.local.len(),
+            s.n_local * s.batch * c * l * l
+        );
+        Ok(())
+    }
+
+    fn tick(&mut self, i: usize, t: &mut Instant) {
+        let now = Instant::now();
+        self.phase[i] += (now - *t).as_secs_f64();
+        *t = now;
+    }
+
+    /// Seconds spent in each of [`PHASES`] since the last [`Self::reset_phase_seconds`].
+    pub fn phase_seconds(&self) -> [(&'static str, f64); PHASES.len()] {
+        let mut out = [("", 0.0); PHASES.len()];
+        for (o, (n, s)) in out.iter_mut().zip(PHASES.iter().zip(self.phase)) {
+            *o = (n, s);
+        }
+        out
+    }
+
+    pub fn reset_phase_seconds(&mut self) {
+        self.phase = [0.0; PHASES.len()];
+    }
+
+    /// Everything of a step up to the raw (unreduced, unclipped) gradients: teacher and student
+    /// forward, loss, backward. Leaves the state unchanged; the gradients are in
+    /// [`Self::grads`], the features in [`Self::student_z`] / [`Self::teacher_z`], the center
+    /// the step would move to in [`Self::next_center`].
+    pub fn compute_gradients(&mut self, batch: &Batch, hp: &StepHyper) -> Result<GradReport> {
+        self.check_batch(batch)?;
+        ensure!(
+            hp.teacher_temp.is_finite() && hp.teacher_temp > 0.0,
+            "teacher temperature must be positive, got {}",
+            hp.teacher_temp
+        );
+        let mut lcfg = self.loss_cfg;
+        lcfg.teacher_temp = hp.teacher_temp as f64;
+        let cfg = self.cx.cfg;
+        let b = self.shapes.batch;
+        let n_g = 2 * b;
+        let n_l = self.shapes.n_local * b;
+        let d = self.cx.d;
+        draw_drop_masks(&cfg, hp.seed, n_g, n_l, &mut self.mask_g, &mut self.mask_l);
+        masks_to_scales(&cfg, &mut self.mask_g, n_g);
+        masks_to_scales(&cfg, &mut self.mask_l, n_l);
+        let cx = self.cx;
+        let mut t = Instant::now();
+
+        // Teacher: global crops, no drop path, nothing saved.
+        vit::forward(
+            &cx,
+            &self.teacher,
+            &mut self.glob,
+            &batch.global,
+            n_g,
+            None,
+            false,
+        );
+        self.cls_t.copy_from_slice(&self.glob.cls[..n_g * d]);
+        head::forward(&cx, &self.teacher, &mut self.head_t, &self.cls_t, n_g);
+        self.tick(0, &mut t);
+
+        // Student: every crop, with drop path, activations saved.
+        vit::forward(
+            &cx,
+            &self.student,
+            &mut self.glob,
+            &batch.global,
+            n_g,
+            Some(&self.mask_g),
+            true,
+        );
+        self.cls_s[..n_g * d].copy_from_slice(&self.glob.cls[..n_g * d]);
+        if let Some(loc) = self.loc.as_mut() {
+            vit::forward(
+                &cx,
+                &self.student,
+                loc,
+                &batch.local,
+                n_l,
+                Some(&self.mask_l),
+                true,
+            );
+            self.cls_s[n_g * d..].copy_from_slice(&loc.cls[..n_l * d]);
+        }
+        let rows_s = n_g + n_l;
+        head::forward(&cx, &self.student, &mut self.head_s, &self.cls_s, rows_s);
+        self.tick(1, &mut t);
+
+        // Loss: dL/dz, and the prototype layer's gradients straight into the flat buffer.
+        rows::zero(&mut self.grads);
+        let lay = cx.lay;
+        let k = cfg.head.out_dim;
+        let p = cfg.head.bottleneck;
+        let rep = {
+            let (lo, hi) = self.grads.split_at_mut(lay.last_v);
+            loss::forward_backward(
+                &lcfg,
+                &mut self.lossb,
+                self.head_s.z(),
+                self.head_t.z(),
+                &self.student[lay.last_v..lay.last_v + k * p],
+                &self.student[lay.last_g..lay.last_g + k],
+                &self.teacher[lay.last_v..lay.last_v + k * p],
+                &self.teacher[lay.last_g..lay.last_g + k],
+                &self.center,
+                &mut self.next_center,
+                &mut hi[..k * p],
+                &mut lo[lay.last_g..lay.last_g + k],
+            )
+        };
+        self.tick(2, &mut t);
+
+        head::backward(
+            &cx,
+            &self.student,
+            &mut self.grads,
+            &self.head_s,
+            &self.cls_s,
+            &self.lossb.dz,
+            &mut self.dcls_s,
+            rows_s,
+            &mut self.hs0,
+            &mut self.hs1,
+            &mut self.partials,
+        );
+        self.tick(3, &mut t);
+
+        vit::backward(
+            &cx,
+            &self.student,
+            &mut self.grads,
+            &self.glob,
+            &self.dcls_s[..n_g * d],
+            n_g,
+            Some(&self.mask_g),
+            &mut self.back,
+        );
+        if let Some(loc) = self.loc.as_ref() {
+            vit::backward(
+                &cx,
+                &self.student,
+                &mut self.grads,
+                loc,
+                &self.dcls_s[n_g * d..rows_s * d],
+                n_l,
+                Some(&self.mask_l),
+                &mut self.back,
+            );
+        }
+        self.tick(4, &mut t);
+
+        let c = rep.collapse;
+        Ok(GradReport {
+            loss: rep.loss,
+            teacher_entropy: c.mean_row_entropy,
+            mean_entropy: c.entropy_of_mean,
+            max_mass: c.max_mean_mass,
+            kl: c.mean_kl,
+        })
+    }
+
+    /// The flat gradient buffer of the last [`Self::compute_gradients`] (after a full step:
+    /// reduced and clipped).
+    pub fn grads(&self) -> &[f32] {
+        &self.grads
+    }
+
+    /// Student bottleneck outputs `z[(2 + n_local) B, p]`, crop-major, of the last step.
+    pub fn student_z(&self) -> &[f32] {
+        self.head_s.z()
+    }
+
+    /// Teacher bottleneck outputs `z[2B, p]` of the last step.
+    pub fn teacher_z(&self) -> &[f32] {
+        self.head_t.z()
+    }
+
+    /// The center the last computed step moves to.
+    pub fn next_center(&self) -> &[f32] {
+        &self.next_center
+    }
+
+    /// Per-tensor clipping (DINO semantics, over trainable tensors); returns the global norm
+    /// before clipping. `clip <= 0` only measures.
+    fn clip(&mut self, clip: f32) -> f64 {
+        let grads = &self.grads;
+        self.norms
+            .par_iter_mut()
+            .zip(self.tensors.par_iter())
+            .for_each(|(n, t)| {
+                *n = if t.trainable {
+                    l2_norm(&grads[t.start..t.end])
+                } else {
+                    0.0
+                }
+            });
+        let mut sq = 0.0f64;
+        for (n, t) in self.norms.iter().zip(&self.tensors) {
+            if t.trainable {
+                sq += n * n;
+            }
+        }
+        if clip > 0.0 {
+            let clip = clip as f64;
+            for (&n, t) in self.norms.iter().zip(&self.tensors) {
+                let coef = clip / (n + 1e-6);
+                if t.trainable && coef < 1.0 {
+                    let c = coef as f32;
+                    self.grads[t.start..t.end]
+                        .par_chunks_mut(OPT_CHUNK)
+                        .for_each(|g| g.iter_mut().for_each(|x| *x *= c));
+                }
+            }
+        }
+        sq.sqrt()
+    }
+
+    /// AdamW over every trainable tensor (decay only where the layout says so; the last layer
+    /// skipped entirely while frozen), then the teacher EMA over every parameter.
+    fn update(&mut self, hp: &StepHyper) {
+        let step = self.adam_step + 1;
+        let adam = AdamW::default();
+        let (lr, wd) = (hp.lr as f64, hp.weight_decay as f64);
+        let tensors = &self.tensors;
+        let freeze = hp.freeze_last_layer;
+        self.student
+            .par_chunks_mut(OPT_CHUNK)
+            .zip(self.grads.par_chunks(OPT_CHUNK))
+            .zip(self.adam_m.par_chunks_mut(OPT_CHUNK))
+            .zip(self.adam_v.par_chunks_mut(OPT_CHUNK))
+            .enumerate()
+            .for_each(|(c, (((p, g), m), v))| {
+                let a = c * OPT_CHUNK;
+                let b = a + p.len();
+                let first = tensors.partition_point(|t| t.end <= a);
+                for t in tensors[first..].iter().take_while(|t| t.start < b) {
+                    if !t.trainable || (t.last_layer && freeze) {
+                        continue;
+                    }
+                    let (s, e) = (t.start.max(a) - a, t.end.min(b) - a);
+                    let w = if t.decay { wd } else { 0.0 };
+                    adamw_step(
+                        &mut p[s..e],
+                        &g[s..e],
+                        &mut m[s..e],
+                        &mut v[s..e],
+                        &adam,
+                        lr,
+                        w,
+                        step,
+                    );
+                }
+            });
+        let mom = hp.teacher_momentum as f64;
+        self.teacher
+            .par_chunks_mut(OPT_CHUNK)
+            .zip(self.student.par_chunks(OPT_CHUNK))
+            .for_each(|(t, s)| ema_update(t, s, mom));
+    }
+
+    fn embed_features(&mut self, net: Net, images: &[f32], n: usize, size: usize) -> Result<Vec<f32>> {
+        let v = &self.cx.cfg.vit;
+        ensure!(
+            v.accepts(size),
+            "image size {size} is not a positive multiple of the patch size {}",
+            v.patch
+        );
+        let img_len = v.in_chans * size * size;
+        ensure!(
+            images.len() == n * img_len,
+            "images hold {} values, expected {n} x {img_len}",
+            images.len()
+        );
+        let d = self.cx.d;
+        let mut out = vec![0.0f32; n * d];
+        if n == 0 {
+            return Ok(out);
+        }
+        let cx = self.cx;
+        let reuse = matches!(&self.embed_group, Some(g) if g.size == size);
+        if !reuse {
+            self.embed_group = Some(Group::new(&cx, EMBED_CHUNK, size, false));
+        }
+        let params = match net {
+            Net::Student => &self.student,
+            Net::Teacher => &self.teacher,
+        };
+        let Some(g) = self.embed_group.as_mut() else {
+            bail!("embed buffers missing");
+        };
+        for (imgs, o) in images
+            .chunks(EMBED_CHUNK * img_len)
+            .zip(out.chunks_mut(EMBED_CHUNK * d))
+        {
+            let m = imgs.len() / img_len;
+            vit::forward(&cx, params, g, imgs, m, None, false);
+            o.copy_from_slice(&g.cls[..m * d]);
+        }
+        Ok(out)
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn set_state(&mut self, s: &TrainState) -> Result<()> {
+        let n = self.student.len();
+        let k = self.center.len();
+        for (name, len, want) in [
+            ("student", s.student.len(), n),
+            ("teacher", s.teacher.len(), n),
+            ("adam_m", s.adam_m.len(), n),
+            ("adam_v", s.adam_v.len(), n),
+            ("center", s.center.len(), k),
+        ] {
+            ensure!(len == want, "state: {name} has {len} values, the model needs {want}");
+        }
+        self.student.copy_from_slice(&s.student);
+        self.teacher.copy_from_slice(&s.teacher);
+        self.adam_m.copy_from_slice(&s.adam_m);
+        self.adam_v.copy_from_slice(&s.adam_v);
+        self.center.copy_from_slice(&s.center);
+        self.adam_step = s.adam_step;
+        Ok(())
+    }
+
+    fn state(&mut self) -> Result<TrainState> {
+        Ok(TrainState {
+            student: self.student.clone(),
+            teacher: self.teacher.clone(),
+            adam_m: self.adam_m.clone(),
+            adam_v: self.adam_v.clone(),
+            center: self.center.clone(),
+            adam_step: self.adam_step,
+        })
+    }
+
+    fn train_step(&mut self, batch: &Batch, hp: &StepHyper) -> Result<StepMetrics> {
+        let rep = self.compute_gradients(batch, hp)?;
+        let mut t = Instant::now();
+        self.reducer.all_reduce_mean(&mut self.grads)?;
+        let grad_norm = self.clip(hp.clip_grad);
+        self.tick(5, &mut t);
+        self.update(hp);
+        std::mem::swap(&mut self.center, &mut self.next_center);
+        self.adam_step += 1;
+        self.tick(6, &mut t);
+        Ok(StepMetrics {
+            loss: rep.loss,
+            teacher_entropy: rep.teacher_entropy,
+            mean_entropy: rep.mean_entropy,
+            max_mass: rep.max_mass,
+            kl: rep.kl,
+            grad_norm: grad_norm as f32,
+        })
+    }
+
+    fn embed(&mut self, net: Net, images: &[f32], n: usize, size: usize) -> Result<Vec<f32>> {
+        self.embed_features(net, images, n, size)
+    }
+}

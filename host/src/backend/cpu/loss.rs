@@ -1,0 +1,332 @@
+//! The DINO / DINO-vMF loss on GEMMs: `dots = Y M^T` for all rows at once, then core's row
+//! functions (logits, teacher targets, multi-crop cross-entropy) in parallel over rows, and the
+//! backward `dY = dDots M`, `dM = dDots^T Y` as two more GEMMs.
+//!
+//! Per-prototype sums over rows (the center statistic, `dL/dg`) use a fixed partition of the
+//! rows into chunks, each with its own partial buffer, added in chunk order: deterministic.
+use rayon::prelude::*;
+
+use dinovmf_core::centering::{center_update, teacher_targets_row};
+use dinovmf_core::collapse::{entropy, CollapseStats};
+use dinovmf_core::logits::{
+    branch_terms_forward, l2_normalize_row_backward, l2_normalize_row_inplace,
+    logits_row_backward,
+};
+use dinovmf_core::loss::{
+    multicrop_target_sum, n_pairs, xent_row_forward_backward_inplace, LossConfig,
+};
+
+use super::gemm::{matmul, Op};
+
+/// Rows per chunk of the loss's reductions (fewer rows, wider rows than the backbone's).
+const LOSS_CHUNK: usize = 16;
+
+/// Scratch of the loss for `n_crops` crops of `batch` images, `k` prototypes of dimension `p`.
+pub struct LossBufs {
+    pub n_crops: usize,
+    pub batch: usize,
+    pub k: usize,
+    pub p: usize,
+    mu_s: Vec<f32>,
+    mu_t: Vec<f32>,
+    vn_s: Vec<f32>,
+    vn_t: Vec<f32>,
+    r: Vec<f32>,
+    scale_s: Vec<f32>,
+    bias_s: Vec<f32>,
+    dbias_s: Vec<f32>,
+    scale_t: Vec<f32>,
+    bias_t: Vec<f32>,
+    dbias_t: Vec<f32>,
+    y_s: Vec<f32>,
+    zn_s: Vec<f32>,
+    y_t: Vec<f32>,
+    zn_t: Vec<f32>,
+    dots_s: Vec<f32>,
+    l_s: Vec<f32>,
+    ddots: Vec<f32>,
+    l_t: Vec<f32>,
+    /// Teacher targets `P_t[2B, K]`.
+    pub p_t: Vec<f32>,
+    /// The batch statistic of the center update, `[K]`.
+    pub stat: Vec<f32>,
+    part: Vec<f32>,
+    row_loss: Vec<f32>,
+    row_ent: Vec<f32>,
+    dy: Vec<f32>,
+    dmu: Vec<f32>,
+    /// `dL/dz_s[n_crops B, p]`.
+    pub dz: Vec<f32>,
+    mean_p: Vec<f32>,
+}
+
+impl LossBufs {
+    pub fn new(n_crops: usize, batch: usize, k: usize, p: usize) -> Self {
+        let ns = n_crops * batch;
+        let nt = 2 * batch;
+        let z = |n: usize| vec![0.0f32; n];
+        Self {
+            n_crops,
+            batch,
+            k,
+            p,
+            mu_s: z(k * p),
+            mu_t: z(k * p),
+            vn_s: z(k),
+            vn_t: z(k),
+            r: z(k),
+            scale_s: z(k),
+            bias_s: z(k),
+            dbias_s: z(k),
+            scale_t: z(k),
+            bias_t: z(k),
+            dbias_t: z(k),
+            y_s: z(ns * p),
+            zn_s: z(ns),
+            y_t: z(nt * p),
+            zn_t: z(nt),
+            dots_s: z(ns * k),
+            l_s: z(ns * k),
+            ddots: z(ns * k),
+            l_t: z(nt * k),
+            p_t: z(nt * k),
+            stat: z(k),
+            part: z(ns.div_ceil(LOSS_CHUNK).max(nt.div_ceil(LOSS_CHUNK)) * k),
+            row_loss: z(ns),
+            row_ent: z(nt),
+            dy: z(ns * p),
+            dmu: z(k * p),
+            dz: z(ns * p),
+            mean_p: z(k),
+        }
+    }
+}
+
+/// What the loss reports.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LossReport {
+    pub loss: f32,
+    pub collapse: CollapseStats<f32>,
+}
+
+/// `mu = v / ||v||` row-wise (parallel), `vn` the norms.
+fn normalize_rows(mu: &mut [f32], vn: &mut [f32], v: &[f32], p: usize) {
+    mu.par_chunks_mut(p)
+        .zip(vn.par_iter_mut())
+        .zip(v.par_chunks(p))
+        .for_each(|((m, n), v)| {
+            m.copy_from_slice(v);
+            *n = l2_normalize_row_inplace(m);
+        });
+}
+
+/// Forward and backward of the multi-crop loss. `v_*`/`g_*` are the prototype layers of the
+/// two networks (`g` ignored with `norm_last_layer`), `z_s[n_crops B, p]`, `z_t[2B, p]`.
+/// Writes `lb.dz`, `dv[K, p]`, and `dg[K]` (untouched with `norm_last_layer`); writes the
+/// updated center into `next_center` (the old one is read from `center`).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward(
+    cfg: &LossConfig,
+    lb: &mut LossBufs,
+    z_s: &[f32],
+    z_t: &[f32],
+    v_s: &[f32],
+    g_s: &[f32],
+    v_t: &[f32],
+    g_t: &[f32],
+    center: &[f32],
+    next_center: &mut [f32],
+    dv: &mut [f32],
+    dg: &mut [f32],
+) -> LossReport {
+    let (k, p, batch, n_crops) = (lb.k, lb.p, lb.batch, lb.n_crops);
+    let nt = 2 * batch;
+    let ns = n_crops * batch;
+    let tau_s = cfg.student_temp as f32;
+    let tau_t = cfg.teacher_temp as f32;
+    let nll = cfg.norm_last_layer;
+
+    // Teacher: targets with the previous center, and the batch statistic.
+    normalize_rows(&mut lb.mu_t, &mut lb.vn_t, v_t, p);
+    if nll {
+        lb.r.fill(1.0);
+    } else {
+        lb.r.copy_from_slice(&g_t[..k]);
+    }
+    branch_terms_forward(
+        &mut lb.scale_t,
+        &mut lb.bias_t,
+        &mut lb.dbias_t,
+        &lb.r,
+        tau_t,
+        p,
+        cfg.kind,
+        cfg.approx,
+    );
+    normalize_rows(&mut lb.y_t, &mut lb.zn_t, &z_t[..nt * p], p);
+    matmul(nt, k, p, &lb.y_t, Op::N, &lb.mu_t, Op::T, &mut lb.l_t, false);
+    {
+        let w_t = 1.0 / nt as f32;
+        let (scale, bias) = (&lb.scale_t, &lb.bias_t);
+        let nc = nt.div_ceil(LOSS_CHUNK);
+        lb.part[..nc * k]
+            .par_chunks_mut(k)
+            .zip(lb.l_t.par_chunks_mut(LOSS_CHUNK * k))
+            .zip(lb.p_t.par_chunks_mut(LOSS_CHUNK * k))
+            .zip(lb.row_ent.par_chunks_mut(LOSS_CHUNK))
+            .for_each(|(((part, l), pt), ent)| {
+                part.fill(0.0);
+                for ((l, pt), e) in l
+                    .chunks_exact_mut(k)
+                    .zip(pt.chunks_exact_mut(k))
+                    .zip(ent.iter_mut())
+                {
+                    for ((x, &s), &b) in l.iter_mut().zip(scale).zip(bias) {
+                        *x = s * *x + b;
+                    }
+                    teacher_targets_row(pt, part, l, center, tau_t, cfg.centering, w_t);
+                    *e = entropy(pt);
+                }
+            });
+        lb.stat.fill(0.0);
+        for part in lb.part[..nc * k].chunks_exact(k) {
+            for (s, &x) in lb.stat.iter_mut().zip(part) {
+                *s += x;
+            }
+        }
+    }
+    let collapse = collapse_stats(lb, nt, k);
+
+    // Student logits, loss, and dL/d(dots) (and dL/dg) row by row.
+    normalize_rows(&mut lb.mu_s, &mut lb.vn_s, v_s, p);
+    if nll {
+        lb.r.fill(1.0);
+    } else {
+        lb.r.copy_from_slice(&g_s[..k]);
+    }
+    branch_terms_forward(
+        &mut lb.scale_s,
+        &mut lb.bias_s,
+        &mut lb.dbias_s,
+        &lb.r,
+        tau_s,
+        p,
+        cfg.kind,
+        cfg.approx,
+    );
+    normalize_rows(&mut lb.y_s, &mut lb.zn_s, &z_s[..ns * p], p);
+    matmul(ns, k, p, &lb.y_s, Op::N, &lb.mu_s, Op::T, &mut lb.dots_s, false);
+    let pairs = n_pairs(n_crops);
+    let gs = 1.0 / (batch * pairs).max(1) as f32;
+    {
+        let (scale, bias, dbias) = (&lb.scale_s, &lb.bias_s, &lb.dbias_s);
+        let p_t = &lb.p_t;
+        let nc = ns.div_ceil(LOSS_CHUNK);
+        lb.part[..nc * k]
+            .par_chunks_mut(k)
+            .zip(lb.dots_s.par_chunks(LOSS_CHUNK * k))
+            .zip(lb.l_s.par_chunks_mut(LOSS_CHUNK * k))
+            .zip(lb.ddots.par_chunks_mut(LOSS_CHUNK * k))
+            .zip(lb.row_loss.par_chunks_mut(LOSS_CHUNK))
+            .enumerate()
+            .for_each(|(c, ((((part, dots), l), dd), rl))| {
+                part.fill(0.0);
+                for (j, (((dots, l), dd), rl)) in dots
+                    .chunks_exact(k)
+                    .zip(l.chunks_exact_mut(k))
+                    .zip(dd.chunks_exact_mut(k))
+                    .zip(rl.iter_mut())
+                    .enumerate()
+                {
+                    let i = c * LOSS_CHUNK + j;
+                    let (v, b) = (i / batch, i % batch);
+                    // `dd` holds the target sum, then dL/d(dots); `l` the logits, then dL/dl.
+                    let n = multicrop_target_sum(dd, p_t, v, b, batch, k);
+                    for (((x, &d), &s), &bb) in l.iter_mut().zip(dots).zip(scale).zip(bias) {
+                        *x = s * d + bb;
+                    }
+                    *rl = xent_row_forward_backward_inplace(l, dd, n as f32, gs);
+                    logits_row_backward(
+                        dd,
+                        if nll { None } else { Some(&mut part[..]) },
+                        l,
+                        dots,
+                        scale,
+                        dbias,
+                        tau_s,
+                    );
+                }
+            });
+        if !nll {
+            dg[..k].fill(0.0);
+            for part in lb.part[..nc * k].chunks_exact(k) {
+                for (s, &x) in dg.iter_mut().zip(part) {
+                    *s += x;
+                }
+            }
+        }
+    }
+    let mut total = 0.0f32;
+    for &x in &lb.row_loss[..ns] {
+        total += x;
+    }
+    let loss = total * gs;
+
+    // dY = dDots M, dM = dDots^T Y, then back through both normalisations.
+    matmul(ns, p, k, &lb.ddots, Op::N, &lb.mu_s, Op::N, &mut lb.dy, false);
+    matmul(k, p, ns, &lb.ddots, Op::T, &lb.y_s, Op::N, &mut lb.dmu, false);
+    {
+        let (dy, y_s, zn) = (&lb.dy, &lb.y_s, &lb.zn_s);
+        lb.dz[..ns * p]
+            .par_chunks_mut(p)
+            .enumerate()
+            .for_each(|(i, o)| {
+                l2_normalize_row_backward(o, &dy[i * p..(i + 1) * p], &y_s[i * p..(i + 1) * p], zn[i])
+            });
+        let (dmu, mu, vn) = (&lb.dmu, &lb.mu_s, &lb.vn_s);
+        dv[..k * p]
+            .par_chunks_mut(p)
+            .enumerate()
+            .for_each(|(i, o)| {
+                l2_normalize_row_backward(o, &dmu[i * p..(i + 1) * p], &mu[i * p..(i + 1) * p], vn[i])
+            });
+    }
+
+    next_center[..k].copy_from_slice(&center[..k]);
+    center_update(next_center, &lb.stat, cfg.center_momentum as f32);
+
+    let mut collapse = collapse;
+    collapse.mean_kl = loss - collapse.mean_row_entropy;
+    LossReport { loss, collapse }
+}
+
+/// Core's `teacher_collapse_stats` with the row entropies computed in parallel (`row_ent`)
+/// and everything else in core's order.
+fn collapse_stats(lb: &mut LossBufs, rows: usize, k: usize) -> CollapseStats<f32> {
+    let w = 1.0 / rows.max(1) as f32;
+    let mean = &mut lb.mean_p[..k];
+    mean.fill(0.0);
+    let mut h_rows = 0.0f32;
+    for (row, &h) in lb.p_t.chunks_exact(k).take(rows).zip(&lb.row_ent) {
+        h_rows += h;
+        for (m, &x) in mean.iter_mut().zip(row) {
+            *m += w * x;
+        }
+    }
+    let mut max_mass = f32::NEG_INFINITY;
+    let mut argmax = 0;
+    for (i, &m) in mean.iter().enumerate() {
+        if m > max_mass {
+            max_mass = m;
+            argmax = i;
+        }
+    }
+    CollapseStats {
+        entropy_of_mean: entropy(mean),
+        mean_row_entropy: h_rows * w,
+        max_mean_mass: max_mass,
+        argmax_mean: argmax,
+        mean_kl: 0.0,
+        ln_k: (k as f32).ln(),
+    }
+}

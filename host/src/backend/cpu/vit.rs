@@ -1,0 +1,671 @@
+//! The ViT backbone on one group of same-size crops (all global crops, or all local crops):
+//! every linear is one GEMM over all tokens of the group, the row ops are parallel over rows,
+//! attention is parallel over images.
+//!
+//! Only the final-LayerNorm `[CLS]` rows are computed and differentiated: nothing else of the
+//! last LayerNorm's output is ever read (the head takes `[CLS]`, so does `embed`).
+use rayon::prelude::*;
+
+use dinovmf_core::model::{BlockOffsets, Layout, ModelConfig};
+use dinovmf_core::ops::{patchify, pos_embed_for_grid_backward, pos_embed_for_grid_forward};
+
+use super::attention;
+use super::gemm::{matmul, Op};
+use super::rows::{self, n_chunks};
+
+/// Model constants every pass needs.
+#[derive(Clone, Copy, Debug)]
+pub struct Cx {
+    pub cfg: ModelConfig,
+    pub lay: Layout,
+    pub d: usize,
+    pub heads: usize,
+    pub mh: usize,
+    /// Inputs of one patch, `C P P`.
+    pub kp: usize,
+    pub eps: f32,
+}
+
+impl Cx {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        let v = &cfg.vit;
+        Self {
+            cfg: *cfg,
+            lay: Layout::new(cfg),
+            d: v.dim,
+            heads: v.heads,
+            mh: v.mlp_hidden(),
+            kp: v.patch_len(),
+            eps: v.ln_eps as f32,
+        }
+    }
+}
+
+/// Saved activations of one block over a group.
+pub struct BlockBufs {
+    pub ln1: Vec<f32>,
+    pub ln1_mean: Vec<f32>,
+    pub ln1_rstd: Vec<f32>,
+    pub qkv: Vec<f32>,
+    pub att: Vec<f32>,
+    pub attn_out: Vec<f32>,
+    pub x_mid: Vec<f32>,
+    pub ln2: Vec<f32>,
+    pub ln2_mean: Vec<f32>,
+    pub ln2_rstd: Vec<f32>,
+    pub fc1: Vec<f32>,
+    pub gelu: Vec<f32>,
+}
+
+impl BlockBufs {
+    fn new(cx: &Cx, n: usize, t: usize) -> Self {
+        let rows = n * t;
+        let (d, mh) = (cx.d, cx.mh);
+        Self {
+            ln1: vec![0.0; rows * d],
+            ln1_mean: vec![0.0; rows],
+            ln1_rstd: vec![0.0; rows],
+            qkv: vec![0.0; rows * 3 * d],
+            att: vec![0.0; n * cx.heads * t * t],
+            attn_out: vec![0.0; rows * d],
+            x_mid: vec![0.0; rows * d],
+            ln2: vec![0.0; rows * d],
+            ln2_mean: vec![0.0; rows],
+            ln2_rstd: vec![0.0; rows],
+            fc1: vec![0.0; rows * mh],
+            gelu: vec![0.0; rows * mh],
+        }
+    }
+}
+
+/// Buffers of one crop group, for up to `cap` images of side `size`.
+pub struct Group {
+    pub cap: usize,
+    pub size: usize,
+    pub grid: usize,
+    pub np: usize,
+    pub t: usize,
+    /// Keeps every block's activations (training) or reuses one set (inference).
+    pub saved: bool,
+    pub patches: Vec<f32>,
+    pub pos: Vec<f32>,
+    pub stream: Vec<Vec<f32>>,
+    pub blocks: Vec<BlockBufs>,
+    /// Branch outputs before the residual (and the patch tokens).
+    pub tmp: Vec<f32>,
+    /// Final-stream `[CLS]` rows `[n, d]`, their LayerNorm output and statistics.
+    pub cls_in: Vec<f32>,
+    pub cls: Vec<f32>,
+    pub cls_mean: Vec<f32>,
+    pub cls_rstd: Vec<f32>,
+}
+
+impl Group {
+    pub fn new(cx: &Cx, cap: usize, size: usize, saved: bool) -> Self {
+        let v = &cx.cfg.vit;
+        let grid = size / v.patch;
+        let np = grid * grid;
+        let t = np + 1;
+        let d = cx.d;
+        let nb = if saved { v.depth } else { 1 };
+        let ns = if saved { v.depth + 1 } else { 2 };
+        Self {
+            cap,
+            size,
+            grid,
+            np,
+            t,
+            saved,
+            patches: vec![0.0; cap * np * cx.kp],
+            pos: vec![0.0; t * d],
+            stream: (0..ns).map(|_| vec![0.0; cap * t * d]).collect(),
+            blocks: (0..nb).map(|_| BlockBufs::new(cx, cap, t)).collect(),
+            tmp: vec![0.0; cap * t * d],
+            cls_in: vec![0.0; cap * d],
+            cls: vec![0.0; cap * d],
+            cls_mean: vec![0.0; cap],
+            cls_rstd: vec![0.0; cap],
+        }
+    }
+}
+
+/// Scratch of the backward pass, sized for the largest group.
+pub struct BackScratch {
+    pub dx: Vec<f32>,
+    pub dtmp: Vec<f32>,
+    pub dbranch: Vec<f32>,
+    pub dln: Vec<f32>,
+    pub dattn: Vec<f32>,
+    pub dhid: Vec<f32>,
+    pub dqkv: Vec<f32>,
+    pub dp: Vec<f32>,
+    pub dpos: Vec<f32>,
+    pub partials: Vec<f32>,
+}
+
+impl BackScratch {
+    /// For groups of `(images, tokens)` in `groups`.
+    pub fn new(cx: &Cx, groups: &[(usize, usize)]) -> Self {
+        let (d, mh) = (cx.d, cx.mh);
+        let rows = groups.iter().map(|&(n, t)| n * t).max().unwrap_or(0);
+        let nt2 = groups.iter().map(|&(n, t)| n * t * t).max().unwrap_or(0);
+        let td = groups.iter().map(|&(_, t)| t * d).max().unwrap_or(0);
+        let part_rows = n_chunks(rows) * (3 * d).max(mh).max(2 * d);
+        let part_img = groups
+            .iter()
+            .map(|&(n, t)| n_chunks(n) * t * d)
+            .max()
+            .unwrap_or(0);
+        Self {
+            dx: vec![0.0; rows * d],
+            dtmp: vec![0.0; rows * d],
+            dbranch: vec![0.0; rows * d],
+            dln: vec![0.0; rows * d],
+            dattn: vec![0.0; rows * d],
+            dhid: vec![0.0; rows * mh],
+            dqkv: vec![0.0; rows * 3 * d],
+            dp: vec![0.0; nt2],
+            dpos: vec![0.0; td],
+            partials: vec![0.0; part_rows.max(part_img).max(n_chunks(rows) * 2 * d)],
+        }
+    }
+}
+
+/// Drop-path scales of block `i`'s two branches within `[depth][2][n]`.
+fn branch_scales(scales: Option<&[f32]>, i: usize, n: usize) -> (Option<&[f32]>, Option<&[f32]>) {
+    match scales {
+        Some(s) => (
+            Some(&s[2 * i * n..(2 * i + 1) * n]),
+            Some(&s[(2 * i + 1) * n..(2 * i + 2) * n]),
+        ),
+        None => (None, None),
+    }
+}
+
+/// Forward of `n <= cap` images `[n, C, size, size]`; leaves the final-LayerNorm `[CLS]`
+/// features in `g.cls`. `scales` are drop-path factors `mask / keep` as `[depth][2][n]`.
+/// `save` keeps every block's activations for [`backward`] (the group must have been built
+/// with `saved`); otherwise one set of block buffers is reused (teacher, `embed`).
+pub fn forward(
+    cx: &Cx,
+    p: &[f32],
+    g: &mut Group,
+    images: &[f32],
+    n: usize,
+    scales: Option<&[f32]>,
+    save: bool,
+) {
+    let save = save && g.saved;
+    let v = &cx.cfg.vit;
+    let lay = &cx.lay;
+    let (d, kp, t, np) = (cx.d, cx.kp, g.t, g.np);
+    let (size, c) = (g.size, v.in_chans);
+    let img_len = c * size * size;
+
+    // Patch tokens, position embedding on this grid, tokens.
+    g.patches[..n * np * kp]
+        .par_chunks_mut(np * kp)
+        .zip(images[..n * img_len].par_chunks(img_len))
+        .for_each(|(pt, im)| patchify(pt, im, 1, c, size, size, v.patch));
+    matmul(
+        n * np,
+        d,
+        kp,
+        &g.patches,
+        Op::N,
+        &p[lay.patch_w..lay.patch_w + d * kp],
+        Op::T,
+        &mut g.tmp,
+        false,
+    );
+    let g0 = v.grid();
+    pos_embed_for_grid_forward(
+        &mut g.pos,
+        &p[lay.pos..lay.pos + v.num_tokens() * d],
+        g0,
+        g0,
+        g.grid,
+        g.grid,
+        d,
+    );
+    {
+        let cls = &p[lay.cls..lay.cls + d];
+        let pb = &p[lay.patch_b..lay.patch_b + d];
+        let pos = &g.pos;
+        g.stream[0][..n * t * d]
+            .par_chunks_mut(t * d)
+            .zip(g.tmp[..n * np * d].par_chunks(np * d))
+            .for_each(|(x, pt)| {
+                for k in 0..d {
+                    x[k] = cls[k] + pos[k];
+                }
+                for ((xr, pr), posr) in x[d..]
+                    .chunks_exact_mut(d)
+                    .zip(pt.chunks_exact(d))
+                    .zip(pos[d..].chunks_exact(d))
+                {
+                    for k in 0..d {
+                        xr[k] = pr[k] + pb[k] + posr[k];
+                    }
+                }
+            });
+    }
+
+    for i in 0..v.depth {
+        let (bi, si, so) = if save {
+            (i, i, i + 1)
+        } else {
+            (0, i % 2, (i + 1) % 2)
+        };
+        let (sa, sm) = branch_scales(scales, i, n);
+        let (x, xout) = two(&mut g.stream, si, so);
+        block_forward(
+            cx,
+            p,
+            &lay.block(i),
+            &mut g.blocks[bi],
+            x,
+            xout,
+            &mut g.tmp,
+            n,
+            t,
+            sa,
+            sm,
+        );
+    }
+
+    // Final LayerNorm on the [CLS] rows only.
+    let last = if save { v.depth } else { v.depth % 2 };
+    let xf = &g.stream[last];
+    g.cls_in[..n * d]
+        .par_chunks_mut(d)
+        .enumerate()
+        .for_each(|(b, o)| o.copy_from_slice(&xf[b * t * d..b * t * d + d]));
+    rows::layernorm_fwd(
+        &mut g.cls,
+        &mut g.cls_mean,
+        &mut g.cls_rstd,
+        &g.cls_in,
+        &p[lay.norm_w..lay.norm_w + d],
+        &p[lay.norm_b..lay.norm_b + d],
+        n,
+        d,
+        cx.eps,
+    );
+}
+
+/// `(&v[a], &mut v[b])` for `a != b`.
+fn two(v: &mut [Vec<f32>], a: usize, b: usize) -> (&[f32], &mut [f32]) {
+    if a < b {
+        let (lo, hi) = v.split_at_mut(b);
+        (&lo[a], &mut hi[0])
+    } else {
+        let (lo, hi) = v.split_at_mut(a);
+        (&hi[0], &mut lo[b])
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn block_forward(
+    cx: &Cx,
+    p: &[f32],
+    o: &BlockOffsets,
+    bb: &mut BlockBufs,
+    x: &[f32],
+    xout: &mut [f32],
+    tmp: &mut [f32],
+    n: usize,
+    t: usize,
+    sa: Option<&[f32]>,
+    sm: Option<&[f32]>,
+) {
+    let (d, mh) = (cx.d, cx.mh);
+    let rows = n * t;
+    let w = |off: usize, len: usize| &p[off..off + len];
+    rows::layernorm_fwd(
+        &mut bb.ln1,
+        &mut bb.ln1_mean,
+        &mut bb.ln1_rstd,
+        x,
+        w(o.norm1_w, d),
+        w(o.norm1_b, d),
+        rows,
+        d,
+        cx.eps,
+    );
+    let acc = match o.qkv_b {
+        Some(b) => {
+            rows::fill_rows(&mut bb.qkv, w(b, 3 * d), rows);
+            true
+        }
+        None => false,
+    };
+    matmul(
+        rows,
+        3 * d,
+        d,
+        &bb.ln1,
+        Op::N,
+        w(o.qkv_w, 3 * d * d),
+        Op::T,
+        &mut bb.qkv,
+        acc,
+    );
+    attention::forward(&mut bb.attn_out, &mut bb.att, &bb.qkv, n, t, d, cx.heads);
+    matmul(
+        rows,
+        d,
+        d,
+        &bb.attn_out,
+        Op::N,
+        w(o.proj_w, d * d),
+        Op::T,
+        tmp,
+        false,
+    );
+    rows::residual_drop(&mut bb.x_mid, x, tmp, w(o.proj_b, d), sa, n, t * d);
+    rows::layernorm_fwd(
+        &mut bb.ln2,
+        &mut bb.ln2_mean,
+        &mut bb.ln2_rstd,
+        &bb.x_mid,
+        w(o.norm2_w, d),
+        w(o.norm2_b, d),
+        rows,
+        d,
+        cx.eps,
+    );
+    matmul(
+        rows,
+        mh,
+        d,
+        &bb.ln2,
+        Op::N,
+        w(o.fc1_w, mh * d),
+        Op::T,
+        &mut bb.fc1,
+        false,
+    );
+    rows::bias_gelu(&mut bb.fc1, &mut bb.gelu, w(o.fc1_b, mh), rows);
+    matmul(
+        rows,
+        d,
+        mh,
+        &bb.gelu,
+        Op::N,
+        w(o.fc2_w, d * mh),
+        Op::T,
+        tmp,
+        false,
+    );
+    rows::residual_drop(xout, &bb.x_mid, tmp, w(o.fc2_b, d), sm, n, t * d);
+}
+
+/// Backward of [`forward`] (which must have run with `g.saved`) from `dcls[n, d]`, the
+/// gradient at the final-LayerNorm `[CLS]` output: every backbone gradient ACCUMULATES into
+/// the flat `grads`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    cx: &Cx,
+    p: &[f32],
+    grads: &mut [f32],
+    g: &Group,
+    dcls: &[f32],
+    n: usize,
+    scales: Option<&[f32]>,
+    bs: &mut BackScratch,
+) {
+    debug_assert!(g.saved);
+    let v = &cx.cfg.vit;
+    let lay = &cx.lay;
+    let (d, mh, kp, t, np) = (cx.d, cx.mh, cx.kp, g.t, g.np);
+    let rows = n * t;
+    let w = |off: usize, len: usize| &p[off..off + len];
+
+    // Final LayerNorm ([CLS] rows), scattered into the stream gradient.
+    {
+        let dxc = &mut bs.dln[..n * d];
+        dxc.fill(0.0);
+        let (gw, gb) = grads[lay.norm_w..lay.norm_w + 2 * d].split_at_mut(d);
+        rows::layernorm_bwd_add(
+            dxc,
+            &mut bs.dtmp,
+            gw,
+            gb,
+            dcls,
+            &g.cls_in,
+            &g.cls_mean,
+            &g.cls_rstd,
+            w(lay.norm_w, d),
+            &mut bs.partials,
+            n,
+            d,
+        );
+        let dxc = &bs.dln;
+        bs.dx[..rows * d]
+            .par_chunks_mut(t * d)
+            .enumerate()
+            .for_each(|(b, x)| {
+                x[..d].copy_from_slice(&dxc[b * d..(b + 1) * d]);
+                x[d..].fill(0.0);
+            });
+    }
+
+    for i in (0..v.depth).rev() {
+        let o = lay.block(i);
+        let bb = &g.blocks[i];
+        let x_in = &g.stream[i];
+        let (sa, sm) = branch_scales(scales, i, n);
+
+        // MLP branch.
+        rows::scale_images(&mut bs.dbranch, &bs.dx, sm, n, t * d);
+        rows::colsum_add(
+            &mut grads[o.fc2_b..o.fc2_b + d],
+            &bs.dbranch,
+            rows,
+            d,
+            &mut bs.partials,
+        );
+        matmul(
+            d,
+            mh,
+            rows,
+            &bs.dbranch,
+            Op::T,
+            &bb.gelu,
+            Op::N,
+            &mut grads[o.fc2_w..o.fc2_w + d * mh],
+            true,
+        );
+        matmul(
+            rows,
+            mh,
+            d,
+            &bs.dbranch,
+            Op::N,
+            w(o.fc2_w, d * mh),
+            Op::N,
+            &mut bs.dhid,
+            false,
+        );
+        rows::gelu_bwd_inplace(&mut bs.dhid, &bb.fc1, rows * mh);
+        rows::colsum_add(
+            &mut grads[o.fc1_b..o.fc1_b + mh],
+            &bs.dhid,
+            rows,
+            mh,
+            &mut bs.partials,
+        );
+        matmul(
+            mh,
+            d,
+            rows,
+            &bs.dhid,
+            Op::T,
+            &bb.ln2,
+            Op::N,
+            &mut grads[o.fc1_w..o.fc1_w + mh * d],
+            true,
+        );
+        matmul(
+            rows,
+            d,
+            mh,
+            &bs.dhid,
+            Op::N,
+            w(o.fc1_w, mh * d),
+            Op::N,
+            &mut bs.dln,
+            false,
+        );
+        {
+            let (gw, gb) = grads[o.norm2_w..o.norm2_w + 2 * d].split_at_mut(d);
+            rows::layernorm_bwd_add(
+                &mut bs.dx,
+                &mut bs.dtmp,
+                gw,
+                gb,
+                &bs.dln,
+                &bb.x_mid,
+                &bb.ln2_mean,
+                &bb.ln2_rstd,
+                w(o.norm2_w, d),
+                &mut bs.partials,
+                rows,
+                d,
+            );
+        }
+
+        // Attention branch.
+        rows::scale_images(&mut bs.dbranch, &bs.dx, sa, n, t * d);
+        rows::colsum_add(
+            &mut grads[o.proj_b..o.proj_b + d],
+            &bs.dbranch,
+            rows,
+            d,
+            &mut bs.partials,
+        );
+        matmul(
+            d,
+            d,
+            rows,
+            &bs.dbranch,
+            Op::T,
+            &bb.attn_out,
+            Op::N,
+            &mut grads[o.proj_w..o.proj_w + d * d],
+            true,
+        );
+        matmul(
+            rows,
+            d,
+            d,
+            &bs.dbranch,
+            Op::N,
+            w(o.proj_w, d * d),
+            Op::N,
+            &mut bs.dattn,
+            false,
+        );
+        attention::backward(
+            &mut bs.dqkv,
+            &mut bs.dp,
+            &bs.dattn,
+            &bb.qkv,
+            &bb.att,
+            n,
+            t,
+            d,
+            cx.heads,
+        );
+        if let Some(qb) = o.qkv_b {
+            rows::colsum_add(
+                &mut grads[qb..qb + 3 * d],
+                &bs.dqkv,
+                rows,
+                3 * d,
+                &mut bs.partials,
+            );
+        }
+        matmul(
+            3 * d,
+            d,
+            rows,
+            &bs.dqkv,
+            Op::T,
+            &bb.ln1,
+            Op::N,
+            &mut grads[o.qkv_w..o.qkv_w + 3 * d * d],
+            true,
+        );
+        matmul(
+            rows,
+            d,
+            3 * d,
+            &bs.dqkv,
+            Op::N,
+            w(o.qkv_w, 3 * d * d),
+            Op::N,
+            &mut bs.dln,
+            false,
+        );
+        {
+            let (gw, gb) = grads[o.norm1_w..o.norm1_w + 2 * d].split_at_mut(d);
+            rows::layernorm_bwd_add(
+                &mut bs.dx,
+                &mut bs.dtmp,
+                gw,
+                gb,
+                &bs.dln,
+                x_in,
+                &bb.ln1_mean,
+                &bb.ln1_rstd,
+                w(o.norm1_w, d),
+                &mut bs.partials,
+                rows,
+                d,
+            );
+        }
+    }
+
+    // Tokens: [CLS] and the position embedding (summed over images), the patch embedding.
+    let dpos = &mut bs.dpos[..t * d];
+    dpos.fill(0.0);
+    rows::colsum_add(dpos, &bs.dx, n, t * d, &mut bs.partials);
+    for k in 0..d {
+        grads[lay.cls + k] += dpos[k];
+    }
+    let g0 = v.grid();
+    pos_embed_for_grid_backward(
+        &mut grads[lay.pos..lay.pos + v.num_tokens() * d],
+        dpos,
+        g0,
+        g0,
+        g.grid,
+        g.grid,
+        d,
+    );
+    let dx = &bs.dx;
+    bs.dtmp[..n * np * d]
+        .par_chunks_mut(np * d)
+        .enumerate()
+        .for_each(|(b, o)| o.copy_from_slice(&dx[b * t * d + d..(b + 1) * t * d]));
+    rows::colsum_add(
+        &mut grads[lay.patch_b..lay.patch_b + d],
+        &bs.dtmp,
+        n * np,
+        d,
+        &mut bs.partials,
+    );
+    matmul(
+        d,
+        kp,
+        n * np,
+        &bs.dtmp,
+        Op::T,
+        &g.patches,
+        Op::N,
+        &mut grads[lay.patch_w..lay.patch_w + d * kp],
+        true,
+    );
+}
