@@ -1,7 +1,6 @@
 //! `dinovmf`: the host library behind the `dinovmf` command-line program.
 pub mod backend;
 pub mod checkpoint;
-pub mod data;
 pub mod cli;
 pub mod data;
 pub mod eval;
