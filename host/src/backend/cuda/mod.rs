@@ -23,7 +23,7 @@ pub mod device;
 #[cfg(feature = "cuda")]
 pub mod driver;
 #[cfg(feature = "gpu-sim")]
-mod grid;
+pub mod grid;
 #[cfg(feature = "gpu-sim")]
 pub mod net;
 #[cfg(feature = "gpu-sim")]
@@ -53,11 +53,30 @@ pub fn step_shapes(cfg: &TrainConfig) -> crate::backend::cpu::StepShapes {
     }
 }
 
+/// Environment variable that makes `--device cuda` run the CUDA backend on the host simulator
+/// of the kernels (builds with `gpu-sim`): the whole trainer path without a GPU, for tests.
+pub const SIM_ENV: &str = "DINOVMF_CUDA_SIM";
+
 /// The CUDA backend for a run on device 0, or why there is none.
-#[cfg(feature = "cuda")]
 pub fn open(cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
+    #[cfg(feature = "gpu-sim")]
+    if std::env::var_os(SIM_ENV).is_some_and(|v| v == "1") {
+        return on(sim::SimDevice::new(), cfg);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        on(driver::CudaDevice::open()?, cfg)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = cfg;
+        anyhow::bail!(NOT_BUILT)
+    }
+}
+
+#[cfg(feature = "gpu-sim")]
+fn on<D: device::Device + 'static>(dev: D, cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
     use crate::train::state::{loss_config, model_config};
-    let dev = driver::CudaDevice::open()?;
     Ok(Box::new(step::GpuBackend::new(
         dev,
         model_config(cfg),
@@ -65,11 +84,4 @@ pub fn open(cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
         step_shapes(cfg),
         Box::new(super::SingleProcess),
     )?))
-}
-
-/// The CUDA backend for a run on device 0, or why there is none.
-#[cfg(not(feature = "cuda"))]
-pub fn open(cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
-    let _ = cfg;
-    anyhow::bail!(NOT_BUILT)
 }
