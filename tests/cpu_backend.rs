@@ -270,7 +270,12 @@ fn check_against<T: dinovmf_core::logits::VmfReal + dinovmf_core::loss::Stored<T
     let e = rel_err(be.teacher_z(), &r.z_t, 1e-6);
     assert!(e < tol, "{what}: z_t rel err {e:e} >= {tol:e}");
     let e = (rep.loss as f64 - r.loss.to_f64()).abs() / r.loss.to_f64().abs();
-    assert!(e < tol, "{what}: loss {} vs {} rel err {e:e}", rep.loss, r.loss.to_f64());
+    assert!(
+        e < tol,
+        "{what}: loss {} vs {} rel err {e:e}",
+        rep.loss,
+        r.loss.to_f64()
+    );
     let e = rel_err(be.next_center(), &r.center, 1e-6);
     assert!(e < tol, "{what}: center rel err {e:e} >= {tol:e}");
     let mut worst = (0.0f64, String::new());
@@ -371,7 +376,10 @@ fn train_step_equals_core_optimiser_on_its_gradients_bitwise() {
             let m = be.train_step(&bt, &hp).unwrap();
             assert_eq!(m.grad_norm, norm as f32, "step {step}: grad norm");
             let got = be.state().unwrap();
-            assert!(got == st, "step {step} (vmf={vmf}): state differs from the core step");
+            assert!(
+                got == st,
+                "step {step} (vmf={vmf}): state differs from the core step"
+            );
             if freeze {
                 let r = lay.last_g..lay.last_v + cfg.head.out_dim * cfg.head.bottleneck;
                 assert_eq!(got.student[r.clone()], st0.student[r.clone()]);
@@ -415,8 +423,17 @@ fn embed_matches_reference_cls_rel_1e5() {
 fn run_steps(be: &mut CpuBackend, steps: usize) -> Vec<[f32; 6]> {
     (0..steps)
         .map(|i| {
-            let m = be.train_step(&batch(40 + i as u64), &hyper(77 + i as u64)).unwrap();
-            [m.loss, m.teacher_entropy, m.mean_entropy, m.max_mass, m.kl, m.grad_norm]
+            let m = be
+                .train_step(&batch(40 + i as u64), &hyper(77 + i as u64))
+                .unwrap();
+            [
+                m.loss,
+                m.teacher_entropy,
+                m.mean_entropy,
+                m.max_mass,
+                m.kl,
+                m.grad_norm,
+            ]
         })
         .collect()
 }
@@ -442,7 +459,10 @@ fn steps_are_bitwise_deterministic_across_runs_and_thread_counts() {
     let (_, m0, s0) = &results[0];
     for (threads, m, s) in &results[1..] {
         assert!(
-            m.iter().flatten().zip(m0.iter().flatten()).all(|(a, b)| a.to_bits() == b.to_bits()),
+            m.iter()
+                .flatten()
+                .zip(m0.iter().flatten())
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
             "metrics differ with {threads} threads: {m:?} vs {m0:?}"
         );
         assert!(s == s0, "state differs with {threads} threads");
@@ -501,7 +521,13 @@ fn bad_shapes_are_errors_not_panics() {
         assert!(CpuBackend::new(cfg, lc, sh, Box::new(SingleProcess)).is_err());
     }
     // loss and model must agree on norm_last_layer
-    assert!(CpuBackend::new(cfg, loss_cfg(false, false), shapes(), Box::new(SingleProcess)).is_err());
+    assert!(CpuBackend::new(
+        cfg,
+        loss_cfg(false, false),
+        shapes(),
+        Box::new(SingleProcess)
+    )
+    .is_err());
     // still usable after the errors, and the state untouched by them
     assert!(be.state().unwrap() == st);
     be.train_step(&good, &hp).unwrap();

@@ -102,9 +102,7 @@ impl View {
         }
     }
     fn fits(&self, rows: usize, cols: usize, len: usize) -> bool {
-        rows == 0
-            || cols == 0
-            || self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs < len
+        rows == 0 || cols == 0 || self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs < len
     }
 }
 

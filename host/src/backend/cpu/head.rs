@@ -7,9 +7,10 @@ use super::vit::Cx;
 
 /// Pre-activations of every head linear and the GELU outputs between them, `cap` rows.
 pub struct HeadBufs {
-    pub cap: usize,
     pub pre: Vec<Vec<f32>>,
     pub act: Vec<Vec<f32>>,
+    /// GELU derivatives of the hidden layers.
+    pub dact: Vec<Vec<f32>>,
 }
 
 impl HeadBufs {
@@ -19,10 +20,16 @@ impl HeadBufs {
         let pre = (0..nl)
             .map(|l| vec![0.0; cap * h.layer_dims(cx.d, l).1])
             .collect();
-        let act = (0..nl.saturating_sub(1))
-            .map(|l| vec![0.0; cap * h.layer_dims(cx.d, l).1])
-            .collect();
-        Self { cap, pre, act }
+        let hidden = || {
+            (0..nl.saturating_sub(1))
+                .map(|l| vec![0.0; cap * h.layer_dims(cx.d, l).1])
+                .collect()
+        };
+        Self {
+            pre,
+            act: hidden(),
+            dact: hidden(),
+        }
     }
 
     /// The bottleneck output `z[rows, p]`.
@@ -43,22 +50,42 @@ pub fn max_width(cx: &Cx) -> usize {
         .unwrap_or(0)
 }
 
-/// `z = MLP(x)` for `x[rows, d]`.
-pub fn forward(cx: &Cx, p: &[f32], hb: &mut HeadBufs, x: &[f32], rows: usize) {
+/// `z = MLP(x)` for `x[rows, d]`; `save` keeps the GELU derivatives for [`backward`].
+pub fn forward(cx: &Cx, p: &[f32], hb: &mut HeadBufs, x: &[f32], rows: usize, save: bool) {
     let nl = cx.cfg.head.n_layers;
     for l in 0..nl {
         let hl = cx.lay.head_layer(l);
-        let (pre, act) = (&mut hb.pre, &mut hb.act);
+        let (pre, act, dact) = (&mut hb.pre, &mut hb.act, &mut hb.dact);
         let input: &[f32] = if l == 0 { x } else { &act[l - 1] };
         let w = &p[hl.w..hl.w + hl.d_out * hl.d_in];
         let b = &p[hl.b..hl.b + hl.d_out];
         if l + 1 < nl {
-            matmul(rows, hl.d_out, hl.d_in, input, Op::N, w, Op::T, &mut pre[l], false);
-            let (pl, al) = (&mut pre[l], &mut act[l]);
-            rows::bias_gelu(pl, al, b, rows);
+            matmul(
+                rows,
+                hl.d_out,
+                hl.d_in,
+                input,
+                Op::N,
+                w,
+                Op::T,
+                &mut pre[l],
+                false,
+            );
+            let dg = if save { Some(&mut dact[l][..]) } else { None };
+            rows::bias_gelu(&mut pre[l], &mut act[l], dg, b, rows);
         } else {
             rows::fill_rows(&mut pre[l], b, rows);
-            matmul(rows, hl.d_out, hl.d_in, input, Op::N, w, Op::T, &mut pre[l], true);
+            matmul(
+                rows,
+                hl.d_out,
+                hl.d_in,
+                input,
+                Op::N,
+                w,
+                Op::T,
+                &mut pre[l],
+                true,
+            );
         }
     }
 }
@@ -86,7 +113,13 @@ pub fn backward(
     for l in (0..nl).rev() {
         let hl = cx.lay.head_layer(l);
         let input: &[f32] = if l == 0 { x } else { &hb.act[l - 1] };
-        rows::colsum_add(&mut grads[hl.b..hl.b + hl.d_out], s0, rows, hl.d_out, partials);
+        rows::colsum_add(
+            &mut grads[hl.b..hl.b + hl.d_out],
+            s0,
+            rows,
+            hl.d_out,
+            partials,
+        );
         matmul(
             hl.d_out,
             hl.d_in,
@@ -101,7 +134,7 @@ pub fn backward(
         let w = &p[hl.w..hl.w + hl.d_out * hl.d_in];
         if l > 0 {
             matmul(rows, hl.d_in, hl.d_out, s0, Op::N, w, Op::N, s1, false);
-            rows::gelu_bwd_inplace(s1, &hb.pre[l - 1], rows * hl.d_in);
+            rows::mul_inplace(s1, &hb.dact[l - 1], rows * hl.d_in);
             core::mem::swap(s0, s1);
         } else {
             matmul(rows, hl.d_in, hl.d_out, s0, Op::N, w, Op::N, dx, false);

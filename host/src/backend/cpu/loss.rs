@@ -9,8 +9,7 @@ use rayon::prelude::*;
 use dinovmf_core::centering::{center_update, teacher_targets_row};
 use dinovmf_core::collapse::{entropy, CollapseStats};
 use dinovmf_core::logits::{
-    branch_terms_forward, l2_normalize_row_backward, l2_normalize_row_inplace,
-    logits_row_backward,
+    branch_terms_forward, l2_normalize_row_backward, l2_normalize_row_inplace, logits_row_backward,
 };
 use dinovmf_core::loss::{
     multicrop_target_sum, n_pairs, xent_row_forward_backward_inplace, LossConfig,
@@ -164,7 +163,17 @@ pub fn forward_backward(
         cfg.approx,
     );
     normalize_rows(&mut lb.y_t, &mut lb.zn_t, &z_t[..nt * p], p);
-    matmul(nt, k, p, &lb.y_t, Op::N, &lb.mu_t, Op::T, &mut lb.l_t, false);
+    matmul(
+        nt,
+        k,
+        p,
+        &lb.y_t,
+        Op::N,
+        &lb.mu_t,
+        Op::T,
+        &mut lb.l_t,
+        false,
+    );
     {
         let w_t = 1.0 / nt as f32;
         let (scale, bias) = (&lb.scale_t, &lb.bias_t);
@@ -215,7 +224,17 @@ pub fn forward_backward(
         cfg.approx,
     );
     normalize_rows(&mut lb.y_s, &mut lb.zn_s, &z_s[..ns * p], p);
-    matmul(ns, k, p, &lb.y_s, Op::N, &lb.mu_s, Op::T, &mut lb.dots_s, false);
+    matmul(
+        ns,
+        k,
+        p,
+        &lb.y_s,
+        Op::N,
+        &lb.mu_s,
+        Op::T,
+        &mut lb.dots_s,
+        false,
+    );
     let pairs = n_pairs(n_crops);
     let gs = 1.0 / (batch * pairs).max(1) as f32;
     {
@@ -273,22 +292,52 @@ pub fn forward_backward(
     let loss = total * gs;
 
     // dY = dDots M, dM = dDots^T Y, then back through both normalisations.
-    matmul(ns, p, k, &lb.ddots, Op::N, &lb.mu_s, Op::N, &mut lb.dy, false);
-    matmul(k, p, ns, &lb.ddots, Op::T, &lb.y_s, Op::N, &mut lb.dmu, false);
+    matmul(
+        ns,
+        p,
+        k,
+        &lb.ddots,
+        Op::N,
+        &lb.mu_s,
+        Op::N,
+        &mut lb.dy,
+        false,
+    );
+    matmul(
+        k,
+        p,
+        ns,
+        &lb.ddots,
+        Op::T,
+        &lb.y_s,
+        Op::N,
+        &mut lb.dmu,
+        false,
+    );
     {
         let (dy, y_s, zn) = (&lb.dy, &lb.y_s, &lb.zn_s);
         lb.dz[..ns * p]
             .par_chunks_mut(p)
             .enumerate()
             .for_each(|(i, o)| {
-                l2_normalize_row_backward(o, &dy[i * p..(i + 1) * p], &y_s[i * p..(i + 1) * p], zn[i])
+                l2_normalize_row_backward(
+                    o,
+                    &dy[i * p..(i + 1) * p],
+                    &y_s[i * p..(i + 1) * p],
+                    zn[i],
+                )
             });
         let (dmu, mu, vn) = (&lb.dmu, &lb.mu_s, &lb.vn_s);
         dv[..k * p]
             .par_chunks_mut(p)
             .enumerate()
             .for_each(|(i, o)| {
-                l2_normalize_row_backward(o, &dmu[i * p..(i + 1) * p], &mu[i * p..(i + 1) * p], vn[i])
+                l2_normalize_row_backward(
+                    o,
+                    &dmu[i * p..(i + 1) * p],
+                    &mu[i * p..(i + 1) * p],
+                    vn[i],
+                )
             });
     }
 

@@ -157,7 +157,10 @@ impl CpuBackend {
         shapes: StepShapes,
         reducer: Box<dyn GradReducer>,
     ) -> Result<Self> {
-        ensure!(model.is_valid(), "model configuration is not runnable: {model:?}");
+        ensure!(
+            model.is_valid(),
+            "model configuration is not runnable: {model:?}"
+        );
         ensure!(
             shapes.n_global == 2,
             "the DINO loss needs exactly 2 global crops, got {}",
@@ -341,7 +344,14 @@ impl CpuBackend {
             false,
         );
         self.cls_t.copy_from_slice(&self.glob.cls[..n_g * d]);
-        head::forward(&cx, &self.teacher, &mut self.head_t, &self.cls_t, n_g);
+        head::forward(
+            &cx,
+            &self.teacher,
+            &mut self.head_t,
+            &self.cls_t,
+            n_g,
+            false,
+        );
         self.tick(0, &mut t);
 
         // Student: every crop, with drop path, activations saved.
@@ -368,7 +378,14 @@ impl CpuBackend {
             self.cls_s[n_g * d..].copy_from_slice(&loc.cls[..n_l * d]);
         }
         let rows_s = n_g + n_l;
-        head::forward(&cx, &self.student, &mut self.head_s, &self.cls_s, rows_s);
+        head::forward(
+            &cx,
+            &self.student,
+            &mut self.head_s,
+            &self.cls_s,
+            rows_s,
+            true,
+        );
         self.tick(1, &mut t);
 
         // Loss: dL/dz, and the prototype layer's gradients straight into the flat buffer.
@@ -543,7 +560,13 @@ impl CpuBackend {
             .for_each(|(t, s)| ema_update(t, s, mom));
     }
 
-    fn embed_features(&mut self, net: Net, images: &[f32], n: usize, size: usize) -> Result<Vec<f32>> {
+    fn embed_features(
+        &mut self,
+        net: Net,
+        images: &[f32],
+        n: usize,
+        size: usize,
+    ) -> Result<Vec<f32>> {
         let v = &self.cx.cfg.vit;
         ensure!(
             v.accepts(size),
@@ -600,7 +623,10 @@ impl Backend for CpuBackend {
             ("adam_v", s.adam_v.len(), n),
             ("center", s.center.len(), k),
         ] {
-            ensure!(len == want, "state: {name} has {len} values, the model needs {want}");
+            ensure!(
+                len == want,
+                "state: {name} has {len} values, the model needs {want}"
+            );
         }
         self.student.copy_from_slice(&s.student);
         self.teacher.copy_from_slice(&s.teacher);

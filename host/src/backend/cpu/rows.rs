@@ -124,31 +124,38 @@ pub fn fill_rows(y: &mut [f32], bias: &[f32], n: usize) {
         });
 }
 
-/// `pre += bias; act = gelu(pre)` on `[n, cols]`.
-pub fn bias_gelu(pre: &mut [f32], act: &mut [f32], bias: &[f32], n: usize) {
+/// `pre += bias; act = gelu(pre)` on `[n, cols]`, and `dgelu = gelu'(pre)` when given.
+pub fn bias_gelu(
+    pre: &mut [f32],
+    act: &mut [f32],
+    dgelu: Option<&mut [f32]>,
+    bias: &[f32],
+    n: usize,
+) {
     let cols = bias.len();
-    pre[..n * cols]
-        .par_chunks_mut(CHUNK_ROWS * cols)
-        .zip(act[..n * cols].par_chunks_mut(CHUNK_ROWS * cols))
-        .for_each(|(p, a)| {
-            for (pr, ar) in p.chunks_exact_mut(cols).zip(a.chunks_exact_mut(cols)) {
-                for ((x, y), &b) in pr.iter_mut().zip(ar.iter_mut()).zip(bias) {
-                    *x += b;
-                    *y = fastmath::gelu(*x);
-                }
-            }
-        });
+    let c = CHUNK_ROWS * cols;
+    let pre = pre[..n * cols].par_chunks_mut(c);
+    let act = act[..n * cols].par_chunks_mut(c);
+    match dgelu {
+        Some(dg) => pre
+            .zip(act)
+            .zip(dg[..n * cols].par_chunks_mut(c))
+            .for_each(|((p, a), g)| fastmath::bias_gelu_rows(p, a, Some(g), bias)),
+        None => pre
+            .zip(act)
+            .for_each(|(p, a)| fastmath::bias_gelu_rows(p, a, None, bias)),
+    }
 }
 
-/// `d[i] *= gelu'(pre[i])` on `n` elements (turns d act into d pre).
-pub fn gelu_bwd_inplace(d: &mut [f32], pre: &[f32], n: usize) {
+/// `d[i] *= dgelu[i]` on `n` elements (turns d act into d pre with the saved derivative).
+pub fn mul_inplace(d: &mut [f32], dgelu: &[f32], n: usize) {
     const C: usize = 8192;
     d[..n]
         .par_chunks_mut(C)
-        .zip(pre[..n].par_chunks(C))
-        .for_each(|(d, p)| {
-            for (g, &x) in d.iter_mut().zip(p) {
-                *g *= fastmath::gelu_grad(x);
+        .zip(dgelu[..n].par_chunks(C))
+        .for_each(|(d, g)| {
+            for (a, &b) in d.iter_mut().zip(g) {
+                *a *= b;
             }
         });
 }
@@ -199,20 +206,90 @@ pub fn scale_images(out: &mut [f32], dx: &[f32], scale: Option<&[f32]>, n_img: u
         });
 }
 
-/// `y[i] += x[i]` on `n` elements.
-pub fn add_inplace(y: &mut [f32], x: &[f32], n: usize) {
-    const C: usize = 16384;
-    y[..n]
-        .par_chunks_mut(C)
-        .zip(x[..n].par_chunks(C))
-        .for_each(|(y, x)| {
-            for (a, &b) in y.iter_mut().zip(x) {
-                *a += b;
-            }
-        });
-}
-
 /// `y.fill(0)` in parallel.
 pub fn zero(y: &mut [f32]) {
     y.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rnd(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn layernorm_and_column_sums_match_core_f64_rel_1e5() {
+        // 100 rows: several chunks and a ragged last one.
+        let (n, d) = (100, 24);
+        let x: Vec<f32> = rnd(n * d, 1).iter().map(|v| 3.0 * v + 0.5).collect();
+        let gamma: Vec<f32> = rnd(d, 2).iter().map(|v| 1.0 + 0.3 * v).collect();
+        let beta = rnd(d, 3);
+        let dy = rnd(n * d, 4);
+        let resid = rnd(n * d, 5);
+        let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        let (x64, g64, b64, dy64) = (f(&x), f(&gamma), f(&beta), f(&dy));
+        let mut y64 = vec![0.0; n * d];
+        let (mut m64, mut r64) = (vec![0.0; n], vec![0.0; n]);
+        layernorm_forward(&mut y64, &mut m64, &mut r64, &x64, &g64, &b64, n, d, 1e-6);
+        let mut dx64 = vec![0.0; n * d];
+        let (mut dg64, mut db64) = (vec![0.0; d], vec![0.0; d]);
+        layernorm_backward(
+            &mut dx64, &mut dg64, &mut db64, &dy64, &x64, &m64, &r64, &g64, n, d,
+        );
+
+        let mut y = vec![0.0; n * d];
+        let (mut m, mut r) = (vec![0.0; n], vec![0.0; n]);
+        layernorm_fwd(&mut y, &mut m, &mut r, &x, &gamma, &beta, n, d, 1e-6);
+        let mut dx = resid.clone();
+        let mut tmp = vec![0.0; n * d];
+        let (mut dg, mut db) = (vec![0.5f32; d], vec![-0.5f32; d]);
+        let mut part = vec![0.0; n_chunks(n) * 2 * d];
+        layernorm_bwd_add(
+            &mut dx, &mut tmp, &mut dg, &mut db, &dy, &x, &m, &r, &gamma, &mut part, n, d,
+        );
+        let close = |a: f32, b: f64, scale: f64| (a as f64 - b).abs() <= 1e-5 * scale;
+        for i in 0..n * d {
+            assert!(close(y[i], y64[i], 3.0), "y[{i}]");
+            assert!(close(dx[i], dx64[i] + resid[i] as f64, 3.0), "dx[{i}]");
+        }
+        for j in 0..d {
+            assert!(close(dg[j], dg64[j] + 0.5, 10.0), "dgamma[{j}]");
+            assert!(close(db[j], db64[j] - 0.5, 10.0), "dbeta[{j}]");
+        }
+
+        let mut cs = vec![1.0f32; d];
+        colsum_add(&mut cs, &dy, n, d, &mut part);
+        for j in 0..d {
+            let want: f64 = 1.0 + (0..n).map(|i| dy64[i * d + j]).sum::<f64>();
+            assert!(close(cs[j], want, 10.0), "colsum[{j}]");
+        }
+    }
+
+    #[test]
+    fn residual_drop_and_scale_match_definition() {
+        let (n, t, d) = (3, 5, 4);
+        let x = rnd(n * t * d, 1);
+        let br = rnd(n * t * d, 2);
+        let bias = rnd(d, 3);
+        let s = [0.0f32, 1.25, 1.0];
+        let mut out = vec![0.0; n * t * d];
+        residual_drop(&mut out, &x, &br, &bias, Some(&s), n, t * d);
+        let mut sc = vec![0.0; n * t * d];
+        scale_images(&mut sc, &x, Some(&s), n, t * d);
+        for i in 0..n * t * d {
+            let img = i / (t * d);
+            assert_eq!(out[i], x[i] + s[img] * (br[i] + bias[i % d]));
+            assert_eq!(sc[i], s[img] * x[i]);
+        }
+    }
 }

@@ -2,8 +2,10 @@
 //! every linear is one GEMM over all tokens of the group, the row ops are parallel over rows,
 //! attention is parallel over images.
 //!
-//! Only the final-LayerNorm `[CLS]` rows are computed and differentiated: nothing else of the
-//! last LayerNorm's output is ever read (the head takes `[CLS]`, so does `embed`).
+//! Only `[CLS]` features leave the backbone (the head and `embed` read nothing else), so the
+//! last block computes keys and values for every token but attention, projection and MLP for
+//! the `[CLS]` query only, and the final LayerNorm runs on `[CLS]` rows: about a fifth of the
+//! work of a depth-4 model, with the same result.
 use rayon::prelude::*;
 
 use dinovmf_core::model::{BlockOffsets, Layout, ModelConfig};
@@ -53,8 +55,9 @@ pub struct BlockBufs {
     pub ln2: Vec<f32>,
     pub ln2_mean: Vec<f32>,
     pub ln2_rstd: Vec<f32>,
-    pub fc1: Vec<f32>,
+    /// GELU output and derivative of `fc1` (the pre-activation itself is not needed).
     pub gelu: Vec<f32>,
+    pub dgelu: Vec<f32>,
 }
 
 impl BlockBufs {
@@ -72,15 +75,14 @@ impl BlockBufs {
             ln2: vec![0.0; rows * d],
             ln2_mean: vec![0.0; rows],
             ln2_rstd: vec![0.0; rows],
-            fc1: vec![0.0; rows * mh],
             gelu: vec![0.0; rows * mh],
+            dgelu: vec![0.0; rows * mh],
         }
     }
 }
 
 /// Buffers of one crop group, for up to `cap` images of side `size`.
 pub struct Group {
-    pub cap: usize,
     pub size: usize,
     pub grid: usize,
     pub np: usize,
@@ -93,7 +95,10 @@ pub struct Group {
     pub blocks: Vec<BlockBufs>,
     /// Branch outputs before the residual (and the patch tokens).
     pub tmp: Vec<f32>,
-    /// Final-stream `[CLS]` rows `[n, d]`, their LayerNorm output and statistics.
+    /// `fc1` pre-activations.
+    pub hid: Vec<f32>,
+    /// The last block's input `[CLS]` rows `[n, d]` (its residual), the final LayerNorm output
+    /// and statistics.
     pub cls_in: Vec<f32>,
     pub cls: Vec<f32>,
     pub cls_mean: Vec<f32>,
@@ -110,7 +115,6 @@ impl Group {
         let nb = if saved { v.depth } else { 1 };
         let ns = if saved { v.depth + 1 } else { 2 };
         Self {
-            cap,
             size,
             grid,
             np,
@@ -121,6 +125,7 @@ impl Group {
             stream: (0..ns).map(|_| vec![0.0; cap * t * d]).collect(),
             blocks: (0..nb).map(|_| BlockBufs::new(cx, cap, t)).collect(),
             tmp: vec![0.0; cap * t * d],
+            hid: vec![0.0; cap * t * cx.mh],
             cls_in: vec![0.0; cap * d],
             cls: vec![0.0; cap * d],
             cls_mean: vec![0.0; cap],
@@ -267,25 +272,24 @@ pub fn forward(
             x,
             xout,
             &mut g.tmp,
+            &mut g.hid,
+            &mut g.cls_in,
             n,
             t,
             sa,
             sm,
+            save,
+            i + 1 == v.depth,
         );
     }
 
-    // Final LayerNorm on the [CLS] rows only.
+    // Final LayerNorm: the last block produced the [CLS] rows `[n, d]` only.
     let last = if save { v.depth } else { v.depth % 2 };
-    let xf = &g.stream[last];
-    g.cls_in[..n * d]
-        .par_chunks_mut(d)
-        .enumerate()
-        .for_each(|(b, o)| o.copy_from_slice(&xf[b * t * d..b * t * d + d]));
     rows::layernorm_fwd(
         &mut g.cls,
         &mut g.cls_mean,
         &mut g.cls_rstd,
-        &g.cls_in,
+        &g.stream[last],
         &p[lay.norm_w..lay.norm_w + d],
         &p[lay.norm_b..lay.norm_b + d],
         n,
@@ -305,6 +309,10 @@ fn two(v: &mut [Vec<f32>], a: usize, b: usize) -> (&[f32], &mut [f32]) {
     }
 }
 
+/// One block. With `cls_only` (the last block) only the `[CLS]` rows of its output are made:
+/// LayerNorm 1 and `qkv` run on every token (keys and values), attention for query 0 only,
+/// and projection, LayerNorm 2 and MLP on `n` rows; `xout` then holds `[n, d]` and `xc` the
+/// block input's `[CLS]` rows (the residual).
 #[allow(clippy::too_many_arguments)]
 fn block_forward(
     cx: &Cx,
@@ -314,10 +322,14 @@ fn block_forward(
     x: &[f32],
     xout: &mut [f32],
     tmp: &mut [f32],
+    hid: &mut [f32],
+    xc: &mut [f32],
     n: usize,
     t: usize,
     sa: Option<&[f32]>,
     sm: Option<&[f32]>,
+    save: bool,
+    cls_only: bool,
 ) {
     let (d, mh) = (cx.d, cx.mh);
     let rows = n * t;
@@ -351,9 +363,21 @@ fn block_forward(
         &mut bb.qkv,
         acc,
     );
-    attention::forward(&mut bb.attn_out, &mut bb.att, &bb.qkv, n, t, d, cx.heads);
+    // From here on the rows are all tokens, or the [CLS] tokens only.
+    let (r, per) = if cls_only {
+        attention::forward_cls(&mut bb.attn_out, &mut bb.att, &bb.qkv, n, t, d, cx.heads);
+        xc[..n * d]
+            .par_chunks_mut(d)
+            .enumerate()
+            .for_each(|(b, o)| o.copy_from_slice(&x[b * t * d..b * t * d + d]));
+        (n, d)
+    } else {
+        attention::forward(&mut bb.attn_out, &mut bb.att, &bb.qkv, n, t, d, cx.heads);
+        (rows, t * d)
+    };
+    let xres: &[f32] = if cls_only { xc } else { x };
     matmul(
-        rows,
+        r,
         d,
         d,
         &bb.attn_out,
@@ -363,7 +387,7 @@ fn block_forward(
         tmp,
         false,
     );
-    rows::residual_drop(&mut bb.x_mid, x, tmp, w(o.proj_b, d), sa, n, t * d);
+    rows::residual_drop(&mut bb.x_mid, xres, tmp, w(o.proj_b, d), sa, n, per);
     rows::layernorm_fwd(
         &mut bb.ln2,
         &mut bb.ln2_mean,
@@ -371,24 +395,25 @@ fn block_forward(
         &bb.x_mid,
         w(o.norm2_w, d),
         w(o.norm2_b, d),
-        rows,
+        r,
         d,
         cx.eps,
     );
     matmul(
-        rows,
+        r,
         mh,
         d,
         &bb.ln2,
         Op::N,
         w(o.fc1_w, mh * d),
         Op::T,
-        &mut bb.fc1,
+        hid,
         false,
     );
-    rows::bias_gelu(&mut bb.fc1, &mut bb.gelu, w(o.fc1_b, mh), rows);
+    let dg = if save { Some(&mut bb.dgelu[..]) } else { None };
+    rows::bias_gelu(hid, &mut bb.gelu, dg, w(o.fc1_b, mh), r);
     matmul(
-        rows,
+        r,
         d,
         mh,
         &bb.gelu,
@@ -398,7 +423,7 @@ fn block_forward(
         tmp,
         false,
     );
-    rows::residual_drop(xout, &bb.x_mid, tmp, w(o.fc2_b, d), sm, n, t * d);
+    rows::residual_drop(xout, &bb.x_mid, tmp, w(o.fc2_b, d), sm, n, per);
 }
 
 /// Backward of [`forward`] (which must have run with `g.saved`) from `dcls[n, d]`, the
@@ -422,18 +447,17 @@ pub fn backward(
     let rows = n * t;
     let w = |off: usize, len: usize| &p[off..off + len];
 
-    // Final LayerNorm ([CLS] rows), scattered into the stream gradient.
+    // Final LayerNorm: its input is the last block's `[CLS]` output, `stream[depth]` `[n, d]`.
     {
-        let dxc = &mut bs.dln[..n * d];
-        dxc.fill(0.0);
+        bs.dx[..n * d].fill(0.0);
         let (gw, gb) = grads[lay.norm_w..lay.norm_w + 2 * d].split_at_mut(d);
         rows::layernorm_bwd_add(
-            dxc,
+            &mut bs.dx,
             &mut bs.dtmp,
             gw,
             gb,
             dcls,
-            &g.cls_in,
+            &g.stream[v.depth],
             &g.cls_mean,
             &g.cls_rstd,
             w(lay.norm_w, d),
@@ -441,14 +465,6 @@ pub fn backward(
             n,
             d,
         );
-        let dxc = &bs.dln;
-        bs.dx[..rows * d]
-            .par_chunks_mut(t * d)
-            .enumerate()
-            .for_each(|(b, x)| {
-                x[..d].copy_from_slice(&dxc[b * d..(b + 1) * d]);
-                x[d..].fill(0.0);
-            });
     }
 
     for i in (0..v.depth).rev() {
@@ -456,20 +472,23 @@ pub fn backward(
         let bb = &g.blocks[i];
         let x_in = &g.stream[i];
         let (sa, sm) = branch_scales(scales, i, n);
+        // The last block works on the `[CLS]` rows until the attention (see `block_forward`).
+        let cls_only = i + 1 == v.depth;
+        let (r, per) = if cls_only { (n, d) } else { (rows, t * d) };
 
         // MLP branch.
-        rows::scale_images(&mut bs.dbranch, &bs.dx, sm, n, t * d);
+        rows::scale_images(&mut bs.dbranch, &bs.dx, sm, n, per);
         rows::colsum_add(
             &mut grads[o.fc2_b..o.fc2_b + d],
             &bs.dbranch,
-            rows,
+            r,
             d,
             &mut bs.partials,
         );
         matmul(
             d,
             mh,
-            rows,
+            r,
             &bs.dbranch,
             Op::T,
             &bb.gelu,
@@ -478,7 +497,7 @@ pub fn backward(
             true,
         );
         matmul(
-            rows,
+            r,
             mh,
             d,
             &bs.dbranch,
@@ -488,18 +507,18 @@ pub fn backward(
             &mut bs.dhid,
             false,
         );
-        rows::gelu_bwd_inplace(&mut bs.dhid, &bb.fc1, rows * mh);
+        rows::mul_inplace(&mut bs.dhid, &bb.dgelu, r * mh);
         rows::colsum_add(
             &mut grads[o.fc1_b..o.fc1_b + mh],
             &bs.dhid,
-            rows,
+            r,
             mh,
             &mut bs.partials,
         );
         matmul(
             mh,
             d,
-            rows,
+            r,
             &bs.dhid,
             Op::T,
             &bb.ln2,
@@ -508,7 +527,7 @@ pub fn backward(
             true,
         );
         matmul(
-            rows,
+            r,
             d,
             mh,
             &bs.dhid,
@@ -531,24 +550,24 @@ pub fn backward(
                 &bb.ln2_rstd,
                 w(o.norm2_w, d),
                 &mut bs.partials,
-                rows,
+                r,
                 d,
             );
         }
 
         // Attention branch.
-        rows::scale_images(&mut bs.dbranch, &bs.dx, sa, n, t * d);
+        rows::scale_images(&mut bs.dbranch, &bs.dx, sa, n, per);
         rows::colsum_add(
             &mut grads[o.proj_b..o.proj_b + d],
             &bs.dbranch,
-            rows,
+            r,
             d,
             &mut bs.partials,
         );
         matmul(
             d,
             d,
-            rows,
+            r,
             &bs.dbranch,
             Op::T,
             &bb.attn_out,
@@ -557,7 +576,7 @@ pub fn backward(
             true,
         );
         matmul(
-            rows,
+            r,
             d,
             d,
             &bs.dbranch,
@@ -567,17 +586,41 @@ pub fn backward(
             &mut bs.dattn,
             false,
         );
-        attention::backward(
-            &mut bs.dqkv,
-            &mut bs.dp,
-            &bs.dattn,
-            &bb.qkv,
-            &bb.att,
-            n,
-            t,
-            d,
-            cx.heads,
-        );
+        if cls_only {
+            attention::backward_cls(
+                &mut bs.dqkv,
+                &mut bs.dp,
+                &bs.dattn,
+                &bb.qkv,
+                &bb.att,
+                n,
+                t,
+                d,
+                cx.heads,
+            );
+            // The stream gradient becomes full-size: `[CLS]` rows from the residual, 0 elsewhere.
+            bs.dtmp[..n * d].copy_from_slice(&bs.dx[..n * d]);
+            let dxc = &bs.dtmp;
+            bs.dx[..rows * d]
+                .par_chunks_mut(t * d)
+                .enumerate()
+                .for_each(|(b, x)| {
+                    x[..d].copy_from_slice(&dxc[b * d..(b + 1) * d]);
+                    x[d..].fill(0.0);
+                });
+        } else {
+            attention::backward(
+                &mut bs.dqkv,
+                &mut bs.dp,
+                &bs.dattn,
+                &bb.qkv,
+                &bb.att,
+                n,
+                t,
+                d,
+                cx.heads,
+            );
+        }
         if let Some(qb) = o.qkv_b {
             rows::colsum_add(
                 &mut grads[qb..qb + 3 * d],
