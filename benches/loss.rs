@@ -1,7 +1,7 @@
-//! Reference multi-crop loss forward + backward at the paper's head size, on the CPU in f32:
-//! B = 64, 10 crops (2 global + 8 local), K = 65536, p = 256, DINO-vMF (vMF logits, probability
-//! centering, learned radii). Single-threaded naive loops (~34 G multiply-adds per call): this is
-//! the baseline the GEMM backends replace, not a fast path.
+//! Multi-crop loss forward + backward at the paper's head size, on the CPU in f32: B = 64,
+//! 10 crops (2 global + 8 local), K = 65536, p = 256, DINO-vMF (vMF logits, probability
+//! centering, learned radii). First core's reference composite (single-threaded naive loops,
+//! ~34 G multiply-adds per call), then the CPU backend's GEMM path on the same inputs.
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -9,6 +9,7 @@ use dinovmf_suite::core_math::centering;
 use dinovmf_suite::core_math::loss::{
     multicrop_loss_forward_backward, scratch_len, LossConfig, LossDims, LossGrads, LossInputs,
 };
+use dinovmf_suite::host::backend::cpu::loss::{forward_backward, LossBufs};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -65,6 +66,29 @@ fn bench_loss(c: &mut Criterion) {
                 &mut scratch,
             )
             .expect("valid dims")
+            .loss
+        })
+    });
+    // The CPU backend's fast path: the same loss with GEMMs for the dot products and rayon over
+    // rows (all cores), the code `dinovmf train` runs.
+    let mut lb = LossBufs::new(dims.n_crops, dims.batch, dims.k, dims.p);
+    let mut next_center = center.clone();
+    group.bench_function("vmf_f32_fwd_bwd_B64_crops10_K65536_p256_cpu_backend", |b| {
+        b.iter(|| {
+            forward_backward(
+                &cfg,
+                &mut lb,
+                &z_s,
+                &z_t,
+                &v_s,
+                &g_s,
+                &v_t,
+                &g_t,
+                &center,
+                &mut next_center,
+                &mut dv,
+                &mut dg,
+            )
             .loss
         })
     });

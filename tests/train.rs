@@ -1,6 +1,6 @@
 //! End-to-end trainer tests on the tiny preset: a few steps, resume bit-exactness, divergence
 //! handling, checkpoint errors. Every run here takes seconds.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use dinovmf::train::{self, state, LossKind, RunOptions, TrainConfig};
 
@@ -16,8 +16,14 @@ fn tiny(loss: LossKind) -> TrainConfig {
     c
 }
 
-fn opts(dir: &PathBuf) -> RunOptions {
-    RunOptions { out_dir: dir.clone(), progress: false, eval: false, workers: 2, ..Default::default() }
+fn opts(dir: &Path) -> RunOptions {
+    RunOptions {
+        out_dir: dir.to_path_buf(),
+        progress: false,
+        eval: false,
+        workers: 2,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -27,7 +33,11 @@ fn tiny_runs_train_with_finite_decreasing_history_for_both_losses() {
         let cfg = tiny(loss);
         let s = train::train(&cfg, &opts(&dir)).unwrap();
         assert!(s.steps > 0 && s.losses.len() as u64 == s.steps);
-        assert!(s.losses.iter().all(|l| l.is_finite()), "{loss:?}: {:?}", s.losses);
+        assert!(
+            s.losses.iter().all(|l| l.is_finite()),
+            "{loss:?}: {:?}",
+            s.losses
+        );
         // The checkpoint and metrics exist and reload into the same configuration.
         let (_, step, saved, _) = state::load_checkpoint(&s.checkpoint).unwrap();
         assert_eq!(step, s.steps);
@@ -58,7 +68,11 @@ fn resume_is_bit_exact() {
         let mut joined = first.losses.clone();
         joined.extend_from_slice(&second.losses);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&joined), bits(&full.losses), "{loss:?}: resumed losses differ");
+        assert_eq!(
+            bits(&joined),
+            bits(&full.losses),
+            "{loss:?}: resumed losses differ"
+        );
         // Final states agree bit for bit as well.
         let (a, ..) = state::load_checkpoint(&full.checkpoint).unwrap();
         let (b, ..) = state::load_checkpoint(&second.checkpoint).unwrap();
@@ -82,7 +96,11 @@ fn divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint() {
     let err = train::train(&bad, &opts(&dir)).unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("loss became"), "{msg}");
-    assert_eq!(std::fs::read(&first.checkpoint).unwrap(), before, "checkpoint was overwritten");
+    assert_eq!(
+        std::fs::read(&first.checkpoint).unwrap(),
+        before,
+        "checkpoint was overwritten"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -67,7 +67,7 @@ pub fn run(a: &MathArgs) -> Result<()> {
         if a.cos.is_empty() || (a.cos.len() != 1 && a.cos.len() != a.g.len()) {
             bail!("--cos needs one value, or one per --g value");
         }
-        if !(a.tau > 0.0) {
+        if a.tau.is_nan() || a.tau <= 0.0 {
             bail!("--tau must be positive");
         }
         println!("\nlogits of a unit feature y, tau = {} (softmax-invariant constant c_p left out of vMF):", a.tau);

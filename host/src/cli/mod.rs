@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Pre-train a ViT (DINO or DINO-vMF); ends with a k-NN evaluation.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Evaluate a checkpoint.
     #[command(subcommand)]
     Eval(eval::EvalCommand),

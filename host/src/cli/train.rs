@@ -69,6 +69,12 @@ pub struct TrainArgs {
     /// Per-tensor gradient-norm clip (0 = off).
     #[arg(long)]
     pub clip_grad: Option<f64>,
+    /// Epochs during which the prototype layer gets no update (DINO: 1).
+    #[arg(long)]
+    pub freeze_last_layer_epochs: Option<u64>,
+    /// Learning rate at the end of the cosine schedule.
+    #[arg(long)]
+    pub min_lr: Option<f64>,
     /// Number of local crops.
     #[arg(long)]
     pub n_local: Option<usize>,
@@ -115,7 +121,8 @@ impl TrainArgs {
              warmup_teacher_temp_epochs => warmup_teacher_temp_epochs, student_temp => student_temp,
              momentum_teacher => momentum_teacher, center_momentum => center_momentum,
              weight_decay => weight_decay, weight_decay_end => weight_decay_end,
-             clip_grad => clip_grad, n_local => n_local, drop_path => model.drop_path, seed => seed);
+             clip_grad => clip_grad, freeze_last_layer_epochs => freeze_last_layer_epochs,
+             min_lr => min_lr, n_local => n_local, drop_path => model.drop_path, seed => seed);
         if self.teacher_temp.is_some()
             && self.warmup_teacher_temp.is_none()
             && c.warmup_teacher_temp_epochs == 0

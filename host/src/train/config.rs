@@ -228,14 +228,14 @@ impl TrainConfig {
     /// Rejects settings that cannot run, with a message that says which and why.
     pub fn validate(&self) -> Result<()> {
         let m = &self.model;
-        if m.patch == 0 || m.img_size % m.patch != 0 {
+        if m.patch == 0 || !m.img_size.is_multiple_of(m.patch) {
             bail!(
                 "image size {} is not a multiple of the patch size {}",
                 m.img_size,
                 m.patch
             );
         }
-        if m.heads == 0 || m.dim % m.heads != 0 {
+        if m.heads == 0 || !m.dim.is_multiple_of(m.heads) {
             bail!("dim {} is not divisible by {} heads", m.dim, m.heads);
         }
         if m.prototypes < 2 {
@@ -244,8 +244,8 @@ impl TrainConfig {
         if self.batch_size == 0 || self.epochs == 0 {
             bail!("batch size and epochs must be positive");
         }
-        let local = (m.img_size / 2).max(m.patch);
-        if local % m.patch != 0 {
+        let local = crate::data::CropConfig::for_image_size(m.img_size, self.n_local).local_size;
+        if !local.is_multiple_of(m.patch) {
             bail!(
                 "local crop size {local} is not a multiple of the patch size {}",
                 m.patch

@@ -418,6 +418,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                 },
             )?;
             metrics.write_all(b"\n")?;
+            // Whole lines only, so `tail -f metrics.jsonl` and plotting tools never see half a record.
+            metrics.flush()?;
             if let Some(w) = watch.check(step, spe, &m) {
                 bar.suspend(|| eprintln!("{w}"));
             }
@@ -428,7 +430,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                 m.loss, m.teacher_entropy, m.mean_entropy, m.max_mass, ips
             ));
             let epoch_done = step % spe == 0;
-            if (epoch_done && (step / spe) % opts.checkpoint_every.max(1) == 0) || step == end {
+            if (epoch_done && (step / spe).is_multiple_of(opts.checkpoint_every.max(1)))
+                || step == end
+            {
                 metrics.flush()?;
                 let st = backend.state()?;
                 state::save_checkpoint(&ckpt_path, cfg, &st, step, knn_init.as_deref())?;

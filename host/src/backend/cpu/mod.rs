@@ -25,7 +25,7 @@ mod attention;
 pub mod fastmath;
 pub mod gemm;
 mod head;
-mod loss;
+pub mod loss;
 mod rows;
 mod vit;
 
