@@ -125,12 +125,12 @@ mod imp {
         for p in &c.steps {
             let rel =
                 ((p.dev.loss - p.cpu.loss) as f64 / (p.cpu.loss as f64).abs().max(1e-30)).abs();
-            if !(rel <= COMPARE_LOSS_RTOL) {
+            if rel.is_nan() || rel > COMPARE_LOSS_RTOL {
                 bad.push(format!("step {} loss rel diff {rel:.2e}", p.step));
             }
         }
         for d in std::iter::once(&c.grads).chain(&c.state) {
-            if d.non_finite > 0 || !(d.rel_l2 <= COMPARE_L2_RTOL) {
+            if d.non_finite > 0 || d.rel_l2.is_nan() || d.rel_l2 > COMPARE_L2_RTOL {
                 bad.push(format!(
                     "{} rel L2 {:.2e} ({} non-finite)",
                     d.name, d.rel_l2, d.non_finite

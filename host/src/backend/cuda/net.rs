@@ -350,6 +350,7 @@ fn attention_backward<D: Device>(
 
 /// Forward of `n <= cap` images already in `g.img`; leaves the final-LayerNorm `[CLS]`
 /// features in `g.cls`. `save` keeps every block's activations (the group must be `saved`).
+#[allow(clippy::too_many_arguments)]
 pub fn vit_forward<D: Device>(
     gpu: &mut Gpu<D>,
     cx: &Cx,

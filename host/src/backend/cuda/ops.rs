@@ -102,6 +102,7 @@ impl<D: Device> Gpu<D> {
     }
 
     /// `y[rows, out] = x[rows, in] w[out, in]^T + b`.
+    #[allow(clippy::too_many_arguments)]
     pub fn linear(
         &mut self,
         y: Buf<f32>,
