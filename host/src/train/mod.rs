@@ -249,8 +249,8 @@ impl CollapseWatch {
             self.warned_uniform = true;
             return Some(format!(
                 "warning: step {step}: loss {:.3} / teacher entropy {:.3} near ln K = {:.3}: the teacher is \
-                 close to uniform (collapse to the uniform solution). Hint: lower --teacher-temp, \
-                 raise --lr, or use fewer --prototypes.",
+                 close to uniform (collapse to the uniform solution: sharpening loses to centering). \
+                 Hint: lower --teacher-temp (sharper targets), or use fewer --prototypes.",
                 m.loss, m.teacher_entropy, self.ln_k
             ));
         }
@@ -258,7 +258,8 @@ impl CollapseWatch {
             self.warned_single = true;
             return Some(format!(
                 "warning: step {step}: one prototype holds {:.0}% of the batch's teacher mass (collapse \
-                 to one prototype). Hint: raise --center-momentum's effect by lowering it, or raise --teacher-temp.",
+                 to one prototype: centering loses to sharpening). Hint: lower --center-momentum (a faster \
+                 center), or raise --teacher-temp.",
                 100.0 * m.max_mass
             ));
         }
