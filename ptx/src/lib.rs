@@ -25,6 +25,7 @@ pub mod elem;
 pub mod kernels;
 pub mod manifest;
 pub mod math;
+pub mod raw;
 
 #[cfg(target_arch = "nvptx64")]
 mod gpu;

@@ -74,7 +74,7 @@ pub fn kernel(name: &str) -> Option<&'static KernelInfo> {
 }
 
 macro_rules! kernels {
-    ($group:ident, $module:ident; $(
+    ($group:ident, $module:ident, $sim:ident; $(
         $(#[doc = $doc:literal])*
         $name:ident [$block:expr, $smem:ident, $grid:literal]
         ($($p:ident : $t:ty),* $(,)?) |$bk:ident| $body:block
@@ -105,15 +105,44 @@ macro_rules! kernels {
                 }
             )*
         }
+
+        /// The same entry points on the host: the parameters arrive as 64-bit words
+        /// ([`FromArg`](crate::raw::FromArg)) and the body runs under the simulator.
+        #[cfg(not(target_arch = "nvptx64"))]
+        mod $sim {
+            #![allow(clippy::too_many_arguments, unused_unsafe)]
+            use super::*;
+            #[allow(unused_imports)]
+            use crate::block::Block;
+            use crate::raw::*;
+            $(
+                unsafe fn $name(grid: [u32; 3], args: &[u64]) {
+                    let mut words = args.iter().copied();
+                    $(let $p: $t = FromArg::from_arg(words.next().unwrap_or(0));)*
+                    crate::sim::launch(grid, $block, smem_bytes(SmemKind::$smem) as usize / 4, |$bk| $body);
+                }
+            )*
+            pub(super) fn entry(name: &str) -> Option<crate::sim::Entry> {
+                match name {
+                    $(stringify!($name) => Some($name as crate::sim::Entry),)*
+                    _ => None,
+                }
+            }
+        }
     };
 }
 
-/// Shared body of the GEMM entry points.
-#[cfg(target_arch = "nvptx64")]
+/// The host version of entry point `name` (see [`crate::sim::launch_entry`]).
+#[cfg(not(target_arch = "nvptx64"))]
+pub(crate) fn sim_entry(name: &str) -> Option<crate::sim::Entry> {
+    gemm_sim::entry(name).or_else(|| other_sim::entry(name))
+}
+
+/// Shared body of the GEMM entry points (device and host).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn gemm_entry<E: crate::Elem, EC: crate::Elem, const TA: bool, const TB: bool>(
-    b: &mut crate::gpu::Gpu,
+    b: &mut impl crate::Block,
     c: *mut EC,
     a: *const E,
     bm: *const E,
@@ -124,7 +153,7 @@ unsafe fn gemm_entry<E: crate::Elem, EC: crate::Elem, const TA: bool, const TB: 
     alpha: f32,
     beta: f32,
 ) {
-    use crate::gpu::{opt, sl, sl_mut};
+    use crate::raw::{opt, sl, sl_mut};
     let s = gemm::GemmShape {
         m: dims[0] as usize,
         n: dims[1] as usize,
@@ -152,7 +181,7 @@ unsafe fn gemm_entry<E: crate::Elem, EC: crate::Elem, const TA: bool, const TB: 
 /// Declares one GEMM entry point per (storage, output, transposes).
 macro_rules! gemm_kernels {
     ($($(#[doc = $doc:literal])* $name:ident: $e:ty, $ec:ty, $ta:literal, $tb:literal;)*) => {
-        kernels! { GEMM_KERNELS, gemm_entries; $(
+        kernels! { GEMM_KERNELS, gemm_entries, gemm_sim; $(
             $(#[doc = $doc])*
             $name [GEMM_BLOCK, Gemm, "(ceil(n/64), ceil(m/64), batches = outer * inner)"]
             (c: *mut $ec, a: *const $e, b: *const $e, bias: *const f32,
@@ -190,7 +219,7 @@ gemm_kernels! {
     gemm_tn_f16_f32: H16, f32, true, false;
 }
 
-kernels! { OTHER_KERNELS, other_entries;
+kernels! { OTHER_KERNELS, other_entries, other_sim;
     /// `y = gelu(x)` (exact, erf form).
     gelu_forward [EW_BLOCK, None, "ceil(n/256)"] (y: *mut f32, x: *const f32, n: u32) |b| {
         elementwise::gelu_forward(b, sl_mut(y, n), sl(x, n), n as usize)
@@ -310,6 +339,10 @@ kernels! { OTHER_KERNELS, other_entries;
     xent_columns [EW_BLOCK, Small, "ceil(k/256)"] (dots: *mut f32, dr: *mut f32, loss_part: *mut f32, lse: *const f32, p_t: *const f32, scale: *const f32, bias: *const f32, dbias_dr: *const f32, tau: f32, n_crops: u32, batch: u32, k: u32) |b| {
         let ns = n_crops * batch;
         head::xent_columns(b, sl_mut(dots, ns * k), opt_mut(dr, k), sl_mut(loss_part, k.div_ceil(EW_BLOCK)), sl(lse, ns), sl(p_t, 2 * batch * k), sl(scale, k), sl(bias, k), sl(dbias_dr, k), tau, n_crops as usize, batch as usize, k as usize)
+    }
+    /// `ent[r] = -Σ_j p[r, j] ln p[r, j]` (the teacher's collapse signals).
+    row_entropy [WIDE_BLOCK, Small, "rows"] (ent: *mut f32, p: *const f32, rows: u32, k: u32) |b| {
+        head::row_entropy(b, sl_mut(ent, rows), sl(p, rows * k), rows as usize, k as usize)
     }
     /// `c <- m c + (1 - m) stat`.
     center_update [EW_BLOCK, None, "ceil(k/256)"] (center: *mut f32, stat: *const f32, momentum: f32, k: u32) |b| {

@@ -163,3 +163,27 @@ pub fn launch(grid: [u32; 3], block: u32, smem_words: usize, mut body: impl FnMu
         }
     }
 }
+
+/// A kernel entry point on the host: grid, then one 64-bit word per parameter.
+pub type Entry = unsafe fn([u32; 3], &[u64]);
+
+/// Runs entry point `name` of `dinovmf.ptx` on the host, the way the driver would launch it:
+/// `args` holds one word per parameter of the manifest, pointers being host addresses. Returns
+/// `false` (running nothing) for an unknown name or a wrong number of arguments.
+///
+/// # Safety
+/// Every pointer must be valid for the extents the kernel derives from the other parameters,
+/// and no two buffers the kernel writes or reads may overlap where one of them is written.
+pub unsafe fn launch_entry(name: &str, grid: [u32; 3], args: &[u64]) -> bool {
+    let (Some(k), Some(f)) = (
+        crate::manifest::kernel(name),
+        crate::manifest::sim_entry(name),
+    ) else {
+        return false;
+    };
+    if k.params.len() != args.len() {
+        return false;
+    }
+    f(grid, args);
+    true
+}

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 pub mod eval;
 pub mod math;
 pub mod train;
+pub mod verify;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -28,6 +29,9 @@ pub enum Command {
     Eval(eval::EvalCommand),
     /// Print log C_p, A_p and vMF / DINO logits for given inputs.
     Math(math::MathArgs),
+    /// Check every GPU kernel against the reference math (and, with --compare-cpu, training
+    /// steps against the CPU backend); needs a build with `--features cuda`.
+    VerifyKernels(verify::VerifyArgs),
 }
 
 pub fn main() -> i32 {
@@ -36,6 +40,7 @@ pub fn main() -> i32 {
         Command::Train(a) => train::run(a),
         Command::Eval(c) => eval::run(c),
         Command::Math(a) => math::run(a),
+        Command::VerifyKernels(a) => verify::run(a),
     };
     match res {
         Ok(()) => 0,

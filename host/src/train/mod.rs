@@ -142,7 +142,7 @@ pub fn recipe(cfg: &TrainConfig, steps_per_epoch: u64) -> Recipe {
 pub fn open_backend(cfg: &TrainConfig, device: Device) -> Result<Box<dyn Backend>> {
     match device {
         Device::Cpu => state::cpu_backend(cfg),
-        Device::Cuda => crate::backend::cuda::open(),
+        Device::Cuda => crate::backend::cuda::open(cfg),
     }
 }
 

@@ -275,6 +275,34 @@ pub fn xent_columns<B: Block>(
     });
 }
 
+/// Row entropies `ent[r] = -Σ_j p[r, j] ln p[r, j]` of `p[rows, k]` (terms with `p <= 0` add
+/// nothing, as `core::collapse::entropy`); one block of [`WIDE_BLOCK`](super::WIDE_BLOCK) per
+/// row. The teacher's collapse signals come from it without copying `P_t` to the host: the mean
+/// row entropy (over the rows of `P_t`) and the entropy of the batch-mean distribution (one row).
+pub fn row_entropy<B: Block>(b: &mut B, ent: &mut [f32], p: &[f32], rows: usize, k: usize) {
+    let row = b.dims().bid[0] as usize;
+    let bdim = b.dims().bdim as usize;
+    let mut l = b.local(LossAcc::default());
+    b.each(&mut l, |t, st, _| {
+        if row < rows {
+            let mut j = t as usize;
+            while j < k {
+                let x = p[row * k + j];
+                if x > 0.0 {
+                    st.loss -= x * m::ln(x);
+                }
+                j += bdim;
+            }
+        }
+    });
+    block_reduce(b, &mut l, Op::Sum, |st| &mut st.loss, 0);
+    b.each(&mut l, |t, st, _| {
+        if t == 0 && row < rows {
+            ent[row] = st.loss;
+        }
+    });
+}
+
 /// `c <- m c + (1 - m) stat`, one thread per prototype calling `core::centering::center_update`.
 pub fn center_update<B: Block>(
     b: &mut B,

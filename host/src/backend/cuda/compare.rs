@@ -1,0 +1,219 @@
+//! The device backend against the CPU backend from the same state, batches and schedules:
+//! per-step metrics side by side, the first step's gradients, and the state after the last
+//! step (`dinovmf verify-kernels --compare-cpu`, and the simulator tests in CI).
+use anyhow::Result;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use dinovmf_core::centering::center_init;
+use dinovmf_core::loss::LossConfig;
+use dinovmf_core::model::{init_params, num_params, ModelConfig};
+
+use super::device::Device;
+use super::step::GpuBackend;
+use crate::backend::cpu::{CpuBackend, StepShapes};
+use crate::backend::{Backend, SingleProcess, StepHyper, StepMetrics, TrainState};
+use crate::data::Batch;
+
+/// How far one vector is from the CPU's.
+#[derive(Clone, Debug)]
+pub struct Diff {
+    pub name: String,
+    /// `||dev - cpu|| / ||cpu||`.
+    pub rel_l2: f64,
+    /// `max |dev - cpu|`.
+    pub max_abs: f64,
+    /// `max |cpu|`.
+    pub max_ref: f64,
+    /// Values that are NaN or infinite on the device.
+    pub non_finite: usize,
+}
+
+pub fn diff(name: &str, dev: &[f32], cpu: &[f32]) -> Diff {
+    let (mut num, mut den, mut max_abs, mut max_ref, mut bad) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0);
+    for (&a, &b) in dev.iter().zip(cpu) {
+        if !a.is_finite() {
+            bad += 1;
+            continue;
+        }
+        let (a, b) = (a as f64, b as f64);
+        num += (a - b) * (a - b);
+        den += b * b;
+        max_abs = max_abs.max((a - b).abs());
+        max_ref = max_ref.max(b.abs());
+    }
+    if dev.len() != cpu.len() {
+        bad += dev.len().abs_diff(cpu.len());
+    }
+    Diff {
+        name: name.to_string(),
+        rel_l2: num.sqrt() / den.sqrt().max(f64::MIN_POSITIVE),
+        max_abs,
+        max_ref,
+        non_finite: bad,
+    }
+}
+
+/// One step's metrics on both backends.
+#[derive(Clone, Copy, Debug)]
+pub struct StepPair {
+    pub step: usize,
+    pub cpu: StepMetrics,
+    pub dev: StepMetrics,
+}
+
+#[derive(Clone, Debug)]
+pub struct Comparison {
+    pub device: String,
+    pub steps: Vec<StepPair>,
+    /// The first step's (clipped) gradients.
+    pub grads: Diff,
+    /// student, teacher, adam_m, adam_v, center after the last step.
+    pub state: Vec<Diff>,
+}
+
+/// A random initial state (DINO initialisation, teacher = student, zero moments).
+pub fn initial_state(model: &ModelConfig, loss: &LossConfig, seed: u64) -> TrainState {
+    let n = num_params(model);
+    let mut student = vec![0.0f32; n];
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    init_params(model, &mut student, &mut || StandardNormal.sample(&mut rng));
+    let mut center = vec![0.0f32; model.head.out_dim];
+    center_init(&mut center, loss.centering);
+    TrainState {
+        teacher: student.clone(),
+        adam_m: vec![0.0; n],
+        adam_v: vec![0.0; n],
+        student,
+        center,
+        adam_step: 0,
+    }
+}
+
+/// A batch of uniform random pixels in [-1, 1).
+pub fn random_batch(s: &StepShapes, channels: usize, seed: u64) -> Batch {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect() };
+    let (g, l) = (s.global_size, s.local_size);
+    Batch {
+        global: r(s.n_global * s.batch * channels * g * g),
+        local: r(s.n_local * s.batch * channels * l * l),
+        labels: vec![0; s.batch],
+        indices: (0..s.batch).collect(),
+        global_size: g,
+        local_size: l,
+        batch_size: s.batch,
+        n_global: s.n_global,
+        n_local: s.n_local,
+    }
+}
+
+/// Step `i`'s hyper-parameters: a real learning rate, clipping on, the last layer frozen in
+/// step 0 only (both code paths run).
+pub fn hyper(i: usize, seed: u64) -> StepHyper {
+    StepHyper {
+        lr: 1e-3,
+        weight_decay: 0.04,
+        teacher_momentum: 0.99,
+        teacher_temp: 0.04,
+        freeze_last_layer: i == 0,
+        clip_grad: 3.0,
+        seed: seed.wrapping_add(i as u64),
+    }
+}
+
+/// Runs `steps` steps on `dev` and on the CPU from the same state and batches.
+pub fn compare_with_cpu<D: Device>(
+    dev: D,
+    model: ModelConfig,
+    loss: LossConfig,
+    shapes: StepShapes,
+    steps: usize,
+    seed: u64,
+) -> Result<Comparison> {
+    let st = initial_state(&model, &loss, seed);
+    let mut gpu = GpuBackend::new(dev, model, loss, shapes, Box::new(SingleProcess))?;
+    let mut cpu = CpuBackend::new(model, loss, shapes, Box::new(SingleProcess))?;
+    gpu.set_state(&st)?;
+    cpu.set_state(&st)?;
+    let mut pairs = Vec::new();
+    let mut grads = None;
+    for i in 0..steps {
+        let batch = random_batch(&shapes, model.vit.in_chans, seed ^ (0xba7c4 + i as u64));
+        let hp = hyper(i, seed);
+        let c = cpu.train_step(&batch, &hp)?;
+        let d = gpu.train_step(&batch, &hp)?;
+        if i == 0 {
+            grads = Some(diff("grads (step 1)", &gpu.grads()?, cpu.grads()));
+        }
+        pairs.push(StepPair {
+            step: i + 1,
+            cpu: c,
+            dev: d,
+        });
+    }
+    let (a, b) = (gpu.state()?, cpu.state()?);
+    let state = vec![
+        diff("student", &a.student, &b.student),
+        diff("teacher", &a.teacher, &b.teacher),
+        diff("adam_m", &a.adam_m, &b.adam_m),
+        diff("adam_v", &a.adam_v, &b.adam_v),
+        diff("center", &a.center, &b.center),
+    ];
+    Ok(Comparison {
+        device: gpu.name(),
+        steps: pairs,
+        grads: grads.unwrap_or_else(|| diff("grads", &[], &[])),
+        state,
+    })
+}
+
+/// The comparison as a table.
+pub fn print_comparison(c: &Comparison, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    writeln!(out, "device: {}", c.device)?;
+    writeln!(
+        out,
+        "{:>4}  {:>12} {:>12} {:>10}  {:>10} {:>10}  {:>10} {:>10}  {:>10} {:>10}",
+        "step",
+        "loss cpu",
+        "loss dev",
+        "rel diff",
+        "H(P_t) cpu",
+        "dev",
+        "max m cpu",
+        "dev",
+        "|g| cpu",
+        "dev"
+    )?;
+    for p in &c.steps {
+        let rel = ((p.dev.loss - p.cpu.loss) / p.cpu.loss.abs().max(1e-30)).abs();
+        writeln!(
+            out,
+            "{:>4}  {:>12.6} {:>12.6} {:>10.2e}  {:>10.5} {:>10.5}  {:>10.5} {:>10.5}  {:>10.4} {:>10.4}",
+            p.step,
+            p.cpu.loss,
+            p.dev.loss,
+            rel,
+            p.cpu.teacher_entropy,
+            p.dev.teacher_entropy,
+            p.cpu.max_mass,
+            p.dev.max_mass,
+            p.cpu.grad_norm,
+            p.dev.grad_norm
+        )?;
+    }
+    writeln!(
+        out,
+        "{:<16} {:>12} {:>12} {:>12} {:>10}",
+        "vector", "rel L2", "max |diff|", "max |cpu|", "non-finite"
+    )?;
+    for d in std::iter::once(&c.grads).chain(&c.state) {
+        writeln!(
+            out,
+            "{:<16} {:>12.3e} {:>12.3e} {:>12.3e} {:>10}",
+            d.name, d.rel_l2, d.max_abs, d.max_ref, d.non_finite
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! The CUDA backend: the whole training step on the GPU with the kernels of `ptx/dinovmf.ptx`
+//! (embedded in the binary, JIT-compiled by the driver at start-up).
+//!
+//! - `device.rs`: the [`device::Device`] seam and the manifest-checked launcher (block, shared
+//!   memory and grid from `dinovmf_ptx::manifest`, argument types checked on every launch);
+//! - `driver.rs` (feature `cuda`): the NVIDIA driver through cust 0.3.2;
+//! - `sim.rs` (feature `gpu-sim`): the same kernels on the host simulator of `dinovmf-ptx`, so
+//!   everything above the driver is tested on machines without a GPU;
+//! - `net.rs`, `step.rs`: the ViT, the head, the loss chain, the optimiser, as launches;
+//! - `verify.rs`: every kernel against `dinovmf-core` on random inputs (`dinovmf verify-kernels`).
+//!
+//! Built without the `cuda` feature, [`open`] says so clearly; with it, a machine without a
+//! driver or GPU gets an error from `cuInit`, never a crash.
+use anyhow::Result;
+
+use super::Backend;
+use crate::train::TrainConfig;
+
+#[cfg(feature = "gpu-sim")]
+pub mod compare;
+#[cfg(feature = "gpu-sim")]
+pub mod device;
+#[cfg(feature = "cuda")]
+pub mod driver;
+#[cfg(feature = "gpu-sim")]
+pub mod grid;
+#[cfg(feature = "gpu-sim")]
+pub mod net;
+#[cfg(feature = "gpu-sim")]
+pub mod ops;
+#[cfg(feature = "gpu-sim")]
+pub mod sim;
+#[cfg(feature = "gpu-sim")]
+pub mod step;
+#[cfg(feature = "gpu-sim")]
+pub mod verify;
+
+/// What a build without CUDA answers.
+pub const NOT_BUILT: &str = "this dinovmf was built without CUDA support: rebuild with \
+    `cargo build --release --features cuda` (needs the NVIDIA driver's libcuda at run time), or \
+    use `--device cpu`";
+
+/// The step shapes of a run.
+#[cfg(feature = "gpu-sim")]
+pub fn step_shapes(cfg: &TrainConfig) -> crate::backend::cpu::StepShapes {
+    let crops = crate::train::crop_config(cfg);
+    crate::backend::cpu::StepShapes {
+        batch: cfg.batch_size,
+        n_global: 2,
+        n_local: cfg.n_local,
+        global_size: crops.global_size,
+        local_size: crops.local_size,
+    }
+}
+
+/// Environment variable that makes `--device cuda` run the CUDA backend on the host simulator
+/// of the kernels (builds with `gpu-sim`): the whole trainer path without a GPU, for tests.
+pub const SIM_ENV: &str = "DINOVMF_CUDA_SIM";
+
+/// The CUDA backend for a run on device 0, or why there is none.
+pub fn open(cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
+    #[cfg(feature = "gpu-sim")]
+    if std::env::var_os(SIM_ENV).is_some_and(|v| v == "1") {
+        return on(sim::SimDevice::new(), cfg);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        on(driver::CudaDevice::open()?, cfg)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = cfg;
+        anyhow::bail!(NOT_BUILT)
+    }
+}
+
+#[cfg(feature = "gpu-sim")]
+fn on<D: device::Device + 'static>(dev: D, cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
+    use crate::train::state::{loss_config, model_config};
+    Ok(Box::new(step::GpuBackend::new(
+        dev,
+        model_config(cfg),
+        loss_config(cfg),
+        step_shapes(cfg),
+        Box::new(super::SingleProcess),
+    )?))
+}

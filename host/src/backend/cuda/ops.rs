@@ -1,0 +1,446 @@
+//! Typed calls of the kernels of `dinovmf.ptx`, one method per use: argument order and launch
+//! configuration come from the manifest through [`Gpu::launch`]; buffers carry their lengths,
+//! which become the kernels' slice lengths (so the device-side bounds checks see the real
+//! extents).
+use anyhow::Result;
+
+use super::device::{u32_of as u, Arg, Buf, Device, Gpu};
+
+/// One (batched) GEMM: `C = alpha op(A) op(B) (+ bias) (+ beta C)` (see the kernel's docs for
+/// the layouts). `outer * inner` batches; batch `z` is `(z / inner, z % inner)`.
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    pub ta: bool,
+    pub tb: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+    pub outer: usize,
+    pub inner: usize,
+    pub sa: [usize; 2],
+    pub sb: [usize; 2],
+    pub sc: [usize; 2],
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+impl Gemm {
+    /// A single GEMM with packed leading dimensions.
+    pub fn plain(ta: bool, tb: bool, m: usize, n: usize, k: usize) -> Gemm {
+        Gemm {
+            ta,
+            tb,
+            m,
+            n,
+            k,
+            lda: if ta { m } else { k },
+            ldb: if tb { k } else { n },
+            ldc: n,
+            outer: 1,
+            inner: 1,
+            sa: [0, 0],
+            sb: [0, 0],
+            sc: [0, 0],
+            alpha: 1.0,
+            beta: 0.0,
+        }
+    }
+    pub fn beta(mut self, beta: f32) -> Gemm {
+        self.beta = beta;
+        self
+    }
+    pub fn alpha(mut self, alpha: f32) -> Gemm {
+        self.alpha = alpha;
+        self
+    }
+}
+
+impl<D: Device> Gpu<D> {
+    /// `c = gemm(a, b) + bias` in f32.
+    pub fn gemm(
+        &mut self,
+        g: &Gemm,
+        c: Buf<f32>,
+        a: Buf<f32>,
+        b: Buf<f32>,
+        bias: Option<Buf<f32>>,
+    ) -> Result<()> {
+        let name = match (g.ta, g.tb) {
+            (false, false) => "gemm_nn_f32",
+            (false, true) => "gemm_nt_f32",
+            (true, false) => "gemm_tn_f32",
+            (true, true) => anyhow::bail!("no gemm_tt kernel"),
+        };
+        let args = [
+            c.into(),
+            a.into(),
+            b.into(),
+            bias.map_or(Arg::Null, Arg::from),
+            u(a.len),
+            u(b.len),
+            u(c.len),
+            u(g.m),
+            u(g.n),
+            u(g.k),
+            u(g.lda),
+            u(g.ldb),
+            u(g.ldc),
+            u(g.inner),
+            u(g.sa[0]),
+            u(g.sa[1]),
+            u(g.sb[0]),
+            u(g.sb[1]),
+            u(g.sc[0]),
+            u(g.sc[1]),
+            g.alpha.into(),
+            g.beta.into(),
+        ];
+        self.launch_with(name, &args, &[("outer", g.outer as u64)])
+    }
+
+    /// `y[rows, out] = x[rows, in] w[out, in]^T + b`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(
+        &mut self,
+        y: Buf<f32>,
+        x: Buf<f32>,
+        w: Buf<f32>,
+        b: Option<Buf<f32>>,
+        rows: usize,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<()> {
+        self.gemm(&Gemm::plain(false, true, rows, d_out, d_in), y, x, w, b)
+    }
+
+    /// `c[m, n] (beta)= a[m, k] b[k, n]`.
+    pub fn matmul_nn(
+        &mut self,
+        c: Buf<f32>,
+        a: Buf<f32>,
+        b: Buf<f32>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        self.gemm(&Gemm::plain(false, false, m, n, k), c, a, b, None)
+    }
+
+    /// `c[m, n] += a[k, m]^T b[k, n]` (weight gradients).
+    pub fn matmul_tn_acc(
+        &mut self,
+        c: Buf<f32>,
+        a: Buf<f32>,
+        b: Buf<f32>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        self.gemm(&Gemm::plain(true, false, m, n, k).beta(1.0), c, a, b, None)
+    }
+
+    /// `dst[r * dst_stride .. + cols] = src[r * src_stride .. + cols]` for `rows` rows: a strided
+    /// copy as a batched 1 x cols x 1 GEMM with A = `one` (a buffer holding 1.0), exact.
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_rows(
+        &mut self,
+        dst: Buf<f32>,
+        dst_stride: usize,
+        src: Buf<f32>,
+        src_stride: usize,
+        rows: usize,
+        cols: usize,
+        one: Buf<f32>,
+    ) -> Result<()> {
+        let g = Gemm {
+            outer: rows,
+            sb: [src_stride, 0],
+            sc: [dst_stride, 0],
+            ..Gemm::plain(false, false, 1, cols, 1)
+        };
+        self.gemm(&g, dst, one, src, None)
+    }
+
+    pub fn fill(&mut self, x: Buf<f32>, value: f32) -> Result<()> {
+        self.launch("fill", &[x.into(), value.into(), u(x.len)])
+    }
+
+    /// `y[..n] += alpha x[..n]`.
+    pub fn axpy(&mut self, y: Buf<f32>, x: Buf<f32>, alpha: f32, n: usize) -> Result<()> {
+        self.launch("axpy", &[y.into(), x.into(), alpha.into(), u(n)])
+    }
+
+    pub fn residual(&mut self, y: Buf<f32>, x: Buf<f32>, f: Buf<f32>, n: usize) -> Result<()> {
+        self.launch("residual_forward", &[y.into(), x.into(), f.into(), u(n)])
+    }
+
+    pub fn gelu_forward(&mut self, y: Buf<f32>, x: Buf<f32>, n: usize) -> Result<()> {
+        self.launch("gelu_forward", &[y.into(), x.into(), u(n)])
+    }
+
+    /// `dx = dy gelu'(x)`.
+    pub fn gelu_backward(
+        &mut self,
+        dx: Buf<f32>,
+        x: Buf<f32>,
+        dy: Buf<f32>,
+        n: usize,
+    ) -> Result<()> {
+        self.launch("gelu_backward", &[dx.into(), x.into(), dy.into(), u(n)])
+    }
+
+    /// `y[b] = x[b] mask[b] / keep` for `batch` samples of `per` values.
+    pub fn drop_path(
+        &mut self,
+        y: Buf<f32>,
+        x: Buf<f32>,
+        mask: Buf<f32>,
+        keep: f32,
+        batch: usize,
+        per: usize,
+    ) -> Result<()> {
+        self.launch(
+            "drop_path",
+            &[
+                y.into(),
+                x.into(),
+                mask.into(),
+                keep.into(),
+                u(batch),
+                u(per),
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_forward(
+        &mut self,
+        y: Buf<f32>,
+        mean: Buf<f32>,
+        rstd: Buf<f32>,
+        x: Buf<f32>,
+        gamma: Buf<f32>,
+        beta: Buf<f32>,
+        n: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.launch(
+            "layernorm_forward",
+            &[
+                y.into(),
+                mean.into(),
+                rstd.into(),
+                x.into(),
+                gamma.into(),
+                beta.into(),
+                u(n),
+                u(d),
+                eps.into(),
+            ],
+        )
+    }
+
+    /// LayerNorm backward: `dx` overwritten, `dgamma`, `dbeta` accumulated.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_backward(
+        &mut self,
+        dx: Buf<f32>,
+        dgamma: Buf<f32>,
+        dbeta: Buf<f32>,
+        dy: Buf<f32>,
+        x: Buf<f32>,
+        mean: Buf<f32>,
+        rstd: Buf<f32>,
+        gamma: Buf<f32>,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        self.launch(
+            "layernorm_backward_dx",
+            &[
+                dx.into(),
+                dy.into(),
+                x.into(),
+                mean.into(),
+                rstd.into(),
+                gamma.into(),
+                u(n),
+                u(d),
+            ],
+        )?;
+        self.launch(
+            "layernorm_backward_params",
+            &[
+                dgamma.into(),
+                dbeta.into(),
+                dy.into(),
+                x.into(),
+                mean.into(),
+                rstd.into(),
+                u(n),
+                u(d),
+            ],
+        )
+    }
+
+    /// Row softmax in place of `scale s` (no mask).
+    pub fn softmax_rows(&mut self, s: Buf<f32>, rows: usize, t: usize, scale: f32) -> Result<()> {
+        self.launch(
+            "softmax_rows",
+            &[s.into(), Arg::Null, u(rows), u(t), u(1), scale.into()],
+        )
+    }
+
+    pub fn softmax_backward_rows(
+        &mut self,
+        dp: Buf<f32>,
+        p: Buf<f32>,
+        rows: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<()> {
+        self.launch(
+            "softmax_backward_rows",
+            &[dp.into(), p.into(), u(rows), u(t), scale.into()],
+        )
+    }
+
+    pub fn l2norm_forward(
+        &mut self,
+        y: Buf<f32>,
+        norm: Buf<f32>,
+        x: Buf<f32>,
+        n: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.launch(
+            "l2norm_forward",
+            &[y.into(), norm.into(), x.into(), u(n), u(d), eps.into()],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn l2norm_backward(
+        &mut self,
+        dx: Buf<f32>,
+        dy: Buf<f32>,
+        y: Buf<f32>,
+        norm: Buf<f32>,
+        n: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.launch(
+            "l2norm_backward",
+            &[
+                dx.into(),
+                dy.into(),
+                y.into(),
+                norm.into(),
+                u(n),
+                u(d),
+                eps.into(),
+            ],
+        )
+    }
+
+    /// `out[c] (+)= Σ_r x[r, c]`.
+    pub fn column_sum(
+        &mut self,
+        out: Buf<f32>,
+        x: Buf<f32>,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.launch(
+            "column_sum_f32",
+            &[
+                out.into(),
+                x.into(),
+                u(rows),
+                u(cols),
+                u(accumulate as usize),
+            ],
+        )
+    }
+
+    /// `out[0] = scale Σ part[..parts]` (op 0) or the max (op 2).
+    pub fn reduce_final(
+        &mut self,
+        out: Buf<f32>,
+        part: Buf<f32>,
+        parts: usize,
+        nseg: usize,
+        op: u32,
+        scale: f32,
+    ) -> Result<()> {
+        self.launch(
+            "reduce_final",
+            &[
+                out.into(),
+                part.into(),
+                u(parts),
+                u(nseg),
+                op.into(),
+                scale.into(),
+            ],
+        )
+    }
+
+    /// Stage 1 of a per-segment reduction of `x`; `part` holds `nseg * parts` values.
+    pub fn reduce_segments(
+        &mut self,
+        part: Buf<f32>,
+        x: Buf<f32>,
+        segs: &Segments,
+        op: u32,
+    ) -> Result<()> {
+        self.launch_with(
+            "reduce_segments_f32",
+            &[
+                part.into(),
+                x.into(),
+                u(x.len),
+                segs.off.into(),
+                segs.len.into(),
+                op.into(),
+            ],
+            &[
+                ("nseg", segs.n as u64),
+                ("max seg_len", segs.max_len as u64),
+            ],
+        )
+    }
+}
+
+/// Segments of a flat buffer (per-tensor reductions), resident on the device.
+#[derive(Clone, Copy, Debug)]
+pub struct Segments {
+    pub off: Buf<u64>,
+    pub len: Buf<u64>,
+    pub n: usize,
+    pub max_len: usize,
+}
+
+impl Segments {
+    pub fn new<D: Device>(gpu: &mut Gpu<D>, segs: &[(usize, usize)]) -> Result<Self> {
+        let off: Vec<u64> = segs.iter().map(|s| s.0 as u64).collect();
+        let len: Vec<u64> = segs.iter().map(|s| s.1 as u64).collect();
+        Ok(Self {
+            off: gpu.alloc_from(&off)?,
+            len: gpu.alloc_from(&len)?,
+            n: segs.len(),
+            max_len: segs.iter().map(|s| s.1).max().unwrap_or(0),
+        })
+    }
+    /// Stage-1 blocks per segment.
+    pub fn parts(&self) -> usize {
+        self.max_len.div_ceil(dinovmf_ptx::kernels::reduce::CHUNK)
+    }
+}

@@ -1,0 +1,876 @@
+//! The training step on a [`Device`]: [`GpuBackend`] keeps parameters, teacher, AdamW moments,
+//! gradients, center and every activation resident; a step uploads the batch (and the
+//! drop-path masks, a few floats drawn on the host exactly as the CPU backend draws them),
+//! launches the whole step, and downloads one small metrics buffer: the step's only sync.
+//!
+//! The structure is the CPU backend's (`backend/cpu/mod.rs`): teacher forward on the global
+//! crops, student forward on every crop, the fused loss chain of `ptx/src/kernels/head.rs`,
+//! head and backbone backward, gradient reduction, per-tensor clipping, AdamW (decay groups,
+//! frozen last layer), teacher EMA, center update.
+//!
+//! Collapse signals stay on the device too: `row_entropy` (mean row entropy of `P_t` and the
+//! entropy of its batch mean), a column sum (the batch mean), a max reduction (its largest
+//! mass). A multi-process [`GradReducer`] gets the gradients on the host (download, reduce,
+//! upload); the single-process one costs nothing.
+use anyhow::{ensure, Result};
+
+use dinovmf_core::centering::{center_init, Centering};
+use dinovmf_core::logits::{LogitKind, NORMALIZE_EPS};
+use dinovmf_core::loss::{n_pairs, LossConfig};
+use dinovmf_core::model::{for_each_param, num_params, ModelConfig};
+use dinovmf_core::optim::AdamW;
+use dinovmf_core::vmf::BesselApprox;
+
+use super::device::{u32_of as u, Arg, Buf, Device, Gpu};
+use super::net::{self, BackScratch, Cx, Group, HeadBufs, Masks};
+use super::ops::{Gemm, Segments};
+use crate::backend::cpu::{draw_drop_masks, StepShapes};
+use crate::backend::{Backend, GradReducer, Net, StepHyper, StepMetrics, TrainState};
+use crate::data::Batch;
+
+/// Images per forward in [`Backend::embed`].
+const EMBED_CHUNK: usize = 64;
+
+/// Slots of the metrics buffer.
+const M_LOSS: usize = 0;
+const M_GRAD_SQ: usize = 1;
+const M_ROW_ENT: usize = 2;
+const M_MEAN_ENT: usize = 3;
+const M_MAX_MASS: usize = 4;
+const M_LEN: usize = 8;
+
+/// A contiguous range of parameters updated with one AdamW launch.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    start: usize,
+    end: usize,
+    decay: bool,
+    last_layer: bool,
+}
+
+/// Buffers of the loss chain.
+struct LossBufs {
+    mu_s: Buf<f32>,
+    mu_t: Buf<f32>,
+    vn_s: Buf<f32>,
+    vn_t: Buf<f32>,
+    r: Buf<f32>,
+    scale_s: Buf<f32>,
+    bias_s: Buf<f32>,
+    dbias_s: Buf<f32>,
+    scale_t: Buf<f32>,
+    bias_t: Buf<f32>,
+    dbias_t: Buf<f32>,
+    y_s: Buf<f32>,
+    zn_s: Buf<f32>,
+    y_t: Buf<f32>,
+    zn_t: Buf<f32>,
+    dots_t: Buf<f32>,
+    p_t: Buf<f32>,
+    lse_raw: Buf<f32>,
+    stat: Buf<f32>,
+    dots_s: Buf<f32>,
+    lse_part: Buf<f32>,
+    lse: Buf<f32>,
+    loss_part: Buf<f32>,
+    dy: Buf<f32>,
+    dmu: Buf<f32>,
+    dz: Buf<f32>,
+    mean_raw: Buf<f32>,
+    mean_p: Buf<f32>,
+    ent: Buf<f32>,
+    max_part: Buf<f32>,
+    whole_k: Segments,
+}
+
+impl LossBufs {
+    fn new<D: Device>(
+        gpu: &mut Gpu<D>,
+        n_crops: usize,
+        batch: usize,
+        k: usize,
+        p: usize,
+    ) -> Result<Self> {
+        let (ns, nt) = (n_crops * batch, 2 * batch);
+        let whole_k = Segments::new(gpu, &[(0, k)])?;
+        Ok(Self {
+            mu_s: gpu.alloc(k * p)?,
+            mu_t: gpu.alloc(k * p)?,
+            vn_s: gpu.alloc(k)?,
+            vn_t: gpu.alloc(k)?,
+            r: gpu.alloc(k)?,
+            scale_s: gpu.alloc(k)?,
+            bias_s: gpu.alloc(k)?,
+            dbias_s: gpu.alloc(k)?,
+            scale_t: gpu.alloc(k)?,
+            bias_t: gpu.alloc(k)?,
+            dbias_t: gpu.alloc(k)?,
+            y_s: gpu.alloc(ns * p)?,
+            zn_s: gpu.alloc(ns)?,
+            y_t: gpu.alloc(nt * p)?,
+            zn_t: gpu.alloc(nt)?,
+            dots_t: gpu.alloc(nt * k)?,
+            p_t: gpu.alloc(nt * k)?,
+            lse_raw: gpu.alloc(nt)?,
+            stat: gpu.alloc(k)?,
+            dots_s: gpu.alloc(ns * k)?,
+            lse_part: gpu.alloc(ns * k.div_ceil(64) * 2)?,
+            lse: gpu.alloc(ns)?,
+            loss_part: gpu.alloc(k.div_ceil(256))?,
+            dy: gpu.alloc(ns * p)?,
+            dmu: gpu.alloc(k * p)?,
+            dz: gpu.alloc(ns * p)?,
+            mean_raw: gpu.alloc(k)?,
+            mean_p: gpu.alloc(k)?,
+            ent: gpu.alloc(nt)?,
+            max_part: gpu.alloc(whole_k.parts())?,
+            whole_k,
+        })
+    }
+}
+
+fn kind_code(k: LogitKind) -> u32 {
+    match k {
+        LogitKind::Dino => 0,
+        LogitKind::Vmf => 1,
+    }
+}
+
+fn approx_code(a: BesselApprox) -> u32 {
+    match a {
+        BesselApprox::Uniform => 0,
+        BesselApprox::LargeNu => 1,
+    }
+}
+
+fn centering_code(c: Centering) -> u32 {
+    match c {
+        Centering::Logit => 0,
+        Centering::Probability => 1,
+    }
+}
+
+/// The CUDA backend's training step on any [`Device`] (the driver, or the host simulator).
+pub struct GpuBackend<D: Device> {
+    gpu: Gpu<D>,
+    cx: Cx,
+    loss_cfg: LossConfig,
+    shapes: StepShapes,
+    reducer: Box<dyn GradReducer>,
+    n_params: usize,
+    runs: Vec<Run>,
+    clip_segs: Segments,
+    student: Buf<f32>,
+    teacher: Buf<f32>,
+    adam_m: Buf<f32>,
+    adam_v: Buf<f32>,
+    grads: Buf<f32>,
+    center: Buf<f32>,
+    adam_step: u64,
+    glob: Group,
+    loc: Option<Group>,
+    back: BackScratch,
+    head_s: HeadBufs,
+    head_t: HeadBufs,
+    cls_s: Buf<f32>,
+    cls_t: Buf<f32>,
+    dcls_s: Buf<f32>,
+    hs0: Buf<f32>,
+    hs1: Buf<f32>,
+    lb: LossBufs,
+    clip_part: Buf<f32>,
+    clip_coef: Buf<f32>,
+    clip_norm: Buf<f32>,
+    metrics: Buf<f32>,
+    mask_g: Buf<f32>,
+    mask_l: Buf<f32>,
+    mask_g_host: Vec<f32>,
+    mask_l_host: Vec<f32>,
+    one: Buf<f32>,
+    embed_group: Option<Group>,
+}
+
+impl<D: Device> GpuBackend<D> {
+    pub fn new(
+        dev: D,
+        model: ModelConfig,
+        loss: LossConfig,
+        shapes: StepShapes,
+        reducer: Box<dyn GradReducer>,
+    ) -> Result<Self> {
+        ensure!(
+            model.is_valid(),
+            "model configuration is not runnable: {model:?}"
+        );
+        ensure!(
+            shapes.n_global == 2,
+            "the DINO loss needs exactly 2 global crops, got {}",
+            shapes.n_global
+        );
+        ensure!(shapes.batch > 0, "batch size must be positive");
+        let v = &model.vit;
+        ensure!(
+            v.accepts(shapes.global_size),
+            "global crop size {} is not a positive multiple of the patch size {}",
+            shapes.global_size,
+            v.patch
+        );
+        ensure!(
+            shapes.n_local == 0 || v.accepts(shapes.local_size),
+            "local crop size {} is not a positive multiple of the patch size {}",
+            shapes.local_size,
+            v.patch
+        );
+        ensure!(
+            loss.norm_last_layer == model.head.norm_last_layer,
+            "loss and model disagree on norm_last_layer ({} vs {})",
+            loss.norm_last_layer,
+            model.head.norm_last_layer
+        );
+        let mut gpu = Gpu::new(dev);
+        gpu.dev.bind()?;
+        let cx = Cx::new(&model);
+        let n = num_params(&model);
+        ensure!(
+            n < u32::MAX as usize,
+            "{n} parameters: the kernels index with 32 bits"
+        );
+        let (b, d, k, p) = (
+            shapes.batch,
+            cx.d,
+            model.head.out_dim,
+            model.head.bottleneck,
+        );
+
+        // AdamW runs: consecutive trainable tensors with the same decay / last-layer flags.
+        let mut runs: Vec<Run> = Vec::new();
+        let mut segs = Vec::new();
+        for_each_param(&model, |s| {
+            if !s.trainable {
+                return;
+            }
+            segs.push((s.offset, s.numel));
+            let r = Run {
+                start: s.offset,
+                end: s.offset + s.numel,
+                decay: s.decay,
+                last_layer: s.last_layer,
+            };
+            match runs.last_mut() {
+                Some(l)
+                    if l.end == r.start && l.decay == r.decay && l.last_layer == r.last_layer =>
+                {
+                    l.end = r.end
+                }
+                _ => runs.push(r),
+            }
+        });
+        let clip_segs = Segments::new(&mut gpu, &segs)?;
+
+        let n_g = 2 * b;
+        let n_l = shapes.n_local * b;
+        let rows_s = n_g + n_l;
+        let glob = Group::new(&mut gpu, &cx, n_g, shapes.global_size, true)?;
+        let loc = if shapes.n_local > 0 {
+            Some(Group::new(&mut gpu, &cx, n_l, shapes.local_size, true)?)
+        } else {
+            None
+        };
+        let mut groups = vec![(n_g, glob.t)];
+        if let Some(l) = &loc {
+            groups.push((n_l, l.t));
+        }
+        let back = BackScratch::new(&mut gpu, &cx, &groups)?;
+        let hw = net::head_width(&cx);
+        let mut center0 = vec![0.0f32; k];
+        center_init(&mut center0, loss.centering);
+        let center = gpu.alloc_from(&center0)?;
+        let one = gpu.alloc_from(&[1.0f32])?;
+        let lb = LossBufs::new(&mut gpu, 2 + shapes.n_local, b, k, p)?;
+        let zeros = vec![0.0f32; n];
+        let student = gpu.alloc_from(&zeros)?;
+        let teacher = gpu.alloc_from(&zeros)?;
+        let adam_m = gpu.alloc_from(&zeros)?;
+        let adam_v = gpu.alloc_from(&zeros)?;
+        let grads = gpu.alloc(n)?;
+        let depth = v.depth;
+        Ok(Self {
+            loss_cfg: loss,
+            shapes,
+            reducer,
+            n_params: n,
+            runs,
+            clip_part: gpu.alloc(clip_segs.n * clip_segs.parts())?,
+            clip_coef: gpu.alloc(clip_segs.n)?,
+            clip_norm: gpu.alloc(clip_segs.n)?,
+            clip_segs,
+            student,
+            teacher,
+            adam_m,
+            adam_v,
+            grads,
+            center,
+            adam_step: 0,
+            head_s: HeadBufs::new(&mut gpu, &cx, rows_s)?,
+            head_t: HeadBufs::new(&mut gpu, &cx, n_g)?,
+            cls_s: gpu.alloc(rows_s * d)?,
+            cls_t: gpu.alloc(n_g * d)?,
+            dcls_s: gpu.alloc(rows_s * d)?,
+            hs0: gpu.alloc(rows_s * hw)?,
+            hs1: gpu.alloc(rows_s * hw)?,
+            lb,
+            metrics: gpu.alloc(M_LEN)?,
+            mask_g: gpu.alloc(depth * 2 * n_g)?,
+            mask_l: gpu.alloc(depth * 2 * n_l)?,
+            mask_g_host: vec![0.0; depth * 2 * n_g],
+            mask_l_host: vec![0.0; depth * 2 * n_l],
+            one,
+            embed_group: None,
+            glob,
+            loc,
+            back,
+            cx,
+            gpu,
+        })
+    }
+
+    pub fn model(&self) -> &ModelConfig {
+        &self.cx.cfg
+    }
+
+    /// Launch / copy counts and bytes allocated so far.
+    pub fn counters(&self) -> (super::device::Counters, usize) {
+        (self.gpu.counters, self.gpu.allocated)
+    }
+
+    fn check_batch(&self, b: &Batch) -> Result<()> {
+        let s = &self.shapes;
+        let (g, l) = (s.global_size, s.local_size);
+        ensure!(
+            b.batch_size == s.batch
+                && b.n_global == s.n_global
+                && b.n_local == s.n_local
+                && b.global_size == g
+                && (s.n_local == 0 || b.local_size == l),
+            "batch shape (B {}, {} x {} px global, {} x {} px local) does not match the backend's \
+             (B {}, {} x {} px, {} x {} px)",
+            b.batch_size,
+            b.n_global,
+            b.global_size,
+            b.n_local,
+            b.local_size,
+            s.batch,
+            s.n_global,
+            g,
+            s.n_local,
+            l
+        );
+        let c = self.cx.cfg.vit.in_chans;
+        ensure!(
+            b.global.len() == s.n_global * s.batch * c * g * g,
+            "global crops hold {} values, expected {}",
+            b.global.len(),
+            s.n_global * s.batch * c * g * g
+        );
+        ensure!(
+            b.local.len() == s.n_local * s.batch * c * l * l,
+            "local crops hold {} values, expected {}",
+            b.local.len(),
+            s.n_local * s.batch * c * l * l
+        );
+        Ok(())
+    }
+
+    /// `scale`, `bias`, `dbias/dr` and prototype directions of one network's last layer.
+    #[allow(clippy::too_many_arguments)]
+    fn branch(
+        &mut self,
+        params: Buf<f32>,
+        mu: Buf<f32>,
+        vn: Buf<f32>,
+        terms: [Buf<f32>; 3],
+        tau: f32,
+    ) -> Result<()> {
+        let lay = self.cx.lay;
+        let (k, p) = (self.cx.cfg.head.out_dim, self.cx.cfg.head.bottleneck);
+        let eps = NORMALIZE_EPS as f32;
+        let cfg = self.loss_cfg;
+        let gpu = &mut self.gpu;
+        gpu.l2norm_forward(mu, vn, params.sub(lay.last_v, k * p), k, p, eps)?;
+        let r = self.lb.r;
+        if cfg.norm_last_layer {
+            gpu.fill(r, 1.0)?;
+        } else {
+            gpu.copy(r, params.sub(lay.last_g, k))?;
+        }
+        gpu.launch(
+            "branch_terms",
+            &[
+                terms[0].into(),
+                terms[1].into(),
+                terms[2].into(),
+                r.into(),
+                u(k),
+                tau.into(),
+                u(p),
+                kind_code(cfg.kind).into(),
+                approx_code(cfg.approx).into(),
+            ],
+        )
+    }
+
+    /// The loss chain: teacher targets, center statistic and collapse signals, student loss and
+    /// `dL/dz_s` (in `lb.dz`), prototype gradients into `grads`, center update.
+    fn loss(&mut self, tau_t: f32) -> Result<()> {
+        let cfg = self.loss_cfg;
+        let lay = self.cx.lay;
+        let (k, p) = (self.cx.cfg.head.out_dim, self.cx.cfg.head.bottleneck);
+        let batch = self.shapes.batch;
+        let n_crops = 2 + self.shapes.n_local;
+        let (nt, ns) = (2 * batch, n_crops * batch);
+        let tau_s = cfg.student_temp as f32;
+        let eps = NORMALIZE_EPS as f32;
+        let lb = &self.lb;
+        let (mu_t, vn_t, terms_t) = (lb.mu_t, lb.vn_t, [lb.scale_t, lb.bias_t, lb.dbias_t]);
+        let (mu_s, vn_s, terms_s) = (lb.mu_s, lb.vn_s, [lb.scale_s, lb.bias_s, lb.dbias_s]);
+
+        // Teacher: targets with the previous center, the batch statistic, collapse signals.
+        let teacher = self.teacher;
+        self.branch(teacher, mu_t, vn_t, terms_t, tau_t)?;
+        let student = self.student;
+        self.branch(student, mu_s, vn_s, terms_s, tau_s)?;
+        let lb = &self.lb;
+        let gpu = &mut self.gpu;
+        let cent = centering_code(cfg.centering);
+        gpu.l2norm_forward(lb.y_t, lb.zn_t, self.head_t.z(), nt, p, eps)?;
+        gpu.gemm(
+            &Gemm::plain(false, true, nt, k, p),
+            lb.dots_t,
+            lb.y_t,
+            mu_t,
+            None,
+        )?;
+        gpu.launch(
+            "teacher_targets",
+            &[
+                lb.p_t.into(),
+                lb.lse_raw.into(),
+                lb.dots_t.into(),
+                lb.scale_t.into(),
+                lb.bias_t.into(),
+                self.center.into(),
+                tau_t.into(),
+                cent.into(),
+                u(nt),
+                u(k),
+            ],
+        )?;
+        gpu.launch(
+            "teacher_stat",
+            &[
+                lb.stat.into(),
+                lb.dots_t.into(),
+                lb.scale_t.into(),
+                lb.bias_t.into(),
+                lb.lse_raw.into(),
+                tau_t.into(),
+                cent.into(),
+                u(nt),
+                u(k),
+            ],
+        )?;
+        let m = self.metrics;
+        gpu.launch("row_entropy", &[lb.ent.into(), lb.p_t.into(), u(nt), u(k)])?;
+        gpu.reduce_final(m.sub(M_ROW_ENT, 1), lb.ent, nt, 1, 0, 1.0 / nt as f32)?;
+        gpu.column_sum(lb.mean_raw, lb.p_t, nt, k, false)?;
+        gpu.fill(lb.mean_p, 0.0)?;
+        gpu.axpy(lb.mean_p, lb.mean_raw, 1.0 / nt as f32, k)?;
+        gpu.launch(
+            "row_entropy",
+            &[m.sub(M_MEAN_ENT, 1).into(), lb.mean_p.into(), u(1), u(k)],
+        )?;
+        gpu.reduce_segments(lb.max_part, lb.mean_p, &lb.whole_k, 2)?;
+        gpu.reduce_final(
+            m.sub(M_MAX_MASS, 1),
+            lb.max_part,
+            lb.whole_k.parts(),
+            1,
+            2,
+            1.0,
+        )?;
+
+        // Student: logits with per-tile LSE, fused cross-entropy + gradient, backward GEMMs.
+        gpu.l2norm_forward(lb.y_s, lb.zn_s, self.head_s.z(), ns, p, eps)?;
+        gpu.launch(
+            "gemm_logits_f32",
+            &[
+                lb.dots_s.into(),
+                lb.lse_part.into(),
+                lb.y_s.into(),
+                mu_s.into(),
+                lb.scale_s.into(),
+                lb.bias_s.into(),
+                u(ns),
+                u(k),
+                u(p),
+            ],
+        )?;
+        gpu.launch(
+            "lse_combine",
+            &[lb.lse.into(), lb.lse_part.into(), u(ns), u(k.div_ceil(64))],
+        )?;
+        let dr = if cfg.norm_last_layer {
+            Arg::Null
+        } else {
+            self.grads.sub(lay.last_g, k).into()
+        };
+        gpu.launch(
+            "xent_columns",
+            &[
+                lb.dots_s.into(),
+                dr,
+                lb.loss_part.into(),
+                lb.lse.into(),
+                lb.p_t.into(),
+                lb.scale_s.into(),
+                lb.bias_s.into(),
+                lb.dbias_s.into(),
+                tau_s.into(),
+                u(n_crops),
+                u(batch),
+                u(k),
+            ],
+        )?;
+        let gs = 1.0 / (batch * n_pairs(n_crops)).max(1) as f32;
+        gpu.reduce_final(m.sub(M_LOSS, 1), lb.loss_part, k.div_ceil(256), 1, 0, gs)?;
+        // dots_s now holds dL/d(dots).
+        gpu.matmul_nn(lb.dy, lb.dots_s, mu_s, ns, p, k)?;
+        gpu.gemm(
+            &Gemm::plain(true, false, k, p, ns),
+            lb.dmu,
+            lb.dots_s,
+            lb.y_s,
+            None,
+        )?;
+        gpu.l2norm_backward(lb.dz, lb.dy, lb.y_s, lb.zn_s, ns, p, eps)?;
+        gpu.l2norm_backward(
+            self.grads.sub(lay.last_v, k * p),
+            lb.dmu,
+            mu_s,
+            vn_s,
+            k,
+            p,
+            eps,
+        )?;
+
+        // The center moves after the targets used the old one.
+        gpu.launch(
+            "center_update",
+            &[
+                self.center.into(),
+                lb.stat.into(),
+                (cfg.center_momentum as f32).into(),
+                u(k),
+            ],
+        )
+    }
+
+    /// Forward and backward of a step up to the raw (unreduced, unclipped) gradients.
+    fn compute_gradients(&mut self, batch: &Batch, hp: &StepHyper) -> Result<()> {
+        self.check_batch(batch)?;
+        ensure!(
+            hp.teacher_temp.is_finite() && hp.teacher_temp > 0.0,
+            "teacher temperature must be positive, got {}",
+            hp.teacher_temp
+        );
+        let cfg = self.cx.cfg;
+        let cx = self.cx;
+        let b = self.shapes.batch;
+        let (n_g, n_l) = (2 * b, self.shapes.n_local * b);
+        let d = cx.d;
+        draw_drop_masks(
+            &cfg,
+            hp.seed,
+            n_g,
+            n_l,
+            &mut self.mask_g_host,
+            &mut self.mask_l_host,
+        );
+        let gpu = &mut self.gpu;
+        gpu.upload(self.glob.img, &batch.global)?;
+        gpu.upload(self.mask_g, &self.mask_g_host)?;
+        if let Some(loc) = &self.loc {
+            gpu.upload(loc.img, &batch.local)?;
+            gpu.upload(self.mask_l, &self.mask_l_host)?;
+        }
+        let one = self.one;
+        let (mg, ml) = (Masks { buf: self.mask_g }, Masks { buf: self.mask_l });
+
+        // Teacher: global crops, no drop path, nothing saved.
+        net::vit_forward(gpu, &cx, self.teacher, &self.glob, n_g, None, false, one)?;
+        gpu.copy(self.cls_t, self.glob.cls.sub(0, n_g * d))?;
+        net::head_forward(gpu, &cx, self.teacher, &self.head_t, self.cls_t, n_g)?;
+
+        // Student: every crop, drop path, activations saved.
+        net::vit_forward(gpu, &cx, self.student, &self.glob, n_g, Some(mg), true, one)?;
+        gpu.copy(self.cls_s.sub(0, n_g * d), self.glob.cls.sub(0, n_g * d))?;
+        if let Some(loc) = &self.loc {
+            net::vit_forward(gpu, &cx, self.student, loc, n_l, Some(ml), true, one)?;
+            gpu.copy(self.cls_s.sub(n_g * d, n_l * d), loc.cls.sub(0, n_l * d))?;
+        }
+        let rows_s = n_g + n_l;
+        net::head_forward(gpu, &cx, self.student, &self.head_s, self.cls_s, rows_s)?;
+
+        gpu.fill(self.grads, 0.0)?;
+        self.loss(hp.teacher_temp)?;
+
+        let gpu = &mut self.gpu;
+        net::head_backward(
+            gpu,
+            &cx,
+            self.student,
+            self.grads,
+            &self.head_s,
+            self.cls_s,
+            self.lb.dz,
+            self.dcls_s,
+            rows_s,
+            self.hs0,
+            self.hs1,
+        )?;
+        net::vit_backward(
+            gpu,
+            &cx,
+            self.student,
+            self.grads,
+            &self.glob,
+            self.dcls_s.sub(0, n_g * d),
+            n_g,
+            Some(mg),
+            &self.back,
+            one,
+        )?;
+        if let Some(loc) = &self.loc {
+            net::vit_backward(
+                gpu,
+                &cx,
+                self.student,
+                self.grads,
+                loc,
+                self.dcls_s.sub(n_g * d, n_l * d),
+                n_l,
+                Some(ml),
+                &self.back,
+                one,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Per-tensor norms (and their squared sum into the metrics), clipping when `clip > 0`.
+    fn clip(&mut self, clip: f32) -> Result<()> {
+        let gpu = &mut self.gpu;
+        let s = self.clip_segs;
+        let parts = s.parts();
+        gpu.reduce_segments(self.clip_part, self.grads, &s, 1)?;
+        gpu.reduce_final(
+            self.metrics.sub(M_GRAD_SQ, 1),
+            self.clip_part,
+            parts * s.n,
+            1,
+            0,
+            1.0,
+        )?;
+        if clip > 0.0 {
+            gpu.launch(
+                "clip_coef",
+                &[
+                    self.clip_coef.into(),
+                    self.clip_norm.into(),
+                    self.clip_part.into(),
+                    u(parts),
+                    u(s.n),
+                    (clip as f64).into(),
+                ],
+            )?;
+            gpu.launch_with(
+                "scale_segments",
+                &[
+                    self.grads.into(),
+                    u(self.n_params),
+                    s.off.into(),
+                    s.len.into(),
+                    self.clip_coef.into(),
+                ],
+                &[("nseg", s.n as u64), ("max seg_len", s.max_len as u64)],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// AdamW over the trainable runs (the last layer skipped while frozen), then the EMA.
+    fn update(&mut self, hp: &StepHyper) -> Result<()> {
+        let step = self.adam_step + 1;
+        let adam = AdamW::default();
+        let (lr, wd) = (hp.lr as f64, hp.weight_decay as f64);
+        let gpu = &mut self.gpu;
+        for r in &self.runs {
+            if r.last_layer && hp.freeze_last_layer {
+                continue;
+            }
+            let len = r.end - r.start;
+            gpu.launch(
+                "adamw",
+                &[
+                    self.student.sub(r.start, len).into(),
+                    self.grads.sub(r.start, len).into(),
+                    self.adam_m.sub(r.start, len).into(),
+                    self.adam_v.sub(r.start, len).into(),
+                    u(len),
+                    lr.into(),
+                    (if r.decay { wd } else { 0.0 }).into(),
+                    adam.beta1.into(),
+                    adam.beta2.into(),
+                    adam.eps.into(),
+                    Arg::U64(step),
+                ],
+            )?;
+        }
+        gpu.launch(
+            "ema",
+            &[
+                self.teacher.into(),
+                self.student.into(),
+                u(self.n_params),
+                (hp.teacher_momentum as f64).into(),
+            ],
+        )
+    }
+
+    /// The gradients of the last step (reduced and clipped after a full step).
+    pub fn grads(&mut self) -> Result<Vec<f32>> {
+        self.gpu.dev.bind()?;
+        self.gpu.to_vec(self.grads)
+    }
+
+    fn embed_features(
+        &mut self,
+        net: Net,
+        images: &[f32],
+        n: usize,
+        size: usize,
+    ) -> Result<Vec<f32>> {
+        let v = self.cx.cfg.vit;
+        ensure!(
+            v.accepts(size),
+            "image size {size} is not a positive multiple of the patch size {}",
+            v.patch
+        );
+        let img_len = v.in_chans * size * size;
+        ensure!(
+            images.len() == n * img_len,
+            "images hold {} values, expected {n} x {img_len}",
+            images.len()
+        );
+        let d = self.cx.d;
+        let mut out = vec![0.0f32; n * d];
+        if n == 0 {
+            return Ok(out);
+        }
+        let cx = self.cx;
+        if !matches!(&self.embed_group, Some(g) if g.size == size) {
+            // Buffers of an older size stay allocated until the backend is dropped; runs use
+            // one evaluation size.
+            self.embed_group = Some(Group::new(&mut self.gpu, &cx, EMBED_CHUNK, size, false)?);
+        }
+        let params = match net {
+            Net::Student => self.student,
+            Net::Teacher => self.teacher,
+        };
+        let Some(g) = self.embed_group.as_ref() else {
+            anyhow::bail!("embed buffers missing");
+        };
+        for (imgs, o) in images
+            .chunks(EMBED_CHUNK * img_len)
+            .zip(out.chunks_mut(EMBED_CHUNK * d))
+        {
+            let m = imgs.len() / img_len;
+            self.gpu.upload(g.img.sub(0, imgs.len()), imgs)?;
+            net::vit_forward(&mut self.gpu, &cx, params, g, m, None, false, self.one)?;
+            self.gpu.download(g.cls.sub(0, m * d), o)?;
+        }
+        Ok(out)
+    }
+}
+
+impl<D: Device> Backend for GpuBackend<D> {
+    fn name(&self) -> String {
+        self.gpu.dev.name()
+    }
+
+    fn set_state(&mut self, s: &TrainState) -> Result<()> {
+        let n = self.n_params;
+        let k = self.center.len;
+        for (name, len, want) in [
+            ("student", s.student.len(), n),
+            ("teacher", s.teacher.len(), n),
+            ("adam_m", s.adam_m.len(), n),
+            ("adam_v", s.adam_v.len(), n),
+            ("center", s.center.len(), k),
+        ] {
+            ensure!(
+                len == want,
+                "state: {name} has {len} values, the model needs {want}"
+            );
+        }
+        self.gpu.dev.bind()?;
+        self.gpu.upload(self.student, &s.student)?;
+        self.gpu.upload(self.teacher, &s.teacher)?;
+        self.gpu.upload(self.adam_m, &s.adam_m)?;
+        self.gpu.upload(self.adam_v, &s.adam_v)?;
+        self.gpu.upload(self.center, &s.center)?;
+        self.adam_step = s.adam_step;
+        Ok(())
+    }
+
+    fn state(&mut self) -> Result<TrainState> {
+        self.gpu.dev.bind()?;
+        Ok(TrainState {
+            student: self.gpu.to_vec(self.student)?,
+            teacher: self.gpu.to_vec(self.teacher)?,
+            adam_m: self.gpu.to_vec(self.adam_m)?,
+            adam_v: self.gpu.to_vec(self.adam_v)?,
+            center: self.gpu.to_vec(self.center)?,
+            adam_step: self.adam_step,
+        })
+    }
+
+    fn train_step(&mut self, batch: &Batch, hp: &StepHyper) -> Result<StepMetrics> {
+        self.gpu.dev.bind()?;
+        self.compute_gradients(batch, hp)?;
+        if self.reducer.world_size() > 1 {
+            let mut g = self.gpu.to_vec(self.grads)?;
+            self.reducer.all_reduce_mean(&mut g)?;
+            self.gpu.upload(self.grads, &g)?;
+        }
+        self.clip(hp.clip_grad)?;
+        self.update(hp)?;
+        self.adam_step += 1;
+        let mut m = [0.0f32; M_LEN];
+        self.gpu.download(self.metrics, &mut m)?;
+        let loss = m[M_LOSS];
+        Ok(StepMetrics {
+            loss,
+            teacher_entropy: m[M_ROW_ENT],
+            mean_entropy: m[M_MEAN_ENT],
+            max_mass: m[M_MAX_MASS],
+            kl: loss - m[M_ROW_ENT],
+            grad_norm: (m[M_GRAD_SQ] as f64).sqrt() as f32,
+        })
+    }
+
+    fn embed(&mut self, net: Net, images: &[f32], n: usize, size: usize) -> Result<Vec<f32>> {
+        self.gpu.dev.bind()?;
+        self.embed_features(net, images, n, size)
+    }
+}

@@ -1,0 +1,259 @@
+//! The CUDA backend's training step, run on the host simulator of `dinovmf.ptx`, against the
+//! CPU backend: same state, batches and schedules. Needs `--features gpu-sim`.
+#![cfg(feature = "gpu-sim")]
+use dinovmf::backend::cpu::StepShapes;
+use dinovmf::backend::cuda::compare::{compare_with_cpu, print_comparison, Comparison};
+use dinovmf::backend::cuda::sim::SimDevice;
+use dinovmf_core::loss::LossConfig;
+use dinovmf_core::model::ModelConfig;
+
+fn shapes(batch: usize, n_local: usize) -> StepShapes {
+    StepShapes {
+        batch,
+        n_global: 2,
+        n_local,
+        global_size: 12,
+        local_size: 8,
+    }
+}
+
+fn check(c: &Comparison, what: &str) {
+    let mut s = Vec::new();
+    print_comparison(c, &mut s).unwrap();
+    println!("{what}\n{}", String::from_utf8_lossy(&s));
+    for p in &c.steps {
+        let rel = ((p.dev.loss - p.cpu.loss) / p.cpu.loss).abs();
+        assert!(
+            rel < 1e-4,
+            "{what}: step {} loss rel diff {rel:e} >= 1e-4",
+            p.step
+        );
+        for (name, a, b) in [
+            (
+                "teacher entropy",
+                p.dev.teacher_entropy,
+                p.cpu.teacher_entropy,
+            ),
+            ("mean entropy", p.dev.mean_entropy, p.cpu.mean_entropy),
+            ("max mass", p.dev.max_mass, p.cpu.max_mass),
+            ("kl", p.dev.kl, p.cpu.kl),
+            ("grad norm", p.dev.grad_norm, p.cpu.grad_norm),
+        ] {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                "{what}: step {} {name}: dev {a} cpu {b} (tol 1e-4 max(1, |cpu|))",
+                p.step
+            );
+        }
+    }
+    assert_eq!(c.grads.non_finite, 0, "{what}: non-finite gradients");
+    assert!(
+        c.grads.rel_l2 < 1e-4,
+        "{what}: gradients rel L2 {:e} >= 1e-4",
+        c.grads.rel_l2
+    );
+    for d in &c.state {
+        assert_eq!(d.non_finite, 0, "{what}: non-finite {}", d.name);
+        assert!(
+            d.rel_l2 < 1e-4,
+            "{what}: {} rel L2 {:e} >= 1e-4",
+            d.name,
+            d.rel_l2
+        );
+    }
+}
+
+#[test]
+fn vmf_step_on_the_simulator_matches_cpu_rel_1e4() {
+    let model = ModelConfig::tiny_test();
+    let loss = LossConfig::vmf();
+    let c = compare_with_cpu(SimDevice::new(), model, loss, shapes(2, 2), 2, 11).unwrap();
+    check(&c, "vmf, learned radii, 2 local crops");
+}
+
+#[test]
+fn dino_step_on_the_simulator_matches_cpu_rel_1e4() {
+    let model = ModelConfig::tiny_test().with_norm_last_layer(true);
+    let loss = LossConfig::dino();
+    let c = compare_with_cpu(SimDevice::new(), model, loss, shapes(3, 0), 2, 12).unwrap();
+    check(&c, "dino, fixed radii, no local crops");
+}
+
+mod launcher {
+    use dinovmf::backend::cuda::device::{grid_of, Arg};
+    use dinovmf::backend::cuda::grid::eval_grid;
+    use dinovmf_ptx::manifest;
+
+    fn vars<'a>(pairs: &'a [(&'a str, u64)]) -> impl Fn(&str) -> Option<u64> + 'a {
+        move |n| pairs.iter().find(|p| p.0 == n).map(|p| p.1)
+    }
+
+    #[test]
+    fn grid_formulas_of_each_shape() {
+        let v = vars(&[
+            ("n", 257),
+            ("m", 65),
+            ("outer", 3),
+            ("inner", 4),
+            ("batch", 2),
+            ("d", 5),
+        ]);
+        assert_eq!(eval_grid("ceil(n/256)", &v).unwrap(), [2, 1, 1]);
+        assert_eq!(eval_grid("m", &v).unwrap(), [65, 1, 1]);
+        assert_eq!(
+            eval_grid("(ceil(n/64), ceil(m/64), batches = outer * inner)", &v).unwrap(),
+            [5, 2, 12]
+        );
+        assert_eq!(
+            eval_grid("(ceil(n/64), ceil(m/64), 1)", &v).unwrap(),
+            [5, 2, 1]
+        );
+        // 2 * 258 * 5 / 256 = 10.08 -> 11
+        assert_eq!(
+            eval_grid("ceil(batch*(n+1)*d/256)", &v).unwrap(),
+            [11, 1, 1]
+        );
+        let v = vars(&[("max seg_len", 4097), ("nseg", 7)]);
+        assert_eq!(
+            eval_grid("(parts = ceil(max seg_len / 4096), nseg)", &v).unwrap(),
+            [2, 7, 1]
+        );
+        assert_eq!(eval_grid("ceil(0/256)", &v).unwrap(), [0, 1, 1]);
+    }
+
+    #[test]
+    fn bad_grid_formulas_are_errors_not_panics() {
+        let v = vars(&[("n", 1)]);
+        for f in [
+            "ceil(n/0)",
+            "ceil(q/2)",
+            "n/2",
+            "(1, 2, 3, 4)",
+            "n +",
+            "n $ 2",
+            "(n",
+        ] {
+            assert!(eval_grid(f, &v).is_err(), "{f}");
+        }
+    }
+
+    /// Every grid formula of the manifest evaluates from the kernel's own size parameters plus
+    /// the documented extras, and the 1-D element kernels give `ceil(n / block)`.
+    #[test]
+    fn every_manifest_grid_evaluates() {
+        let extra = [("outer", 3), ("max seg_len", 5000), ("nseg", 2)];
+        for k in manifest::all() {
+            let words: Vec<u64> = k.params.iter().map(|_| 1000).collect();
+            let g = grid_of(k, &words, &extra).unwrap_or_else(|e| panic!("{e}"));
+            assert!(g.iter().all(|&x| x > 0), "{}: {g:?}", k.name);
+            if k.grid == "ceil(n/256)" {
+                assert_eq!(g, [4, 1, 1], "{}", k.name);
+            }
+        }
+    }
+
+    #[test]
+    fn argument_types_are_checked_against_the_manifest() {
+        let k = manifest::kernel("fill").unwrap();
+        let p = |i: usize| (k.params[i].name, k.params[i].ty);
+        let ptr = |elem| Arg::Ptr { addr: 64, elem };
+        assert_eq!(ptr("f32").word("fill", p(0).0, p(0).1).unwrap(), 64);
+        assert!(ptr("u64").word("fill", p(0).0, p(0).1).is_err());
+        assert!(Arg::U32(1).word("fill", p(1).0, p(1).1).is_err());
+        assert_eq!(
+            Arg::F32(1.5).word("fill", p(1).0, p(1).1).unwrap(),
+            1.5f32.to_bits() as u64
+        );
+        assert_eq!(Arg::Null.word("fill", p(0).0, p(0).1).unwrap(), 0);
+        let h = manifest::kernel("gemm_nn_f16").unwrap();
+        assert!(ptr("H16")
+            .word("gemm_nn_f16", h.params[1].name, h.params[1].ty)
+            .is_ok());
+        assert!(ptr("f32")
+            .word("gemm_nn_f16", h.params[1].name, h.params[1].ty)
+            .is_err());
+    }
+}
+
+mod kernels {
+    use dinovmf::backend::cuda::device::Gpu;
+    use dinovmf::backend::cuda::sim::SimDevice;
+    use dinovmf::backend::cuda::verify::{compare, run_all, uncovered, verdict};
+
+    /// `dinovmf verify-kernels --sim`: every kernel covered, every check passes.
+    #[test]
+    fn verify_kernels_passes_on_the_simulator_and_covers_every_kernel() {
+        let mut gpu = Gpu::new(SimDevice::new());
+        let rows = run_all(&mut gpu, 3);
+        for r in rows.iter().filter(|r| !r.ok) {
+            eprintln!("{r:?}");
+        }
+        assert!(uncovered(&rows).is_empty(), "{:?}", uncovered(&rows));
+        verdict(&rows).unwrap();
+    }
+
+    #[test]
+    fn the_comparison_fails_on_nan_and_on_errors_beyond_tolerance() {
+        assert!(compare("k", "s", &[1.0, 2.0], &[1.0, 2.0], 0.0, 0.0).ok);
+        assert!(!compare("k", "s", &[1.0, f32::NAN], &[1.0, 2.0], 1.0, 1.0).ok);
+        assert!(!compare("k", "s", &[1.0], &[1.0, 2.0], 1.0, 1.0).ok);
+        let r = compare("k", "s", &[1.0, 2.001], &[1.0, 2.0], 1e-4, 0.0);
+        assert!(!r.ok && (r.max_abs - 1e-3).abs() < 1e-6, "{r:?}");
+        assert!(compare("k", "s", &[1.0, 2.001], &[1.0, 2.0], 1e-3, 0.0).ok);
+    }
+}
+
+/// The whole trainer (`dinovmf train --device cuda`: schedules, steps, k-NN embedding,
+/// checkpoint) with the CUDA backend on the simulator (`DINOVMF_CUDA_SIM=1`), against the same
+/// run on the CPU: per-step losses within rel 1e-4.
+#[test]
+fn train_device_cuda_on_the_simulator_matches_the_cpu_run() {
+    use std::process::Command;
+    let base = std::env::temp_dir().join(format!("dinovmf-gpu-sim-{}", std::process::id()));
+    let run = |device: &str, sim: bool| -> Vec<f64> {
+        let out = base.join(device);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_dinovmf"));
+        c.args([
+            "train",
+            "--device",
+            device,
+            "--preset",
+            "tiny",
+            "-q",
+            "--max-steps",
+            "4",
+            "--out",
+        ])
+        .arg(&out);
+        if sim {
+            c.env(dinovmf::backend::cuda::SIM_ENV, "1");
+        }
+        let o = c.output().expect("dinovmf starts");
+        assert!(
+            o.status.success(),
+            "{device}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let cpu = run("cpu", false);
+    let dev = run("cuda", true);
+    let _ = std::fs::remove_dir_all(&base);
+    assert_eq!(cpu.len(), 4);
+    assert_eq!(cpu.len(), dev.len());
+    for (i, (a, b)) in dev.iter().zip(&cpu).enumerate() {
+        assert!(
+            ((a - b) / b).abs() < 1e-4,
+            "step {i}: cuda (sim) {a} vs cpu {b} (rel 1e-4)"
+        );
+    }
+}
