@@ -110,15 +110,18 @@ fn layout_table_agrees_with_offsets_and_known_sizes() {
 }
 
 #[test]
-fn decay_trainable_and_last_layer_flags_follow_dino() {
+fn decay_trainable_and_last_layer_flags_follow_the_spec() {
     for nll in [true, false] {
         let cfg = ModelConfig::tiny_test().with_norm_last_layer(nll);
         for_each_param(&cfg, |p| {
             let n = p.name.as_str();
+            // DINO's rule (no decay on biases and norms), plus: weight_g holds one norm per
+            // prototype, a 1-d parameter in method.md's sense, so it is not decayed either.
             let decay = !(n.ends_with(".bias")
                 || n.contains("norm1")
                 || n.contains("norm2")
-                || n.starts_with("backbone.norm."));
+                || n.starts_with("backbone.norm.")
+                || n == "head.last_layer.weight_g");
             assert_eq!(p.decay, decay, "{n}: decay");
             assert_eq!(
                 p.last_layer,
