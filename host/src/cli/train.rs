@@ -174,7 +174,9 @@ impl TrainArgs {
 
 /// `MIN,MAX` with 0 < MIN <= MAX <= 1.
 fn parse_range(s: &str) -> Result<(f32, f32), String> {
-    let (a, b) = s.split_once(',').ok_or_else(|| format!("expected MIN,MAX, got '{s}'"))?;
+    let (a, b) = s
+        .split_once(',')
+        .ok_or_else(|| format!("expected MIN,MAX, got '{s}'"))?;
     let a: f32 = a.trim().parse().map_err(|e| format!("'{a}': {e}"))?;
     let b: f32 = b.trim().parse().map_err(|e| format!("'{b}': {e}"))?;
     if !(a > 0.0 && a <= b && b <= 1.0) {
