@@ -94,6 +94,10 @@ pub struct TrainArgs {
     /// Area range of the local crops, as `MIN,MAX` fractions of the image (DINO: 0.05,0.4).
     #[arg(long, value_parser = parse_range)]
     pub local_scale: Option<(f32, f32)>,
+    /// Scale of the colour augmentations' probabilities (1 = DINO's jitter 0.8 and grayscale
+    /// 0.2; 0 = none).
+    #[arg(long)]
+    pub color_aug: Option<f32>,
     /// Number of local crops.
     #[arg(long)]
     pub n_local: Option<usize>,
@@ -142,7 +146,7 @@ impl TrainArgs {
              momentum_teacher => momentum_teacher, center_momentum => center_momentum,
              weight_decay => weight_decay, weight_decay_end => weight_decay_end,
              clip_grad => clip_grad, freeze_last_layer_epochs => freeze_last_layer_epochs,
-             min_lr => min_lr, global_scale => global_scale, local_scale => local_scale, n_local => n_local, drop_path => model.drop_path, seed => seed);
+             min_lr => min_lr, global_scale => global_scale, local_scale => local_scale, n_local => n_local, color_aug => color_aug, drop_path => model.drop_path, seed => seed);
         if self.teacher_temp.is_some()
             && self.warmup_teacher_temp.is_none()
             && c.warmup_teacher_temp_epochs == 0

@@ -167,11 +167,11 @@ impl Synthetic {
         canvas.background(&mut rng);
 
         let style = self.styles[self.label(i)];
-        let distractors = rng.gen_range(1..=3);
+        let distractors = rng.gen_range(0..=2);
         for _ in 0..distractors {
             let shape = SHAPES[rng.gen_range(0..SHAPES.len())];
             let texture = TEXTURES[rng.gen_range(0..TEXTURES.len())];
-            let scale = uniform(&mut rng, 0.12, 0.26);
+            let scale = uniform(&mut rng, 0.10, 0.20);
             let hue = rng.gen::<f32>();
             let paint = Paint::random(&mut rng, hue, 0.25, 0.3, texture);
             let pose = Pose::random(&mut rng, scale, 0.0);
@@ -179,7 +179,7 @@ impl Synthetic {
             canvas.draw(shape, &pose, &paint, alpha);
         }
 
-        let scale = uniform(&mut rng, 0.34, 0.56);
+        let scale = uniform(&mut rng, 0.45, 0.7);
         let hue = style.hue + uniform(&mut rng, -0.035, 0.035);
         let paint = Paint::random(&mut rng, hue, 0.55, 0.55, style.texture);
         let pose = Pose::random(&mut rng, scale, 0.75);
@@ -553,11 +553,13 @@ impl Canvas {
 
     /// A two-colour gradient with low-frequency brightness blobs.
     fn background(&mut self, rng: &mut ChaCha8Rng) {
-        // Muted backgrounds (low saturation, mid values): a loud, unique background is a shortcut
-        // that two crops of one image share, and self-distillation learns it instead of the
-        // object (measured: features worse than at initialisation for class k-NN).
-        let c0 = hsv_to_rgb(rng.gen(), uniform(rng, 0.0, 0.15), uniform(rng, 0.3, 0.7));
-        let c1 = hsv_to_rgb(rng.gen(), uniform(rng, 0.0, 0.15), uniform(rng, 0.3, 0.7));
+        // Muted backgrounds (low saturation, values near mid-grey): a loud or distinctive
+        // background is a cue that every crop of one image shares, and self-distillation learns
+        // it instead of the object (measured: class k-NN of the features fell below the
+        // network at initialisation). Clutter stays (blobs, noise, distractors), but the object
+        // is the strongest signal the crops share.
+        let c0 = hsv_to_rgb(rng.gen(), uniform(rng, 0.0, 0.08), uniform(rng, 0.42, 0.58));
+        let c1 = hsv_to_rgb(rng.gen(), uniform(rng, 0.0, 0.08), uniform(rng, 0.42, 0.58));
         let angle = uniform(rng, 0.0, 2.0 * PI);
         let (ca, sa) = (angle.cos(), angle.sin());
         let mut blobs = [0.0f32; 25];

@@ -79,8 +79,16 @@ pub struct TrainConfig {
     pub n_local: usize,
     pub global_scale: (f32, f32),
     pub local_scale: (f32, f32),
+    /// Scales the probabilities of colour jitter (DINO: 0.8) and grayscale (DINO: 0.2);
+    /// 1 is DINO's recipe, 0 turns both off.
+    #[serde(default = "one")]
+    pub color_aug: f32,
     pub seed: u64,
     pub data: DataSpec,
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 /// Names of the shipped presets, for help texts.
@@ -112,8 +120,11 @@ impl TrainConfig {
             weight_decay: 0.04,
             weight_decay_end: 0.1,
             momentum_teacher: 0.99,
-            teacher_temp: 0.04,
-            warmup_teacher_temp: 0.04,
+            // Sharper than DINO's 0.04 -> 0.07: with few steps the teacher's per-image
+            // differences are small, and at 0.04 centering flattens them to ln K (measured in
+            // the project notes: k-NN +15 points over init at 0.02 vs +8 at 0.04, DINO, 3 epochs).
+            teacher_temp: 0.02,
+            warmup_teacher_temp: 0.02,
             warmup_teacher_temp_epochs: 0,
             student_temp: 0.1,
             center_momentum: 0.9,
@@ -122,6 +133,7 @@ impl TrainConfig {
             n_local: 4,
             global_scale: (0.4, 1.0),
             local_scale: (0.05, 0.4),
+            color_aug: 1.0,
             seed: 0,
             data: builtin.clone(),
         };
@@ -149,6 +161,7 @@ impl TrainConfig {
             n_local: 8,
             global_scale: (0.4, 1.0),
             local_scale: (0.05, 0.4),
+            color_aug: 1.0,
             seed: 0,
             data: builtin.clone(),
         };

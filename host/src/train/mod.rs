@@ -119,6 +119,8 @@ pub fn crop_config(cfg: &TrainConfig) -> CropConfig {
     let mut c = CropConfig::for_image_size(cfg.model.img_size, cfg.n_local);
     c.global_scale = cfg.global_scale;
     c.local_scale = cfg.local_scale;
+    c.jitter.p *= cfg.color_aug;
+    c.grayscale_p *= cfg.color_aug;
     c
 }
 
