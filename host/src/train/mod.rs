@@ -259,9 +259,9 @@ impl CollapseWatch {
         if !self.warned_single && m.max_mass > 0.5 {
             self.warned_single = true;
             return Some(format!(
-                "warning: step {step}: one prototype holds {:.0}% of the batch's teacher mass (collapse \
-                 to one prototype: centering loses to sharpening). Hint: lower --center-momentum (a faster \
-                 center), or raise --teacher-temp.",
+                "warning: step {step}: one prototype holds {:.0}% of the batch's teacher mass (a sign of \
+                 partial collapse to one prototype: centering loses to sharpening). Hint: lower \
+                 --center-momentum (a faster center), or raise --teacher-temp.",
                 100.0 * m.max_mass
             ));
         }
