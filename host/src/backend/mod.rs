@@ -10,8 +10,10 @@ use crate::data::Batch;
 pub mod cpu;
 pub mod cuda;
 pub mod reduce;
+pub mod shapes;
 
 pub use reduce::{GradReducer, SingleProcess};
+pub use shapes::StepShapes;
 
 /// Which network's features to read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -55,7 +55,8 @@ mod imp {
     use crate::backend::cuda::compare::{compare_with_cpu, print_comparison, Comparison};
     use crate::backend::cuda::device::{Device, Gpu};
     use crate::backend::cuda::sim::SimDevice;
-    use crate::backend::cuda::{step_shapes, verify};
+    use crate::backend::cuda::verify;
+    use crate::train::state::step_shapes;
     use crate::train::state::{loss_config, model_config};
     use anyhow::{bail, Context};
     use std::io::Write;

@@ -70,20 +70,24 @@ fn centering(c: CenteringKind) -> Centering {
     }
 }
 
-/// The CPU backend for a run.
-pub fn cpu_backend(cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
+/// The batch shapes of a run, as its crop settings make them.
+pub fn step_shapes(cfg: &TrainConfig) -> StepShapes {
     let crops = super::crop_config(cfg);
-    let shapes = StepShapes {
+    StepShapes {
         batch: cfg.batch_size,
         n_global: 2,
         n_local: cfg.n_local,
         global_size: crops.global_size,
         local_size: crops.local_size,
-    };
+    }
+}
+
+/// The CPU backend for a run.
+pub fn cpu_backend(cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
     Ok(Box::new(CpuBackend::new(
         model_config(cfg),
         loss_config(cfg),
-        shapes,
+        step_shapes(cfg),
         Box::new(SingleProcess),
     )?))
 }

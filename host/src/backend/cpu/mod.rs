@@ -33,16 +33,7 @@ use head::HeadBufs;
 use loss::LossBufs;
 use vit::{BackScratch, Cx, Group};
 
-/// The fixed shapes of the batches a backend is built for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StepShapes {
-    pub batch: usize,
-    /// Must be 2 (the DINO loss pairs two global views).
-    pub n_global: usize,
-    pub n_local: usize,
-    pub global_size: usize,
-    pub local_size: usize,
-}
+pub use crate::backend::shapes::StepShapes;
 
 /// One parameter tensor of the flat layout, as the optimiser needs it.
 #[derive(Clone, Copy, Debug)]
@@ -157,35 +148,7 @@ impl CpuBackend {
         shapes: StepShapes,
         reducer: Box<dyn GradReducer>,
     ) -> Result<Self> {
-        ensure!(
-            model.is_valid(),
-            "model configuration is not runnable: {model:?}"
-        );
-        ensure!(
-            shapes.n_global == 2,
-            "the DINO loss needs exactly 2 global crops, got {}",
-            shapes.n_global
-        );
-        ensure!(shapes.batch > 0, "batch size must be positive");
-        let v = &model.vit;
-        ensure!(
-            v.accepts(shapes.global_size),
-            "global crop size {} is not a positive multiple of the patch size {}",
-            shapes.global_size,
-            v.patch
-        );
-        ensure!(
-            shapes.n_local == 0 || v.accepts(shapes.local_size),
-            "local crop size {} is not a positive multiple of the patch size {}",
-            shapes.local_size,
-            v.patch
-        );
-        ensure!(
-            loss.norm_last_layer == model.head.norm_last_layer,
-            "loss and model disagree on norm_last_layer ({} vs {})",
-            loss.norm_last_layer,
-            model.head.norm_last_layer
-        );
+        shapes.validate(&model, &loss)?;
         let cx = Cx::new(&model);
         let b = shapes.batch;
         let (d, k, p) = (cx.d, model.head.out_dim, model.head.bottleneck);
@@ -239,8 +202,8 @@ impl CpuBackend {
             hs1: vec![0.0; rows_s * hw],
             partials: vec![0.0; rows::n_chunks(rows_s) * hw],
             lossb: LossBufs::new(2 + shapes.n_local, b, k, p),
-            mask_g: vec![0.0; v.depth * 2 * n_g],
-            mask_l: vec![0.0; v.depth * 2 * n_l],
+            mask_g: vec![0.0; model.vit.depth * 2 * n_g],
+            mask_l: vec![0.0; model.vit.depth * 2 * n_l],
             embed_group: None,
             phase: [0.0; PHASES.len()],
             cx,

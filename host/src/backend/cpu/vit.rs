@@ -8,40 +8,14 @@
 //! work of a depth-4 model, with the same result.
 use rayon::prelude::*;
 
-use dinovmf_core::model::{BlockOffsets, Layout, ModelConfig};
+use dinovmf_core::model::BlockOffsets;
 use dinovmf_core::ops::{patchify, pos_embed_for_grid_backward, pos_embed_for_grid_forward};
 
 use super::attention;
 use super::gemm::{matmul, Op};
 use super::rows::{self, n_chunks};
 
-/// Model constants every pass needs.
-#[derive(Clone, Copy, Debug)]
-pub struct Cx {
-    pub cfg: ModelConfig,
-    pub lay: Layout,
-    pub d: usize,
-    pub heads: usize,
-    pub mh: usize,
-    /// Inputs of one patch, `C P P`.
-    pub kp: usize,
-    pub eps: f32,
-}
-
-impl Cx {
-    pub fn new(cfg: &ModelConfig) -> Self {
-        let v = &cfg.vit;
-        Self {
-            cfg: *cfg,
-            lay: Layout::new(cfg),
-            d: v.dim,
-            heads: v.heads,
-            mh: v.mlp_hidden(),
-            kp: v.patch_len(),
-            eps: v.ln_eps as f32,
-        }
-    }
-}
+pub use crate::backend::shapes::Cx;
 
 /// Saved activations of one block over a group.
 pub struct BlockBufs {

@@ -40,19 +40,6 @@ pub const NOT_BUILT: &str = "this dinovmf was built without CUDA support: rebuil
     `cargo build --release --features cuda` (needs the NVIDIA driver's libcuda at run time), or \
     use `--device cpu`";
 
-/// The step shapes of a run.
-#[cfg(feature = "gpu-sim")]
-pub fn step_shapes(cfg: &TrainConfig) -> crate::backend::cpu::StepShapes {
-    let crops = crate::train::crop_config(cfg);
-    crate::backend::cpu::StepShapes {
-        batch: cfg.batch_size,
-        n_global: 2,
-        n_local: cfg.n_local,
-        global_size: crops.global_size,
-        local_size: crops.local_size,
-    }
-}
-
 /// Environment variable that makes `--device cuda` run the CUDA backend on the host simulator
 /// of the kernels (builds with `gpu-sim`): the whole trainer path without a GPU, for tests.
 pub const SIM_ENV: &str = "DINOVMF_CUDA_SIM";
@@ -76,7 +63,7 @@ pub fn open(cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
 
 #[cfg(feature = "gpu-sim")]
 fn on<D: device::Device + 'static>(dev: D, cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
-    use crate::train::state::{loss_config, model_config};
+    use crate::train::state::{loss_config, model_config, step_shapes};
     Ok(Box::new(step::GpuBackend::new(
         dev,
         model_config(cfg),

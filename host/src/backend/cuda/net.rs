@@ -8,37 +8,12 @@
 //! last LayerNorm is read).
 use anyhow::Result;
 
-use dinovmf_core::model::{BlockOffsets, Layout, ModelConfig};
+use dinovmf_core::model::BlockOffsets;
 
 use super::device::{u32_of as u, Buf, Device, Gpu};
 use super::ops::Gemm;
 
-/// Model constants every pass needs.
-#[derive(Clone, Copy, Debug)]
-pub struct Cx {
-    pub cfg: ModelConfig,
-    pub lay: Layout,
-    pub d: usize,
-    pub heads: usize,
-    pub mh: usize,
-    pub kp: usize,
-    pub eps: f32,
-}
-
-impl Cx {
-    pub fn new(cfg: &ModelConfig) -> Self {
-        let v = &cfg.vit;
-        Self {
-            cfg: *cfg,
-            lay: Layout::new(cfg),
-            d: v.dim,
-            heads: v.heads,
-            mh: v.mlp_hidden(),
-            kp: v.patch_len(),
-            eps: v.ln_eps as f32,
-        }
-    }
-}
+pub use crate::backend::shapes::Cx;
 
 /// Saved activations of one block over a group.
 #[derive(Clone, Copy)]

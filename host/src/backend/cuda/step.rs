@@ -198,35 +198,7 @@ impl<D: Device> GpuBackend<D> {
         shapes: StepShapes,
         reducer: Box<dyn GradReducer>,
     ) -> Result<Self> {
-        ensure!(
-            model.is_valid(),
-            "model configuration is not runnable: {model:?}"
-        );
-        ensure!(
-            shapes.n_global == 2,
-            "the DINO loss needs exactly 2 global crops, got {}",
-            shapes.n_global
-        );
-        ensure!(shapes.batch > 0, "batch size must be positive");
-        let v = &model.vit;
-        ensure!(
-            v.accepts(shapes.global_size),
-            "global crop size {} is not a positive multiple of the patch size {}",
-            shapes.global_size,
-            v.patch
-        );
-        ensure!(
-            shapes.n_local == 0 || v.accepts(shapes.local_size),
-            "local crop size {} is not a positive multiple of the patch size {}",
-            shapes.local_size,
-            v.patch
-        );
-        ensure!(
-            loss.norm_last_layer == model.head.norm_last_layer,
-            "loss and model disagree on norm_last_layer ({} vs {})",
-            loss.norm_last_layer,
-            model.head.norm_last_layer
-        );
+        shapes.validate(&model, &loss)?;
         let mut gpu = Gpu::new(dev);
         gpu.dev.bind()?;
         let cx = Cx::new(&model);
@@ -293,7 +265,7 @@ impl<D: Device> GpuBackend<D> {
         let adam_m = gpu.alloc_from(&zeros)?;
         let adam_v = gpu.alloc_from(&zeros)?;
         let grads = gpu.alloc(n)?;
-        let depth = v.depth;
+        let depth = model.vit.depth;
         Ok(Self {
             loss_cfg: loss,
             shapes,

@@ -1,0 +1,82 @@
+//! What every backend is built for: the batch shapes it accepts and the model constants its
+//! passes read. One definition, one set of checks, so the CPU and CUDA backends refuse the same
+//! configurations with the same messages.
+use anyhow::{ensure, Result};
+
+use dinovmf_core::loss::LossConfig;
+use dinovmf_core::model::{Layout, ModelConfig};
+
+/// The fixed shapes of the batches a backend is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepShapes {
+    pub batch: usize,
+    /// Must be 2 (the DINO loss pairs two global views).
+    pub n_global: usize,
+    pub n_local: usize,
+    pub global_size: usize,
+    pub local_size: usize,
+}
+
+impl StepShapes {
+    /// Refuses a model, loss and shapes that cannot run together, saying which and why.
+    pub fn validate(&self, model: &ModelConfig, loss: &LossConfig) -> Result<()> {
+        ensure!(
+            model.is_valid(),
+            "model configuration is not runnable: {model:?}"
+        );
+        ensure!(
+            self.n_global == 2,
+            "the DINO loss needs exactly 2 global crops, got {}",
+            self.n_global
+        );
+        ensure!(self.batch > 0, "batch size must be positive");
+        let v = &model.vit;
+        ensure!(
+            v.accepts(self.global_size),
+            "global crop size {} is not a positive multiple of the patch size {}",
+            self.global_size,
+            v.patch
+        );
+        ensure!(
+            self.n_local == 0 || v.accepts(self.local_size),
+            "local crop size {} is not a positive multiple of the patch size {}",
+            self.local_size,
+            v.patch
+        );
+        ensure!(
+            loss.norm_last_layer == model.head.norm_last_layer,
+            "loss and model disagree on norm_last_layer ({} vs {})",
+            loss.norm_last_layer,
+            model.head.norm_last_layer
+        );
+        Ok(())
+    }
+}
+
+/// Model constants every pass needs.
+#[derive(Clone, Copy, Debug)]
+pub struct Cx {
+    pub cfg: ModelConfig,
+    pub lay: Layout,
+    pub d: usize,
+    pub heads: usize,
+    pub mh: usize,
+    /// Inputs of one patch, `C P P`.
+    pub kp: usize,
+    pub eps: f32,
+}
+
+impl Cx {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        let v = &cfg.vit;
+        Self {
+            cfg: *cfg,
+            lay: Layout::new(cfg),
+            d: v.dim,
+            heads: v.heads,
+            mh: v.mlp_hidden(),
+            kp: v.patch_len(),
+            eps: v.ln_eps as f32,
+        }
+    }
+}
