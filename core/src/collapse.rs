@@ -55,13 +55,29 @@ pub fn teacher_collapse_stats<T: Real>(
     mean_buf: &mut [T],
     mean_kl: T,
 ) -> CollapseStats<T> {
+    debug_assert!(p_t.len() >= rows * k);
+    let mut h_rows = T::ZERO;
+    for row in p_t.chunks_exact(k).take(rows) {
+        h_rows += entropy(row);
+    }
+    collapse_stats_given_row_entropy(p_t, rows, k, mean_buf, h_rows, mean_kl)
+}
+
+/// [`teacher_collapse_stats`] for a caller that already has `row_entropy_sum`, the sum over
+/// the rows of `H(P_t,b)` (a backend that computed the row entropies in parallel).
+pub fn collapse_stats_given_row_entropy<T: Real>(
+    p_t: &[T],
+    rows: usize,
+    k: usize,
+    mean_buf: &mut [T],
+    row_entropy_sum: T,
+    mean_kl: T,
+) -> CollapseStats<T> {
     debug_assert!(p_t.len() >= rows * k && mean_buf.len() >= k);
     let mean = &mut mean_buf[..k];
     mean.fill(T::ZERO);
     let w = T::ONE / T::from_usize(rows.max(1));
-    let mut h_rows = T::ZERO;
     for row in p_t.chunks_exact(k).take(rows) {
-        h_rows += entropy(row);
         for (m, &x) in mean.iter_mut().zip(row) {
             *m += w * x;
         }
@@ -76,7 +92,7 @@ pub fn teacher_collapse_stats<T: Real>(
     }
     CollapseStats {
         entropy_of_mean: entropy(mean),
-        mean_row_entropy: h_rows * w,
+        mean_row_entropy: row_entropy_sum * w,
         max_mean_mass: max_mass,
         argmax_mean: argmax,
         mean_kl,

@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use dinovmf_core::centering::{center_update, teacher_targets_row};
-use dinovmf_core::collapse::{entropy, CollapseStats};
+use dinovmf_core::collapse::{collapse_stats_given_row_entropy, entropy, CollapseStats};
 use dinovmf_core::logits::{
     branch_terms_forward, l2_normalize_row_backward, l2_normalize_row_inplace, logits_row_backward,
 };
@@ -349,33 +349,8 @@ pub fn forward_backward(
     LossReport { loss, collapse }
 }
 
-/// Core's `teacher_collapse_stats` with the row entropies computed in parallel (`row_ent`)
-/// and everything else in core's order.
+/// Core's collapse statistics, with the row entropies computed in parallel (`row_ent`).
 fn collapse_stats(lb: &mut LossBufs, rows: usize, k: usize) -> CollapseStats<f32> {
-    let w = 1.0 / rows.max(1) as f32;
-    let mean = &mut lb.mean_p[..k];
-    mean.fill(0.0);
-    let mut h_rows = 0.0f32;
-    for (row, &h) in lb.p_t.chunks_exact(k).take(rows).zip(&lb.row_ent) {
-        h_rows += h;
-        for (m, &x) in mean.iter_mut().zip(row) {
-            *m += w * x;
-        }
-    }
-    let mut max_mass = f32::NEG_INFINITY;
-    let mut argmax = 0;
-    for (i, &m) in mean.iter().enumerate() {
-        if m > max_mass {
-            max_mass = m;
-            argmax = i;
-        }
-    }
-    CollapseStats {
-        entropy_of_mean: entropy(mean),
-        mean_row_entropy: h_rows * w,
-        max_mean_mass: max_mass,
-        argmax_mean: argmax,
-        mean_kl: 0.0,
-        ln_k: (k as f32).ln(),
-    }
+    let h_rows: f32 = lb.row_ent[..rows].iter().fold(0.0, |a, &h| a + h);
+    collapse_stats_given_row_entropy(&lb.p_t, rows, k, &mut lb.mean_p, h_rows, 0.0)
 }
