@@ -4,6 +4,12 @@
 //! its ops run, so a GPU backend keeps everything on the device: only batches go in and
 //! metrics come out.
 use anyhow::Result;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use dinovmf_core::centering::{center_init, Centering};
+use dinovmf_core::model::{init_params, num_params, ModelConfig};
 
 use crate::data::Batch;
 
@@ -63,6 +69,27 @@ pub struct TrainState {
     pub center: Vec<f32>,
     /// AdamW steps taken (bias correction).
     pub adam_step: u64,
+}
+
+impl TrainState {
+    /// Fresh parameters drawn as DINO initialises them from `seed` (teacher = student), zero
+    /// optimiser moments, the centering's initial center.
+    pub fn initial(model: &ModelConfig, centering: Centering, seed: u64) -> Self {
+        let n = num_params(model);
+        let mut student = vec![0.0f32; n];
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        init_params(model, &mut student, &mut || StandardNormal.sample(&mut rng));
+        let mut center = vec![0.0f32; model.head.out_dim];
+        center_init(&mut center, centering);
+        TrainState {
+            teacher: student.clone(),
+            adam_m: vec![0.0; n],
+            adam_v: vec![0.0; n],
+            student,
+            center,
+            adam_step: 0,
+        }
+    }
 }
 
 pub trait Backend: Send {

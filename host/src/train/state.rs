@@ -3,20 +3,14 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
-
-use dinovmf_core::centering::{center_init, Centering};
+use dinovmf_core::centering::Centering;
 use dinovmf_core::logits::LogitKind;
 use dinovmf_core::loss::LossConfig;
-use dinovmf_core::model::{
-    for_each_param, init_params, num_params, HeadConfig, ModelConfig, VitConfig,
-};
+use dinovmf_core::model::{for_each_param, num_params, HeadConfig, ModelConfig, VitConfig};
 
 use super::config::{CenteringKind, LossKind, TrainConfig};
-use crate::backend::cpu::{CpuBackend, StepShapes};
-use crate::backend::{Backend, SingleProcess, TrainState};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, SingleProcess, StepShapes, TrainState};
 use crate::checkpoint::{self, CheckpointData, Tensor};
 
 /// Core's model configuration for a run.
@@ -94,21 +88,11 @@ pub fn cpu_backend(cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
 
 /// Fresh parameters (teacher = student), zero optimiser moments, the initial center.
 pub fn init_state(cfg: &TrainConfig) -> TrainState {
-    let mc = model_config(cfg);
-    let n = num_params(&mc);
-    let mut student = vec![0.0f32; n];
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x1417_5eed);
-    init_params(&mc, &mut student, &mut || StandardNormal.sample(&mut rng));
-    let mut center = vec![0.0f32; cfg.model.prototypes];
-    center_init(&mut center, centering(cfg.centering));
-    TrainState {
-        teacher: student.clone(),
-        adam_m: vec![0.0; n],
-        adam_v: vec![0.0; n],
-        student,
-        center,
-        adam_step: 0,
-    }
+    TrainState::initial(
+        &model_config(cfg),
+        centering(cfg.centering),
+        cfg.seed ^ 0x1417_5eed,
+    )
 }
 
 const GROUPS: [&str; 4] = ["student", "teacher", "optim.m", "optim.v"];

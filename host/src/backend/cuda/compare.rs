@@ -4,11 +4,9 @@
 use anyhow::Result;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
 
-use dinovmf_core::centering::center_init;
 use dinovmf_core::loss::LossConfig;
-use dinovmf_core::model::{init_params, num_params, ModelConfig};
+use dinovmf_core::model::ModelConfig;
 
 use super::device::Device;
 use super::step::GpuBackend;
@@ -75,20 +73,7 @@ pub struct Comparison {
 
 /// A random initial state (DINO initialisation, teacher = student, zero moments).
 pub fn initial_state(model: &ModelConfig, loss: &LossConfig, seed: u64) -> TrainState {
-    let n = num_params(model);
-    let mut student = vec![0.0f32; n];
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    init_params(model, &mut student, &mut || StandardNormal.sample(&mut rng));
-    let mut center = vec![0.0f32; model.head.out_dim];
-    center_init(&mut center, loss.centering);
-    TrainState {
-        teacher: student.clone(),
-        adam_m: vec![0.0; n],
-        adam_v: vec![0.0; n],
-        student,
-        center,
-        adam_step: 0,
-    }
+    TrainState::initial(model, loss.centering, seed)
 }
 
 /// A batch of uniform random pixels in [-1, 1).
