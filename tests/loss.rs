@@ -5,11 +5,12 @@
 #![allow(clippy::needless_range_loop)]
 use dinovmf_suite::core_math::centering::{self, Centering};
 use dinovmf_suite::core_math::collapse::{self, CollapseStats};
-use dinovmf_suite::core_math::logits::{self, LogitKind};
+use dinovmf_suite::core_math::logits::{self, LogitKind, NORMALIZE_EPS};
 use dinovmf_suite::core_math::loss::{
     self, multicrop_loss_forward_backward, multicrop_loss_forward_backward_f16, scratch_len,
     LossConfig, LossDims, LossError, LossGrads, LossInputs, LossOutput,
 };
+use dinovmf_suite::core_math::ops;
 use dinovmf_suite::core_math::vmf;
 use half::f16;
 use rand::{Rng, SeedableRng};
@@ -461,7 +462,7 @@ fn stage_pipeline(cfg: &LossConfig, c: &Case) -> Stages {
     let branch = |z: &[f64], v: &[f64], gv: Option<Vec<f64>>, tau: f64, n: usize| {
         let mut y = vec![0.0; n * p];
         let mut zn = vec![0.0; n];
-        logits::l2_normalize_forward(&mut y, &mut zn, z, n, p);
+        ops::l2norm_forward(&mut y, &mut zn, z, n, p, NORMALIZE_EPS);
         let (mut mu, mut r, mut vn) = (vec![0.0; k * p], vec![0.0; k], vec![0.0; k]);
         logits::weight_norm_forward(&mut mu, &mut r, &mut vn, v, gv.as_deref(), k, p);
         let (mut sc, mut bi, mut db) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
@@ -533,7 +534,7 @@ fn stage_pipeline(cfg: &LossConfig, c: &Case) -> Stages {
         );
     }
     let mut dz = vec![0.0; ns * p];
-    logits::l2_normalize_backward(&mut dz, &dy, &y, &zn, ns, p);
+    ops::l2norm_backward(&mut dz, &dy, &y, &zn, ns, p, NORMALIZE_EPS);
     let mut dv = vec![0.0; k * p];
     let mut dg = vec![0.0; k];
     let dg_opt = if cfg.norm_last_layer {

@@ -11,6 +11,7 @@
 //!
 //! Gradient conventions (llm.c style): row-side outputs (dy, dz, ddots) are written, parameter-side
 //! outputs that collect contributions from many rows (dmu, dr) are accumulated with `+=`.
+use crate::ops::{l2norm_backward, l2norm_forward};
 use crate::real::Real;
 use crate::vmf::{self, BesselApprox};
 
@@ -25,7 +26,7 @@ pub enum LogitKind {
 }
 
 /// Lower bound on a norm before dividing by it, as in `torch.nn.functional.normalize`.
-pub const NORMALIZE_EPS: f64 = 1e-12;
+pub const NORMALIZE_EPS: f64 = crate::ops::L2NORM_EPS;
 
 /// The shifted vMF log-normaliser and its derivative at the precision of `Self`.
 ///
@@ -60,101 +61,7 @@ impl VmfReal for f64 {
     }
 }
 
-/// Dot product with eight independent partial sums, so the compiler can vectorise it without
-/// reassociating (the result is deterministic and identical in structure for f32 and f64).
-#[inline]
-pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    debug_assert_eq!(a.len(), b.len());
-    let mut acc = [T::ZERO; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for j in 0..8 {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ra.iter().zip(rb) {
-        s += *x * *y;
-    }
-    s
-}
-
-/// `y += a * x`.
-#[inline]
-pub fn axpy<T: Real>(y: &mut [T], a: T, x: &[T]) {
-    debug_assert_eq!(x.len(), y.len());
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * *xi;
-    }
-}
-
-/// Normalises one row in place and returns its norm before normalisation (what backward needs).
-#[inline]
-pub fn l2_normalize_row_inplace<T: Real>(x: &mut [T]) -> T {
-    let norm = dot(x, x).sqrt();
-    let inv = T::ONE / norm.max(T::from_f64(NORMALIZE_EPS));
-    for xi in x.iter_mut() {
-        *xi *= inv;
-    }
-    norm
-}
-
-/// `x[n, p]` rows to unit length in place; `norm[n]` receives each row's original norm.
-pub fn l2_normalize_inplace<T: Real>(x: &mut [T], norm: &mut [T], n: usize, p: usize) {
-    debug_assert!(x.len() >= n * p && norm.len() >= n);
-    for (row, nr) in x.chunks_exact_mut(p).take(n).zip(norm.iter_mut()) {
-        *nr = l2_normalize_row_inplace(row);
-    }
-}
-
-/// `y = z / max(||z||, eps)` row-wise for `z[n, p]`; `norm[n]` keeps `||z||` for the backward.
-pub fn l2_normalize_forward<T: Real>(y: &mut [T], norm: &mut [T], z: &[T], n: usize, p: usize) {
-    debug_assert!(z.len() >= n * p && y.len() >= n * p);
-    y[..n * p].copy_from_slice(&z[..n * p]);
-    l2_normalize_inplace(y, norm, n, p);
-}
-
-/// Backward of one normalised row: `dz = (dy - y (y . dy)) / ||z||`, or `dy / eps` in the
-/// clamped region (where the forward was a plain scaling).
-#[inline]
-pub fn l2_normalize_row_backward<T: Real>(dz: &mut [T], dy: &[T], y: &[T], norm: T) {
-    let eps = T::from_f64(NORMALIZE_EPS);
-    if norm > eps {
-        let inv = T::ONE / norm;
-        let yd = dot(y, dy);
-        for ((o, &d), &yy) in dz.iter_mut().zip(dy).zip(y) {
-            *o = (d - yy * yd) * inv;
-        }
-    } else {
-        let inv = T::ONE / eps;
-        for (o, &d) in dz.iter_mut().zip(dy) {
-            *o = d * inv;
-        }
-    }
-}
-
-/// Backward of [`l2_normalize_forward`]: writes `dz[n, p]`.
-pub fn l2_normalize_backward<T: Real>(
-    dz: &mut [T],
-    dy: &[T],
-    y: &[T],
-    norm: &[T],
-    n: usize,
-    p: usize,
-) {
-    debug_assert!(dz.len() >= n * p && dy.len() >= n * p && y.len() >= n * p && norm.len() >= n);
-    for (((dzr, dyr), yr), &nr) in dz
-        .chunks_exact_mut(p)
-        .zip(dy.chunks_exact(p))
-        .zip(y.chunks_exact(p))
-        .zip(norm)
-        .take(n)
-    {
-        l2_normalize_row_backward(dzr, dyr, yr, nr);
-    }
-}
+pub use crate::ops::dot::{axpy, dot};
 
 /// Weight normalisation of the last layer: `mu[k, p]` unit directions, `vnorm[k] = ||v_k||`,
 /// `r[k] = g_k`, or 1 when `g` is `None` (`norm_last_layer`).
@@ -167,7 +74,7 @@ pub fn weight_norm_forward<T: Real>(
     k: usize,
     p: usize,
 ) {
-    l2_normalize_forward(mu, vnorm, v, k, p);
+    l2norm_forward(mu, vnorm, v, k, p, T::from_f64(NORMALIZE_EPS));
     match g {
         Some(g) => r[..k].copy_from_slice(&g[..k]),
         None => r[..k].fill(T::ONE),
@@ -187,7 +94,7 @@ pub fn weight_norm_backward<T: Real>(
     k: usize,
     p: usize,
 ) {
-    l2_normalize_backward(dv, dmu, mu, vnorm, k, p);
+    l2norm_backward(dv, dmu, mu, vnorm, k, p, T::from_f64(NORMALIZE_EPS));
     if let Some(dg) = dg {
         dg[..k].copy_from_slice(&dr[..k]);
     }

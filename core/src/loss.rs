@@ -14,7 +14,8 @@ use half::f16;
 
 use crate::centering::{self, Centering};
 use crate::collapse::{self, CollapseStats};
-use crate::logits::{self, LogitKind, VmfReal};
+use crate::logits::{self, LogitKind, VmfReal, NORMALIZE_EPS};
+use crate::ops::{l2norm_row_backward, l2norm_row_inplace};
 use crate::real::Real;
 use crate::vmf::BesselApprox;
 
@@ -281,6 +282,17 @@ pub fn scratch_len(dims: LossDims) -> usize {
     2 * k * p + 2 * batch * k + (n_crops + 2) * batch * (p + 1) + 9 * k + 2 * p
 }
 
+fn eps<T: Real>() -> T {
+    T::from_f64(NORMALIZE_EPS)
+}
+
+/// `x[n, p]` rows to unit length in place; `norm[n]` receives each row's original norm.
+fn l2norm_rows_inplace<T: Real>(x: &mut [T], norm: &mut [T], n: usize, p: usize) {
+    for (row, nr) in x.chunks_exact_mut(p).take(n).zip(norm.iter_mut()) {
+        *nr = l2norm_row_inplace(row, eps::<T>());
+    }
+}
+
 fn split<T>(s: &mut [T], n: usize) -> (&mut [T], &mut [T]) {
     s.split_at_mut(n)
 }
@@ -404,7 +416,7 @@ pub fn multicrop_loss_forward_backward_stored<S: Stored<T>, T: VmfReal>(
 
     // Teacher: targets with the previous center, and the batch statistic for the update.
     load_into(mu, &inputs.v_t[..k * p]);
-    logits::l2_normalize_inplace(mu, vnorm, k, p);
+    l2norm_rows_inplace(mu, vnorm, k, p);
     if nll {
         r.fill(T::ONE);
     } else {
@@ -412,7 +424,7 @@ pub fn multicrop_loss_forward_backward_stored<S: Stored<T>, T: VmfReal>(
     }
     logits::branch_terms_forward(scale, bias, dbias, r, tau_t, p, cfg.kind, cfg.approx);
     load_into(y_t, &inputs.z_t[..nt * p]);
-    logits::l2_normalize_inplace(y_t, zn_t, nt, p);
+    l2norm_rows_inplace(y_t, zn_t, nt, p);
     stat.fill(T::ZERO);
     let w_t = T::ONE / T::from_usize(nt);
     for j in 0..nt {
@@ -431,7 +443,7 @@ pub fn multicrop_loss_forward_backward_stored<S: Stored<T>, T: VmfReal>(
 
     // Student: logits row by row, loss, and the chain back to z, v, g.
     load_into(mu, &inputs.v_s[..k * p]);
-    logits::l2_normalize_inplace(mu, vnorm, k, p);
+    l2norm_rows_inplace(mu, vnorm, k, p);
     if nll {
         r.fill(T::ONE);
     } else {
@@ -439,7 +451,7 @@ pub fn multicrop_loss_forward_backward_stored<S: Stored<T>, T: VmfReal>(
     }
     logits::branch_terms_forward(scale, bias, dbias, r, tau_s, p, cfg.kind, cfg.approx);
     load_into(y_s, &inputs.z_s[..ns * p]);
-    logits::l2_normalize_inplace(y_s, zn_s, ns, p);
+    l2norm_rows_inplace(y_s, zn_s, ns, p);
     dmu.fill(T::ZERO);
     // `r` is free from here on: it accumulates dL/dr.
     r.fill(T::ZERO);
@@ -465,7 +477,7 @@ pub fn multicrop_loss_forward_backward_stored<S: Stored<T>, T: VmfReal>(
                 tau_s,
             );
             logits::dots_row_backward(drow, dmu, dlrow, yi, mu, k, p);
-            logits::l2_normalize_row_backward(dzrow, drow, yi, zn_s[i]);
+            l2norm_row_backward(dzrow, drow, yi, zn_s[i], eps::<T>());
             for (o, &x) in grads.dz_s[i * p..(i + 1) * p].iter_mut().zip(dzrow.iter()) {
                 *o = S::store(x);
             }
@@ -476,7 +488,7 @@ pub fn multicrop_loss_forward_backward_stored<S: Stored<T>, T: VmfReal>(
     // dv = d(mu)/d(v)^T dmu, in place in `dmu` one row at a time, then stored.
     for kk in 0..k {
         let m = &mu[kk * p..(kk + 1) * p];
-        logits::l2_normalize_row_backward(drow, &dmu[kk * p..(kk + 1) * p], m, vnorm[kk]);
+        l2norm_row_backward(drow, &dmu[kk * p..(kk + 1) * p], m, vnorm[kk], eps::<T>());
         for (o, &x) in grads.dv_s[kk * p..(kk + 1) * p].iter_mut().zip(drow.iter()) {
             *o = S::store(x);
         }

@@ -14,6 +14,7 @@
 //!
 //! Slice lengths are checked with `debug_assert!` only; dims are the caller's contract.
 pub mod attention;
+pub mod dot;
 pub mod drop_path;
 pub mod gelu;
 pub mod l2norm;
@@ -26,11 +27,14 @@ pub mod tokens;
 pub mod weight_norm;
 
 pub use attention::{attention_backward, attention_forward};
+pub use dot::{axpy, dot};
 pub use drop_path::{
     drop_path_backward, drop_path_forward, drop_path_mask_from_uniform, drop_path_rates,
 };
 pub use gelu::{gelu_backward, gelu_forward};
-pub use l2norm::{l2norm_backward, l2norm_forward, L2NORM_EPS};
+pub use l2norm::{
+    l2norm_backward, l2norm_forward, l2norm_row_backward, l2norm_row_inplace, L2NORM_EPS,
+};
 pub use layernorm::{layernorm_backward, layernorm_forward};
 pub use linear::{linear_backward, linear_forward};
 pub use patch_embed::{patch_embed_backward, patch_embed_forward, patchify};

@@ -268,9 +268,9 @@ pub fn softmax_backward_rows<B: Block>(
     });
 }
 
-/// `y[r] = x[r] / max(||x[r]||, eps)`, `norm[r] = ||x[r]||` (`core::ops::l2norm_forward`, and with
-/// `eps = 1e-12` also `core::logits::l2_normalize_forward` and the prototype directions of the
-/// weight-normalised last layer).
+/// `y[r] = x[r] / max(||x[r]||, eps)`, `norm[r] = ||x[r]||` (`core::ops::l2norm_forward`; with
+/// `eps = 1e-12` also the head output y and the prototype directions of the weight-normalised
+/// last layer).
 pub fn l2norm_forward<B: Block>(
     b: &mut B,
     y: &mut [f32],

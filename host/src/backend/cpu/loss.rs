@@ -8,14 +8,17 @@ use rayon::prelude::*;
 
 use dinovmf_core::centering::{center_update, teacher_targets_row};
 use dinovmf_core::collapse::{collapse_stats_given_row_entropy, entropy, CollapseStats};
-use dinovmf_core::logits::{
-    branch_terms_forward, l2_normalize_row_backward, l2_normalize_row_inplace, logits_row_backward,
-};
+use dinovmf_core::logits::{branch_terms_forward, logits_row_backward};
 use dinovmf_core::loss::{
     multicrop_target_sum, n_pairs, xent_row_forward_backward_inplace, LossConfig,
 };
 
+use dinovmf_core::logits::NORMALIZE_EPS;
+use dinovmf_core::ops::{l2norm_row_backward, l2norm_row_inplace};
+
 use super::gemm::{matmul, Op};
+
+const NORM_EPS: f32 = NORMALIZE_EPS as f32;
 
 /// Rows per chunk of the loss's reductions (fewer rows, wider rows than the backbone's).
 const LOSS_CHUNK: usize = 16;
@@ -115,7 +118,7 @@ fn normalize_rows(mu: &mut [f32], vn: &mut [f32], v: &[f32], p: usize) {
         .zip(v.par_chunks(p))
         .for_each(|((m, n), v)| {
             m.copy_from_slice(v);
-            *n = l2_normalize_row_inplace(m);
+            *n = l2norm_row_inplace(m, NORM_EPS);
         });
 }
 
@@ -320,11 +323,12 @@ pub fn forward_backward(
             .par_chunks_mut(p)
             .enumerate()
             .for_each(|(i, o)| {
-                l2_normalize_row_backward(
+                l2norm_row_backward(
                     o,
                     &dy[i * p..(i + 1) * p],
                     &y_s[i * p..(i + 1) * p],
                     zn[i],
+                    NORM_EPS,
                 )
             });
         let (dmu, mu, vn) = (&lb.dmu, &lb.mu_s, &lb.vn_s);
@@ -332,11 +336,12 @@ pub fn forward_backward(
             .par_chunks_mut(p)
             .enumerate()
             .for_each(|(i, o)| {
-                l2_normalize_row_backward(
+                l2norm_row_backward(
                     o,
                     &dmu[i * p..(i + 1) * p],
                     &mu[i * p..(i + 1) * p],
                     vn[i],
+                    NORM_EPS,
                 )
             });
     }
