@@ -27,7 +27,7 @@ fn opts(dir: &Path) -> RunOptions {
 }
 
 #[test]
-fn tiny_runs_train_with_finite_decreasing_history_for_both_losses() {
+fn tiny_runs_write_a_finite_history_checkpoint_and_metrics_for_both_losses() {
     for loss in [LossKind::Dino, LossKind::Vmf] {
         let dir = tmp(&format!("run-{loss:?}"));
         let cfg = tiny(loss);

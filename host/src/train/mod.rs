@@ -153,12 +153,12 @@ fn step_seed(seed: u64, step: u64) -> u64 {
     data::derive_seed(&[seed, 0x5354_4550, step])
 }
 
-/// L2-normalised teacher [CLS] features of a whole dataset, with labels.
-pub fn dataset_features(
-    backend: &mut dyn Backend,
+/// Rows of a whole dataset in eval order: `map` turns each batch of eval-transformed images
+/// (`[n, 3, size, size]`) into `[n, dim]` features. Returns (features, labels, dim).
+fn dataset_rows(
     ds: &Arc<dyn Dataset>,
     size: usize,
-    net: Net,
+    mut map: impl FnMut(Vec<f32>, usize) -> Result<Vec<f32>>,
 ) -> Result<(Vec<f32>, Vec<u32>, usize)> {
     let mut feats = Vec::new();
     let mut labels = Vec::new();
@@ -166,7 +166,7 @@ pub fn dataset_features(
     for b in data::eval_batches(ds.clone(), size, 256) {
         let (imgs, labs) = b?;
         let n = labs.len();
-        let f = backend.embed(net, &imgs, n, size)?;
+        let f = map(imgs, n)?;
         dim = f.len() / n.max(1);
         feats.extend_from_slice(&f);
         labels.extend_from_slice(&labs);
@@ -174,40 +174,45 @@ pub fn dataset_features(
     Ok((feats, labels, dim))
 }
 
-/// Raw pixels of a dataset (the eval transform's normalised values) as features.
-pub fn dataset_pixels(ds: &Arc<dyn Dataset>, size: usize) -> Result<(Vec<f32>, Vec<u32>, usize)> {
-    let mut feats = Vec::new();
-    let mut labels = Vec::new();
-    for b in data::eval_batches(ds.clone(), size, 256) {
-        let (imgs, labs) = b?;
-        feats.extend_from_slice(&imgs);
-        labels.extend_from_slice(&labs);
-    }
-    Ok((feats, labels, 3 * size * size))
+/// A network's [CLS] features (final LayerNorm, not normalised) of a whole dataset, with labels.
+pub fn dataset_features(
+    backend: &mut dyn Backend,
+    ds: &Arc<dyn Dataset>,
+    size: usize,
+    net: Net,
+) -> Result<(Vec<f32>, Vec<u32>, usize)> {
+    dataset_rows(ds, size, |imgs, n| backend.embed(net, &imgs, n, size))
 }
 
-/// k-NN of the backend's teacher features: train split as memory, held-out split as queries.
-pub fn knn_eval(backend: &mut dyn Backend, data: &Datasets, size: usize) -> Result<Vec<KnnScore>> {
+/// Raw pixels of a dataset (the eval transform's normalised values) as features.
+pub fn dataset_pixels(ds: &Arc<dyn Dataset>, size: usize) -> Result<(Vec<f32>, Vec<u32>, usize)> {
+    dataset_rows(ds, size, |imgs, _| Ok(imgs))
+}
+
+/// k-NN with the training split as memory and the held-out split as queries, on the features
+/// `rows` computes for a dataset.
+fn knn_split(
+    data: &Datasets,
+    mut rows: impl FnMut(&Arc<dyn Dataset>) -> Result<(Vec<f32>, Vec<u32>, usize)>,
+) -> Result<Vec<KnnScore>> {
     let test = data
         .test
         .as_ref()
         .ok_or_else(|| anyhow!("no held-out split to evaluate on"))?;
-    let (tr, trl, d) = dataset_features(backend, &data.train, size, Net::Teacher)?;
-    let (te, tel, _) = dataset_features(backend, test, size, Net::Teacher)?;
+    let (tr, trl, d) = rows(&data.train)?;
+    let (te, tel, _) = rows(test)?;
     let classes = data.train.num_classes().max(test.num_classes());
     knn_accuracy(&tr, &trl, &te, &tel, d, classes, &KNN_KS, KNN_TEMPERATURE)
+}
+
+/// k-NN of the backend's teacher features.
+pub fn knn_eval(backend: &mut dyn Backend, data: &Datasets, size: usize) -> Result<Vec<KnnScore>> {
+    knn_split(data, |ds| dataset_features(backend, ds, size, Net::Teacher))
 }
 
 /// The raw-pixel k-NN baseline.
 pub fn knn_pixels(data: &Datasets, size: usize) -> Result<Vec<KnnScore>> {
-    let test = data
-        .test
-        .as_ref()
-        .ok_or_else(|| anyhow!("no held-out split to evaluate on"))?;
-    let (tr, trl, d) = dataset_pixels(&data.train, size)?;
-    let (te, tel, _) = dataset_pixels(test, size)?;
-    let classes = data.train.num_classes().max(test.num_classes());
-    knn_accuracy(&tr, &trl, &te, &tel, d, classes, &KNN_KS, KNN_TEMPERATURE)
+    knn_split(data, |ds| dataset_pixels(ds, size))
 }
 
 fn pairs(s: &[KnnScore]) -> Vec<(usize, f64)> {
@@ -296,7 +301,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let end = opts.max_steps.map_or(total, |m| m.min(total));
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("creating the run folder {}", opts.out_dir.display()))?;
-    let ckpt_path = opts.out_dir.join("checkpoint.safetensors");
+    let ckpt_path = checkpoint_in(&opts.out_dir);
     std::fs::write(
         opts.out_dir.join("config.json"),
         serde_json::to_string_pretty(cfg)?,
@@ -506,7 +511,7 @@ pub fn print_knn_table(s: &TrainSummary, out: &mut dyn Write) -> std::io::Result
     Ok(())
 }
 
-/// Path helper for tests and the CLI: the checkpoint of a run folder.
+/// The checkpoint of a run folder.
 pub fn checkpoint_in(dir: &Path) -> PathBuf {
     dir.join("checkpoint.safetensors")
 }
