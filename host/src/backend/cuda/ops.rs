@@ -48,6 +48,42 @@ impl Gemm {
             beta: 0.0,
         }
     }
+    /// The argument list every `gemm_*` kernel takes (the manifest's order), for operands of
+    /// any element type; `lens` are the element counts of (a, b, c).
+    pub fn args(
+        &self,
+        c: Arg,
+        a: Arg,
+        b: Arg,
+        bias: Arg,
+        lens: (usize, usize, usize),
+    ) -> [Arg; 22] {
+        [
+            c,
+            a,
+            b,
+            bias,
+            u(lens.0),
+            u(lens.1),
+            u(lens.2),
+            u(self.m),
+            u(self.n),
+            u(self.k),
+            u(self.lda),
+            u(self.ldb),
+            u(self.ldc),
+            u(self.inner),
+            u(self.sa[0]),
+            u(self.sa[1]),
+            u(self.sb[0]),
+            u(self.sb[1]),
+            u(self.sc[0]),
+            u(self.sc[1]),
+            self.alpha.into(),
+            self.beta.into(),
+        ]
+    }
+
     pub fn beta(mut self, beta: f32) -> Gemm {
         self.beta = beta;
         self
@@ -74,30 +110,13 @@ impl<D: Device> Gpu<D> {
             (true, false) => "gemm_tn_f32",
             (true, true) => anyhow::bail!("no gemm_tt kernel"),
         };
-        let args = [
+        let args = g.args(
             c.into(),
             a.into(),
             b.into(),
             bias.map_or(Arg::Null, Arg::from),
-            u(a.len),
-            u(b.len),
-            u(c.len),
-            u(g.m),
-            u(g.n),
-            u(g.k),
-            u(g.lda),
-            u(g.ldb),
-            u(g.ldc),
-            u(g.inner),
-            u(g.sa[0]),
-            u(g.sa[1]),
-            u(g.sb[0]),
-            u(g.sb[1]),
-            u(g.sc[0]),
-            u(g.sc[1]),
-            g.alpha.into(),
-            g.beta.into(),
-        ];
+            (a.len, b.len, c.len),
+        );
         self.launch_with(name, &args, &[("outer", g.outer as u64)])
     }
 

@@ -296,14 +296,24 @@ fn gemm_f16<D: Device>(v: &mut V<'_, D>) -> Result<()> {
                 };
                 let got: Vec<f32> = if out16 {
                     let c = v.out16(m * n)?;
-                    let args =
-                        gemm_args(&g, c.arg(), da.arg(), db.arg(), (a.len(), b.len(), m * n));
+                    let args = g.args(
+                        c.arg(),
+                        da.arg(),
+                        db.arg(),
+                        Arg::Null,
+                        (a.len(), b.len(), m * n),
+                    );
                     v.gpu.launch_with(&name, &args, &[("outer", 1)])?;
                     v.get(c)?.into_iter().map(hf).collect()
                 } else {
                     let c = v.out(m * n)?;
-                    let args =
-                        gemm_args(&g, c.arg(), da.arg(), db.arg(), (a.len(), b.len(), m * n));
+                    let args = g.args(
+                        c.arg(),
+                        da.arg(),
+                        db.arg(),
+                        Arg::Null,
+                        (a.len(), b.len(), m * n),
+                    );
                     v.gpu.launch_with(&name, &args, &[("outer", 1)])?;
                     v.get(c)?
                 };
@@ -314,33 +324,6 @@ fn gemm_f16<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn gemm_args(g: &Gemm, c: Arg, a: Arg, b: Arg, lens: (usize, usize, usize)) -> Vec<Arg> {
-    vec![
-        c,
-        a,
-        b,
-        Arg::Null,
-        u(lens.0),
-        u(lens.1),
-        u(lens.2),
-        u(g.m),
-        u(g.n),
-        u(g.k),
-        u(g.lda),
-        u(g.ldb),
-        u(g.ldc),
-        u(g.inner),
-        u(g.sa[0]),
-        u(g.sa[1]),
-        u(g.sb[0]),
-        u(g.sb[1]),
-        u(g.sc[0]),
-        u(g.sc[1]),
-        g.alpha.into(),
-        g.beta.into(),
-    ]
 }
 
 /// Attention-shaped batched GEMMs (outer = images, inner = heads) with strided views.
