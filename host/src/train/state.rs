@@ -4,7 +4,6 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use dinovmf_core::centering::Centering;
-use dinovmf_core::logits::LogitKind;
 use dinovmf_core::loss::LossConfig;
 use dinovmf_core::model::{for_each_param, num_params, HeadConfig, ModelConfig, VitConfig};
 
@@ -44,10 +43,6 @@ pub fn loss_config(cfg: &TrainConfig) -> LossConfig {
     let mut l = match cfg.loss {
         LossKind::Dino => LossConfig::dino(),
         LossKind::Vmf => LossConfig::vmf(),
-    };
-    l.kind = match cfg.loss {
-        LossKind::Dino => LogitKind::Dino,
-        LossKind::Vmf => LogitKind::Vmf,
     };
     l.centering = centering(cfg.centering);
     l.norm_last_layer = cfg.norm_last_layer;
