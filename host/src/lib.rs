@@ -4,4 +4,5 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod quant;
 pub mod train;

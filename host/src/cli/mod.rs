@@ -1,7 +1,9 @@
 //! The command-line interface: one file per subcommand.
 use clap::{Parser, Subcommand};
 
+pub mod assign;
 pub mod eval;
+pub mod export;
 pub mod math;
 pub mod train;
 pub mod verify;
@@ -32,6 +34,10 @@ pub enum Command {
     /// Check every GPU kernel against the reference math (and, with --compare-cpu, training
     /// steps against the CPU backend); needs a build with `--features cuda`.
     VerifyKernels(verify::VerifyArgs),
+    /// Export a checkpoint's teacher as an int8 / f16 model file for edge devices.
+    Export(export::ExportArgs),
+    /// Assign images to prototypes with an exported model (the on-device code path).
+    Assign(assign::AssignArgs),
 }
 
 pub fn main() -> i32 {
@@ -41,6 +47,8 @@ pub fn main() -> i32 {
         Command::Eval(c) => eval::run(c),
         Command::Math(a) => math::run(a),
         Command::VerifyKernels(a) => verify::run(a),
+        Command::Export(a) => export::run(a),
+        Command::Assign(a) => assign::run(a),
     };
     match res {
         Ok(()) => 0,

@@ -1,0 +1,109 @@
+//! `dinovmf export`: a checkpoint's teacher as a compact model file for `dinovmf assign` and
+//! microcontrollers (core's quantized inference reads it in place).
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use dinovmf_core::quant::format::Dtype;
+use dinovmf_core::quant::infer::scratch_len;
+
+use crate::checkpoint::write_atomic;
+use crate::data::OnError;
+use crate::quant::{self, report, Teacher};
+use crate::train;
+
+#[derive(Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("dtype").args(["int8", "f16", "f32"])))]
+pub struct ExportArgs {
+    /// A checkpoint written by `dinovmf train` (its teacher is exported).
+    pub checkpoint: PathBuf,
+    /// Where the model file goes.
+    #[arg(long, short = 'o', default_value = "model.bin")]
+    pub out: PathBuf,
+    /// int8 weights, per output channel, symmetric (the default).
+    #[arg(long)]
+    pub int8: bool,
+    /// f16 weights (twice the size of int8, closer to f32).
+    #[arg(long)]
+    pub f16: bool,
+    /// f32 weights (a reference; the same inference code path).
+    #[arg(long)]
+    pub f32: bool,
+    /// Training images whose activation ranges fix the int8 input scales of every layer.
+    #[arg(long, default_value_t = 256)]
+    pub calib_images: usize,
+    /// Scale each int8 layer input by its own max at run time instead of the calibrated range.
+    #[arg(long)]
+    pub dynamic: bool,
+    /// Then compare the export with the f32 teacher on the held-out split of the checkpoint's
+    /// data: top-1 prototype agreement, feature cosine, k-NN accuracy.
+    #[arg(long)]
+    pub report: bool,
+}
+
+impl ExportArgs {
+    fn dtype(&self) -> Dtype {
+        if self.f16 {
+            Dtype::F16
+        } else if self.f32 {
+            Dtype::F32
+        } else {
+            Dtype::I8
+        }
+    }
+}
+
+pub fn run(a: &ExportArgs) -> Result<()> {
+    let teacher = Teacher::load(&a.checkpoint)?;
+    let dtype = a.dtype();
+    let size = teacher.model.vit.img_size;
+    let data = || {
+        train::open_data(&teacher.cfg.data, size, OnError::Skip)
+            .context("opening the checkpoint's training data")
+    };
+    let amax = if dtype == Dtype::I8 && !a.dynamic {
+        let d = data()?;
+        let imgs = quant::sample_images(d.train.as_ref(), a.calib_images, size)?;
+        Some(quant::calibrate(&teacher, &imgs)?)
+    } else {
+        None
+    };
+    let bytes = teacher.write(dtype, amax.as_deref())?;
+    write_atomic(&a.out, &bytes)?;
+    let s = scratch_len(&teacher.model);
+    println!(
+        "wrote {} ({:?}, {} bytes; teacher of {} at step {}; scratch {} floats + {} bytes = {} KiB)",
+        a.out.display(),
+        dtype,
+        bytes.len(),
+        a.checkpoint.display(),
+        teacher.step,
+        s.floats,
+        s.bytes,
+        (4 * s.floats + s.bytes).div_ceil(1024)
+    );
+    if a.report {
+        let d = data()?;
+        let c = report::compare(&teacher, &bytes, &d)?;
+        println!(
+            "held-out images: {}\ntop-1 prototype agreement with f32: {:.2}%  (f32 top-1 in top-5: {:.2}%)\n\
+             feature cosine to f32: mean {:.5}, min {:.5}\nmean total variation of the posterior: {:.4}",
+            c.n_test,
+            100.0 * c.top1_agreement,
+            100.0 * c.top1_in_top5,
+            c.cos_mean,
+            c.cos_min,
+            c.prob_tv
+        );
+        for (f, q) in c.knn_f32.iter().zip(&c.knn_quant) {
+            println!(
+                "k-NN k = {:>3}: f32 {:5.1}%   {:?} {:5.1}%",
+                f.k,
+                100.0 * f.top1,
+                dtype,
+                100.0 * q.top1
+            );
+        }
+    }
+    Ok(())
+}
