@@ -2,11 +2,12 @@
 //! that runs on the microcontroller), to check a model before flashing it.
 use std::path::PathBuf;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use dinovmf_core::quant::infer::{forward, top_n, NoObserver};
 use dinovmf_core::quant::Model;
 
+use crate::checkpoint::write_atomic;
 use crate::quant::{self, image::load_model_input, ScratchBuf};
 
 /// Most prototypes `--top` can ask for.
@@ -25,6 +26,10 @@ pub struct AssignArgs {
     /// Also print the L2-normalised [CLS] feature.
     #[arg(long)]
     pub embed: bool,
+    /// Write the (single) image's model input, RGB u8 at the model size, to this file: the
+    /// bytes the firmware build embeds (scripts/firmware.sh run MODEL FILE).
+    #[arg(long)]
+    pub save_input: Option<PathBuf>,
 }
 
 pub fn run(a: &AssignArgs) -> Result<()> {
@@ -41,9 +46,15 @@ pub fn run(a: &AssignArgs) -> Result<()> {
         h.logits,
         h.tau
     );
+    if a.save_input.is_some() && a.images.len() != 1 {
+        bail!("--save-input takes exactly one image");
+    }
     let mut sb = ScratchBuf::new(&h.model);
     for path in &a.images {
         let img = load_model_input(path, size)?;
+        if let Some(out) = &a.save_input {
+            write_atomic(out, &img)?;
+        }
         let f = forward(&model, &img, sb.scratch(), &mut NoObserver)
             .map_err(|e| anyhow!("{}: {e}", path.display()))?;
         let best = top_n::<MAX_TOP>(f.probs);
