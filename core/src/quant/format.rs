@@ -474,7 +474,7 @@ impl<'a> Model<'a> {
         let per_block = 8;
         let n_head_start = 3 + per_block * m.vit.depth + 2;
         for_each_section(m, |s| {
-            if at % 4 != 0 && misaligned.is_none() {
+            if !at.is_multiple_of(4) && misaligned.is_none() {
                 misaligned = Some(at);
             }
             match idx {
@@ -525,11 +525,7 @@ impl<'a> Model<'a> {
                 computed,
             });
         }
-        let block_len = if m.vit.depth > 0 {
-            (offs[4] - offs[3]) / m.vit.depth
-        } else {
-            0
-        };
+        let block_len = (offs[4] - offs[3]).checked_div(m.vit.depth).unwrap_or(0);
         Ok(Model {
             header,
             bytes,
@@ -757,7 +753,7 @@ mod writer {
                 self.put_f32(b);
             }
             self.buf.extend_from_slice(&wbytes);
-            while self.buf.len() % 4 != 0 {
+            while !self.buf.len().is_multiple_of(4) {
                 self.buf.push(0);
             }
         }
