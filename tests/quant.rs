@@ -2,6 +2,8 @@
 //! arithmetic, round trips through the file format, the f32 / f16 / int8 forward against an f64
 //! reference of the whole model, corrupt files, and the accuracy floor of a trained tiny model.
 use dinovmf::backend::TrainState;
+use dinovmf::cli::assign::{self, AssignArgs};
+use dinovmf::cli::export::{self, ExportArgs};
 use dinovmf::quant::{report, ScratchBuf, Teacher};
 use dinovmf::train::{self, state, LossKind, RunOptions, TrainConfig};
 use dinovmf_core::centering::Centering;
@@ -412,13 +414,13 @@ fn trained_tiny_model_int8_agrees_with_f32() {
         dinovmf::quant::sample_images(data.train.as_ref(), 64, t.model.vit.img_size).unwrap();
     let amax = dinovmf::quant::calibrate(&t, &imgs).unwrap();
     let int8 = t.write(Dtype::I8, Some(&amax)).unwrap();
-    let c = report::compare(&t, &int8, &data).unwrap();
+    let c = report::compare(&t, &int8, &data, false).unwrap();
     eprintln!("int8: {c:?}");
     assert_eq!(c.n_test, 40);
     assert!(c.top1_agreement >= 0.9, "{c:?}");
     assert!(c.cos_mean >= 0.9999 && c.cos_min >= 0.9995, "{c:?}");
     let f16 = t.write(Dtype::F16, None).unwrap();
-    let c16 = report::compare(&t, &f16, &data).unwrap();
+    let c16 = report::compare(&t, &f16, &data, false).unwrap();
     eprintln!("f16: {c16:?}");
     assert!(
         c16.top1_agreement >= 0.95 && c16.cos_min >= 0.999,

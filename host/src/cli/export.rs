@@ -39,6 +39,9 @@ pub struct ExportArgs {
     /// data: top-1 prototype agreement, feature cosine, k-NN accuracy.
     #[arg(long)]
     pub report: bool,
+    /// No progress bar.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
 }
 
 impl ExportArgs {
@@ -84,7 +87,7 @@ pub fn run(a: &ExportArgs) -> Result<()> {
     );
     if a.report {
         let d = data()?;
-        let c = report::compare(&teacher, &bytes, &d)?;
+        let c = report::compare(&teacher, &bytes, &d, !a.quiet)?;
         println!(
             "held-out images: {}\ntop-1 prototype agreement with f32: {:.2}%  (f32 top-1 in top-5: {:.2}%)\n\
              feature cosine to f32: mean {:.5}, min {:.5}\nmean total variation of the posterior: {:.4}",

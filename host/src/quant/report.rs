@@ -4,6 +4,7 @@ use anyhow::{anyhow, Context, Result};
 use dinovmf_core::ops::{gelu_forward, l2norm_forward, linear_forward, L2NORM_EPS};
 use dinovmf_core::quant::infer::{forward, NoObserver};
 use dinovmf_core::quant::Model;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
 use super::image::{normalized_chw, to_model_input};
@@ -120,8 +121,14 @@ pub fn f32_outputs(t: &Teacher, images: &[Vec<u8>], logits: bool) -> Result<Outp
     })
 }
 
-/// The same outputs through core's quantized inference on a model file.
-pub fn quant_outputs(model: &Model<'_>, images: &[Vec<u8>], logits: bool) -> Result<Outputs> {
+/// The same outputs through core's quantized inference on a model file (`bar` advances by one per
+/// image).
+pub fn quant_outputs(
+    model: &Model<'_>,
+    images: &[Vec<u8>],
+    logits: bool,
+    bar: &ProgressBar,
+) -> Result<Outputs> {
     let cfg = *model.config();
     let rows: Vec<(Vec<f32>, Vec<f32>)> = images
         .par_iter()
@@ -130,6 +137,7 @@ pub fn quant_outputs(model: &Model<'_>, images: &[Vec<u8>], logits: bool) -> Res
             |sb, img| {
                 let f = forward(model, img, sb.scratch(), &mut NoObserver)
                     .map_err(|e| anyhow!("quantized forward: {e}"))?;
+                bar.inc(1);
                 let l = if logits {
                     f.logits.to_vec()
                 } else {
@@ -168,8 +176,13 @@ fn softmax(x: &[f32]) -> Vec<f64> {
 }
 
 /// Compares `model_bytes` (any dtype) with the f32 teacher on `data`'s held-out split (k-NN
-/// memory: the training split).
-pub fn compare(t: &Teacher, model_bytes: &[u8], data: &Datasets) -> Result<Comparison> {
+/// memory: the training split); with `progress`, a progress bar on stderr.
+pub fn compare(
+    t: &Teacher,
+    model_bytes: &[u8],
+    data: &Datasets,
+    progress: bool,
+) -> Result<Comparison> {
     let model = Model::parse(model_bytes).map_err(|e| anyhow!("model: {e}"))?;
     let size = t.model.vit.img_size;
     let test = data
@@ -178,10 +191,25 @@ pub fn compare(t: &Teacher, model_bytes: &[u8], data: &Datasets) -> Result<Compa
         .ok_or_else(|| anyhow!("the comparison needs a held-out split"))?;
     let (te_img, te_lab) = dataset_inputs(test.as_ref(), size)?;
     let (tr_img, tr_lab) = dataset_inputs(data.train.as_ref(), size)?;
+    let bar = if progress {
+        ProgressBar::with_draw_target(
+            Some((te_img.len() + tr_img.len()) as u64),
+            ProgressDrawTarget::stderr_with_hz(4),
+        )
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}<{eta_precise}] {bar:30} {pos}/{len} images (quantized model)",
+        )
+        .expect("static template"),
+    );
     let f_te = f32_outputs(t, &te_img, true)?;
-    let q_te = quant_outputs(&model, &te_img, true)?;
+    let q_te = quant_outputs(&model, &te_img, true, &bar)?;
     let f_tr = f32_outputs(t, &tr_img, false)?;
-    let q_tr = quant_outputs(&model, &tr_img, false)?;
+    let q_tr = quant_outputs(&model, &tr_img, false, &bar)?;
+    bar.finish_and_clear();
     let (d, k, n) = (t.model.vit.dim, t.model.head.out_dim, te_img.len());
     let (mut agree, mut in5, mut cos_sum, mut cos_min, mut tv) = (0usize, 0usize, 0.0, 1.0f64, 0.0);
     for i in 0..n {
