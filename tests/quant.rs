@@ -321,6 +321,20 @@ fn corrupt_and_truncated_files_are_rejected_with_their_reason() {
         Model::parse(&heads),
         Err(FormatError::BadConfig(_))
     ));
+    // Sizes whose products would overflow a 32-bit usize: an error, not a panic or a wrap.
+    let mut huge = good.clone();
+    huge[16 + 4 * 3..16 + 4 * 4].copy_from_slice(&65536u32.to_le_bytes()); // dim
+    huge[16 + 4 * 5..16 + 4 * 6].copy_from_slice(&1u32.to_le_bytes()); // heads
+    assert!(matches!(
+        Model::parse(&huge),
+        Err(FormatError::BadConfig(_))
+    ));
+    let mut deep = good.clone();
+    deep[16 + 4 * 4..16 + 4 * 5].copy_from_slice(&65536u32.to_le_bytes()); // depth
+    assert!(matches!(
+        Model::parse(&deep),
+        Err(FormatError::PayloadLength { .. }) | Err(FormatError::BadConfig(_))
+    ));
     // The host reader names the file.
     let dir = std::env::temp_dir().join(format!("dinovmf-quant-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

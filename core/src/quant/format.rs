@@ -297,6 +297,31 @@ impl Header {
                 "only RGB (3-channel) models are supported",
             ));
         }
+        // Every tensor below 2^28 elements and the payload below 2 GiB, computed in u64 before
+        // any usize product (usize is 32 bits on a microcontroller): a garbage header is an
+        // error, never an overflow.
+        if patch == 0 || heads == 0 {
+            return Err(FormatError::BadConfig("patch and heads must be positive"));
+        }
+        let w = |x: usize| x as u64;
+        let (grid, mh) = (w(img_size / patch), w(dim) * w(mlp_ratio));
+        let tensors = [
+            grid * grid * w(dim),
+            w(in_chans) * w(patch) * w(patch) * w(dim),
+            3 * w(dim) * w(dim),
+            mh * w(dim),
+            w(hidden).max(w(bottleneck)) * w(hidden).max(w(dim)),
+            w(out_dim) * w(bottleneck),
+        ];
+        if tensors.iter().any(|&n| n >= 1 << 28) {
+            return Err(FormatError::BadConfig("a tensor has 2^28 elements or more"));
+        }
+        let per_block = 4 * (3 * w(dim) * w(dim) + w(dim) * w(dim) + 2 * mh * w(dim));
+        let total =
+            tensors.iter().sum::<u64>() * 4 + w(depth) * per_block + w(n_layers) * 4 * tensors[4];
+        if total >= 1 << 31 {
+            return Err(FormatError::BadConfig("the model is larger than 2 GiB"));
+        }
         let f = |k: usize| f32_at(bytes, 68 + 4 * k);
         let model = ModelConfig {
             vit: VitConfig {

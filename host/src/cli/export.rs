@@ -90,7 +90,7 @@ pub fn run(a: &ExportArgs) -> Result<()> {
         let c = report::compare(&teacher, &bytes, &d, !a.quiet)?;
         println!(
             "held-out images: {}\ntop-1 prototype agreement with f32: {:.2}%  (f32 top-1 in top-5: {:.2}%)\n\
-             feature cosine to f32: mean {:.5}, min {:.5}\nmean total variation of the posterior: {:.4}",
+             feature cosine to f32: mean {:.6}, min {:.6}\nmean total variation of the posterior: {:.4}",
             c.n_test,
             100.0 * c.top1_agreement,
             100.0 * c.top1_in_top5,
