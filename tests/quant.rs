@@ -440,5 +440,38 @@ fn trained_tiny_model_int8_agrees_with_f32() {
         c16.top1_agreement >= 0.95 && c16.cos_min >= 0.999,
         "{c16:?}"
     );
+
+    // The CLI path: export, then assign a PNG and keep its model input.
+    let model = dir.join("model.bin");
+    export::run(&ExportArgs {
+        checkpoint: s.checkpoint.clone(),
+        out: model.clone(),
+        int8: true,
+        f16: false,
+        f32: false,
+        calib_images: 64,
+        dynamic: false,
+        report: false,
+        quiet: true,
+    })
+    .unwrap();
+    // Same calibration images, same bytes.
+    assert_eq!(std::fs::read(&model).unwrap(), int8);
+    let img = data.test.as_ref().unwrap().load(0).unwrap();
+    let png = dir.join("held-out.png");
+    img.save(&png).unwrap();
+    let raw = dir.join("held-out.rgb");
+    assign::run(&AssignArgs {
+        model,
+        images: vec![png],
+        top: 3,
+        embed: false,
+        save_input: Some(raw.clone()),
+    })
+    .unwrap();
+    assert_eq!(
+        std::fs::read(&raw).unwrap(),
+        dinovmf::quant::image::to_model_input(&img, t.model.vit.img_size)
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -267,7 +267,7 @@ impl ScratchBuf {
     }
 }
 
-/// The first `n` images of a dataset (spread over it: every `len / n`-th), at the model size.
+/// `n` images spread evenly over a dataset (every `len / n`-th), at the model size.
 pub fn sample_images(ds: &dyn Dataset, n: usize, size: usize) -> Result<Vec<Vec<u8>>> {
     let len = ds.len();
     if len == 0 {
