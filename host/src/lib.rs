@@ -5,3 +5,5 @@ pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod train;
+pub mod plot;
+pub mod report;

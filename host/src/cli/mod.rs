@@ -1,8 +1,10 @@
 //! The command-line interface: one file per subcommand.
 use clap::{Parser, Subcommand};
 
+pub mod attention;
 pub mod eval;
 pub mod math;
+pub mod report;
 pub mod train;
 pub mod verify;
 
@@ -32,6 +34,10 @@ pub enum Command {
     /// Check every GPU kernel against the reference math (and, with --compare-cpu, training
     /// steps against the CPU backend); needs a build with `--features cuda`.
     VerifyKernels(verify::VerifyArgs),
+    /// Draw the last block's [CLS] attention per head over an image (PNG).
+    Attention(attention::AttentionArgs),
+    /// Write RUN_DIR/report.md with the run's figures and final numbers.
+    Report(report::ReportArgs),
 }
 
 pub fn main() -> i32 {
@@ -41,6 +47,8 @@ pub fn main() -> i32 {
         Command::Eval(c) => eval::run(c),
         Command::Math(a) => math::run(a),
         Command::VerifyKernels(a) => verify::run(a),
+        Command::Attention(a) => attention::run(a),
+        Command::Report(a) => report::run(a),
     };
     match res {
         Ok(()) => 0,
