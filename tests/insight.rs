@@ -53,8 +53,13 @@ fn shapes() -> StepShapes {
 }
 
 fn backend(st: &TrainState) -> CpuBackend {
-    let mut b = CpuBackend::new(model(), LossConfig::vmf(), shapes(), Box::new(SingleProcess))
-        .unwrap();
+    let mut b = CpuBackend::new(
+        model(),
+        LossConfig::vmf(),
+        shapes(),
+        Box::new(SingleProcess),
+    )
+    .unwrap();
     b.set_state(st).unwrap();
     b
 }
@@ -97,7 +102,10 @@ fn block_features_and_attention_match_the_reference_forward() {
                 );
                 let got = &feats[i * depth * d + blk * d..][..d];
                 for (g, w) in got.iter().zip(&y) {
-                    assert!((*g as f64 - w).abs() < 1e-4, "block {blk} image {i}: {g} vs {w}");
+                    assert!(
+                        (*g as f64 - w).abs() < 1e-4,
+                        "block {blk} image {i}: {g} vs {w}"
+                    );
                 }
             }
         }
@@ -180,7 +188,10 @@ fn koleo_proto_gradient_joins_the_step() {
     let mut dv = vec![0.0f64; k * p];
     let mut dmu = vec![0.0f64; k * p];
     let want = koleo_proto(&mu, &nn, k, p, Some((&vn, &mut dv, &mut dmu, w as f64)));
-    assert!((kl as f64 - want).abs() < 1e-4 * want.abs().max(1.0), "{kl} vs {want}");
+    assert!(
+        (kl as f64 - want).abs() < 1e-4 * want.abs().max(1.0),
+        "{kl} vs {want}"
+    );
     let (g0, g1) = (plain.grads(), reg.grads());
     for i in 0..g0.len() {
         let in_v = (lay.last_v..lay.last_v + k * p).contains(&i);
@@ -191,7 +202,10 @@ fn koleo_proto_gradient_joins_the_step() {
             "grad {i}: KoLeo added {extra}, expected {expect}"
         );
     }
-    assert!(dv.iter().any(|x| x.abs() > 1e-4), "the KoLeo gradient is not trivial");
+    assert!(
+        dv.iter().any(|x| x.abs() > 1e-4),
+        "the KoLeo gradient is not trivial"
+    );
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -231,11 +245,22 @@ fn a_tiny_run_logs_evaluations_draws_figures_and_reports() {
     // final k-NN.
     assert_eq!(ev[0].step, 0);
     assert!(ev[0].knn.is_some() && ev[0].diag.is_some());
-    let knn_steps: Vec<u64> = ev.iter().filter(|e| e.knn.is_some()).map(|e| e.step).collect();
+    let knn_steps: Vec<u64> = ev
+        .iter()
+        .filter(|e| e.knn.is_some())
+        .map(|e| e.step)
+        .collect();
     let spe = s.steps / 2;
     assert_eq!(knn_steps, vec![0, spe, s.steps]);
-    let diag_steps: Vec<u64> = ev.iter().filter(|e| e.diag.is_some()).map(|e| e.step).collect();
-    assert!(diag_steps.contains(&3) && diag_steps.contains(&s.steps), "{diag_steps:?}");
+    let diag_steps: Vec<u64> = ev
+        .iter()
+        .filter(|e| e.diag.is_some())
+        .map(|e| e.step)
+        .collect();
+    assert!(
+        diag_steps.contains(&3) && diag_steps.contains(&s.steps),
+        "{diag_steps:?}"
+    );
     let d = ev.iter().rev().find_map(|e| e.diag.clone()).unwrap();
     assert_eq!(d.prototypes, 64);
     assert!(d.used >= 1 && d.used <= 64 && d.unique >= 1 && d.unique <= 64);
@@ -252,13 +277,21 @@ fn a_tiny_run_logs_evaluations_draws_figures_and_reports() {
         assert_eq!((img.width(), img.height()), (w, h), "{f}");
         // Not a blank canvas: some pixels are far from white.
         let rgb = img.to_rgb8();
-        let dark = rgb.pixels().filter(|p| p.0.iter().all(|&c| c < 128)).count();
+        let dark = rgb
+            .pixels()
+            .filter(|p| p.0.iter().all(|&c| c < 128))
+            .count();
         assert!(dark > 100, "{f} looks empty ({dark} dark pixels)");
     }
     // The report, without the (slower) fresh evaluations, then the CLI's full version.
     let out = dinovmf::report::write_report(&dir, &Default::default()).unwrap();
     let text = std::fs::read_to_string(&out).unwrap();
-    for want in ["k-NN top-1, k = 20", "unique prototypes", "![loss_knn.png]", "kappa"] {
+    for want in [
+        "k-NN top-1, k = 20",
+        "unique prototypes",
+        "![loss_knn.png]",
+        "kappa",
+    ] {
         assert!(text.contains(want), "report lacks {want:?}:\n{text}");
     }
     // Probe and diagnostics on the checkpoint through the CLI's functions.
@@ -276,9 +309,13 @@ fn a_tiny_run_logs_evaluations_draws_figures_and_reports() {
 fn report_on_a_folder_without_metrics_says_so() {
     let dir = tmp("empty");
     std::fs::create_dir_all(&dir).unwrap();
-    let e = dinovmf::report::write_figures(&dir).unwrap_err().to_string();
+    let e = dinovmf::report::write_figures(&dir)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("metrics.jsonl"), "{e}");
-    let e = dinovmf::report::write_figures(&dir.join("nope")).unwrap_err().to_string();
+    let e = dinovmf::report::write_figures(&dir.join("nope"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not a directory"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -37,7 +37,11 @@ fn unique_threshold_is_an_angle() {
     // Two unit vectors in the plane at angle theta: one direction below eps, two above.
     for (theta, want) in [(0.02, 1), (0.03, 2), (0.0249, 1), (0.0251, 2)] {
         let mu = [1.0f64, 0.0, libm::cos(theta), libm::sin(theta)];
-        assert_eq!(unique_prototypes(&mu, 2, 2, UNIQUE_EPS), want, "theta {theta}");
+        assert_eq!(
+            unique_prototypes(&mu, 2, 2, UNIQUE_EPS),
+            want,
+            "theta {theta}"
+        );
     }
     assert!((chord_of_angle(core::f64::consts::PI) - 2.0).abs() < 1e-15);
 }
@@ -78,7 +82,10 @@ fn utilisation_counts_and_entropy() {
 fn nearest_neighbours_constructed() {
     // Points on a circle at angles 0, 0.1, 1, 3: the first two pair up, 1 -> 0.1, 3 -> 1.
     let a = [0.0f64, 0.1, 1.0, 3.0];
-    let mu: Vec<f64> = a.iter().flat_map(|&t| [libm::cos(t), libm::sin(t)]).collect();
+    let mu: Vec<f64> = a
+        .iter()
+        .flat_map(|&t| [libm::cos(t), libm::sin(t)])
+        .collect();
     let mut nn = [0usize; 4];
     nearest_neighbours(&mu, 4, 2, &mut nn);
     assert_eq!(nn, [1, 0, 1, 2]);
@@ -101,7 +108,9 @@ fn koleo_matches_direct_formula_and_f32() {
     for i in 0..k {
         let mut m = f64::INFINITY;
         for j in (0..k).filter(|&j| j != i) {
-            let d: f64 = (0..p).map(|q| (mu[i * p + q] - mu[j * p + q]).powi(2)).sum();
+            let d: f64 = (0..p)
+                .map(|q| (mu[i * p + q] - mu[j * p + q]).powi(2))
+                .sum();
             m = m.min(d.sqrt());
         }
         want -= (m + KOLEO_EPS).ln();
@@ -114,7 +123,10 @@ fn koleo_matches_direct_formula_and_f32() {
     nearest_neighbours(&mu32, k, p, &mut nn32);
     assert_eq!(nn, nn32);
     let g32 = koleo_proto(&mu32, &nn32, k, p, None) as f64;
-    assert!((g32 - want).abs() < 1e-5 * want.abs().max(1.0), "{g32} vs {want}");
+    assert!(
+        (g32 - want).abs() < 1e-5 * want.abs().max(1.0),
+        "{g32} vs {want}"
+    );
 }
 
 #[test]

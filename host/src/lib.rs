@@ -4,6 +4,6 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod eval;
-pub mod train;
 pub mod plot;
 pub mod report;
+pub mod train;

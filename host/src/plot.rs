@@ -139,7 +139,12 @@ fn draw_panel(area: &DrawingArea<BitMapBackend<'_>, Shift>, p: &Panel) -> Result
         .map_err(to_err)?;
     for (i, s) in p.series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
-        let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|q| q.1.is_finite()).collect();
+        let pts: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|q| q.1.is_finite())
+            .collect();
         chart
             .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
             .map_err(to_err)?
@@ -190,7 +195,11 @@ pub fn histogram(values: &[f64], bins: usize) -> (Vec<f64>, Vec<u64>) {
     else {
         return (vec![0.0, 1.0], vec![0]);
     };
-    let (lo, hi, bins) = if hi > lo { (lo, hi, bins) } else { (lo - 0.5, lo + 0.5, 1) };
+    let (lo, hi, bins) = if hi > lo {
+        (lo, hi, bins)
+    } else {
+        (lo - 0.5, lo + 0.5, 1)
+    };
     let wdt = (hi - lo) / bins as f64;
     let mut counts = vec![0u64; bins];
     for &v in values.iter().filter(|v| v.is_finite()) {
@@ -228,7 +237,10 @@ pub fn kappa_histogram(path: &Path, kappa: &[f64], tau: f64) -> Result<()> {
             .map_err(to_err)?;
         chart
             .draw_series(counts.iter().enumerate().map(|(i, &c)| {
-                Rectangle::new([(edges[i], 0.0), (edges[i + 1], c as f64)], COLORS[0].filled())
+                Rectangle::new(
+                    [(edges[i], 0.0), (edges[i + 1], c as f64)],
+                    COLORS[0].filled(),
+                )
             }))
             .map_err(to_err)?;
         Ok(())
@@ -244,8 +256,16 @@ pub fn heat(v: f64) -> RGBColor {
         (0.75, [94.0, 201.0, 98.0]),
         (1.0, [253.0, 231.0, 37.0]),
     ];
-    let v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 };
-    let i = A.iter().rposition(|a| a.0 <= v).unwrap_or(0).min(A.len() - 2);
+    let v = if v.is_finite() {
+        v.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let i = A
+        .iter()
+        .rposition(|a| a.0 <= v)
+        .unwrap_or(0)
+        .min(A.len() - 2);
     let t = (v - A[i].0) / (A[i + 1].0 - A[i].0);
     let c = |j: usize| (A[i].1[j] + t * (A[i + 1].1[j] - A[i].1[j])).round() as u8;
     RGBColor(c(0), c(1), c(2))
@@ -315,9 +335,17 @@ pub fn attention_figure(
                     area.draw_pixel((x as i32, y as i32), &c).map_err(to_err)?;
                 }
             }
-            let label = if pi == 0 { "image".to_string() } else { format!("head {}", pi - 1) };
-            area.draw(&Text::new(label, (4, 4), (FONT, 14).into_font().color(&WHITE)))
-                .map_err(to_err)?;
+            let label = if pi == 0 {
+                "image".to_string()
+            } else {
+                format!("head {}", pi - 1)
+            };
+            area.draw(&Text::new(
+                label,
+                (4, 4),
+                (FONT, 14).into_font().color(&WHITE),
+            ))
+            .map_err(to_err)?;
         }
         Ok(())
     })

@@ -27,7 +27,10 @@ pub struct StepRecord {
 pub fn read_metrics(dir: &Path) -> Result<Vec<StepRecord>> {
     let p = dir.join("metrics.jsonl");
     if !dir.is_dir() {
-        bail!("{} is not a directory (expected a run folder)", dir.display());
+        bail!(
+            "{} is not a directory (expected a run folder)",
+            dir.display()
+        );
     }
     if !p.exists() {
         bail!(
@@ -38,7 +41,11 @@ pub fn read_metrics(dir: &Path) -> Result<Vec<StepRecord>> {
     }
     let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
     let mut out = Vec::new();
-    for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, l) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let v: Value =
             serde_json::from_str(l).with_context(|| format!("{} line {}", p.display(), i + 1))?;
         let f = |k: &str| v.get(k).and_then(Value::as_f64);
@@ -277,7 +284,11 @@ pub fn write_report(dir: &Path, extras: &Extras) -> Result<PathBuf> {
     let _ = writeln!(r, "## Final numbers\n");
     let _ = writeln!(r, "| quantity | value |\n| --- | --- |");
     let _ = writeln!(r, "| steps logged | {n} (last step {}) |", last.step);
-    let _ = writeln!(r, "| loss (mean of the last {}) | {mean_tail:.4} |", tail.len());
+    let _ = writeln!(
+        r,
+        "| loss (mean of the last {}) | {mean_tail:.4} |",
+        tail.len()
+    );
     if let Some(k) = last.koleo_proto {
         let _ = writeln!(r, "| KoLeo-proto (last step) | {k:.4} |");
     }
@@ -347,7 +358,11 @@ pub fn write_report(dir: &Path, extras: &Extras) -> Result<PathBuf> {
             "| teacher / student entropy per image | {:.3} / {:.3} nats |",
             d.teacher_entropy, d.student_entropy
         );
-        let _ = writeln!(r, "| KoLeo-proto of the teacher prototypes | {:.4} |", d.koleo);
+        let _ = writeln!(
+            r,
+            "| KoLeo-proto of the teacher prototypes | {:.4} |",
+            d.koleo
+        );
     }
     let _ = writeln!(r, "\n## Figures\n");
     let captions = [

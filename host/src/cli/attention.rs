@@ -45,7 +45,9 @@ pub fn attention_maps(
     let t = att.len() / heads.max(1);
     ensure!(t >= 2 && att.len() == heads * t, "attention shape");
     Ok((
-        (0..heads).map(|h| att[h * t + 1..(h + 1) * t].to_vec()).collect(),
+        (0..heads)
+            .map(|h| att[h * t + 1..(h + 1) * t].to_vec())
+            .collect(),
         (0..heads).map(|h| att[h * t]).collect(),
     ))
 }
@@ -64,7 +66,11 @@ pub fn run(a: &AttentionArgs) -> Result<()> {
         let i: usize = i
             .parse()
             .with_context(|| format!("`{}`: expected heldout:N with N a number", a.image))?;
-        let test = l.data.test.clone().context("the checkpoint's data has no held-out split")?;
+        let test = l
+            .data
+            .test
+            .clone()
+            .context("the checkpoint's data has no held-out split")?;
         if i >= test.len() {
             bail!("heldout:{i}: the held-out split has {} images", test.len());
         }
@@ -75,7 +81,11 @@ pub fn run(a: &AttentionArgs) -> Result<()> {
     };
     let x = eval_transform(&image, size);
     let heads = m.heads;
-    let net = if a.student { Net::Student } else { Net::Teacher };
+    let net = if a.student {
+        Net::Student
+    } else {
+        Net::Teacher
+    };
     let (maps, self_att) = attention_maps(l.backend.as_mut(), net, &x, size, heads)?;
     // The image as the network saw it, back in [0, 1].
     let data = (0..size * size)

@@ -158,8 +158,13 @@ pub fn probe(l: &mut Loaded, blocks: usize) -> Result<ProbeScore> {
         .test
         .clone()
         .ok_or_else(|| anyhow::anyhow!("no held-out split to evaluate on"))?;
-    let (tr, trl, f) =
-        train::dataset_block_features(l.backend.as_mut(), &l.data.train, size, Net::Teacher, blocks)?;
+    let (tr, trl, f) = train::dataset_block_features(
+        l.backend.as_mut(),
+        &l.data.train,
+        size,
+        Net::Teacher,
+        blocks,
+    )?;
     let (te, tel, _) =
         train::dataset_block_features(l.backend.as_mut(), &test, size, Net::Teacher, blocks)?;
     let classes = l.data.train.num_classes().max(test.num_classes());
@@ -239,7 +244,8 @@ fn prototypes(a: &ProtoArgs) -> Result<()> {
     print_diag(&d);
     if let Some(p) = &a.plot {
         let model = state::model_config(&l.cfg);
-        let k = crate::eval::prototypes::kappa_values(&model, &l.cfg, &l.state.teacher, d.kappa_tau);
+        let k =
+            crate::eval::prototypes::kappa_values(&model, &l.cfg, &l.state.teacher, d.kappa_tau);
         crate::plot::kappa_histogram(p, &k, d.kappa_tau)?;
         println!("wrote {}", p.display());
     }

@@ -39,7 +39,10 @@ pub fn run(a: &ReportArgs) -> Result<()> {
             extras.diag = Some(super::eval::proto_diag(&mut l, 2048, None)?);
         }
     } else if !ck.exists() {
-        eprintln!("no checkpoint in {}: figures and logged numbers only", a.run_dir.display());
+        eprintln!(
+            "no checkpoint in {}: figures and logged numbers only",
+            a.run_dir.display()
+        );
     }
     let out = write_report(&a.run_dir, &extras)?;
     println!("wrote {}", out.display());

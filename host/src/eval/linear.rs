@@ -187,7 +187,10 @@ pub fn linear_probe(
         n >= 10,
         "the linear probe needs at least 10 training images (got {n})"
     );
-    ensure!(!test_labels.is_empty(), "the linear probe needs test images");
+    ensure!(
+        !test_labels.is_empty(),
+        "the linear probe needs test images"
+    );
     ensure!(
         test.len() == test_labels.len() * f,
         "test features hold {} values, expected {} x {f}",
@@ -231,7 +234,13 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     /// `c` classes in `f` dims: class means far apart on random directions, small noise.
-    fn blobs(rng: &mut ChaCha8Rng, n: usize, f: usize, c: usize, noise: f32) -> (Vec<f32>, Vec<u32>) {
+    fn blobs(
+        rng: &mut ChaCha8Rng,
+        n: usize,
+        f: usize,
+        c: usize,
+        noise: f32,
+    ) -> (Vec<f32>, Vec<u32>) {
         let mut centers = ChaCha8Rng::seed_from_u64(99);
         let means: Vec<f32> = (0..c * f).map(|_| centers.gen_range(-3.0..3.0)).collect();
         let mut x = Vec::new();
@@ -280,7 +289,12 @@ mod tests {
         let (mean, inv) = standardise_stats(&x, 5, 2);
         let xs: Vec<f64> = x
             .chunks(2)
-            .flat_map(|r| [(r[0] as f64 - mean[0]) * inv[0], (r[1] as f64 - mean[1]) * inv[1]])
+            .flat_map(|r| {
+                [
+                    (r[0] as f64 - mean[0]) * inv[0],
+                    (r[1] as f64 - mean[1]) * inv[1],
+                ]
+            })
             .collect();
         let mut a = [[0.0f64; 2]; 2];
         let mut bcol = [0.0f64; 2];
@@ -298,8 +312,16 @@ mod tests {
         let det = a[0][0] * a[1][1] - a[0][1] * a[1][0];
         let w0 = (a[1][1] * bcol[0] - a[0][1] * bcol[1]) / det;
         let w1 = (a[0][0] * bcol[1] - a[1][0] * bcol[0]) / det;
-        assert!((p.w[(0, 0)] - w0).abs() < 1e-4 * (1.0 + w0.abs()), "{} vs {w0}", p.w[(0, 0)]);
-        assert!((p.w[(1, 0)] - w1).abs() < 1e-4 * (1.0 + w1.abs()), "{} vs {w1}", p.w[(1, 0)]);
+        assert!(
+            (p.w[(0, 0)] - w0).abs() < 1e-4 * (1.0 + w0.abs()),
+            "{} vs {w0}",
+            p.w[(0, 0)]
+        );
+        assert!(
+            (p.w[(1, 0)] - w1).abs() < 1e-4 * (1.0 + w1.abs()),
+            "{} vs {w1}",
+            p.w[(1, 0)]
+        );
         assert!((p.b[0] - 0.6).abs() < 1e-12);
     }
 

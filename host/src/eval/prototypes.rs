@@ -249,8 +249,12 @@ pub fn kappa_values(
 ) -> Vec<f64> {
     let lay = Layout::new(model);
     let k = model.head.out_dim;
-    let g: Option<Vec<f64>> = (!cfg.norm_last_layer)
-        .then(|| params[lay.last_g..lay.last_g + k].iter().map(|&x| x as f64).collect());
+    let g: Option<Vec<f64>> = (!cfg.norm_last_layer).then(|| {
+        params[lay.last_g..lay.last_g + k]
+            .iter()
+            .map(|&x| x as f64)
+            .collect()
+    });
     let mut out = vec![0.0f64; k];
     kappas(g.as_deref(), tau, &mut out);
     out

@@ -380,7 +380,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             ..Default::default()
         };
         if opts.diag_every != Some(0) {
-            line.diag = Some(periodic.diagnose(backend.as_mut(), cfg, recipe.at(0).teacher_temp)?);
+            line.diag =
+                Some(periodic.diagnose(backend.as_mut(), cfg, recipe.at(0).teacher_temp)?);
         }
         periodic.update_status(&line);
         periodic.write(&line)?;

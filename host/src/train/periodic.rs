@@ -153,7 +153,10 @@ impl Periodic {
             parts.push(format!("kNN20 {:.1}%", 100.0 * k.1));
         }
         if let Some(d) = &line.diag {
-            parts.push(format!("used {}/{} uniq {}", d.used, d.prototypes, d.unique));
+            parts.push(format!(
+                "used {}/{} uniq {}",
+                d.used, d.prototypes, d.unique
+            ));
         }
         if !parts.is_empty() {
             self.status = parts.join(" ");

@@ -656,7 +656,13 @@ impl Backend for CpuBackend {
         self.block_features(net, images, n, size, blocks)
     }
 
-    fn cls_attention(&mut self, net: Net, images: &[f32], n: usize, size: usize) -> Result<Vec<f32>> {
+    fn cls_attention(
+        &mut self,
+        net: Net,
+        images: &[f32],
+        n: usize,
+        size: usize,
+    ) -> Result<Vec<f32>> {
         CpuBackend::cls_attention(self, net, images, n, size)
     }
 

@@ -131,8 +131,7 @@ impl CpuBackend {
         let mut out = vec![0.0f32; n * heads * t];
         self.probe_forward(net, images, n, size, |g, first, m| {
             let att = &g.blocks[depth - 1].att;
-            out[first * heads * t..(first + m) * heads * t]
-                .copy_from_slice(&att[..m * heads * t]);
+            out[first * heads * t..(first + m) * heads * t].copy_from_slice(&att[..m * heads * t]);
         })?;
         Ok(out)
     }
