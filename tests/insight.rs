@@ -11,7 +11,7 @@ use dinovmf_core::centering::Centering;
 use dinovmf_core::loss::LossConfig;
 use dinovmf_core::model::{HeadConfig, Layout, ModelConfig, VitConfig};
 use dinovmf_core::ops::layernorm_forward;
-use dinovmf_core::prototypes::{koleo_proto, nearest_neighbours};
+use dinovmf_core::prototypes::{koleo_proto, nearest_neighbours, KoleoGrad};
 use dinovmf_core::reference_model;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -187,7 +187,18 @@ fn koleo_proto_gradient_joins_the_step() {
     nearest_neighbours(&mu, k, p, &mut nn);
     let mut dv = vec![0.0f64; k * p];
     let mut dmu = vec![0.0f64; k * p];
-    let want = koleo_proto(&mu, &nn, k, p, Some((&vn, &mut dv, &mut dmu, w as f64)));
+    let want = koleo_proto(
+        &mu,
+        &nn,
+        k,
+        p,
+        Some(KoleoGrad {
+            vnorm: &vn,
+            dv: &mut dv,
+            dmu: &mut dmu,
+            weight: w as f64,
+        }),
+    );
     assert!(
         (kl as f64 - want).abs() < 1e-4 * want.abs().max(1.0),
         "{kl} vs {want}"

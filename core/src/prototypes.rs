@@ -74,8 +74,17 @@ pub fn nearest_neighbours<T: Real>(mu: &[T], k: usize, p: usize, nn: &mut [usize
     }
 }
 
+/// Where [`koleo_proto`] puts its gradient: `||v_k||` of the weights, the gradient buffer it
+/// accumulates `weight * dL/dv` into (`[k, p]`), and `[k, p]` scratch.
+pub struct KoleoGrad<'a, T> {
+    pub vnorm: &'a [T],
+    pub dv: &'a mut [T],
+    pub dmu: &'a mut [T],
+    pub weight: T,
+}
+
 /// KoLeo-proto loss of the unit directions `mu[k, p]` given each row's nearest neighbour
-/// `nn[k]`; with `dv = Some((vnorm, dv))` also ACCUMULATES `weight * dL/dv` into `dv[k, p]`,
+/// `nn[k]`; with `grad` also ACCUMULATES `weight * dL/dv` into `dv[k, p]`,
 /// the gradient with respect to the unnormalised weights `v` (`mu = v / vnorm`).
 ///
 /// Each term `-(1/K) ln(d_i + eps)`, `d_i = ||mu_i - mu_n||`, moves both ends of its pair:
@@ -86,7 +95,7 @@ pub fn koleo_proto<T: Real>(
     nn: &[usize],
     k: usize,
     p: usize,
-    grad: Option<(&[T], &mut [T], &mut [T], T)>,
+    grad: Option<KoleoGrad<'_, T>>,
 ) -> T {
     debug_assert!(mu.len() >= k * p && nn.len() >= k);
     let eps = T::from_f64(KOLEO_EPS);
@@ -95,7 +104,13 @@ pub fn koleo_proto<T: Real>(
     for i in 0..k {
         loss -= (dist2(&mu[i * p..(i + 1) * p], &mu[nn[i] * p..(nn[i] + 1) * p]).sqrt() + eps).ln();
     }
-    let Some((vnorm, dv, dmu, weight)) = grad else {
+    let Some(KoleoGrad {
+        vnorm,
+        dv,
+        dmu,
+        weight,
+    }) = grad
+    else {
         return loss * inv_k;
     };
     debug_assert!(vnorm.len() >= k && dv.len() >= k * p && dmu.len() >= k * p);
@@ -140,7 +155,7 @@ pub fn quartiles<T: Real>(x: &mut [T]) -> Option<[T; 5]> {
     let at = |q: f64| {
         let pos = q * (n - 1) as f64;
         let lo = libm::floor(pos) as usize;
-        let hi = (lo + 1).min(n - 1);
+        let hi = if lo + 1 < n { lo + 1 } else { n - 1 };
         let f = T::from_f64(pos - lo as f64);
         x[lo] + f * (x[hi] - x[lo])
     };

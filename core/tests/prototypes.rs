@@ -144,7 +144,18 @@ fn koleo_gradient_matches_finite_differences() {
     let weight = 0.7;
     let mut dv = vec![0.25; k * p]; // accumulates on top of what is there
     let mut dmu = vec![f64::NAN; k * p];
-    koleo_proto(&mu, &nn, k, p, Some((&vn, &mut dv, &mut dmu, weight)));
+    koleo_proto(
+        &mu,
+        &nn,
+        k,
+        p,
+        Some(KoleoGrad {
+            vnorm: &vn,
+            dv: &mut dv,
+            dmu: &mut dmu,
+            weight,
+        }),
+    );
     let h = 1e-6;
     for i in 0..k * p {
         let mut a = v.clone();

@@ -4,7 +4,7 @@
 //! is clipped with the rest). The nearest neighbours come from one GEMM per row block; the
 //! loss and gradient from `dinovmf_core::prototypes::koleo_proto`.
 use dinovmf_core::logits::weight_norm_forward;
-use dinovmf_core::prototypes::koleo_proto;
+use dinovmf_core::prototypes::{koleo_proto, KoleoGrad};
 
 use super::CpuBackend;
 use crate::eval::prototypes::nearest_prototypes;
@@ -23,6 +23,17 @@ impl CpuBackend {
         let nn = nearest_prototypes(&mu, k, p);
         let mut dmu = vec![0.0f32; k * p];
         let dv = &mut self.grads[lay.last_v..lay.last_v + k * p];
-        koleo_proto(&mu, &nn, k, p, Some((&vn, dv, &mut dmu, weight)))
+        koleo_proto(
+            &mu,
+            &nn,
+            k,
+            p,
+            Some(KoleoGrad {
+                vnorm: &vn,
+                dv,
+                dmu: &mut dmu,
+                weight,
+            }),
+        )
     }
 }
