@@ -313,6 +313,26 @@ fn a_tiny_run_logs_evaluations_draws_figures_and_reports() {
     let d2 = dinovmf::cli::eval::proto_diag(&mut l, 40, Some(0.04)).unwrap();
     assert_eq!((d2.images, d2.kappa_tau), (40, 0.04));
     let _ = state::load_checkpoint(&s.checkpoint).unwrap();
+    // The attention figure: the image plus one panel per head (tiny: 2 heads), 64 px panels
+    // under a 28 px title.
+    let att = dir.join("att.png");
+    let a = dinovmf::cli::attention::AttentionArgs {
+        checkpoint: s.checkpoint.clone(),
+        image: "heldout:1".into(),
+        out: Some(att.clone()),
+        size: None,
+        panel: 64,
+        student: false,
+    };
+    dinovmf::cli::attention::run(&a).unwrap();
+    let img = image::open(&att).unwrap();
+    assert_eq!((img.width(), img.height()), (3 * 64, 64 + 28));
+    let bad = dinovmf::cli::attention::AttentionArgs {
+        image: "heldout:100000".into(),
+        ..a
+    };
+    let e = dinovmf::cli::attention::run(&bad).unwrap_err().to_string();
+    assert!(e.contains("held-out split has"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
