@@ -183,7 +183,7 @@ pub fn in_validation(i: usize) -> bool {
     let mut z = (i as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    (z ^ (z >> 31)) % 5 == 0
+    (z ^ (z >> 31)).is_multiple_of(5)
 }
 
 /// The whole protocol: lambda by validation on a deterministic fifth of the training rows
