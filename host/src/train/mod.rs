@@ -383,8 +383,10 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             line.diag =
                 Some(periodic.diagnose(backend.as_mut(), cfg, recipe.at(0).teacher_temp)?);
         }
-        periodic.update_status(&line);
-        periodic.write(&line)?;
+        if line.knn.is_some() || line.diag.is_some() {
+            periodic.update_status(&line);
+            periodic.write(&line)?;
+        }
     }
 
     let metrics_path = opts.out_dir.join("metrics.jsonl");
