@@ -16,6 +16,7 @@ pub mod loss;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod prototypes;
 pub mod quant;
 pub mod real;
 #[cfg(feature = "alloc")]

@@ -4,5 +4,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod plot;
 pub mod quant;
+pub mod report;
 pub mod train;

@@ -103,4 +103,47 @@ pub trait Backend: Send {
     fn train_step(&mut self, batch: &Batch, hp: &StepHyper) -> Result<StepMetrics>;
     /// Final-LayerNorm [CLS] features ([n, dim]) of `images` ([n, 3, size, size]).
     fn embed(&mut self, net: Net, images: &[f32], n: usize, size: usize) -> Result<Vec<f32>>;
+    /// `[n, blocks * dim]`: the [CLS] token after each of the last `blocks` blocks (oldest
+    /// first), each through the final LayerNorm (the linear probe's features).
+    fn embed_blocks(
+        &mut self,
+        _net: Net,
+        _images: &[f32],
+        _n: usize,
+        _size: usize,
+        _blocks: usize,
+    ) -> Result<Vec<f32>> {
+        anyhow::bail!(
+            "the {} backend cannot read per-block features; evaluations run them on the CPU backend",
+            self.name()
+        )
+    }
+    /// `[n, heads, tokens]`: the last block's [CLS]-query attention probabilities.
+    fn cls_attention(
+        &mut self,
+        _net: Net,
+        _images: &[f32],
+        _n: usize,
+        _size: usize,
+    ) -> Result<Vec<f32>> {
+        anyhow::bail!(
+            "the {} backend cannot read attention maps; evaluations run them on the CPU backend",
+            self.name()
+        )
+    }
+    /// Turns on the KoLeo-proto regulariser on the student's prototypes with this weight
+    /// (0 = off): its gradient joins the loss gradient before clipping.
+    fn set_koleo_proto(&mut self, weight: f32) -> Result<()> {
+        if weight == 0.0 {
+            return Ok(());
+        }
+        anyhow::bail!(
+            "--koleo-proto is implemented on the CPU backend only (this run uses {})",
+            self.name()
+        )
+    }
+    /// The KoLeo-proto value of the last step, when the regulariser is on.
+    fn koleo_proto_loss(&self) -> Option<f32> {
+        None
+    }
 }

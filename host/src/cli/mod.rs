@@ -2,9 +2,11 @@
 use clap::{Parser, Subcommand};
 
 pub mod assign;
+pub mod attention;
 pub mod eval;
 pub mod export;
 pub mod math;
+pub mod report;
 pub mod train;
 pub mod verify;
 
@@ -38,6 +40,10 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Assign images to prototypes with an exported model (the on-device code path).
     Assign(assign::AssignArgs),
+    /// Draw the last block's [CLS] attention per head over an image (PNG).
+    Attention(attention::AttentionArgs),
+    /// Write RUN_DIR/report.md with the run's figures and final numbers.
+    Report(report::ReportArgs),
 }
 
 pub fn main() -> i32 {
@@ -49,6 +55,8 @@ pub fn main() -> i32 {
         Command::VerifyKernels(a) => verify::run(a),
         Command::Export(a) => export::run(a),
         Command::Assign(a) => assign::run(a),
+        Command::Attention(a) => attention::run(a),
+        Command::Report(a) => report::run(a),
     };
     match res {
         Ok(()) => 0,

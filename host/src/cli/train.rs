@@ -120,6 +120,21 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// k-NN on the held-out split every N epochs, logged to evals.jsonl and plotted
+    /// (0 = only at the start and the end).
+    #[arg(long, default_value_t = 1)]
+    pub knn_every: u64,
+    /// Prototype diagnostics (utilisation on the first 1024 held-out images, kappa quartiles,
+    /// unique prototypes, entropies) every N steps (default: once per epoch; 0 = off).
+    #[arg(long)]
+    pub diag_every: Option<u64>,
+    /// KoLeo-proto regulariser weight: pushes each student prototype away from its nearest
+    /// neighbour, -(1/K) sum_k ln min_j ||mu_k - mu_j|| (0 = off; CPU backend).
+    #[arg(long)]
+    pub koleo_proto: Option<f64>,
+    /// Do not draw the figures (PNG) into the run folder at the end.
+    #[arg(long)]
+    pub no_figures: bool,
 }
 
 impl TrainArgs {
@@ -153,6 +168,9 @@ impl TrainArgs {
         {
             c.warmup_teacher_temp = c.teacher_temp;
         }
+        if let Some(v) = self.koleo_proto {
+            c.koleo_proto = v;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -172,6 +190,9 @@ impl TrainArgs {
                 OnError::Skip
             },
             checkpoint_every: 1,
+            knn_every: self.knn_every,
+            diag_every: self.diag_every,
+            figures: !self.no_figures,
         }
     }
 }

@@ -85,6 +85,9 @@ pub struct TrainConfig {
     pub color_aug: f32,
     pub seed: u64,
     pub data: DataSpec,
+    /// Weight of the KoLeo-proto regulariser on the student's prototypes (0 = off).
+    #[serde(default)]
+    pub koleo_proto: f64,
 }
 
 fn one() -> f32 {
@@ -139,6 +142,7 @@ impl TrainConfig {
             color_aug: 1.0,
             seed: 0,
             data: builtin.clone(),
+            koleo_proto: 0.0,
         };
         // The paper's ImageNet recipe, for the 224 px backbones.
         let big = |model: ModelSpec| TrainConfig {
@@ -259,6 +263,12 @@ impl TrainConfig {
             if !(t > 0.0 && t.is_finite()) {
                 bail!("{what} temperature must be positive (got {t})");
             }
+        }
+        if !(self.koleo_proto >= 0.0 && self.koleo_proto.is_finite()) {
+            bail!(
+                "the KoLeo-proto weight must be finite and >= 0 (got {})",
+                self.koleo_proto
+            );
         }
         if !(0.0..1.0).contains(&self.center_momentum) {
             bail!(

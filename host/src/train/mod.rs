@@ -1,6 +1,7 @@
 //! The training loop: data -> backend step -> schedules, metrics, checkpoints, collapse watch,
 //! k-NN evaluation at the start and the end.
 pub mod config;
+pub mod periodic;
 pub mod state;
 
 use std::fs::{File, OpenOptions};
@@ -44,6 +45,12 @@ pub struct RunOptions {
     pub on_error: OnError,
     /// Checkpoint every this many epochs (and at the end).
     pub checkpoint_every: u64,
+    /// k-NN on the held-out split every this many epochs (0 = only at the start and the end).
+    pub knn_every: u64,
+    /// Prototype diagnostics every this many steps (`None`: once per epoch; 0 = off).
+    pub diag_every: Option<u64>,
+    /// Write the run's figures (PNG) at the end.
+    pub figures: bool,
 }
 
 impl Default for RunOptions {
@@ -58,6 +65,9 @@ impl Default for RunOptions {
             max_steps: None,
             on_error: OnError::Skip,
             checkpoint_every: 1,
+            knn_every: 1,
+            diag_every: None,
+            figures: true,
         }
     }
 }
@@ -184,6 +194,20 @@ pub fn dataset_features(
     dataset_rows(ds, size, |imgs, n| backend.embed(net, &imgs, n, size))
 }
 
+/// A network's [CLS] tokens after each of its last `blocks` blocks (final LayerNorm each,
+/// concatenated: the linear probe's features) of a whole dataset, with labels.
+pub fn dataset_block_features(
+    backend: &mut dyn Backend,
+    ds: &Arc<dyn Dataset>,
+    size: usize,
+    net: Net,
+    blocks: usize,
+) -> Result<(Vec<f32>, Vec<u32>, usize)> {
+    dataset_rows(ds, size, |imgs, n| {
+        backend.embed_blocks(net, &imgs, n, size, blocks)
+    })
+}
+
 /// Raw pixels of a dataset (the eval transform's normalised values) as features.
 pub fn dataset_pixels(ds: &Arc<dyn Dataset>, size: usize) -> Result<(Vec<f32>, Vec<u32>, usize)> {
     dataset_rows(ds, size, |imgs, _| Ok(imgs))
@@ -235,6 +259,8 @@ struct MetricsLine<'a> {
     grad_norm: f32,
     images_per_sec: f64,
     device: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    koleo_proto: Option<f32>,
 }
 
 /// Watches the metrics for the signatures of collapse and prints one warning per kind.
@@ -336,6 +362,33 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         knn_init = Some(pairs(&knn_eval(backend.as_mut(), &data, size)?));
     }
 
+    if cfg.koleo_proto > 0.0 {
+        backend.set_koleo_proto(cfg.koleo_proto as f32)?;
+    }
+    let mut periodic = periodic::Periodic::new(
+        &opts.out_dir,
+        opts.resume.is_some(),
+        &data,
+        size,
+        spe,
+        if opts.eval { opts.knn_every } else { 0 },
+        opts.diag_every.unwrap_or(spe),
+    )?;
+    if opts.resume.is_none() {
+        let mut line = periodic::EvalLine {
+            knn: knn_init.clone(),
+            ..Default::default()
+        };
+        if opts.diag_every != Some(0) {
+            line.diag =
+                Some(periodic.diagnose(backend.as_mut(), cfg, recipe.at(0).teacher_temp)?);
+        }
+        if line.knn.is_some() || line.diag.is_some() {
+            periodic.update_status(&line);
+            periodic.write(&line)?;
+        }
+    }
+
     let metrics_path = opts.out_dir.join("metrics.jsonl");
     let metrics_file = if opts.resume.is_some() {
         OpenOptions::new()
@@ -423,6 +476,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                     grad_norm: m.grad_norm,
                     images_per_sec: ips,
                     device: &device,
+                    koleo_proto: backend.koleo_proto_loss(),
                 },
             )?;
             metrics.write_all(b"\n")?;
@@ -432,10 +486,19 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                 bar.suspend(|| eprintln!("{w}"));
             }
             step += 1;
+            periodic.after_step(
+                backend.as_mut(),
+                cfg,
+                &data,
+                step,
+                step / spe,
+                end,
+                sv.teacher_temp,
+            )?;
             bar.set_position(step);
             bar.set_message(format!(
-                "ep {epoch} loss {:.3} H(t) {:.2} H(mean) {:.2} max {:.2} | {:.0} img/s",
-                m.loss, m.teacher_entropy, m.mean_entropy, m.max_mass, ips
+                "ep {epoch} loss {:.3} H(t) {:.2} H(mean) {:.2} max {:.2} | {:.0} img/s {}",
+                m.loss, m.teacher_entropy, m.mean_entropy, m.max_mass, ips, periodic.status
             ));
             let epoch_done = step % spe == 0;
             if (epoch_done && (step / spe).is_multiple_of(opts.checkpoint_every.max(1)))
@@ -461,6 +524,12 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         eprintln!("evaluating the trained teacher (k-NN on the held-out split)...");
         knn_final = Some(pairs(&knn_eval(backend.as_mut(), &data, size)?));
         knn_px = Some(pairs(&knn_pixels(&data, size)?));
+        periodic.write(&periodic::EvalLine {
+            step,
+            epoch: step / spe,
+            knn: knn_final.clone(),
+            diag: None,
+        })?;
     }
     let summary = TrainSummary {
         steps: step,
@@ -475,6 +544,13 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         opts.out_dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?,
     )?;
+    if opts.figures {
+        // Figures are a view of what is already saved: a failure costs the pictures only.
+        match crate::report::write_figures(&opts.out_dir) {
+            Ok(files) => eprintln!("figures: {}", files.join(", ")),
+            Err(e) => eprintln!("warning: could not draw the run's figures: {e:#}"),
+        }
+    }
     Ok(summary)
 }
 

@@ -25,7 +25,9 @@ mod attention;
 pub mod fastmath;
 pub mod gemm;
 mod head;
+mod koleo;
 pub mod loss;
+mod probe;
 mod rows;
 mod vit;
 
@@ -102,6 +104,9 @@ pub struct CpuBackend {
     mask_l: Vec<f32>,
     embed_group: Option<Group>,
     phase: [f64; PHASES.len()],
+    /// KoLeo-proto weight (0 = off) and the last step's value.
+    koleo_proto: f32,
+    koleo_loss: Option<f32>,
 }
 
 /// Draws the step's drop-path keep masks (0/1) from `ChaCha8Rng::seed_from_u64(seed)`:
@@ -206,6 +211,8 @@ impl CpuBackend {
             mask_l: vec![0.0; model.vit.depth * 2 * n_l],
             embed_group: None,
             phase: [0.0; PHASES.len()],
+            koleo_proto: 0.0,
+            koleo_loss: None,
             cx,
         })
     }
@@ -613,6 +620,9 @@ impl Backend for CpuBackend {
 
     fn train_step(&mut self, batch: &Batch, hp: &StepHyper) -> Result<StepMetrics> {
         let rep = self.compute_gradients(batch, hp)?;
+        if self.koleo_proto > 0.0 {
+            self.koleo_loss = Some(self.add_koleo_proto(self.koleo_proto));
+        }
         let mut t = Instant::now();
         self.reducer.all_reduce_mean(&mut self.grads)?;
         let grad_norm = self.clip(hp.clip_grad);
@@ -633,5 +643,40 @@ impl Backend for CpuBackend {
 
     fn embed(&mut self, net: Net, images: &[f32], n: usize, size: usize) -> Result<Vec<f32>> {
         self.embed_features(net, images, n, size)
+    }
+
+    fn embed_blocks(
+        &mut self,
+        net: Net,
+        images: &[f32],
+        n: usize,
+        size: usize,
+        blocks: usize,
+    ) -> Result<Vec<f32>> {
+        self.block_features(net, images, n, size, blocks)
+    }
+
+    fn cls_attention(
+        &mut self,
+        net: Net,
+        images: &[f32],
+        n: usize,
+        size: usize,
+    ) -> Result<Vec<f32>> {
+        CpuBackend::cls_attention(self, net, images, n, size)
+    }
+
+    fn set_koleo_proto(&mut self, weight: f32) -> Result<()> {
+        ensure!(
+            weight.is_finite() && weight >= 0.0,
+            "--koleo-proto must be a finite weight >= 0, got {weight}"
+        );
+        self.koleo_proto = weight;
+        self.koleo_loss = None;
+        Ok(())
+    }
+
+    fn koleo_proto_loss(&self) -> Option<f32> {
+        self.koleo_loss
     }
 }
