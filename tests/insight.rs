@@ -277,6 +277,8 @@ fn a_tiny_run_logs_evaluations_draws_figures_and_reports() {
     assert!(d.used >= 1 && d.used <= 64 && d.unique >= 1 && d.unique <= 64);
     assert!(d.kappa.windows(2).all(|w| w[0] <= w[1]), "{:?}", d.kappa);
     assert!(d.assign_entropy >= 0.0 && d.assign_entropy <= (64f64).ln() + 1e-9);
+    assert!(d.used_centered >= 1 && d.used_centered <= 64);
+    assert!(d.assign_entropy_centered >= 0.0 && d.assign_entropy_centered <= (64f64).ln() + 1e-9);
     // Figures: valid PNGs of the documented sizes.
     for (f, w, h) in [
         ("loss_knn.png", 1120, 400),

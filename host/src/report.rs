@@ -209,6 +209,7 @@ pub fn write_figures(dir: &Path) -> Result<Vec<String>> {
                     y_label: "prototypes".into(),
                     series: vec![
                         diag_series(&evals, "win an argmax", |d| d.used as f64),
+                        diag_series(&evals, "win a centered argmax", |d| d.used_centered as f64),
                         diag_series(&evals, "unique (0.025 rad)", |d| d.unique as f64),
                     ],
                     markers: true,
@@ -336,6 +337,11 @@ pub fn write_report(dir: &Path, extras: &Extras) -> Result<PathBuf> {
             r,
             "| prototypes winning an argmax | {} of {} over {} held-out images |",
             d.used, d.prototypes, d.images
+        );
+        let _ = writeln!(
+            r,
+            "| prototypes winning an argmax of the centered target | {} of {} |",
+            d.used_centered, d.prototypes
         );
         let _ = writeln!(
             r,

@@ -223,6 +223,13 @@ pub fn print_diag(d: &ProtoDiag) {
         d.assign_entropy.exp()
     );
     println!(
+        "centered targets: {} of {k} prototypes win an argmax; assignment entropy {:.3} nats \
+         (perplexity {:.1})",
+        d.used_centered,
+        d.assign_entropy_centered,
+        d.assign_entropy_centered.exp()
+    );
+    println!(
         "unique prototypes: {} of {k} (angular threshold {} rad)",
         d.unique, d.unique_eps
     );

@@ -48,5 +48,6 @@ pub fn diagnose_backend(
         &cls_s,
         n,
         teacher_temp,
+        &st.center,
     )
 }

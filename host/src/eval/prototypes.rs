@@ -5,11 +5,15 @@
 //!
 //! The assignment of an image is the argmax of the teacher's prototype logits (DINO: w_k . y /
 //! tau, vMF: kappa_k mu_k . y + D_p(kappa_k)), without the running center: the clustering the
-//! network itself represents, not the training-time target.
+//! network itself represents, not the training-time target. The argmax of the centered target
+//! (what the student is trained towards) is reported beside it: a teacher whose raw argmax falls
+//! on a few prototypes while the centered targets spread is held apart by its center, which the
+//! raw count alone would hide.
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use dinovmf_core::centering::teacher_targets_row;
 use dinovmf_core::collapse::entropy;
 use dinovmf_core::logits::{branch_terms_forward, weight_norm_forward};
 use dinovmf_core::loss::LossConfig;
@@ -32,6 +36,12 @@ pub struct ProtoDiag {
     pub used: usize,
     /// Entropy (nats) of the marginal argmax assignment; ln K is uniform use.
     pub assign_entropy: f64,
+    /// Prototypes that won the argmax of the centered teacher target (the training target).
+    #[serde(default)]
+    pub used_centered: usize,
+    /// Entropy (nats) of the marginal argmax assignment of the centered target.
+    #[serde(default)]
+    pub assign_entropy_centered: f64,
     /// The teacher temperature kappa = |g| / tau is reported at.
     pub kappa_tau: f64,
     /// min, q1, median, q3, max of kappa.
@@ -194,6 +204,7 @@ pub fn diagnose(
     cls_s: &[f32],
     n: usize,
     teacher_temp: f64,
+    center: &[f32],
 ) -> Result<ProtoDiag> {
     let (k, p) = (model.head.out_dim, model.head.bottleneck);
     ensure!(k >= 2, "prototype diagnostics need at least 2 prototypes");
@@ -216,6 +227,27 @@ pub fn diagnose(
 
     let zt = head_z(model, teacher, cls_t, n);
     let mut lt = logits(model, loss, teacher, &zt, n, teacher_temp);
+    ensure!(
+        center.len() == k,
+        "the center holds {} values, expected K = {k}",
+        center.len()
+    );
+    let centered: Vec<u32> = lt
+        .par_chunks(k)
+        .map(|row| {
+            let (mut p_t, mut stat) = (vec![0.0f32; k], vec![0.0f32; k]);
+            teacher_targets_row(
+                &mut p_t,
+                &mut stat,
+                row,
+                center,
+                teacher_temp as f32,
+                loss.centering,
+                0.0,
+            );
+            argmax(&p_t) as u32
+        })
+        .collect();
     let (assign, teacher_entropy) = assign_and_entropy(&mut lt, k);
     let zs = head_z(model, student, cls_s, n);
     let mut ls = logits(model, loss, student, &zs, n, loss.student_temp);
@@ -225,11 +257,18 @@ pub fn diagnose(
         counts[a as usize] += 1;
     }
     let u = utilisation(&counts);
+    counts.fill(0);
+    for a in centered {
+        counts[a as usize] += 1;
+    }
+    let uc = utilisation(&counts);
     Ok(ProtoDiag {
         prototypes: k,
         images: u.total,
         used: u.used,
         assign_entropy: u.entropy,
+        used_centered: uc.used,
+        assign_entropy_centered: uc.entropy,
         kappa_tau: teacher_temp,
         kappa,
         unique,

@@ -154,8 +154,8 @@ impl Periodic {
         }
         if let Some(d) = &line.diag {
             parts.push(format!(
-                "used {}/{} uniq {}",
-                d.used, d.prototypes, d.unique
+                "used {}/{} ({} centered) uniq {}",
+                d.used, d.prototypes, d.used_centered, d.unique
             ));
         }
         if !parts.is_empty() {
