@@ -18,7 +18,7 @@ use dinovmf_core::schedule::Recipe;
 use crate::backend::{Backend, Net, StepHyper, StepMetrics};
 use crate::data::{self, CropConfig, Dataset, Loader, OnError};
 use crate::eval::knn::{knn_accuracy, KnnScore, KNN_KS, KNN_TEMPERATURE};
-pub use config::{CenteringKind, DataSpec, LossKind, ModelSpec, TrainConfig};
+pub use config::{CenteringKind, DataSpec, IbotSpec, LossKind, Method, ModelSpec, TrainConfig};
 
 /// Where the training step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -140,6 +140,16 @@ pub fn recipe(cfg: &TrainConfig, steps_per_epoch: u64) -> Recipe {
     r
 }
 
+/// The patch teacher temperature's schedule (iBOT): the recipe with the patch settings in
+/// place of the `[CLS]` teacher's.
+pub fn patch_recipe(cfg: &TrainConfig, steps_per_epoch: u64) -> Recipe {
+    let mut r = recipe(cfg, steps_per_epoch);
+    r.teacher_temp_start = cfg.ibot.warmup_patch_teacher_temp;
+    r.teacher_temp = cfg.ibot.patch_teacher_temp;
+    r.teacher_temp_warmup_epochs = cfg.ibot.warmup_patch_teacher_temp_epochs;
+    r
+}
+
 /// Opens the backend a run asks for.
 pub fn open_backend(cfg: &TrainConfig, device: Device) -> Result<Box<dyn Backend>> {
     match device {
@@ -235,6 +245,13 @@ struct MetricsLine<'a> {
     grad_norm: f32,
     images_per_sec: f64,
     device: &'a str,
+    /// iBOT only: L_cls, L_mim (unweighted) and the patch targets' mean entropy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loss_cls: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loss_mim: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_teacher_entropy: Option<f32>,
 }
 
 /// Watches the metrics for the signatures of collapse and prints one warning per kind.
@@ -297,6 +314,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         );
     }
     let recipe = recipe(cfg, spe);
+    let precipe = patch_recipe(cfg, spe);
     let total = recipe.total_steps();
     let end = opts.max_steps.map_or(total, |m| m.min(total));
     std::fs::create_dir_all(&opts.out_dir)
@@ -367,6 +385,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         warned_single: false,
     };
     let device = backend.name();
+    let ibot = cfg.method == Method::Ibot;
     let mut losses = Vec::new();
     let t0 = Instant::now();
     let mut last_save = start;
@@ -387,6 +406,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                 freeze_last_layer: sv.freeze_last_layer,
                 clip_grad: cfg.clip_grad as f32,
                 seed: step_seed(cfg.seed, step),
+                patch_teacher_temp: precipe.at(step).teacher_temp as f32,
             };
             let m = backend.train_step(&batch, &hp)?;
             if !m.loss.is_finite() {
@@ -423,6 +443,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                     grad_norm: m.grad_norm,
                     images_per_sec: ips,
                     device: &device,
+                    loss_cls: ibot.then_some(m.cls_loss),
+                    loss_mim: ibot.then_some(m.mim_loss),
+                    patch_teacher_entropy: ibot.then_some(m.patch_teacher_entropy),
                 },
             )?;
             metrics.write_all(b"\n")?;
@@ -433,10 +456,17 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             }
             step += 1;
             bar.set_position(step);
-            bar.set_message(format!(
-                "ep {epoch} loss {:.3} H(t) {:.2} H(mean) {:.2} max {:.2} | {:.0} img/s",
-                m.loss, m.teacher_entropy, m.mean_entropy, m.max_mass, ips
-            ));
+            bar.set_message(if ibot {
+                format!(
+                    "ep {epoch} cls {:.3} mim {:.3} H(t) {:.2} H(patch) {:.2} max {:.2} | {:.0} img/s",
+                    m.cls_loss, m.mim_loss, m.teacher_entropy, m.patch_teacher_entropy, m.max_mass, ips
+                )
+            } else {
+                format!(
+                    "ep {epoch} loss {:.3} H(t) {:.2} H(mean) {:.2} max {:.2} | {:.0} img/s",
+                    m.loss, m.teacher_entropy, m.mean_entropy, m.max_mass, ips
+                )
+            });
             let epoch_done = step % spe == 0;
             if (epoch_done && (step / spe).is_multiple_of(opts.checkpoint_every.max(1)))
                 || step == end
