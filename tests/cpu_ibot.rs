@@ -162,6 +162,7 @@ struct Reference {
     mim: f64,
     center: Vec<f64>,
     patch_center: Vec<f64>,
+    patch_entropy: f64,
     masked: usize,
 }
 
@@ -319,6 +320,7 @@ fn reference(
         mim: mo.loss,
         center,
         patch_center,
+        patch_entropy: mo.teacher_entropy,
         masked: mo.masked,
     }
 }
@@ -363,6 +365,8 @@ fn check(vmf: bool, nll: bool, separate: bool) {
         rep.mim_loss,
         r.mim
     );
+    let e = (rep.patch_teacher_entropy as f64 - r.patch_entropy).abs() / r.patch_entropy;
+    assert!(e < tol, "{what}: patch teacher entropy rel err {e:e}");
     let e = rel_err(be.next_center(), &r.center, 1e-6);
     assert!(e < tol, "{what}: center rel err {e:e}");
     let e = rel_err(be.next_patch_center(), &r.patch_center, 1e-6);

@@ -7,13 +7,13 @@
 //! partition of the rows: deterministic.
 use rayon::prelude::*;
 
-use dinovmf_core::centering::{center_update, teacher_targets_row};
-use dinovmf_core::collapse::entropy;
+use dinovmf_core::centering::{center_update, Centering, CENTER_FLOOR};
 use dinovmf_core::logits::{branch_terms_forward, logits_row_backward, NORMALIZE_EPS};
 use dinovmf_core::loss::{xent_row_forward_backward_inplace, LossConfig};
 use dinovmf_core::mim_loss::mim_row_weight;
 use dinovmf_core::ops::{l2norm_row_backward, l2norm_row_inplace};
 
+use super::fastmath;
 use super::gemm::{matmul, Op};
 
 const NORM_EPS: f32 = NORMALIZE_EPS as f32;
@@ -50,6 +50,7 @@ pub struct MimBufs {
     dmu: Vec<f32>,
     dv_tmp: Vec<f32>,
     stat: Vec<f32>,
+    shift: Vec<f32>,
     /// dL/dz of the masked student rows `[M, p]` (already scaled by the MIM weight).
     pub dz: Vec<f32>,
 }
@@ -85,6 +86,7 @@ impl MimBufs {
             dmu: z(k * p),
             dv_tmp: z(k * p),
             stat: z(k),
+            shift: z(k),
             dz: z(rows * p),
         }
     }
@@ -97,6 +99,56 @@ pub struct MimReport {
     pub loss: f32,
     /// Mean entropy of the teacher's patch targets.
     pub teacher_entropy: f32,
+}
+
+/// One teacher patch row, as core's `teacher_targets_row` (the tests hold it to core's
+/// composite) but made for thousands of rows: the center's per-prototype shift (`c / tau` or
+/// `ln c`) comes precomputed, exponentials are `fastmath::exp`, and the entropy of the target
+/// is `ln Z + m - sum_k p_k x_k` (no logarithm per entry). Returns that entropy.
+fn targets_row(
+    pt: &mut [f32],
+    stat: &mut [f32],
+    l: &[f32],
+    shift: &[f32],
+    tau_t: f32,
+    centering: Centering,
+    w: f32,
+) -> f32 {
+    match centering {
+        Centering::Logit => {
+            for (s, &x) in stat.iter_mut().zip(l) {
+                *s += w * (tau_t * x);
+            }
+        }
+        Centering::Probability => {
+            let m = l.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+            let mut z = 0.0f32;
+            for (o, &x) in pt.iter_mut().zip(l) {
+                *o = fastmath::exp(x - m);
+                z += *o;
+            }
+            let inv = w / z;
+            for (s, &e) in stat.iter_mut().zip(pt.iter()) {
+                *s += e * inv;
+            }
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for (&x, &c) in l.iter().zip(shift) {
+        m = m.max(x - c);
+    }
+    let mut z = 0.0f32;
+    for ((o, &x), &c) in pt.iter_mut().zip(l).zip(shift) {
+        *o = fastmath::exp(x - c - m);
+        z += *o;
+    }
+    let inv = 1.0 / z;
+    let mut px = 0.0f32;
+    for ((o, &x), &c) in pt.iter_mut().zip(l).zip(shift) {
+        *o *= inv;
+        px += *o * (x - c - m);
+    }
+    z.ln() - px
 }
 
 fn normalize_rows(out: &mut [f32], norms: &mut [f32], x: &[f32], p: usize) {
@@ -184,9 +236,15 @@ pub fn forward_backward(
         false,
     );
     let nc = rows.div_ceil(CHUNK);
+    for (sh, &c) in mb.shift.iter_mut().zip(&center[..k]) {
+        *sh = match cfg.centering {
+            Centering::Logit => c / tau_t,
+            Centering::Probability => c.max(CENTER_FLOOR as f32).ln(),
+        };
+    }
     {
         let w_t = 1.0 / rows as f32;
-        let (scale, bias) = (&mb.scale_t, &mb.bias_t);
+        let (scale, bias, shift) = (&mb.scale_t, &mb.bias_t, &mb.shift);
         mb.part[..nc * k]
             .par_chunks_mut(k)
             .zip(mb.l_t[..rows * k].par_chunks_mut(CHUNK * k))
@@ -202,8 +260,7 @@ pub fn forward_backward(
                     for ((x, &s), &b) in l.iter_mut().zip(scale).zip(bias) {
                         *x = s * *x + b;
                     }
-                    teacher_targets_row(pt, part, l, center, tau_t, cfg.centering, w_t);
-                    *e = entropy(pt);
+                    *e = targets_row(pt, part, l, shift, tau_t, cfg.centering, w_t);
                 }
             });
         mb.stat.fill(0.0);
