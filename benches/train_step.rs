@@ -54,6 +54,7 @@ fn setup() -> (CpuBackend, Batch, StepHyper) {
         adam_m: vec![0.0; n],
         adam_v: vec![0.0; n],
         center,
+        patch_center: Vec::new(),
         adam_step: 0,
     })
     .unwrap();
@@ -77,6 +78,7 @@ fn setup() -> (CpuBackend, Batch, StepHyper) {
         freeze_last_layer: false,
         clip_grad: 3.0,
         seed: 1,
+        patch_teacher_temp: 0.04,
     };
     (be, batch, hp)
 }

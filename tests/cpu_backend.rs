@@ -8,8 +8,8 @@ use dinovmf_core::loss::{
     multicrop_loss_forward_backward, scratch_len, LossConfig, LossDims, LossGrads, LossInputs,
 };
 use dinovmf_core::model::{
-    convert_params, for_each_param, init_params, num_params, HeadConfig, Layout, ModelConfig,
-    VitConfig,
+    convert_params, for_each_param, init_params, num_params, HeadConfig, IbotParts, Layout,
+    ModelConfig, VitConfig,
 };
 use dinovmf_core::optim::{adamw_step_model, clip_gradients, ema_update, AdamW};
 use dinovmf_core::reference_model;
@@ -42,6 +42,7 @@ fn model(norm_last_layer: bool, drop_path: f32) -> ModelConfig {
             out_dim: 48,
             norm_last_layer,
         },
+        ibot: IbotParts::NONE,
     }
 }
 
@@ -116,6 +117,7 @@ fn state(cfg: &ModelConfig, loss: &LossConfig, seed: u64) -> TrainState {
         adam_m: vec![0.0; n],
         adam_v: vec![0.0; n],
         center,
+        patch_center: Vec::new(),
         adam_step: 0,
     }
 }
@@ -145,6 +147,7 @@ fn hyper(seed: u64) -> StepHyper {
         freeze_last_layer: false,
         clip_grad: 3.0,
         seed,
+        patch_teacher_temp: 0.04,
     }
 }
 

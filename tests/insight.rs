@@ -9,7 +9,7 @@ use dinovmf::data::Batch;
 use dinovmf::train::{self, periodic, state, LossKind, RunOptions, TrainConfig};
 use dinovmf_core::centering::Centering;
 use dinovmf_core::loss::LossConfig;
-use dinovmf_core::model::{HeadConfig, Layout, ModelConfig, VitConfig};
+use dinovmf_core::model::{HeadConfig, IbotParts, Layout, ModelConfig, VitConfig};
 use dinovmf_core::ops::layernorm_forward;
 use dinovmf_core::prototypes::{koleo_proto, nearest_neighbours, KoleoGrad};
 use dinovmf_core::reference_model;
@@ -37,6 +37,7 @@ fn model() -> ModelConfig {
             out_dim: 40,
             norm_last_layer: false,
         },
+        ibot: IbotParts::NONE,
     }
 }
 
@@ -158,6 +159,7 @@ fn koleo_proto_gradient_joins_the_step() {
         freeze_last_layer: false,
         clip_grad: 0.0,
         seed: 3,
+        patch_teacher_temp: 0.04,
     };
     let mut plain = backend(&st);
     let mut reg = backend(&st);

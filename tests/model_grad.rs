@@ -190,7 +190,7 @@ fn init_statistics_match_dino() {
             ParamKind::NormWeight | ParamKind::LastLayerG => {
                 assert!(x.iter().all(|&v| v == 1.0), "{}", s.name)
             }
-            ParamKind::NormBias | ParamKind::LinearBias => {
+            ParamKind::NormBias | ParamKind::LinearBias | ParamKind::MaskToken => {
                 assert!(x.iter().all(|&v| v == 0.0), "{}", s.name)
             }
             ParamKind::PatchBias => {

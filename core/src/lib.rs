@@ -13,6 +13,8 @@ pub mod centering;
 pub mod collapse;
 pub mod logits;
 pub mod loss;
+pub mod masking;
+pub mod mim_loss;
 pub mod model;
 pub mod ops;
 pub mod optim;

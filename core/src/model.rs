@@ -94,10 +94,30 @@ impl HeadConfig {
     }
 }
 
+/// Parameters only masked image modelling (iBOT) needs. Both off for DINO, which keeps a DINO
+/// model's layout, initialisation and checkpoints exactly as they were.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct IbotParts {
+    /// `backbone.masked_embed [1, D]`: the learned token that replaces masked patch embeddings.
+    pub mask_token: bool,
+    /// `head.last_layer2.{weight_g, weight_v}`: patch tokens get their own prototype layer (same
+    /// K and p); without it they share `head.last_layer` with `[CLS]` (iBOT's `shared_head`).
+    pub separate_patch_head: bool,
+}
+
+impl IbotParts {
+    /// DINO: neither part.
+    pub const NONE: Self = Self {
+        mask_token: false,
+        separate_patch_head: false,
+    };
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ModelConfig {
     pub vit: VitConfig,
     pub head: HeadConfig,
+    pub ibot: IbotParts,
 }
 
 impl ModelConfig {
@@ -124,6 +144,7 @@ impl ModelConfig {
                 out_dim: 12,
                 norm_last_layer: false,
             },
+            ibot: IbotParts::NONE,
         }
     }
 
@@ -150,6 +171,7 @@ impl ModelConfig {
                 out_dim: 4096,
                 norm_last_layer: true,
             },
+            ibot: IbotParts::NONE,
         }
     }
 
@@ -175,6 +197,7 @@ impl ModelConfig {
                 out_dim: 65536,
                 norm_last_layer: true,
             },
+            ibot: IbotParts::NONE,
         }
     }
 
@@ -189,6 +212,12 @@ impl ModelConfig {
     /// Same model with `norm_last_layer` set (`false` for DINO-vMF's learned `g`).
     pub const fn with_norm_last_layer(mut self, on: bool) -> Self {
         self.head.norm_last_layer = on;
+        self
+    }
+
+    /// Same model with the iBOT parts `ibot`.
+    pub const fn with_ibot(mut self, ibot: IbotParts) -> Self {
+        self.ibot = ibot;
         self
     }
 
@@ -231,6 +260,8 @@ pub enum ParamKind {
     LastLayerG,
     /// `head.last_layer.weight_v`, `[K, p]`.
     LastLayerV,
+    /// `backbone.masked_embed`, `[1, D]` (iBOT's learned mask token).
+    MaskToken,
 }
 
 /// One named tensor of the flat buffer.
@@ -284,7 +315,12 @@ pub fn for_each_param(cfg: &ModelConfig, mut f: impl FnMut(&ParamSpec)) {
         let spec = ParamSpec {
             // weight_g is one norm per prototype: a 1-d parameter in the spec's sense even though
             // PyTorch stores it [K, 1]. Decaying it would pull every kappa towards 0.
-            decay: !s.ends_with(".bias") && shape.len() > 1 && kind != ParamKind::LastLayerG,
+            // The mask token is one vector (PyTorch stores it [1, D]): 1-d in the spec's sense,
+            // so no decay either.
+            decay: !s.ends_with(".bias")
+                && shape.len() > 1
+                && kind != ParamKind::LastLayerG
+                && kind != ParamKind::MaskToken,
             trainable: !(kind == ParamKind::LastLayerG && h.norm_last_layer),
             name: s,
             kind,
@@ -381,6 +417,10 @@ pub fn for_each_param(cfg: &ModelConfig, mut f: impl FnMut(&ParamSpec)) {
     }
     emit(format_args!("backbone.norm.weight"), NormWeight, &[d]);
     emit(format_args!("backbone.norm.bias"), NormBias, &[d]);
+    if cfg.ibot.mask_token {
+        // iBOT's VisionTransformer registers it last, after `norm`.
+        emit(format_args!("backbone.masked_embed"), MaskToken, &[1, d]);
+    }
     for l in 0..h.n_layers {
         // nn.Sequential(Linear, GELU, Linear, GELU, Linear): the linears sit at 0, 2, 4, ...
         let (di, dout) = h.layer_dims(d, l);
@@ -402,6 +442,18 @@ pub fn for_each_param(cfg: &ModelConfig, mut f: impl FnMut(&ParamSpec)) {
         LastLayerV,
         &[h.out_dim, h.bottleneck],
     );
+    if cfg.ibot.separate_patch_head {
+        emit(
+            format_args!("head.last_layer2.weight_g"),
+            LastLayerG,
+            &[h.out_dim, 1],
+        );
+        emit(
+            format_args!("head.last_layer2.weight_v"),
+            LastLayerV,
+            &[h.out_dim, h.bottleneck],
+        );
+    }
 }
 
 /// Total number of scalars in the flat buffer.
@@ -474,6 +526,12 @@ pub struct Layout {
     head_cfg: HeadConfig,
     pub last_g: usize,
     pub last_v: usize,
+    /// `backbone.masked_embed` (iBOT), if the model has one.
+    pub mask_token: Option<usize>,
+    /// The prototype layer of patch tokens: `head.last_layer2` with a separate patch head,
+    /// otherwise the same offsets as `last_g` / `last_v` (shared head).
+    pub patch_g: usize,
+    pub patch_v: usize,
     /// Start of `head.*` (everything before is the backbone).
     pub head_start: usize,
     pub total: usize,
@@ -500,7 +558,12 @@ impl Layout {
             + d;
         let norm_w = blocks + v.depth * block_len;
         let norm_b = norm_w + d;
-        let head = norm_b + d;
+        let mask_token = if cfg.ibot.mask_token {
+            Some(norm_b + d)
+        } else {
+            None
+        };
+        let head = norm_b + d + if cfg.ibot.mask_token { d } else { 0 };
         let mut last_g = head;
         let mut l = 0;
         while l < cfg.head.n_layers {
@@ -509,7 +572,14 @@ impl Layout {
             l += 1;
         }
         let last_v = last_g + cfg.head.out_dim;
-        let total = last_v + cfg.head.out_dim * cfg.head.bottleneck;
+        let after_v = last_v + cfg.head.out_dim * cfg.head.bottleneck;
+        let (patch_g, patch_v, total) = if cfg.ibot.separate_patch_head {
+            let g2 = after_v;
+            let v2 = g2 + cfg.head.out_dim;
+            (g2, v2, v2 + cfg.head.out_dim * cfg.head.bottleneck)
+        } else {
+            (last_g, last_v, after_v)
+        };
         Self {
             cls,
             pos,
@@ -526,6 +596,9 @@ impl Layout {
             head_cfg: cfg.head,
             last_g,
             last_v,
+            mask_token,
+            patch_g,
+            patch_v,
             head_start: head,
             total,
         }
@@ -608,6 +681,7 @@ fn uniform_sym(bound: f64, normal: &mut impl FnMut() -> f64) -> f64 {
 ///   trunc-normal std 0.02; linear biases 0; LayerNorm weight 1, bias 0;
 /// - `patch_embed.proj` (a Conv2d, which DINO's `_init_weights` does not touch): PyTorch's
 ///   default, weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C P P;
+/// - `masked_embed` (iBOT): zeros;
 /// - `last_layer` (built AFTER `apply(_init_weights)` in `DINOHead`): `weight_v` has PyTorch's
 ///   default Linear init U(-1/sqrt(p), 1/sqrt(p)); `weight_g` = 1.
 ///
@@ -634,7 +708,9 @@ pub fn init_params(cfg: &ModelConfig, params: &mut [f32], normal: &mut impl FnMu
                     *x = uniform_sym(bound, normal) as f32;
                 }
             }
-            ParamKind::LinearBias | ParamKind::NormBias => dst.fill(0.0),
+            // iBOT initialises `masked_embed` to zeros (no draws, so the other tensors get the
+            // same values as without it).
+            ParamKind::LinearBias | ParamKind::NormBias | ParamKind::MaskToken => dst.fill(0.0),
             ParamKind::NormWeight | ParamKind::LastLayerG => dst.fill(1.0),
         }
     });

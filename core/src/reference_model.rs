@@ -79,6 +79,11 @@ pub struct Activations<T> {
     pub z: Vec<T>,
     /// Drop-path masks used, `[depth, 2, B]` (attention branch, then MLP branch), if any.
     pub drop_masks: Option<Vec<T>>,
+    /// The iBOT patch mask used, `[B, N]` of 0/1, if any.
+    pub patch_mask: Option<Vec<T>>,
+    /// The head ran on every token (iBOT): `head_*` and `z` have `B T` rows (image `b`, token
+    /// `i` at row `b T + i`; `[CLS]` is token 0) instead of `B`.
+    pub all_tokens: bool,
 }
 
 impl<T: Real> Activations<T> {
@@ -134,6 +139,24 @@ pub fn forward<T: Real>(
     img_size: usize,
     drop_masks: Option<&[T]>,
 ) -> Result<Activations<T>, ShapeError> {
+    forward_ibot(cfg, params, images, b, img_size, drop_masks, None, false)
+}
+
+/// [`forward`] with iBOT's two additions: `patch_mask` (`[B, N]` of 0/1) replaces masked patch
+/// embeddings by the model's mask token (`backbone.masked_embed`, which the model must have)
+/// before `[CLS]` and the position embedding are added; `all_tokens` runs the head on every
+/// token's final-LayerNorm output, not just `[CLS]`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_ibot<T: Real>(
+    cfg: &ModelConfig,
+    params: &[T],
+    images: &[T],
+    b: usize,
+    img_size: usize,
+    drop_masks: Option<&[T]>,
+    patch_mask: Option<&[T]>,
+    all_tokens: bool,
+) -> Result<Activations<T>, ShapeError> {
     let lay = check(cfg, params.len(), img_size)?;
     let v = &cfg.vit;
     let (c, d, heads, mh) = (v.in_chans, v.dim, v.heads, v.mlp_hidden());
@@ -164,6 +187,11 @@ pub fn forward<T: Real>(
         v.patch,
         d,
     );
+    if let Some(m) = patch_mask {
+        need(m.len() >= b * np, "patch_mask")?;
+        let tok = lay.mask_token.ok_or(ShapeError::Length("mask token"))?;
+        mask_tokens_forward(&mut patch_tok, m, pw(tok, d), b * np, d);
+    }
     let mut pos = vec![T::ZERO; t * d];
     let g0 = v.grid();
     pos_embed_for_grid_forward(&mut pos, pw(lay.pos, v.num_tokens() * d), g0, g0, g, g, d);
@@ -295,18 +323,23 @@ pub fn forward<T: Real>(
 
     // Head MLP.
     let nl = cfg.head.n_layers;
+    let hr = if all_tokens { n } else { b };
     let mut head_pre: Vec<Vec<T>> = Vec::with_capacity(nl);
     let mut head_act: Vec<Vec<T>> = Vec::with_capacity(nl.saturating_sub(1));
     for l in 0..nl {
         let hl = lay.head_layer(l);
-        let input: &[T] = if l == 0 { &cls } else { &head_act[l - 1] };
-        let mut y = vec![T::ZERO; b * hl.d_out];
+        let input: &[T] = match (l, all_tokens) {
+            (0, true) => &norm,
+            (0, false) => &cls,
+            _ => &head_act[l - 1],
+        };
+        let mut y = vec![T::ZERO; hr * hl.d_out];
         linear_forward(
             &mut y,
             input,
             pw(hl.w, hl.d_out * hl.d_in),
             Some(pw(hl.b, hl.d_out)),
-            b,
+            hr,
             hl.d_in,
             hl.d_out,
         );
@@ -336,6 +369,8 @@ pub fn forward<T: Real>(
         head_act,
         z,
         drop_masks: drop_masks.map(|m| m[..v.depth * 2 * b].to_vec()),
+        patch_mask: patch_mask.map(|m| m[..b * np].to_vec()),
+        all_tokens,
     })
 }
 
@@ -393,9 +428,10 @@ fn layernorm_bw<T: Real>(
     layernorm_backward(dx, dg, db, dy, x, mean, rstd, &params[w..w + d], n, d);
 }
 
-/// Backward from `dz` (`[B, p]`, the gradient of the loss with respect to the bottleneck
-/// output) to every backbone and head-MLP parameter: `grads` (the flat layout) ACCUMULATES.
-/// The prototype layer's entries are left alone (the loss code owns them).
+/// Backward from `dz` (`[B, p]`, or `[B T, p]` when the forward ran the head on every token:
+/// the gradient of the loss with respect to the bottleneck output) to every backbone and
+/// head-MLP parameter (and the mask token when the forward masked): `grads` (the flat layout)
+/// ACCUMULATES. The prototype layer's entries are left alone (the loss code owns them).
 pub fn backward<T: Real>(
     cfg: &ModelConfig,
     params: &[T],
@@ -412,19 +448,20 @@ pub fn backward<T: Real>(
     let np = t - 1;
     let n = b * t;
     let nl = cfg.head.n_layers;
-    need(dz.len() >= b * cfg.head.bottleneck, "dz")?;
+    let hr = if acts.all_tokens { n } else { b };
+    need(dz.len() >= hr * cfg.head.bottleneck, "dz")?;
 
-    // Head MLP, down to d[CLS].
-    let mut dcur: Vec<T> = dz[..b * cfg.head.bottleneck].to_vec();
-    let mut dcls = vec![T::ZERO; b * d];
+    // Head MLP, down to d[CLS] (or every token's final-LayerNorm output).
+    let mut dcur: Vec<T> = dz[..hr * cfg.head.bottleneck].to_vec();
+    let mut dcls = vec![T::ZERO; hr * d];
     for l in (0..nl).rev() {
         let hl = lay.head_layer(l);
-        let input: &[T] = if l == 0 {
-            &acts.cls
-        } else {
-            &acts.head_act[l - 1]
+        let input: &[T] = match (l, acts.all_tokens) {
+            (0, true) => &acts.norm,
+            (0, false) => &acts.cls,
+            _ => &acts.head_act[l - 1],
         };
-        let mut dinput = vec![T::ZERO; b * hl.d_in];
+        let mut dinput = vec![T::ZERO; hr * hl.d_in];
         linear_bw(
             grads,
             params,
@@ -433,12 +470,12 @@ pub fn backward<T: Real>(
             Some(&mut dinput),
             &dcur,
             input,
-            b,
+            hr,
             hl.d_in,
             hl.d_out,
         );
         if l > 0 {
-            let mut dpre = vec![T::ZERO; b * hl.d_in];
+            let mut dpre = vec![T::ZERO; hr * hl.d_in];
             gelu_backward(&mut dpre, &acts.head_pre[l - 1], &dinput);
             dcur = dpre;
         } else {
@@ -446,10 +483,15 @@ pub fn backward<T: Real>(
         }
     }
 
-    // Final LayerNorm: only the [CLS] rows receive gradient.
+    // Final LayerNorm: only the [CLS] rows receive gradient (every row with the head on all
+    // tokens).
     let mut dnorm = vec![T::ZERO; n * d];
-    for bi in 0..b {
-        dnorm[bi * t * d..bi * t * d + d].copy_from_slice(&dcls[bi * d..(bi + 1) * d]);
+    if acts.all_tokens {
+        dnorm.copy_from_slice(&dcls);
+    } else {
+        for bi in 0..b {
+            dnorm[bi * t * d..bi * t * d + d].copy_from_slice(&dcls[bi * d..(bi + 1) * d]);
+        }
     }
     let mut dx = vec![T::ZERO; n * d];
     layernorm_bw(
@@ -595,6 +637,10 @@ pub fn backward<T: Real>(
         acts.grid,
         d,
     );
+    if let Some(m) = &acts.patch_mask {
+        let tok = lay.mask_token.ok_or(ShapeError::Length("mask token"))?;
+        mask_tokens_backward(&mut dpatch_tok, &mut grads[tok..tok + d], m, b * np, d);
+    }
     let k = v.patch_len();
     let (dw, db) = pair_mut(grads, (lay.patch_w, d * k), (lay.patch_b, d));
     patch_embed_backward(dw, Some(db), &dpatch_tok, &acts.patches, b * np, k, d);

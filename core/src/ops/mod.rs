@@ -41,7 +41,8 @@ pub use patch_embed::{patch_embed_backward, patch_embed_forward, patchify};
 pub use residual::{residual_backward, residual_forward};
 pub use softmax::{softmax_backward, softmax_forward, softmax_in_place};
 pub use tokens::{
-    pos_embed_for_grid_backward, pos_embed_for_grid_forward, pos_resize_backward,
-    pos_resize_forward, tokens_backward, tokens_forward,
+    mask_tokens_backward, mask_tokens_forward, pos_embed_for_grid_backward,
+    pos_embed_for_grid_forward, pos_resize_backward, pos_resize_forward, tokens_backward,
+    tokens_forward,
 };
 pub use weight_norm::{weight_norm_backward, weight_norm_forward};

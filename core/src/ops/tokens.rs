@@ -184,3 +184,40 @@ pub fn tokens_backward<T: Real>(
         dpatch[bi * n * d..(bi + 1) * n * d].copy_from_slice(&g[d..]);
     }
 }
+
+/// iBOT's mask-token substitution on patch embeddings `x[n, d]` (in place, before `[CLS]` and
+/// the position embedding are added): `x_i <- (1 - m_i) x_i + m_i token` with `m_i` the 0/1
+/// weight of row `i` (written as a blend, as iBOT does, so the backward is exact for any
+/// weight).
+pub fn mask_tokens_forward<T: Real>(x: &mut [T], mask: &[T], token: &[T], n: usize, d: usize) {
+    debug_assert!(x.len() >= n * d && mask.len() >= n && token.len() >= d);
+    for (row, &m) in x[..n * d].chunks_exact_mut(d).zip(&mask[..n]) {
+        if m != T::ZERO {
+            let keep = T::ONE - m;
+            for (o, &t) in row.iter_mut().zip(&token[..d]) {
+                *o = keep * *o + m * t;
+            }
+        }
+    }
+}
+
+/// Backward of [`mask_tokens_forward`]: `dx_i <- (1 - m_i) dx_i` in place (the gradient that
+/// reaches the patch embedding), `dtoken += sum_i m_i dx_i` (ACCUMULATES).
+pub fn mask_tokens_backward<T: Real>(
+    dx: &mut [T],
+    dtoken: &mut [T],
+    mask: &[T],
+    n: usize,
+    d: usize,
+) {
+    debug_assert!(dx.len() >= n * d && mask.len() >= n && dtoken.len() >= d);
+    for (row, &m) in dx[..n * d].chunks_exact_mut(d).zip(&mask[..n]) {
+        if m != T::ZERO {
+            let keep = T::ONE - m;
+            for (g, o) in dtoken[..d].iter_mut().zip(row.iter_mut()) {
+                *g += m * *o;
+                *o *= keep;
+            }
+        }
+    }
+}

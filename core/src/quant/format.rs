@@ -28,7 +28,7 @@
 //! may sit at any address (`include_bytes!` promises no alignment).
 use core::fmt;
 
-use crate::model::{HeadConfig, ModelConfig, VitConfig};
+use crate::model::{HeadConfig, IbotParts, ModelConfig, VitConfig};
 
 pub const MAGIC: [u8; 8] = *b"DINOVMFQ";
 /// Bump whenever the layout changes; the parser refuses other versions.
@@ -343,6 +343,8 @@ impl Header {
                 out_dim,
                 norm_last_layer: false,
             },
+            // Inference reads [CLS] only: iBOT's mask token and patch head are not exported.
+            ibot: IbotParts::NONE,
         };
         if !model.is_valid() {
             return Err(FormatError::BadConfig(

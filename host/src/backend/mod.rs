@@ -39,8 +39,11 @@ pub struct StepHyper {
     pub freeze_last_layer: bool,
     /// Per-tensor gradient-norm clip; 0 disables.
     pub clip_grad: f32,
-    /// Seeds the step's randomness (drop path) so a step is a pure function of state + batch.
+    /// Seeds the step's randomness (drop path, iBOT's masks) so a step is a pure function of
+    /// state + batch.
     pub seed: u64,
+    /// iBOT: the patch teacher temperature (its own schedule; unused by DINO).
+    pub patch_teacher_temp: f32,
 }
 
 /// What one step reports.
@@ -57,6 +60,11 @@ pub struct StepMetrics {
     pub kl: f32,
     /// Global gradient norm before clipping.
     pub grad_norm: f32,
+    /// iBOT: L_cls and L_mim (unweighted; `loss = cls_loss + mim_weight * mim_loss`), and the
+    /// mean entropy of the patch targets. DINO: `cls_loss = loss`, the others 0.
+    pub cls_loss: f32,
+    pub mim_loss: f32,
+    pub patch_teacher_entropy: f32,
 }
 
 /// The full training state in host memory, in the flat parameter layout of `dinovmf_core::model`.
@@ -67,6 +75,8 @@ pub struct TrainState {
     pub adam_m: Vec<f32>,
     pub adam_v: Vec<f32>,
     pub center: Vec<f32>,
+    /// iBOT's patch center `[K]`; empty for DINO.
+    pub patch_center: Vec<f32>,
     /// AdamW steps taken (bias correction).
     pub adam_step: u64,
 }
@@ -81,7 +91,14 @@ impl TrainState {
         init_params(model, &mut student, &mut || StandardNormal.sample(&mut rng));
         let mut center = vec![0.0f32; model.head.out_dim];
         center_init(&mut center, centering);
+        // The mask token marks an iBOT model: it has a patch center, initialised as the other.
+        let patch_center = if model.ibot.mask_token {
+            center.clone()
+        } else {
+            Vec::new()
+        };
         TrainState {
+            patch_center,
             teacher: student.clone(),
             adam_m: vec![0.0; n],
             adam_v: vec![0.0; n],

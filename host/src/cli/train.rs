@@ -5,7 +5,9 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::data::OnError;
-use crate::train::{self, CenteringKind, DataSpec, Device, LossKind, RunOptions, TrainConfig};
+use crate::train::{
+    self, CenteringKind, DataSpec, Device, LossKind, Method, RunOptions, TrainConfig,
+};
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
@@ -16,6 +18,37 @@ pub struct TrainArgs {
     /// dino: w.y/tau logits; vmf: kappa mu.y + log C_p(kappa) (DINO-vMF).
     #[arg(long, value_enum, default_value = "vmf")]
     pub loss: LossKind,
+    /// dino: self-distillation of the [CLS] token; ibot: plus masked image modelling (the
+    /// student's global crops are block-masked and must predict the teacher's patch
+    /// distributions at the masked positions). Combine with --loss: ibot + vmf is iBOT-vMF.
+    #[arg(long, value_enum, default_value = "dino")]
+    pub method: Method,
+    /// iBOT: weight of the patch loss in L = L_cls + w L_mim.
+    #[arg(long)]
+    pub mim_weight: Option<f64>,
+    /// iBOT: patch teacher temperature after warm-up (small presets: 0.02; iBOT: 0.07).
+    #[arg(long)]
+    pub patch_teacher_temp: Option<f64>,
+    /// iBOT: patch teacher temperature at step 0 (warms up linearly to --patch-teacher-temp).
+    #[arg(long)]
+    pub warmup_patch_teacher_temp: Option<f64>,
+    #[arg(long)]
+    pub warmup_patch_teacher_temp_epochs: Option<u64>,
+    /// iBOT: momentum of the patch center (its own, next to the [CLS] one).
+    #[arg(long)]
+    pub patch_center_momentum: Option<f64>,
+    /// iBOT: give patch tokens their own prototype layer instead of sharing [CLS]'s.
+    #[arg(long)]
+    pub separate_patch_head: bool,
+    /// iBOT: probability that a student global crop is masked at all (iBOT: 0.5).
+    #[arg(long)]
+    pub mask_prob: Option<f64>,
+    /// iBOT: masked fraction of a masked crop, uniform in `MIN,MAX` (iBOT: 0.1,0.5).
+    #[arg(long, value_parser = parse_pair)]
+    pub mask_ratio: Option<(f64, f64)>,
+    /// iBOT: aspect ratio range of the mask blocks, log-uniform in `MIN,MAX` (0.3,3.33).
+    #[arg(long, value_parser = parse_pair)]
+    pub mask_aspect: Option<(f64, f64)>,
     /// Teacher centering; default: logit for dino, probability for vmf.
     #[arg(long, value_enum)]
     pub centering: Option<CenteringKind>,
@@ -140,7 +173,7 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// The configuration these arguments describe.
     pub fn config(&self) -> Result<TrainConfig> {
-        let mut c = TrainConfig::preset(&self.preset, self.loss)?;
+        let mut c = TrainConfig::preset_for(&self.preset, self.method, self.loss)?;
         if let Some(v) = self.centering {
             c.centering = v;
         }
@@ -162,6 +195,29 @@ impl TrainArgs {
              weight_decay => weight_decay, weight_decay_end => weight_decay_end,
              clip_grad => clip_grad, freeze_last_layer_epochs => freeze_last_layer_epochs,
              min_lr => min_lr, global_scale => global_scale, local_scale => local_scale, n_local => n_local, color_aug => color_aug, drop_path => model.drop_path, seed => seed);
+        set!(mim_weight => ibot.mim_weight, patch_teacher_temp => ibot.patch_teacher_temp,
+             warmup_patch_teacher_temp => ibot.warmup_patch_teacher_temp,
+             warmup_patch_teacher_temp_epochs => ibot.warmup_patch_teacher_temp_epochs,
+             patch_center_momentum => ibot.patch_center_momentum, mask_prob => ibot.mask_prob,
+             mask_ratio => ibot.mask_ratio, mask_aspect => ibot.mask_aspect);
+        if self.separate_patch_head {
+            c.ibot.separate_patch_head = true;
+        }
+        if self.patch_teacher_temp.is_some()
+            && self.warmup_patch_teacher_temp.is_none()
+            && c.ibot.warmup_patch_teacher_temp_epochs == 0
+        {
+            c.ibot.warmup_patch_teacher_temp = c.ibot.patch_teacher_temp;
+        }
+        if c.method == Method::Dino
+            && (self.separate_patch_head
+                || self.mim_weight.is_some()
+                || self.patch_teacher_temp.is_some()
+                || self.mask_prob.is_some()
+                || self.mask_ratio.is_some())
+        {
+            anyhow::bail!("the iBOT options (--mim-weight, --patch-*, --mask-*, --separate-patch-head) need --method ibot");
+        }
         if self.teacher_temp.is_some()
             && self.warmup_teacher_temp.is_none()
             && c.warmup_teacher_temp_epochs == 0
@@ -195,6 +251,16 @@ impl TrainArgs {
             figures: !self.no_figures,
         }
     }
+}
+
+/// `MIN,MAX` (two numbers; the config's validation checks their range).
+fn parse_pair(s: &str) -> Result<(f64, f64), String> {
+    let (a, b) = s
+        .split_once(',')
+        .ok_or_else(|| format!("expected MIN,MAX, got '{s}'"))?;
+    let a: f64 = a.trim().parse().map_err(|e| format!("'{a}': {e}"))?;
+    let b: f64 = b.trim().parse().map_err(|e| format!("'{b}': {e}"))?;
+    Ok((a, b))
 }
 
 /// `MIN,MAX` with 0 < MIN <= MAX <= 1.
@@ -242,8 +308,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let cfg = args.config()?;
     let opts = args.options();
     eprintln!(
-        "dinovmf train: preset {} | loss {:?} | centering {:?} | norm_last_layer {} | K {} | {} epochs x batch {} | device {:?}",
-        cfg.preset, cfg.loss, cfg.centering, cfg.norm_last_layer, cfg.model.prototypes, cfg.epochs,
+        "dinovmf train: preset {} | method {:?} | loss {:?} | centering {:?} | norm_last_layer {} | K {} | {} epochs x batch {} | device {:?}",
+        cfg.preset, cfg.method, cfg.loss, cfg.centering, cfg.norm_last_layer, cfg.model.prototypes, cfg.epochs,
         cfg.batch_size, opts.device
     );
     let s = train::train(&cfg, &opts)?;

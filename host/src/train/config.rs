@@ -11,6 +11,68 @@ pub enum LossKind {
     Vmf,
 }
 
+/// The self-distillation method (`--method`): DINO ([CLS] only) or iBOT ([CLS] plus masked
+/// image modelling on patch tokens). Either runs with DINO or vMF logits (`--loss`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    #[default]
+    Dino,
+    Ibot,
+}
+
+/// iBOT's settings (ignored by DINO; saved with every run so that a DINO checkpoint written
+/// before they existed still reads back as the same configuration).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IbotSpec {
+    /// Weight of L_mim in `L_cls + mim_weight * L_mim` (iBOT: 1).
+    pub mim_weight: f64,
+    /// Patch teacher temperature after warm-up, at step 0, and the warm-up length.
+    pub patch_teacher_temp: f64,
+    pub warmup_patch_teacher_temp: f64,
+    pub warmup_patch_teacher_temp_epochs: u64,
+    /// Momentum of the patch center (its own EMA, separate from the [CLS] one).
+    pub patch_center_momentum: f64,
+    /// Patch tokens get their own prototype layer (`head.last_layer2`) instead of sharing.
+    pub separate_patch_head: bool,
+    /// Probability that a student global crop is masked at all.
+    pub mask_prob: f64,
+    /// Range of the masked fraction of a masked crop (uniform).
+    pub mask_ratio: (f64, f64),
+    /// Range of a mask block's aspect ratio (log-uniform).
+    pub mask_aspect: (f64, f64),
+}
+
+impl Default for IbotSpec {
+    /// iBOT's published settings (ViT-S/16 recipe).
+    fn default() -> Self {
+        Self {
+            mim_weight: 1.0,
+            patch_teacher_temp: 0.07,
+            warmup_patch_teacher_temp: 0.04,
+            warmup_patch_teacher_temp_epochs: 30,
+            patch_center_momentum: 0.9,
+            separate_patch_head: false,
+            mask_prob: 0.5,
+            mask_ratio: (0.1, 0.5),
+            mask_aspect: (0.3, 1.0 / 0.3),
+        }
+    }
+}
+
+impl IbotSpec {
+    /// The small presets' settings (short runs on small data; see docs/ibot.md for the runs
+    /// behind them): the patch teacher as sharp as the small presets' [CLS] teacher, no warm-up.
+    pub fn small() -> Self {
+        Self {
+            patch_teacher_temp: 0.02,
+            warmup_patch_teacher_temp: 0.02,
+            warmup_patch_teacher_temp_epochs: 0,
+            ..Self::default()
+        }
+    }
+}
+
 /// Teacher centering (`--centering`); the default follows the loss (DINO: logit, vMF: probability).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -57,6 +119,11 @@ pub enum DataSpec {
 pub struct TrainConfig {
     pub preset: String,
     pub model: ModelSpec,
+    /// Absent in configs written before iBOT existed: those were DINO runs.
+    #[serde(default)]
+    pub method: Method,
+    #[serde(default)]
+    pub ibot: IbotSpec,
     pub loss: LossKind,
     pub centering: CenteringKind,
     pub norm_last_layer: bool,
@@ -98,8 +165,26 @@ fn one() -> f32 {
 pub const PRESETS: &[&str] = &["small32", "tiny", "vit-s16", "vit-b16"];
 
 impl TrainConfig {
-    /// A preset with the loss's own defaults (centering, `norm_last_layer`).
+    /// A DINO preset with the loss's own defaults (centering, `norm_last_layer`).
     pub fn preset(name: &str, loss: LossKind) -> Result<Self> {
+        Self::preset_for(name, Method::Dino, loss)
+    }
+
+    /// A preset for a method and a loss. iBOT changes only what its recipe changes: global
+    /// crops from 25% of the image up (method.md), and the patch loss's settings.
+    pub fn preset_for(name: &str, method: Method, loss: LossKind) -> Result<Self> {
+        let mut c = Self::dino_preset(name, loss)?;
+        if method == Method::Ibot {
+            c.method = method;
+            c.global_scale = (0.25, 1.0);
+            if name != "vit-s16" && name != "vit-b16" {
+                c.ibot = IbotSpec::small();
+            }
+        }
+        Ok(c)
+    }
+
+    fn dino_preset(name: &str, loss: LossKind) -> Result<Self> {
         let builtin = DataSpec::Builtin {
             seed: 0,
             train_per_class: 500,
@@ -112,6 +197,8 @@ impl TrainConfig {
         let small = |model: ModelSpec, epochs: u64| TrainConfig {
             preset: name.to_string(),
             model,
+            method: Method::Dino,
+            ibot: IbotSpec::default(),
             loss,
             centering: vmf_center,
             norm_last_layer: vmf_norm,
@@ -269,6 +356,32 @@ impl TrainConfig {
                 "the KoLeo-proto weight must be finite and >= 0 (got {})",
                 self.koleo_proto
             );
+        }
+        if self.method == Method::Ibot {
+            let ib = &self.ibot;
+            if !(ib.patch_teacher_temp > 0.0 && ib.warmup_patch_teacher_temp > 0.0) {
+                bail!("patch teacher temperatures must be positive");
+            }
+            if !(0.0..1.0).contains(&ib.patch_center_momentum) {
+                bail!(
+                    "patch center momentum must be in [0, 1) (got {})",
+                    ib.patch_center_momentum
+                );
+            }
+            if !(ib.mim_weight >= 0.0 && ib.mim_weight.is_finite()) {
+                bail!("--mim-weight must be >= 0 (got {})", ib.mim_weight);
+            }
+            if !(0.0..=1.0).contains(&ib.mask_prob) {
+                bail!("--mask-prob must be in [0, 1] (got {})", ib.mask_prob);
+            }
+            let (a, b) = ib.mask_ratio;
+            if !(0.0 <= a && a <= b && b <= 1.0) {
+                bail!("--mask-ratio needs 0 <= MIN <= MAX <= 1 (got {a},{b})");
+            }
+            let (a, b) = ib.mask_aspect;
+            if !(a > 0.0 && a <= b && b.is_finite()) {
+                bail!("--mask-aspect needs 0 < MIN <= MAX (got {a},{b})");
+            }
         }
         if !(0.0..1.0).contains(&self.center_momentum) {
             bail!(

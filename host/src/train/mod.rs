@@ -19,7 +19,7 @@ use dinovmf_core::schedule::Recipe;
 use crate::backend::{Backend, Net, StepHyper, StepMetrics};
 use crate::data::{self, CropConfig, Dataset, Loader, OnError};
 use crate::eval::knn::{knn_accuracy, KnnScore, KNN_KS, KNN_TEMPERATURE};
-pub use config::{CenteringKind, DataSpec, LossKind, ModelSpec, TrainConfig};
+pub use config::{CenteringKind, DataSpec, IbotSpec, LossKind, Method, ModelSpec, TrainConfig};
 
 /// Where the training step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -150,6 +150,16 @@ pub fn recipe(cfg: &TrainConfig, steps_per_epoch: u64) -> Recipe {
     r
 }
 
+/// The patch teacher temperature's schedule (iBOT): the recipe with the patch settings in
+/// place of the `[CLS]` teacher's.
+pub fn patch_recipe(cfg: &TrainConfig, steps_per_epoch: u64) -> Recipe {
+    let mut r = recipe(cfg, steps_per_epoch);
+    r.teacher_temp_start = cfg.ibot.warmup_patch_teacher_temp;
+    r.teacher_temp = cfg.ibot.patch_teacher_temp;
+    r.teacher_temp_warmup_epochs = cfg.ibot.warmup_patch_teacher_temp_epochs;
+    r
+}
+
 /// Opens the backend a run asks for.
 pub fn open_backend(cfg: &TrainConfig, device: Device) -> Result<Box<dyn Backend>> {
     match device {
@@ -261,6 +271,13 @@ struct MetricsLine<'a> {
     device: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     koleo_proto: Option<f32>,
+    /// iBOT only: L_cls, L_mim (unweighted) and the patch targets' mean entropy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loss_cls: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loss_mim: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_teacher_entropy: Option<f32>,
 }
 
 /// Watches the metrics for the signatures of collapse and prints one warning per kind.
@@ -276,15 +293,16 @@ impl CollapseWatch {
         if step < steps_per_epoch {
             return None;
         }
+        // The [CLS] loss: iBOT's total adds L_mim, which has its own scale.
         if !self.warned_uniform
-            && (m.loss > 0.98 * self.ln_k || m.teacher_entropy > 0.98 * self.ln_k)
+            && (m.cls_loss > 0.98 * self.ln_k || m.teacher_entropy > 0.98 * self.ln_k)
         {
             self.warned_uniform = true;
             return Some(format!(
                 "warning: step {step}: loss {:.3} / teacher entropy {:.3} near ln K = {:.3}: the teacher is \
                  close to uniform (collapse to the uniform solution: sharpening loses to centering). \
                  Hint: lower --teacher-temp (sharper targets), or use fewer --prototypes.",
-                m.loss, m.teacher_entropy, self.ln_k
+                m.cls_loss, m.teacher_entropy, self.ln_k
             ));
         }
         if !self.warned_single && m.max_mass > 0.5 {
@@ -323,6 +341,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         );
     }
     let recipe = recipe(cfg, spe);
+    let precipe = patch_recipe(cfg, spe);
     let total = recipe.total_steps();
     let end = opts.max_steps.map_or(total, |m| m.min(total));
     std::fs::create_dir_all(&opts.out_dir)
@@ -420,6 +439,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         warned_single: false,
     };
     let device = backend.name();
+    let ibot = cfg.method == Method::Ibot;
     let mut losses = Vec::new();
     let t0 = Instant::now();
     let mut last_save = start;
@@ -440,6 +460,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                 freeze_last_layer: sv.freeze_last_layer,
                 clip_grad: cfg.clip_grad as f32,
                 seed: step_seed(cfg.seed, step),
+                patch_teacher_temp: precipe.at(step).teacher_temp as f32,
             };
             let m = backend.train_step(&batch, &hp)?;
             if !m.loss.is_finite() {
@@ -477,6 +498,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                     images_per_sec: ips,
                     device: &device,
                     koleo_proto: backend.koleo_proto_loss(),
+                    loss_cls: ibot.then_some(m.cls_loss),
+                    loss_mim: ibot.then_some(m.mim_loss),
+                    patch_teacher_entropy: ibot.then_some(m.patch_teacher_entropy),
                 },
             )?;
             metrics.write_all(b"\n")?;
@@ -496,10 +520,18 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                 sv.teacher_temp,
             )?;
             bar.set_position(step);
-            bar.set_message(format!(
-                "ep {epoch} loss {:.3} H(t) {:.2} H(mean) {:.2} max {:.2} | {:.0} img/s {}",
-                m.loss, m.teacher_entropy, m.mean_entropy, m.max_mass, ips, periodic.status
-            ));
+            bar.set_message(if ibot {
+                format!(
+                    "ep {epoch} cls {:.3} mim {:.3} H(t) {:.2} H(patch) {:.2} max {:.2} | {:.0} img/s {}",
+                    m.cls_loss, m.mim_loss, m.teacher_entropy, m.patch_teacher_entropy, m.max_mass, ips,
+                    periodic.status
+                )
+            } else {
+                format!(
+                    "ep {epoch} loss {:.3} H(t) {:.2} H(mean) {:.2} max {:.2} | {:.0} img/s {}",
+                    m.loss, m.teacher_entropy, m.mean_entropy, m.max_mass, ips, periodic.status
+                )
+            });
             let epoch_done = step % spe == 0;
             if (epoch_done && (step / spe).is_multiple_of(opts.checkpoint_every.max(1)))
                 || step == end

@@ -5,9 +5,13 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use dinovmf_core::centering::Centering;
 use dinovmf_core::loss::LossConfig;
-use dinovmf_core::model::{for_each_param, num_params, HeadConfig, ModelConfig, VitConfig};
+use dinovmf_core::masking::MaskConfig;
+use dinovmf_core::mim_loss::IbotConfig;
+use dinovmf_core::model::{
+    for_each_param, num_params, HeadConfig, IbotParts, ModelConfig, VitConfig,
+};
 
-use super::config::{CenteringKind, LossKind, TrainConfig};
+use super::config::{CenteringKind, LossKind, Method, TrainConfig};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, SingleProcess, StepShapes, TrainState};
 use crate::checkpoint::{self, CheckpointData, Tensor};
@@ -34,6 +38,18 @@ pub fn model_config(cfg: &TrainConfig) -> ModelConfig {
             n_layers: 3,
             out_dim: m.prototypes,
             norm_last_layer: cfg.norm_last_layer,
+        },
+        ibot: ibot_parts(cfg),
+    }
+}
+
+/// The model parts the run's method needs (none for DINO).
+pub fn ibot_parts(cfg: &TrainConfig) -> IbotParts {
+    match cfg.method {
+        Method::Dino => IbotParts::NONE,
+        Method::Ibot => IbotParts {
+            mask_token: true,
+            separate_patch_head: cfg.ibot.separate_patch_head,
         },
     }
 }
@@ -71,14 +87,32 @@ pub fn step_shapes(cfg: &TrainConfig) -> StepShapes {
     }
 }
 
+/// Core's iBOT settings for a run (used only with `--method ibot`).
+pub fn ibot_config(cfg: &TrainConfig) -> IbotConfig {
+    let ib = &cfg.ibot;
+    IbotConfig {
+        mask: MaskConfig {
+            prob: ib.mask_prob,
+            ratio: ib.mask_ratio,
+            aspect: ib.mask_aspect,
+        },
+        mim_weight: ib.mim_weight,
+        patch_center_momentum: ib.patch_center_momentum,
+    }
+}
+
 /// The CPU backend for a run.
 pub fn cpu_backend(cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
-    Ok(Box::new(CpuBackend::new(
+    let be = CpuBackend::new(
         model_config(cfg),
         loss_config(cfg),
         step_shapes(cfg),
         Box::new(SingleProcess),
-    )?))
+    )?;
+    Ok(Box::new(match cfg.method {
+        Method::Dino => be,
+        Method::Ibot => be.with_ibot(ibot_config(cfg))?,
+    }))
 }
 
 /// Fresh parameters (teacher = student), zero optimiser moments, the initial center.
@@ -119,6 +153,13 @@ pub fn save_checkpoint(
         shape: vec![st.center.len()],
         data: st.center.clone(),
     });
+    if !st.patch_center.is_empty() {
+        tensors.push(Tensor {
+            name: "patch_center".into(),
+            shape: vec![st.patch_center.len()],
+            data: st.patch_center.clone(),
+        });
+    }
     let mut ck = CheckpointData {
         tensors,
         ..Default::default()
@@ -187,6 +228,23 @@ pub fn load_checkpoint(
             cfg.model.prototypes
         );
     }
+    let patch_center = if cfg.method == Method::Ibot {
+        let pc = ck
+            .take("patch_center")
+            .with_context(|| format!("checkpoint {} (an iBOT run)", path.display()))?
+            .data;
+        if pc.len() != cfg.model.prototypes {
+            bail!(
+                "checkpoint {}: patch_center has {} entries for K = {}",
+                path.display(),
+                pc.len(),
+                cfg.model.prototypes
+            );
+        }
+        pc
+    } else {
+        Vec::new()
+    };
     let mut it = bufs.into_iter();
     let (student, teacher, adam_m, adam_v) = (
         it.next().unwrap(),
@@ -201,6 +259,7 @@ pub fn load_checkpoint(
             adam_m,
             adam_v,
             center,
+            patch_center,
             adam_step,
         },
         step,

@@ -25,8 +25,10 @@ mod attention;
 pub mod fastmath;
 pub mod gemm;
 mod head;
+mod ibot;
 mod koleo;
 pub mod loss;
+mod mim;
 mod probe;
 mod rows;
 mod vit;
@@ -55,6 +57,11 @@ pub struct GradReport {
     pub mean_entropy: f32,
     pub max_mass: f32,
     pub kl: f32,
+    /// iBOT: L_cls and L_mim (unweighted) separately (DINO: `cls_loss = loss`, `mim_loss = 0`),
+    /// and the mean entropy of the patch targets.
+    pub cls_loss: f32,
+    pub mim_loss: f32,
+    pub patch_teacher_entropy: f32,
 }
 
 /// Names of the phases [`CpuBackend::phase_seconds`] times.
@@ -107,6 +114,8 @@ pub struct CpuBackend {
     /// KoLeo-proto weight (0 = off) and the last step's value.
     koleo_proto: f32,
     koleo_loss: Option<f32>,
+    /// iBOT's buffers and patch center (see [`CpuBackend::with_ibot`]); `None` for DINO.
+    ibot: Option<ibot::IbotCpu>,
 }
 
 /// Draws the step's drop-path keep masks (0/1) from `ChaCha8Rng::seed_from_u64(seed)`:
@@ -213,6 +222,7 @@ impl CpuBackend {
             phase: [0.0; PHASES.len()],
             koleo_proto: 0.0,
             koleo_loss: None,
+            ibot: None,
             cx,
         })
     }
@@ -290,6 +300,9 @@ impl CpuBackend {
             "teacher temperature must be positive, got {}",
             hp.teacher_temp
         );
+        if self.ibot.is_some() {
+            return self.compute_gradients_ibot(batch, hp);
+        }
         let mut lcfg = self.loss_cfg;
         lcfg.teacher_temp = hp.teacher_temp as f64;
         let cfg = self.cx.cfg;
@@ -428,6 +441,9 @@ impl CpuBackend {
             mean_entropy: c.entropy_of_mean,
             max_mass: c.max_mean_mass,
             kl: c.mean_kl,
+            cls_loss: rep.loss,
+            mim_loss: 0.0,
+            patch_teacher_entropy: 0.0,
         })
     }
 
@@ -450,6 +466,11 @@ impl CpuBackend {
     /// The center the last computed step moves to.
     pub fn next_center(&self) -> &[f32] {
         &self.next_center
+    }
+
+    /// The patch center the last computed iBOT step moves to (empty for DINO).
+    pub fn next_patch_center(&self) -> &[f32] {
+        self.ibot.as_ref().map_or(&[][..], |ib| &ib.next_center[..])
     }
 
     /// Per-tensor clipping (DINO semantics, over trainable tensors); returns the global norm
@@ -603,6 +624,14 @@ impl Backend for CpuBackend {
         self.adam_m.copy_from_slice(&s.adam_m);
         self.adam_v.copy_from_slice(&s.adam_v);
         self.center.copy_from_slice(&s.center);
+        if let Some(ib) = self.ibot.as_mut() {
+            ensure!(
+                s.patch_center.len() == k,
+                "state: patch_center has {} values, iBOT needs {k}",
+                s.patch_center.len()
+            );
+            ib.center.copy_from_slice(&s.patch_center);
+        }
         self.adam_step = s.adam_step;
         Ok(())
     }
@@ -614,6 +643,10 @@ impl Backend for CpuBackend {
             adam_m: self.adam_m.clone(),
             adam_v: self.adam_v.clone(),
             center: self.center.clone(),
+            patch_center: self
+                .ibot
+                .as_ref()
+                .map_or_else(Vec::new, |ib| ib.center.clone()),
             adam_step: self.adam_step,
         })
     }
@@ -629,6 +662,9 @@ impl Backend for CpuBackend {
         self.tick(5, &mut t);
         self.update(hp);
         std::mem::swap(&mut self.center, &mut self.next_center);
+        if let Some(ib) = self.ibot.as_mut() {
+            std::mem::swap(&mut ib.center, &mut ib.next_center);
+        }
         self.adam_step += 1;
         self.tick(6, &mut t);
         Ok(StepMetrics {
@@ -638,6 +674,9 @@ impl Backend for CpuBackend {
             max_mass: rep.max_mass,
             kl: rep.kl,
             grad_norm: grad_norm as f32,
+            cls_loss: rep.cls_loss,
+            mim_loss: rep.mim_loss,
+            patch_teacher_entropy: rep.patch_teacher_entropy,
         })
     }
 

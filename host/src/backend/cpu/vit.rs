@@ -77,6 +77,11 @@ pub struct Group {
     pub cls: Vec<f32>,
     pub cls_mean: Vec<f32>,
     pub cls_rstd: Vec<f32>,
+    /// Final LayerNorm of every token `[n, t, d]` and its statistics (iBOT: the head reads
+    /// patch tokens too); empty until [`Group::enable_all_tokens`].
+    pub norm_all: Vec<f32>,
+    pub norm_mean: Vec<f32>,
+    pub norm_rstd: Vec<f32>,
 }
 
 impl Group {
@@ -104,8 +109,32 @@ impl Group {
             cls: vec![0.0; cap * d],
             cls_mean: vec![0.0; cap],
             cls_rstd: vec![0.0; cap],
+            norm_all: Vec::new(),
+            norm_mean: Vec::new(),
+            norm_rstd: Vec::new(),
         }
     }
+
+    /// Images the group has room for.
+    pub fn cap(&self, d: usize) -> usize {
+        self.stream[0].len() / (self.t * d).max(1)
+    }
+
+    /// Makes room for the final LayerNorm of every token (see [`forward_ext`]).
+    pub fn enable_all_tokens(&mut self, d: usize) {
+        let rows = self.cap(d) * self.t;
+        self.norm_all = vec![0.0; rows * d];
+        self.norm_mean = vec![0.0; rows];
+        self.norm_rstd = vec![0.0; rows];
+    }
+}
+
+/// iBOT's additions to a forward: the 0/1 mask of the patch tokens `[n, np]` and the mask
+/// token `[d]` that replaces masked patch embeddings.
+#[derive(Clone, Copy)]
+pub struct PatchMask<'a> {
+    pub mask: &'a [f32],
+    pub token: &'a [f32],
 }
 
 /// Scratch of the backward pass, sized for the largest group.
@@ -174,6 +203,26 @@ pub fn forward(
     scales: Option<&[f32]>,
     save: bool,
 ) {
+    forward_ext(cx, p, g, images, n, scales, save, None, false);
+}
+
+/// [`forward`] with iBOT's options: `mask` substitutes the mask token for masked patch
+/// embeddings (before `[CLS]` and the position embedding are added, as core's
+/// `mask_tokens_forward`); `all_tokens` runs the last block on every token and the final
+/// LayerNorm into `g.norm_all` (the group must have [`Group::enable_all_tokens`]); `g.cls`
+/// gets the `[CLS]` rows either way.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_ext(
+    cx: &Cx,
+    p: &[f32],
+    g: &mut Group,
+    images: &[f32],
+    n: usize,
+    scales: Option<&[f32]>,
+    save: bool,
+    mask: Option<PatchMask<'_>>,
+    all_tokens: bool,
+) {
     let save = save && g.saved;
     let v = &cx.cfg.vit;
     let lay = &cx.lay;
@@ -214,17 +263,29 @@ pub fn forward(
         g.stream[0][..n * t * d]
             .par_chunks_mut(t * d)
             .zip(g.tmp[..n * np * d].par_chunks(np * d))
-            .for_each(|(x, pt)| {
+            .enumerate()
+            .for_each(|(b, (x, pt))| {
                 for k in 0..d {
                     x[k] = cls[k] + pos[k];
                 }
-                for ((xr, pr), posr) in x[d..]
+                for (j, ((xr, pr), posr)) in x[d..]
                     .chunks_exact_mut(d)
                     .zip(pt.chunks_exact(d))
                     .zip(pos[d..].chunks_exact(d))
+                    .enumerate()
                 {
-                    for k in 0..d {
-                        xr[k] = pr[k] + pb[k] + posr[k];
+                    match mask {
+                        // The token replaces the whole patch embedding, bias included.
+                        Some(m) if m.mask[b * np + j] != 0.0 => {
+                            for k in 0..d {
+                                xr[k] = m.token[k] + posr[k];
+                            }
+                        }
+                        _ => {
+                            for k in 0..d {
+                                xr[k] = pr[k] + pb[k] + posr[k];
+                            }
+                        }
                     }
                 }
             });
@@ -253,12 +314,32 @@ pub fn forward(
             sa,
             sm,
             save,
-            i + 1 == v.depth,
+            !all_tokens && i + 1 == v.depth,
         );
     }
 
-    // Final LayerNorm: the last block produced the [CLS] rows `[n, d]` only.
     let last = if save { v.depth } else { v.depth % 2 };
+    if all_tokens {
+        let r = n * t;
+        rows::layernorm_fwd(
+            &mut g.norm_all,
+            &mut g.norm_mean,
+            &mut g.norm_rstd,
+            &g.stream[last][..r * d],
+            &p[lay.norm_w..lay.norm_w + d],
+            &p[lay.norm_b..lay.norm_b + d],
+            r,
+            d,
+            cx.eps,
+        );
+        let na = &g.norm_all;
+        g.cls[..n * d]
+            .par_chunks_mut(d)
+            .enumerate()
+            .for_each(|(b, o)| o.copy_from_slice(&na[b * t * d..b * t * d + d]));
+        return;
+    }
+    // Final LayerNorm: the last block produced the [CLS] rows `[n, d]` only.
     rows::layernorm_fwd(
         &mut g.cls,
         &mut g.cls_mean,
@@ -414,15 +495,53 @@ pub fn backward(
     scales: Option<&[f32]>,
     bs: &mut BackScratch,
 ) {
+    backward_ext(cx, p, grads, g, dcls, n, scales, bs, None, false);
+}
+
+/// Backward of [`forward_ext`]: with `all_tokens`, `dy` is the gradient at every token's
+/// final-LayerNorm output `[n, t, d]` (else at the `[CLS]` rows `[n, d]`); with a mask, the
+/// masked rows' gradient goes to the mask token (at `mask_token` in the flat layout) instead
+/// of the patch embedding.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_ext(
+    cx: &Cx,
+    p: &[f32],
+    grads: &mut [f32],
+    g: &Group,
+    dy: &[f32],
+    n: usize,
+    scales: Option<&[f32]>,
+    bs: &mut BackScratch,
+    mask: Option<(&[f32], usize)>,
+    all_tokens: bool,
+) {
     debug_assert!(g.saved);
     let v = &cx.cfg.vit;
     let lay = &cx.lay;
     let (d, mh, kp, t, np) = (cx.d, cx.mh, cx.kp, g.t, g.np);
     let rows = n * t;
     let w = |off: usize, len: usize| &p[off..off + len];
+    let dcls = dy;
 
-    // Final LayerNorm: its input is the last block's `[CLS]` output, `stream[depth]` `[n, d]`.
-    {
+    if all_tokens {
+        bs.dx[..rows * d].fill(0.0);
+        let (gw, gb) = grads[lay.norm_w..lay.norm_w + 2 * d].split_at_mut(d);
+        rows::layernorm_bwd_add(
+            &mut bs.dx,
+            &mut bs.dtmp,
+            gw,
+            gb,
+            dy,
+            &g.stream[v.depth],
+            &g.norm_mean,
+            &g.norm_rstd,
+            w(lay.norm_w, d),
+            &mut bs.partials,
+            rows,
+            d,
+        );
+    } else {
+        // Final LayerNorm: its input is the last block's `[CLS]` output, `stream[depth]` `[n, d]`.
         bs.dx[..n * d].fill(0.0);
         let (gw, gb) = grads[lay.norm_w..lay.norm_w + 2 * d].split_at_mut(d);
         rows::layernorm_bwd_add(
@@ -447,7 +566,7 @@ pub fn backward(
         let x_in = &g.stream[i];
         let (sa, sm) = branch_scales(scales, i, n);
         // The last block works on the `[CLS]` rows until the attention (see `block_forward`).
-        let cls_only = i + 1 == v.depth;
+        let cls_only = !all_tokens && i + 1 == v.depth;
         let (r, per) = if cls_only { (n, d) } else { (rows, t * d) };
 
         // MLP branch.
@@ -667,6 +786,18 @@ pub fn backward(
         .par_chunks_mut(np * d)
         .enumerate()
         .for_each(|(b, o)| o.copy_from_slice(&dx[b * t * d + d..(b + 1) * t * d]));
+    if let Some((m, tok)) = mask {
+        // In row order, so the sum is deterministic.
+        let dtok = &mut grads[tok..tok + d];
+        for (row, &mi) in bs.dtmp[..n * np * d].chunks_exact_mut(d).zip(&m[..n * np]) {
+            if mi != 0.0 {
+                for (a, x) in dtok.iter_mut().zip(row.iter_mut()) {
+                    *a += *x;
+                    *x = 0.0;
+                }
+            }
+        }
+    }
     rows::colsum_add(
         &mut grads[lay.patch_b..lay.patch_b + d],
         &bs.dtmp,

@@ -105,6 +105,7 @@ pub fn hyper(i: usize, seed: u64) -> StepHyper {
         freeze_last_layer: i == 0,
         clip_grad: 3.0,
         seed: seed.wrapping_add(i as u64),
+        patch_teacher_temp: 0.04,
     }
 }
 

@@ -40,12 +40,20 @@ pub const NOT_BUILT: &str = "this dinovmf was built without CUDA support: rebuil
     `cargo build --release --features cuda` (needs the NVIDIA driver's libcuda at run time), or \
     use `--device cpu`";
 
+/// What `--method ibot` gets on the CUDA backend (its kernels are not written yet).
+pub const IBOT_NOT_YET: &str = "--method ibot runs on the CPU backend only for now (the CUDA \
+    backend has no kernels for masking, the patch head and the patch loss yet): use \
+    `--device cpu`";
+
 /// Environment variable that makes `--device cuda` run the CUDA backend on the host simulator
 /// of the kernels (builds with `gpu-sim`): the whole trainer path without a GPU, for tests.
 pub const SIM_ENV: &str = "DINOVMF_CUDA_SIM";
 
 /// The CUDA backend for a run on device 0, or why there is none.
 pub fn open(cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
+    if cfg.method == crate::train::Method::Ibot {
+        anyhow::bail!(IBOT_NOT_YET);
+    }
     #[cfg(feature = "gpu-sim")]
     if std::env::var_os(SIM_ENV).is_some_and(|v| v == "1") {
         return on(sim::SimDevice::new(), cfg);

@@ -199,6 +199,7 @@ impl<D: Device> GpuBackend<D> {
         reducer: Box<dyn GradReducer>,
     ) -> Result<Self> {
         shapes.validate(&model, &loss)?;
+        anyhow::ensure!(!model.ibot.mask_token, super::IBOT_NOT_YET);
         let mut gpu = Gpu::new(dev);
         gpu.dev.bind()?;
         let cx = Cx::new(&model);
@@ -813,6 +814,7 @@ impl<D: Device> Backend for GpuBackend<D> {
             adam_m: self.gpu.to_vec(self.adam_m)?,
             adam_v: self.gpu.to_vec(self.adam_v)?,
             center: self.gpu.to_vec(self.center)?,
+            patch_center: Vec::new(),
             adam_step: self.adam_step,
         })
     }
@@ -838,6 +840,9 @@ impl<D: Device> Backend for GpuBackend<D> {
             max_mass: m[M_MAX_MASS],
             kl: loss - m[M_ROW_ENT],
             grad_norm: (m[M_GRAD_SQ] as f64).sqrt() as f32,
+            cls_loss: loss,
+            mim_loss: 0.0,
+            patch_teacher_entropy: 0.0,
         })
     }
 
