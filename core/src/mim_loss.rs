@@ -136,6 +136,7 @@ fn check<T>(
 }
 
 /// `mu[k, p]` unit rows of `v`, `vnorm[k]` their norms; `r[k]` the radii.
+#[allow(clippy::too_many_arguments)]
 fn prototypes<T: crate::Real>(
     mu: &mut [T],
     vnorm: &mut [T],

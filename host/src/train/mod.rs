@@ -267,15 +267,16 @@ impl CollapseWatch {
         if step < steps_per_epoch {
             return None;
         }
+        // The [CLS] loss: iBOT's total adds L_mim, which has its own scale.
         if !self.warned_uniform
-            && (m.loss > 0.98 * self.ln_k || m.teacher_entropy > 0.98 * self.ln_k)
+            && (m.cls_loss > 0.98 * self.ln_k || m.teacher_entropy > 0.98 * self.ln_k)
         {
             self.warned_uniform = true;
             return Some(format!(
                 "warning: step {step}: loss {:.3} / teacher entropy {:.3} near ln K = {:.3}: the teacher is \
                  close to uniform (collapse to the uniform solution: sharpening loses to centering). \
                  Hint: lower --teacher-temp (sharper targets), or use fewer --prototypes.",
-                m.loss, m.teacher_entropy, self.ln_k
+                m.cls_loss, m.teacher_entropy, self.ln_k
             ));
         }
         if !self.warned_single && m.max_mass > 0.5 {
