@@ -63,11 +63,11 @@ fn mask_tokens_forward_backward_match_core_exactly() {
         let mut dx64 = to_f64(&dx0);
         ops::mask_tokens_backward(&mut dx64, &mut w64, &to_f64(&mask), n, d);
         assert_close(
-            "mask_tokens_backward dtoken (f64, rtol 1e-5)",
+            "mask_tokens_backward dtoken (f64, rtol 1e-5, atol 5e-5: a sum of up to 300 rows)",
             &dtok,
             &w64,
             1e-5,
-            1e-5,
+            5e-5,
         );
     }
 }

@@ -48,7 +48,8 @@ pub(super) fn ibot<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         let (mut wg, mut wt) = (f64s(&g0), f64s(&tok0));
         ops::mask_tokens_backward(&mut wg, &mut wt, &f64s(&mask), n, d);
         wg.extend(wt);
-        v.check("mask_tokens_backward", size, &got, &wg, 1e-5, 1e-5);
+        // The token's gradient is an f32 sum of up to 300 rows of magnitude 1.
+        v.check("mask_tokens_backward", size, &got, &wg, 1e-5, 5e-5);
     }
 
     for (src_rows, n, d) in [(1, 1, 1), (10, 7, 5), (50, 80, 33), (200, 130, 300)] {
