@@ -13,6 +13,7 @@
 #   cd target/gpu-check && nvidia-smi -L && ./dinovmf verify-kernels \
 #     && ./dinovmf verify-kernels --skip-kernels --compare-cpu --steps 5 \
 #     && ./dinovmf verify-kernels --skip-kernels --compare-cpu --steps 3 --preset small32 --loss dino \
+#     && ./dinovmf verify-kernels --skip-kernels --compare-cpu --steps 3 --method ibot --loss vmf \
 #     && ./dinovmf train --device cuda --preset tiny --out "$OUT/tiny" -q \
 #     && ./dinovmf train --device cuda --preset small32 --max-steps 200 --no-eval --out "$OUT/small32" -q
 #
@@ -40,6 +41,7 @@ On the GPU machine (run tool, carry ["target/gpu-check"]):
   cd target/gpu-check && nvidia-smi -L && ./dinovmf verify-kernels \\
     && ./dinovmf verify-kernels --skip-kernels --compare-cpu --steps 5 \\
     && ./dinovmf verify-kernels --skip-kernels --compare-cpu --steps 3 --preset small32 --loss dino \\
+    && ./dinovmf verify-kernels --skip-kernels --compare-cpu --steps 3 --method ibot --loss vmf \\
     && ./dinovmf train --device cuda --preset tiny --out "\$OUT/tiny" -q \\
     && ./dinovmf train --device cuda --preset small32 --max-steps 200 --no-eval --out "\$OUT/small32" -q
 MSG

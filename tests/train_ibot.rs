@@ -138,14 +138,13 @@ fn configs_written_before_ibot_read_back_as_dino() {
 #[test]
 fn ibot_refusals_are_clear() {
     let cfg = tiny(Method::Ibot, LossKind::Dino);
+    // The CUDA backend runs iBOT (host/tests/gpu_sim.rs); without a GPU (or CUDA in the build)
+    // the error is about the device, never a refusal of the method.
     let e = format!(
         "{:#}",
         train::open_backend(&cfg, Device::Cuda).err().unwrap()
     );
-    assert!(
-        e.contains("--method ibot") && e.contains("--device cpu"),
-        "{e}"
-    );
+    assert!(!e.contains("--method ibot"), "{e}");
     let mut bad = cfg.clone();
     bad.ibot.mask_ratio = (0.6, 0.2);
     let e = format!("{:#}", bad.validate().unwrap_err());

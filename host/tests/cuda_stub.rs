@@ -59,4 +59,25 @@ fn the_simulator_runs_in_the_cuda_build() {
         text.contains("compare-cpu") && text.contains("grads (step 1)"),
         "{text}"
     );
+    // The iBOT step too (what scripts/gpu-check.sh runs on a GPU).
+    let (ok, text) = run(&[
+        "verify-kernels",
+        "--sim",
+        "--compare-cpu",
+        "--skip-kernels",
+        "--method",
+        "ibot",
+        "--loss",
+        "vmf",
+        "--steps",
+        "2",
+    ]);
+    assert!(
+        ok,
+        "verify-kernels --compare-cpu --method ibot failed:\n{text}"
+    );
+    assert!(
+        text.contains("method Ibot") && text.contains("patch_center"),
+        "{text}"
+    );
 }

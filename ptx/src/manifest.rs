@@ -8,7 +8,7 @@
 //! every buffer must hold fewer than 2^32 elements.
 use crate::kernels::gemm::GEMM_BLOCK;
 #[allow(unused_imports)]
-use crate::kernels::{elementwise, gemm, head, optim, reduce, rows, tokens};
+use crate::kernels::{elementwise, gemm, head, ibot, optim, reduce, rows, tokens};
 use crate::kernels::{EW_BLOCK, ROW_BLOCK, SMEM_GEMM_WORDS, SMEM_SMALL_WORDS, WIDE_BLOCK};
 #[allow(unused_imports)]
 use crate::H16;
@@ -347,6 +347,24 @@ kernels! { OTHER_KERNELS, other_entries, other_sim;
     /// `c <- m c + (1 - m) stat`.
     center_update [EW_BLOCK, None, "ceil(k/256)"] (center: *mut f32, stat: *const f32, momentum: f32, k: u32) |b| {
         head::center_update(b, sl_mut(center, k), sl(stat, k), momentum, k as usize)
+    }
+    /// iBOT mask-token substitution in place on patch embeddings `x[n, d]` (0/1 `mask[n]`).
+    mask_tokens_forward [EW_BLOCK, None, "ceil(n*d/256)"] (x: *mut f32, mask: *const f32, token: *const f32, n: u32, d: u32) |b| {
+        ibot::mask_tokens_forward(b, sl_mut(x, n * d), sl(mask, n), sl(token, d), n as usize, d as usize)
+    }
+    /// Its backward: `dtoken += Σ_i m_i dx_i`, `dx_i *= 1 - m_i`; one thread per column.
+    mask_tokens_backward [EW_BLOCK, None, "ceil(d/256)"] (dx: *mut f32, dtoken: *mut f32, mask: *const f32, n: u32, d: u32) |b| {
+        ibot::mask_tokens_backward(b, sl_mut(dx, n * d), sl_mut(dtoken, d), sl(mask, n), n as usize, d as usize)
+    }
+    /// `out[i] = src[idx[i]]` (rows of `d`), zeros where `idx[i] >= src_rows`.
+    gather_rows [EW_BLOCK, None, "ceil(n*d/256)"] (out: *mut f32, src: *const f32, idx: *const u64, n: u32, d: u32, src_rows: u32) |b| {
+        ibot::gather_rows(b, sl_mut(out, n * d), sl(src, src_rows * d), sl(idx, n), n as usize, d as usize, src_rows as usize)
+    }
+    /// iBOT patch loss: weighted cross-entropy + gradient over `m` gathered student rows
+    /// (targets `p_t[tgt[i]]`, weights `w[i]`); `dots` overwritten with `dL/d dots`, `dr +=`
+    /// (optional), `loss_part[ceil(k/256)]`.
+    xent_masked [EW_BLOCK, Small, "ceil(k/256)"] (dots: *mut f32, dr: *mut f32, loss_part: *mut f32, lse: *const f32, p_t: *const f32, tgt: *const u64, w: *const f32, scale: *const f32, bias: *const f32, dbias_dr: *const f32, tau: f32, grad_scale: f32, m: u32, k: u32, t_rows: u32) |b| {
+        ibot::xent_masked(b, sl_mut(dots, m * k), opt_mut(dr, k), sl_mut(loss_part, k.div_ceil(EW_BLOCK)), sl(lse, m), sl(p_t, t_rows * k), sl(tgt, m), sl(w, m), sl(scale, k), sl(bias, k), sl(dbias_dr, k), tau, grad_scale, m as usize, k as usize)
     }
     /// AdamW step over one parameter group (`core::optim::adamw_step`).
     adamw [EW_BLOCK, None, "ceil(n/256)"] (p: *mut f32, g: *const f32, m: *mut f32, v: *mut f32, n: u32, lr: f64, weight_decay: f64, beta1: f64, beta2: f64, eps: f64, step: u64) |b| {

@@ -5,7 +5,7 @@
 use anyhow::Result;
 use clap::Args;
 
-use crate::train::{LossKind, TrainConfig};
+use crate::train::{LossKind, Method, TrainConfig};
 
 #[derive(Args, Debug, Clone)]
 pub struct VerifyArgs {
@@ -23,6 +23,10 @@ pub struct VerifyArgs {
     pub preset: String,
     #[arg(long, value_enum, default_value = "vmf")]
     pub loss: LossKind,
+    /// The comparison's method: `ibot` compares the iBOT step (masks, patch head and loss,
+    /// patch center) with the CPU's.
+    #[arg(long, value_enum, default_value = "dino")]
+    pub method: Method,
     /// Training steps of the comparison.
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
@@ -36,7 +40,7 @@ pub const COMPARE_LOSS_RTOL: f64 = 1e-3;
 pub const COMPARE_L2_RTOL: f64 = 1e-3;
 
 pub fn run(args: &VerifyArgs) -> Result<()> {
-    let cfg = TrainConfig::preset(&args.preset, args.loss)?;
+    let cfg = TrainConfig::preset_for(&args.preset, args.method, args.loss)?;
     cfg.validate()?;
     imp::run(args, &cfg)
 }
@@ -52,12 +56,12 @@ mod imp {
 #[cfg(feature = "gpu-sim")]
 mod imp {
     use super::*;
-    use crate::backend::cuda::compare::{compare_with_cpu, print_comparison, Comparison};
+    use crate::backend::cuda::compare::{compare_with_cpu_ext, print_comparison, Comparison};
     use crate::backend::cuda::device::{Device, Gpu};
     use crate::backend::cuda::sim::SimDevice;
     use crate::backend::cuda::verify;
     use crate::train::state::step_shapes;
-    use crate::train::state::{loss_config, model_config};
+    use crate::train::state::{ibot_config, loss_config, model_config};
     use anyhow::{bail, Context};
     use std::io::Write;
 
@@ -111,10 +115,11 @@ mod imp {
     }
 
     fn compare<D: Device>(dev: D, args: &VerifyArgs, cfg: &TrainConfig) -> Result<Comparison> {
-        compare_with_cpu(
+        compare_with_cpu_ext(
             dev,
             model_config(cfg),
             loss_config(cfg),
+            (cfg.method == Method::Ibot).then(|| ibot_config(cfg)),
             step_shapes(cfg),
             args.steps,
             args.seed,
@@ -163,8 +168,8 @@ mod imp {
         if args.compare_cpu {
             writeln!(
                 out,
-                "\ncompare-cpu: preset {} | loss {:?} | {} steps | batch {} | {} local crops",
-                cfg.preset, cfg.loss, args.steps, cfg.batch_size, cfg.n_local
+                "\ncompare-cpu: preset {} | method {:?} | loss {:?} | {} steps | batch {} | {} local crops",
+                cfg.preset, cfg.method, cfg.loss, args.steps, cfg.batch_size, cfg.n_local
             )?;
             let c = match open()? {
                 AnyDevice::Sim(d) => compare(d, args, cfg),

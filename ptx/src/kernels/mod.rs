@@ -3,6 +3,7 @@
 pub mod elementwise;
 pub mod gemm;
 pub mod head;
+pub mod ibot;
 pub mod optim;
 pub mod reduce;
 pub mod rows;

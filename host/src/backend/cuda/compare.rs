@@ -6,7 +6,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use dinovmf_core::loss::LossConfig;
-use dinovmf_core::model::ModelConfig;
+use dinovmf_core::mim_loss::IbotConfig;
+use dinovmf_core::model::{for_each_param, ModelConfig};
 
 use super::device::Device;
 use super::step::GpuBackend;
@@ -67,8 +68,12 @@ pub struct Comparison {
     pub steps: Vec<StepPair>,
     /// The first step's (clipped) gradients.
     pub grads: Diff,
-    /// student, teacher, adam_m, adam_v, center after the last step.
+    /// student, teacher, adam_m, adam_v, center (and patch_center for iBOT) after the last
+    /// step.
     pub state: Vec<Diff>,
+    /// Per parameter tensor: the first step's gradient (`grad <name>`) and the student after the
+    /// last step (`student <name>`).
+    pub tensors: Vec<Diff>,
 }
 
 /// A random initial state (DINO initialisation, teacher = student, zero moments).
@@ -118,20 +123,40 @@ pub fn compare_with_cpu<D: Device>(
     steps: usize,
     seed: u64,
 ) -> Result<Comparison> {
+    compare_with_cpu_ext(dev, model, loss, None, shapes, steps, seed)
+}
+
+/// [`compare_with_cpu`] with iBOT on both backends when `ibot` is given (the model must have
+/// the mask token); the patch center joins the state compared.
+pub fn compare_with_cpu_ext<D: Device>(
+    dev: D,
+    model: ModelConfig,
+    loss: LossConfig,
+    ibot: Option<IbotConfig>,
+    shapes: StepShapes,
+    steps: usize,
+    seed: u64,
+) -> Result<Comparison> {
     let st = initial_state(&model, &loss, seed);
     let mut gpu = GpuBackend::new(dev, model, loss, shapes, Box::new(SingleProcess))?;
     let mut cpu = CpuBackend::new(model, loss, shapes, Box::new(SingleProcess))?;
+    if let Some(ib) = ibot {
+        gpu = gpu.with_ibot(ib)?;
+        cpu = cpu.with_ibot(ib)?;
+    }
     gpu.set_state(&st)?;
     cpu.set_state(&st)?;
     let mut pairs = Vec::new();
     let mut grads = None;
+    let mut step1 = (Vec::new(), Vec::new());
     for i in 0..steps {
         let batch = random_batch(&shapes, model.vit.in_chans, seed ^ (0xba7c4 + i as u64));
         let hp = hyper(i, seed);
         let c = cpu.train_step(&batch, &hp)?;
         let d = gpu.train_step(&batch, &hp)?;
         if i == 0 {
-            grads = Some(diff("grads (step 1)", &gpu.grads()?, cpu.grads()));
+            step1 = (gpu.grads()?, cpu.grads().to_vec());
+            grads = Some(diff("grads (step 1)", &step1.0, &step1.1));
         }
         pairs.push(StepPair {
             step: i + 1,
@@ -140,18 +165,32 @@ pub fn compare_with_cpu<D: Device>(
         });
     }
     let (a, b) = (gpu.state()?, cpu.state()?);
-    let state = vec![
+    let mut state = vec![
         diff("student", &a.student, &b.student),
         diff("teacher", &a.teacher, &b.teacher),
         diff("adam_m", &a.adam_m, &b.adam_m),
         diff("adam_v", &a.adam_v, &b.adam_v),
         diff("center", &a.center, &b.center),
     ];
+    if ibot.is_some() {
+        state.push(diff("patch_center", &a.patch_center, &b.patch_center));
+    }
+    let mut tensors = Vec::new();
+    for_each_param(&model, |p| {
+        let r = p.offset..p.offset + p.numel;
+        if step1.0.len() >= r.end && step1.1.len() >= r.end {
+            let name = format!("grad {}", p.name.as_str());
+            tensors.push(diff(&name, &step1.0[r.clone()], &step1.1[r.clone()]));
+        }
+        let name = format!("student {}", p.name.as_str());
+        tensors.push(diff(&name, &a.student[r.clone()], &b.student[r]));
+    });
     Ok(Comparison {
         device: gpu.name(),
         steps: pairs,
         grads: grads.unwrap_or_else(|| diff("grads", &[], &[])),
         state,
+        tensors,
     })
 }
 

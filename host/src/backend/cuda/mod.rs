@@ -40,20 +40,12 @@ pub const NOT_BUILT: &str = "this dinovmf was built without CUDA support: rebuil
     `cargo build --release --features cuda` (needs the NVIDIA driver's libcuda at run time), or \
     use `--device cpu`";
 
-/// What `--method ibot` gets on the CUDA backend (its kernels are not written yet).
-pub const IBOT_NOT_YET: &str = "--method ibot runs on the CPU backend only for now (the CUDA \
-    backend has no kernels for masking, the patch head and the patch loss yet): use \
-    `--device cpu`";
-
 /// Environment variable that makes `--device cuda` run the CUDA backend on the host simulator
 /// of the kernels (builds with `gpu-sim`): the whole trainer path without a GPU, for tests.
 pub const SIM_ENV: &str = "DINOVMF_CUDA_SIM";
 
 /// The CUDA backend for a run on device 0, or why there is none.
 pub fn open(cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
-    if cfg.method == crate::train::Method::Ibot {
-        anyhow::bail!(IBOT_NOT_YET);
-    }
     #[cfg(feature = "gpu-sim")]
     if std::env::var_os(SIM_ENV).is_some_and(|v| v == "1") {
         return on(sim::SimDevice::new(), cfg);
@@ -71,12 +63,16 @@ pub fn open(cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
 
 #[cfg(feature = "gpu-sim")]
 fn on<D: device::Device + 'static>(dev: D, cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
-    use crate::train::state::{loss_config, model_config, step_shapes};
-    Ok(Box::new(step::GpuBackend::new(
+    use crate::train::state::{ibot_config, loss_config, model_config, step_shapes};
+    let be = step::GpuBackend::new(
         dev,
         model_config(cfg),
         loss_config(cfg),
         step_shapes(cfg),
         Box::new(super::SingleProcess),
-    )?))
+    )?;
+    Ok(Box::new(match cfg.method {
+        crate::train::Method::Dino => be,
+        crate::train::Method::Ibot => be.with_ibot(ibot_config(cfg))?,
+    }))
 }

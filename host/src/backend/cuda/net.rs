@@ -74,9 +74,37 @@ pub struct Group {
     pub cls: Buf<f32>,
     cls_mean: Buf<f32>,
     cls_rstd: Buf<f32>,
+    /// Final LayerNorm of every token (iBOT), after [`Group::enable_all_tokens`].
+    pub all: Option<AllTokens>,
+}
+
+/// Every token's final-LayerNorm output `norm[cap, t, d]` and its statistics.
+#[derive(Clone, Copy)]
+pub struct AllTokens {
+    pub norm: Buf<f32>,
+    mean: Buf<f32>,
+    rstd: Buf<f32>,
+}
+
+/// iBOT's mask-token substitution of one forward: 0/1 `mask[n, np]` and the token `[d]`.
+#[derive(Clone, Copy)]
+pub struct PatchMask {
+    pub mask: Buf<f32>,
+    pub token: Buf<f32>,
 }
 
 impl Group {
+    /// Keeps the final LayerNorm of every token (iBOT's head runs on patch tokens).
+    pub fn enable_all_tokens<D: Device>(&mut self, gpu: &mut Gpu<D>, cx: &Cx) -> Result<()> {
+        let rows = self.cap * self.t;
+        self.all = Some(AllTokens {
+            norm: gpu.alloc(rows * cx.d)?,
+            mean: gpu.alloc(rows)?,
+            rstd: gpu.alloc(rows)?,
+        });
+        Ok(())
+    }
+
     pub fn new<D: Device>(
         gpu: &mut Gpu<D>,
         cx: &Cx,
@@ -117,6 +145,7 @@ impl Group {
             cls: gpu.alloc(cap * d)?,
             cls_mean: gpu.alloc(cap)?,
             cls_rstd: gpu.alloc(cap)?,
+            all: None,
         })
     }
 }
@@ -336,6 +365,26 @@ pub fn vit_forward<D: Device>(
     save: bool,
     one: Buf<f32>,
 ) -> Result<()> {
+    vit_forward_ext(gpu, cx, p, g, n, masks, save, one, None, false)
+}
+
+/// [`vit_forward`] with iBOT's options: `patch_mask` replaces masked patch embeddings (bias
+/// included) by the mask token before `[CLS]` and the position embedding are added;
+/// `all_tokens` runs the final LayerNorm on every token into `g.all` (the group must have
+/// [`Group::enable_all_tokens`]), `g.cls` still getting the `[CLS]` rows.
+#[allow(clippy::too_many_arguments)]
+pub fn vit_forward_ext<D: Device>(
+    gpu: &mut Gpu<D>,
+    cx: &Cx,
+    p: Buf<f32>,
+    g: &Group,
+    n: usize,
+    masks: Option<Masks>,
+    save: bool,
+    one: Buf<f32>,
+    patch_mask: Option<PatchMask>,
+    all_tokens: bool,
+) -> Result<()> {
     let save = save && g.saved;
     let v = &cx.cfg.vit;
     let lay = &cx.lay;
@@ -362,6 +411,18 @@ pub fn vit_forward<D: Device>(
         kp,
         d,
     )?;
+    if let Some(pm) = patch_mask {
+        gpu.launch(
+            "mask_tokens_forward",
+            &[
+                g.tmp.into(),
+                pm.mask.into(),
+                pm.token.into(),
+                u(n * np),
+                u(d),
+            ],
+        )?;
+    }
     let g0 = v.grid();
     if g0 == g.grid {
         gpu.copy(g.pos, p.sub(lay.pos, t * d))?;
@@ -413,6 +474,23 @@ pub fn vit_forward<D: Device>(
         )?;
     }
     let last = if save { v.depth } else { v.depth % 2 };
+    if all_tokens {
+        let a = g
+            .all
+            .ok_or_else(|| anyhow::anyhow!("group has no all-token buffers"))?;
+        gpu.layernorm_forward(
+            a.norm,
+            a.mean,
+            a.rstd,
+            g.stream[last].sub(0, n * t * d),
+            p.sub(lay.norm_w, d),
+            p.sub(lay.norm_b, d),
+            n * t,
+            d,
+            cx.eps,
+        )?;
+        return gpu.copy_rows(g.cls, d, a.norm, t * d, n, d, one);
+    }
     gpu.copy_rows(g.cls_in, d, g.stream[last], t * d, n, d, one)?;
     gpu.layernorm_forward(
         g.cls,
@@ -526,6 +604,29 @@ pub fn vit_backward<D: Device>(
     bs: &BackScratch,
     one: Buf<f32>,
 ) -> Result<()> {
+    vit_backward_ext(gpu, cx, p, grads, g, dcls, n, masks, bs, one, None, false)
+}
+
+/// Backward of [`vit_forward_ext`]: with `all_tokens`, `dy[n, t, d]` is the gradient at every
+/// token's final-LayerNorm output (else `[n, d]` at `[CLS]`); `patch_mask` gives the forward's
+/// mask and the mask token's offset in `grads` (its gradient accumulates there, and masked
+/// rows send nothing to the patch embedding).
+#[allow(clippy::too_many_arguments)]
+pub fn vit_backward_ext<D: Device>(
+    gpu: &mut Gpu<D>,
+    cx: &Cx,
+    p: Buf<f32>,
+    grads: Buf<f32>,
+    g: &Group,
+    dy: Buf<f32>,
+    n: usize,
+    masks: Option<Masks>,
+    bs: &BackScratch,
+    one: Buf<f32>,
+    patch_mask: Option<(Buf<f32>, usize)>,
+    all_tokens: bool,
+) -> Result<()> {
+    let dcls = dy;
     let v = &cx.cfg.vit;
     let lay = &cx.lay;
     let (d, mh, kp, t, np) = (cx.d, cx.mh, cx.kp, g.t, g.np);
@@ -534,22 +635,41 @@ pub fn vit_backward<D: Device>(
     let gr = |off: usize, len: usize| grads.sub(off, len);
     let dx = bs.dx.sub(0, rows * d);
 
-    // Final LayerNorm ([CLS] rows), scattered into the stream gradient.
-    let dxc = bs.dln.sub(0, n * d);
-    gpu.layernorm_backward(
-        dxc,
-        gr(lay.norm_w, d),
-        gr(lay.norm_b, d),
-        dcls,
-        g.cls_in.sub(0, n * d),
-        g.cls_mean,
-        g.cls_rstd,
-        w(lay.norm_w, d),
-        n,
-        d,
-    )?;
-    gpu.fill(dx, 0.0)?;
-    gpu.copy_rows(dx, t * d, dxc, d, n, d, one)?;
+    if all_tokens {
+        // Final LayerNorm of every token; its input is the last block's saved output.
+        let a = g
+            .all
+            .ok_or_else(|| anyhow::anyhow!("group has no all-token buffers"))?;
+        gpu.layernorm_backward(
+            dx,
+            gr(lay.norm_w, d),
+            gr(lay.norm_b, d),
+            dy.sub(0, rows * d),
+            g.stream[v.depth].sub(0, rows * d),
+            a.mean,
+            a.rstd,
+            w(lay.norm_w, d),
+            rows,
+            d,
+        )?;
+    } else {
+        // Final LayerNorm ([CLS] rows), scattered into the stream gradient.
+        let dxc = bs.dln.sub(0, n * d);
+        gpu.layernorm_backward(
+            dxc,
+            gr(lay.norm_w, d),
+            gr(lay.norm_b, d),
+            dcls,
+            g.cls_in.sub(0, n * d),
+            g.cls_mean,
+            g.cls_rstd,
+            w(lay.norm_w, d),
+            n,
+            d,
+        )?;
+        gpu.fill(dx, 0.0)?;
+        gpu.copy_rows(dx, t * d, dxc, d, n, d, one)?;
+    }
 
     for i in (0..v.depth).rev() {
         let o = lay.block(i);
@@ -655,6 +775,18 @@ pub fn vit_backward<D: Device>(
         "tokens_backward_patch",
         &[dpatch.into(), dx.into(), u(n), u(np), u(d)],
     )?;
+    if let Some((mask, tok)) = patch_mask {
+        gpu.launch(
+            "mask_tokens_backward",
+            &[
+                dpatch.into(),
+                gr(tok, d).into(),
+                mask.into(),
+                u(n * np),
+                u(d),
+            ],
+        )?;
+    }
     gpu.column_sum(gr(lay.patch_b, d), dpatch, n * np, d, true)?;
     gpu.matmul_tn_acc(
         gr(lay.patch_w, d * kp),

@@ -28,6 +28,8 @@ use crate::backend::cpu::{draw_drop_masks, StepShapes};
 use crate::backend::{Backend, GradReducer, Net, StepHyper, StepMetrics, TrainState};
 use crate::data::Batch;
 
+mod ibot;
+
 /// Images per forward in [`Backend::embed`].
 const EMBED_CHUNK: usize = 64;
 
@@ -37,6 +39,9 @@ const M_GRAD_SQ: usize = 1;
 const M_ROW_ENT: usize = 2;
 const M_MEAN_ENT: usize = 3;
 const M_MAX_MASS: usize = 4;
+/// iBOT: L_mim (unweighted) and the mean entropy of the teacher's patch targets.
+const M_MIM: usize = 5;
+const M_PATCH_ENT: usize = 6;
 const M_LEN: usize = 8;
 
 /// A contiguous range of parameters updated with one AdamW launch.
@@ -188,6 +193,8 @@ pub struct GpuBackend<D: Device> {
     mask_l_host: Vec<f32>,
     one: Buf<f32>,
     embed_group: Option<Group>,
+    /// iBOT's buffers and patch center (see [`GpuBackend::with_ibot`]); `None` for DINO.
+    ibot: Option<ibot::IbotGpu>,
 }
 
 impl<D: Device> GpuBackend<D> {
@@ -199,7 +206,6 @@ impl<D: Device> GpuBackend<D> {
         reducer: Box<dyn GradReducer>,
     ) -> Result<Self> {
         shapes.validate(&model, &loss)?;
-        anyhow::ensure!(!model.ibot.mask_token, super::IBOT_NOT_YET);
         let mut gpu = Gpu::new(dev);
         gpu.dev.bind()?;
         let cx = Cx::new(&model);
@@ -299,6 +305,7 @@ impl<D: Device> GpuBackend<D> {
             mask_l_host: vec![0.0; depth * 2 * n_l],
             one,
             embed_group: None,
+            ibot: None,
             glob,
             loc,
             back,
@@ -365,16 +372,31 @@ impl<D: Device> GpuBackend<D> {
         tau: f32,
     ) -> Result<()> {
         let lay = self.cx.lay;
+        self.branch_at(params, lay.last_v, lay.last_g, mu, vn, terms, tau)
+    }
+
+    /// [`Self::branch`] of the prototype layer at offsets `v_off` (`[K, p]`), `g_off` (`[K]`).
+    #[allow(clippy::too_many_arguments)]
+    fn branch_at(
+        &mut self,
+        params: Buf<f32>,
+        v_off: usize,
+        g_off: usize,
+        mu: Buf<f32>,
+        vn: Buf<f32>,
+        terms: [Buf<f32>; 3],
+        tau: f32,
+    ) -> Result<()> {
         let (k, p) = (self.cx.cfg.head.out_dim, self.cx.cfg.head.bottleneck);
         let eps = NORMALIZE_EPS as f32;
         let cfg = self.loss_cfg;
         let gpu = &mut self.gpu;
-        gpu.l2norm_forward(mu, vn, params.sub(lay.last_v, k * p), k, p, eps)?;
+        gpu.l2norm_forward(mu, vn, params.sub(v_off, k * p), k, p, eps)?;
         let r = self.lb.r;
         if cfg.norm_last_layer {
             gpu.fill(r, 1.0)?;
         } else {
-            gpu.copy(r, params.sub(lay.last_g, k))?;
+            gpu.copy(r, params.sub(g_off, k))?;
         }
         gpu.launch(
             "branch_terms",
@@ -556,6 +578,9 @@ impl<D: Device> GpuBackend<D> {
             "teacher temperature must be positive, got {}",
             hp.teacher_temp
         );
+        if self.ibot.is_some() {
+            return self.compute_gradients_ibot(batch, hp);
+        }
         let cfg = self.cx.cfg;
         let cx = self.cx;
         let b = self.shapes.batch;
@@ -802,6 +827,14 @@ impl<D: Device> Backend for GpuBackend<D> {
         self.gpu.upload(self.adam_m, &s.adam_m)?;
         self.gpu.upload(self.adam_v, &s.adam_v)?;
         self.gpu.upload(self.center, &s.center)?;
+        if let Some(ib) = &self.ibot {
+            ensure!(
+                s.patch_center.len() == k,
+                "state: patch_center has {} values, iBOT needs {k}",
+                s.patch_center.len()
+            );
+            self.gpu.upload(ib.center, &s.patch_center)?;
+        }
         self.adam_step = s.adam_step;
         Ok(())
     }
@@ -814,7 +847,10 @@ impl<D: Device> Backend for GpuBackend<D> {
             adam_m: self.gpu.to_vec(self.adam_m)?,
             adam_v: self.gpu.to_vec(self.adam_v)?,
             center: self.gpu.to_vec(self.center)?,
-            patch_center: Vec::new(),
+            patch_center: match &self.ibot {
+                Some(ib) => self.gpu.to_vec(ib.center)?,
+                None => Vec::new(),
+            },
             adam_step: self.adam_step,
         })
     }
@@ -833,6 +869,9 @@ impl<D: Device> Backend for GpuBackend<D> {
         let mut m = [0.0f32; M_LEN];
         self.gpu.download(self.metrics, &mut m)?;
         let loss = m[M_LOSS];
+        if self.ibot.is_some() {
+            return Ok(self.ibot_metrics(&m, (m[M_GRAD_SQ] as f64).sqrt() as f32));
+        }
         Ok(StepMetrics {
             loss,
             teacher_entropy: m[M_ROW_ENT],

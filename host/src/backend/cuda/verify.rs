@@ -18,6 +18,8 @@ use dinovmf_core::vmf::BesselApprox;
 use super::device::{u32_of as u, Arg, Buf, Device, Elem, Gpu};
 use super::ops::{Gemm, Segments};
 
+mod ibot;
+
 /// One line of the report.
 #[derive(Clone, Debug)]
 pub struct Row {
@@ -188,6 +190,7 @@ pub fn run_all<D: Device>(gpu: &mut Gpu<D>, seed: u64) -> Vec<Row> {
         ("logits", logits),
         ("teacher", teacher),
         ("xent_columns", xent_columns),
+        ("ibot", ibot::ibot),
         ("optimiser", optimiser),
         ("reductions", reductions),
     ];

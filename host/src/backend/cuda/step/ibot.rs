@@ -1,0 +1,543 @@
+//! The iBOT step on a [`Device`], the CUDA counterpart of `backend/cpu/ibot.rs` (the gpu_sim
+//! tests hold the two to each other): masked student global crops, the head on `[CLS]` and on
+//! patch tokens, `L = L_cls + mim_weight L_mim`, and the backward through both.
+//!
+//! Row layouts of the head are the CPU backend's: the teacher's input is the `[CLS]` rows of the
+//! two global crops (`2B`) followed by every patch row (`2B np`, image-major); the student's is
+//! the `[CLS]` rows of every crop followed by the masked patch rows only (`M`, in row order).
+//! Masks come from core's generator on the host (the same seed as the CPU backend), so both
+//! backends see the same masks; the host also uploads the gather indices and row weights.
+use anyhow::{ensure, Context, Result};
+
+use dinovmf_core::centering::center_init;
+use dinovmf_core::logits::NORMALIZE_EPS;
+use dinovmf_core::masking::step_masks;
+use dinovmf_core::mim_loss::{mim_row_weight, IbotConfig};
+
+use super::{centering_code, GpuBackend, M_LOSS, M_MIM, M_PATCH_ENT};
+use crate::backend::cpu::draw_drop_masks;
+use crate::backend::cuda::device::{u32_of as u, Arg, Buf, Device};
+use crate::backend::cuda::net::{self, HeadBufs, Masks, PatchMask};
+use crate::backend::cuda::ops::Gemm;
+use crate::backend::{StepHyper, StepMetrics};
+use crate::data::Batch;
+
+/// Rows that receive nothing from a gather (see `gather_rows`).
+const NONE: u64 = u64::MAX;
+
+/// iBOT's buffers and state on the device.
+pub struct IbotGpu {
+    pub cfg: IbotConfig,
+    mask_host: Vec<f32>,
+    counts: Vec<usize>,
+    scratch: Vec<bool>,
+    idx_host: Vec<u64>,
+    tgt_host: Vec<u64>,
+    w_host: Vec<f32>,
+    inv_host: Vec<u64>,
+    /// 0/1 mask of the student's global patches `[2B, np]`.
+    mask: Buf<f32>,
+    /// Per masked row: its token row in `[2B, t]`, its teacher patch row, its weight.
+    idx: Buf<u64>,
+    tgt: Buf<u64>,
+    w: Buf<f32>,
+    /// Per global token row: its row in the student head's input, or [`NONE`].
+    inv: Buf<u64>,
+    /// Teacher head input rows from the token grid (constant).
+    idx_t: Buf<u64>,
+    x_t: Buf<f32>,
+    dnorm: Buf<f32>,
+    y_t: Buf<f32>,
+    zn_t: Buf<f32>,
+    dots_t: Buf<f32>,
+    p_t: Buf<f32>,
+    lse_raw: Buf<f32>,
+    ent: Buf<f32>,
+    stat: Buf<f32>,
+    y_s: Buf<f32>,
+    zn_s: Buf<f32>,
+    dots_s: Buf<f32>,
+    lse_part: Buf<f32>,
+    lse: Buf<f32>,
+    loss_part: Buf<f32>,
+    dy: Buf<f32>,
+    dv: Buf<f32>,
+    /// The patch center.
+    pub center: Buf<f32>,
+}
+
+impl<D: Device> GpuBackend<D> {
+    /// Turns this backend into an iBOT one (the model must have the mask token).
+    pub fn with_ibot(mut self, cfg: IbotConfig) -> Result<Self> {
+        let lay = self.cx.lay;
+        ensure!(
+            lay.mask_token.is_some(),
+            "iBOT needs a model with a mask token (backbone.masked_embed)"
+        );
+        let cx = self.cx;
+        let (d, k, p) = (cx.d, cx.cfg.head.out_dim, cx.cfg.head.bottleneck);
+        let b = self.shapes.batch;
+        let n_g = 2 * b;
+        let (t, np) = (self.glob.t, self.glob.np);
+        let rows_s = n_g + self.shapes.n_local * b;
+        let rows_t = n_g * np;
+        let cap_s = rows_s + rows_t;
+        let gpu = &mut self.gpu;
+        self.glob.enable_all_tokens(gpu, &cx)?;
+        self.head_s = HeadBufs::new(gpu, &cx, cap_s)?;
+        self.head_t = HeadBufs::new(gpu, &cx, n_g * t)?;
+        let hw = net::head_width(&cx);
+        self.cls_s = gpu.alloc(cap_s * d)?;
+        self.dcls_s = gpu.alloc(cap_s * d)?;
+        self.hs0 = gpu.alloc(cap_s * hw)?;
+        self.hs1 = gpu.alloc(cap_s * hw)?;
+        self.lb.dz = gpu.alloc(cap_s * p)?;
+        let mut idx_t: Vec<u64> = (0..n_g).map(|i| (i * t) as u64).collect();
+        for img in 0..n_g {
+            idx_t.extend((0..np).map(|j| (img * t + 1 + j) as u64));
+        }
+        let mut c0 = vec![0.0f32; k];
+        center_init(&mut c0, self.loss_cfg.centering);
+        let z = |n: usize| vec![0.0f32; n];
+        self.ibot = Some(IbotGpu {
+            cfg,
+            mask_host: z(rows_t),
+            counts: vec![0; n_g],
+            scratch: vec![false; np],
+            idx_host: Vec::with_capacity(rows_t),
+            tgt_host: Vec::with_capacity(rows_t),
+            w_host: Vec::with_capacity(rows_t),
+            inv_host: vec![NONE; n_g * t],
+            mask: gpu.alloc(rows_t)?,
+            idx: gpu.alloc(rows_t)?,
+            tgt: gpu.alloc(rows_t)?,
+            w: gpu.alloc(rows_t)?,
+            inv: gpu.alloc(n_g * t)?,
+            idx_t: gpu.alloc_from(&idx_t)?,
+            x_t: gpu.alloc(n_g * t * d)?,
+            dnorm: gpu.alloc(n_g * t * d)?,
+            y_t: gpu.alloc(rows_t * p)?,
+            zn_t: gpu.alloc(rows_t)?,
+            dots_t: gpu.alloc(rows_t * k)?,
+            p_t: gpu.alloc(rows_t * k)?,
+            lse_raw: gpu.alloc(rows_t)?,
+            ent: gpu.alloc(rows_t)?,
+            stat: gpu.alloc(k)?,
+            y_s: gpu.alloc(rows_t * p)?,
+            zn_s: gpu.alloc(rows_t)?,
+            dots_s: gpu.alloc(rows_t * k)?,
+            lse_part: gpu.alloc(rows_t * k.div_ceil(64) * 2)?,
+            lse: gpu.alloc(rows_t)?,
+            loss_part: gpu.alloc(k.div_ceil(256))?,
+            dy: gpu.alloc(rows_t * p)?,
+            dv: gpu.alloc(k * p)?,
+            center: gpu.alloc_from(&c0)?,
+        });
+        Ok(self)
+    }
+
+    /// The step's masks, drawn on the host exactly as the CPU backend draws them, and the
+    /// per-masked-row tables; returns `M`, the masked rows.
+    fn upload_masks(&mut self, ib: &mut IbotGpu, seed: u64) -> Result<usize> {
+        let b = self.shapes.batch;
+        let n_g = 2 * b;
+        let rows_s = n_g + self.shapes.n_local * b;
+        let (t, np, grid) = (self.glob.t, self.glob.np, self.glob.grid);
+        step_masks(
+            &mut ib.mask_host,
+            &mut ib.counts,
+            &mut ib.scratch,
+            2,
+            b,
+            grid,
+            grid,
+            &ib.cfg.mask,
+            seed,
+        );
+        ib.idx_host.clear();
+        ib.tgt_host.clear();
+        ib.w_host.clear();
+        ib.inv_host.fill(NONE);
+        for img in 0..n_g {
+            ib.inv_host[img * t] = img as u64;
+            let w = mim_row_weight(ib.counts[img], 2, b) as f32;
+            for j in 0..np {
+                let r = img * np + j;
+                if ib.mask_host[r] != 0.0 {
+                    let tok = img * t + 1 + j;
+                    ib.inv_host[tok] = (rows_s + ib.idx_host.len()) as u64;
+                    ib.idx_host.push(tok as u64);
+                    ib.tgt_host.push(r as u64);
+                    ib.w_host.push(w);
+                }
+            }
+        }
+        let m = ib.idx_host.len();
+        let gpu = &mut self.gpu;
+        gpu.upload(ib.mask, &ib.mask_host)?;
+        gpu.upload(ib.inv, &ib.inv_host)?;
+        if m > 0 {
+            gpu.upload(ib.idx.sub(0, m), &ib.idx_host)?;
+            gpu.upload(ib.tgt.sub(0, m), &ib.tgt_host)?;
+            gpu.upload(ib.w.sub(0, m), &ib.w_host)?;
+        }
+        Ok(m)
+    }
+
+    /// Forward and backward of an iBOT step up to the raw gradients.
+    pub(super) fn compute_gradients_ibot(&mut self, batch: &Batch, hp: &StepHyper) -> Result<()> {
+        ensure!(
+            hp.patch_teacher_temp.is_finite() && hp.patch_teacher_temp > 0.0,
+            "patch teacher temperature must be positive, got {}",
+            hp.patch_teacher_temp
+        );
+        let mut ib = self.ibot.take().context("iBOT buffers missing")?;
+        let res = self.ibot_step(&mut ib, batch, hp);
+        self.ibot = Some(ib);
+        res
+    }
+
+    fn ibot_step(&mut self, ib: &mut IbotGpu, batch: &Batch, hp: &StepHyper) -> Result<()> {
+        let cx = self.cx;
+        let cfg = cx.cfg;
+        let tok = cx.lay.mask_token.context("mask token missing")?;
+        let b = self.shapes.batch;
+        let (n_g, n_l) = (2 * b, self.shapes.n_local * b);
+        let rows_s = n_g + n_l;
+        let (d, t) = (cx.d, self.glob.t);
+        draw_drop_masks(
+            &cfg,
+            hp.seed,
+            n_g,
+            n_l,
+            &mut self.mask_g_host,
+            &mut self.mask_l_host,
+        );
+        let m = self.upload_masks(ib, hp.seed)?;
+        let gpu = &mut self.gpu;
+        gpu.upload(self.glob.img, &batch.global)?;
+        gpu.upload(self.mask_g, &self.mask_g_host)?;
+        if let Some(loc) = &self.loc {
+            gpu.upload(loc.img, &batch.local)?;
+            gpu.upload(self.mask_l, &self.mask_l_host)?;
+        }
+        let one = self.one;
+        let (mg, ml) = (Masks { buf: self.mask_g }, Masks { buf: self.mask_l });
+        let all = self.glob.all.context("all-token buffers missing")?;
+
+        // Teacher: unmasked global crops, every token through the head.
+        net::vit_forward_ext(
+            gpu,
+            &cx,
+            self.teacher,
+            &self.glob,
+            n_g,
+            None,
+            false,
+            one,
+            None,
+            true,
+        )?;
+        gather(gpu, ib.x_t, all.norm, ib.idx_t, n_g * t, d, n_g * t)?;
+        net::head_forward(gpu, &cx, self.teacher, &self.head_t, ib.x_t, n_g * t)?;
+
+        // Student: masked global crops (every token kept), local crops as DINO, then the masked
+        // patch rows after the `[CLS]` rows.
+        let pm = PatchMask {
+            mask: ib.mask,
+            token: self.student.sub(tok, d),
+        };
+        net::vit_forward_ext(
+            gpu,
+            &cx,
+            self.student,
+            &self.glob,
+            n_g,
+            Some(mg),
+            true,
+            one,
+            Some(pm),
+            true,
+        )?;
+        gpu.copy(self.cls_s.sub(0, n_g * d), self.glob.cls.sub(0, n_g * d))?;
+        if let Some(loc) = &self.loc {
+            net::vit_forward(gpu, &cx, self.student, loc, n_l, Some(ml), true, one)?;
+            gpu.copy(self.cls_s.sub(n_g * d, n_l * d), loc.cls.sub(0, n_l * d))?;
+        }
+        if m > 0 {
+            gather(
+                gpu,
+                self.cls_s.sub(rows_s * d, m * d),
+                all.norm,
+                ib.idx,
+                m,
+                d,
+                n_g * t,
+            )?;
+        }
+        let hs_rows = rows_s + m;
+        net::head_forward(gpu, &cx, self.student, &self.head_s, self.cls_s, hs_rows)?;
+
+        // Losses: [CLS] as DINO (writes the prototype gradients), then the patch loss (adds).
+        gpu.fill(self.grads, 0.0)?;
+        self.loss(hp.teacher_temp)?;
+        self.mim_loss(ib, hp.patch_teacher_temp, m)?;
+
+        let gpu = &mut self.gpu;
+        net::head_backward(
+            gpu,
+            &cx,
+            self.student,
+            self.grads,
+            &self.head_s,
+            self.cls_s,
+            self.lb.dz,
+            self.dcls_s,
+            hs_rows,
+            self.hs0,
+            self.hs1,
+        )?;
+        // The global crops' token gradients: `[CLS]` rows and masked patch rows, 0 elsewhere.
+        gather(gpu, ib.dnorm, self.dcls_s, ib.inv, n_g * t, d, hs_rows)?;
+        net::vit_backward_ext(
+            gpu,
+            &cx,
+            self.student,
+            self.grads,
+            &self.glob,
+            ib.dnorm,
+            n_g,
+            Some(mg),
+            &self.back,
+            one,
+            Some((ib.mask, tok)),
+            true,
+        )?;
+        if let Some(loc) = &self.loc {
+            net::vit_backward(
+                gpu,
+                &cx,
+                self.student,
+                self.grads,
+                loc,
+                self.dcls_s.sub(n_g * d, n_l * d),
+                n_l,
+                Some(ml),
+                &self.back,
+                one,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// L_mim: teacher targets at every patch with the previous patch center, its statistic and
+    /// the patch center update, the mean target entropy; with `m > 0` masked rows, the weighted
+    /// cross-entropy of the student at them, `dL/dz` into `lb.dz` after the `[CLS]` rows and
+    /// the patch prototypes' gradients ADDED into `grads` (all scaled by the MIM weight).
+    fn mim_loss(&mut self, ib: &IbotGpu, tau_t: f32, m: usize) -> Result<()> {
+        let cfg = self.loss_cfg;
+        let lay = self.cx.lay;
+        let (k, p) = (self.cx.cfg.head.out_dim, self.cx.cfg.head.bottleneck);
+        let b = self.shapes.batch;
+        let n_g = 2 * b;
+        let rows_s = n_g + self.shapes.n_local * b;
+        let rows_t = n_g * self.glob.np;
+        let tau_s = cfg.student_temp as f32;
+        let eps = NORMALIZE_EPS as f32;
+        let lb = &self.lb;
+        let (mu_t, vn_t, terms_t) = (lb.mu_t, lb.vn_t, [lb.scale_t, lb.bias_t, lb.dbias_t]);
+        let (mu_s, vn_s, terms_s) = (lb.mu_s, lb.vn_s, [lb.scale_s, lb.bias_s, lb.dbias_s]);
+        self.branch_at(
+            self.teacher,
+            lay.patch_v,
+            lay.patch_g,
+            mu_t,
+            vn_t,
+            terms_t,
+            tau_t,
+        )?;
+        self.branch_at(
+            self.student,
+            lay.patch_v,
+            lay.patch_g,
+            mu_s,
+            vn_s,
+            terms_s,
+            tau_s,
+        )?;
+        let lb = &self.lb;
+        let gpu = &mut self.gpu;
+        let cent = centering_code(cfg.centering);
+        let mt = self.metrics;
+
+        // Teacher: every patch row (after the 2B `[CLS]` rows of the head output).
+        let z_t = self.head_t.z().sub(n_g * p, rows_t * p);
+        gpu.l2norm_forward(ib.y_t, ib.zn_t, z_t, rows_t, p, eps)?;
+        gpu.gemm(
+            &Gemm::plain(false, true, rows_t, k, p),
+            ib.dots_t,
+            ib.y_t,
+            mu_t,
+            None,
+        )?;
+        gpu.launch(
+            "teacher_targets",
+            &[
+                ib.p_t.into(),
+                ib.lse_raw.into(),
+                ib.dots_t.into(),
+                lb.scale_t.into(),
+                lb.bias_t.into(),
+                ib.center.into(),
+                tau_t.into(),
+                cent.into(),
+                u(rows_t),
+                u(k),
+            ],
+        )?;
+        gpu.launch(
+            "teacher_stat",
+            &[
+                ib.stat.into(),
+                ib.dots_t.into(),
+                lb.scale_t.into(),
+                lb.bias_t.into(),
+                ib.lse_raw.into(),
+                tau_t.into(),
+                cent.into(),
+                u(rows_t),
+                u(k),
+            ],
+        )?;
+        gpu.launch(
+            "row_entropy",
+            &[ib.ent.into(), ib.p_t.into(), u(rows_t), u(k)],
+        )?;
+        gpu.reduce_final(
+            mt.sub(M_PATCH_ENT, 1),
+            ib.ent,
+            rows_t,
+            1,
+            0,
+            1.0 / rows_t as f32,
+        )?;
+        if m == 0 {
+            gpu.fill(mt.sub(M_MIM, 1), 0.0)?;
+        } else {
+            // Student at the masked rows.
+            let z_s = self.head_s.z().sub(rows_s * p, m * p);
+            gpu.l2norm_forward(ib.y_s, ib.zn_s, z_s, m, p, eps)?;
+            gpu.launch(
+                "gemm_logits_f32",
+                &[
+                    ib.dots_s.into(),
+                    ib.lse_part.into(),
+                    ib.y_s.into(),
+                    mu_s.into(),
+                    lb.scale_s.into(),
+                    lb.bias_s.into(),
+                    u(m),
+                    u(k),
+                    u(p),
+                ],
+            )?;
+            gpu.launch(
+                "lse_combine",
+                &[ib.lse.into(), ib.lse_part.into(), u(m), u(k.div_ceil(64))],
+            )?;
+            let dr = if cfg.norm_last_layer {
+                Arg::Null
+            } else {
+                self.grads.sub(lay.patch_g, k).into()
+            };
+            gpu.launch(
+                "xent_masked",
+                &[
+                    ib.dots_s.into(),
+                    dr,
+                    ib.loss_part.into(),
+                    ib.lse.into(),
+                    ib.p_t.into(),
+                    ib.tgt.into(),
+                    ib.w.into(),
+                    lb.scale_s.into(),
+                    lb.bias_s.into(),
+                    lb.dbias_s.into(),
+                    tau_s.into(),
+                    (ib.cfg.mim_weight as f32).into(),
+                    u(m),
+                    u(k),
+                    u(rows_t),
+                ],
+            )?;
+            gpu.reduce_final(mt.sub(M_MIM, 1), ib.loss_part, k.div_ceil(256), 1, 0, 1.0)?;
+            // dots_s now holds dL/d(dots).
+            gpu.matmul_nn(ib.dy, ib.dots_s, mu_s, m, p, k)?;
+            gpu.gemm(
+                &Gemm::plain(true, false, k, p, m),
+                lb.dmu,
+                ib.dots_s,
+                ib.y_s,
+                None,
+            )?;
+            gpu.l2norm_backward(
+                lb.dz.sub(rows_s * p, m * p),
+                ib.dy,
+                ib.y_s,
+                ib.zn_s,
+                m,
+                p,
+                eps,
+            )?;
+            gpu.l2norm_backward(ib.dv, lb.dmu, mu_s, vn_s, k, p, eps)?;
+            gpu.axpy(self.grads.sub(lay.patch_v, k * p), ib.dv, 1.0, k * p)?;
+        }
+        // The patch center moves after the targets used the old one.
+        gpu.launch(
+            "center_update",
+            &[
+                ib.center.into(),
+                ib.stat.into(),
+                (ib.cfg.patch_center_momentum as f32).into(),
+                u(k),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The metrics of an iBOT step from the downloaded metrics buffer.
+    pub(super) fn ibot_metrics(&self, m: &[f32], grad_norm: f32) -> StepMetrics {
+        let w = self
+            .ibot
+            .as_ref()
+            .map_or(1.0, |ib| ib.cfg.mim_weight as f32);
+        let (cls, mim) = (m[M_LOSS], m[M_MIM]);
+        StepMetrics {
+            loss: cls + w * mim,
+            teacher_entropy: m[super::M_ROW_ENT],
+            mean_entropy: m[super::M_MEAN_ENT],
+            max_mass: m[super::M_MAX_MASS],
+            kl: cls - m[super::M_ROW_ENT],
+            grad_norm,
+            cls_loss: cls,
+            mim_loss: mim,
+            patch_teacher_entropy: m[M_PATCH_ENT],
+        }
+    }
+}
+
+/// `out[i] = src[idx[i]]` for `n` rows of `d` (zeros where `idx[i] >= src_rows`).
+fn gather<D: Device>(
+    gpu: &mut crate::backend::cuda::device::Gpu<D>,
+    out: Buf<f32>,
+    src: Buf<f32>,
+    idx: Buf<u64>,
+    n: usize,
+    d: usize,
+    src_rows: usize,
+) -> Result<()> {
+    gpu.launch(
+        "gather_rows",
+        &[out.into(), src.into(), idx.into(), u(n), u(d), u(src_rows)],
+    )
+}
