@@ -328,6 +328,43 @@ impl<D: Device> Gpu<D> {
         )
     }
 
+    /// Logits `dots[n, k]` of the unit rows `y[n, p]` against the prototypes `mu[k, p]`
+    /// (`y . mu_k * scale_k + bias_k`), and each row's log-sum-exp assembled from the per-tile
+    /// partials `lse_part[n, ceil(k / 64)]`: the cross-entropy kernels read both.
+    #[allow(clippy::too_many_arguments)]
+    pub fn logits_with_lse(
+        &mut self,
+        dots: Buf<f32>,
+        lse_part: Buf<f32>,
+        lse: Buf<f32>,
+        y: Buf<f32>,
+        mu: Buf<f32>,
+        scale: Buf<f32>,
+        bias: Buf<f32>,
+        n: usize,
+        k: usize,
+        p: usize,
+    ) -> Result<()> {
+        self.launch(
+            "gemm_logits_f32",
+            &[
+                dots.into(),
+                lse_part.into(),
+                y.into(),
+                mu.into(),
+                scale.into(),
+                bias.into(),
+                u(n),
+                u(k),
+                u(p),
+            ],
+        )?;
+        self.launch(
+            "lse_combine",
+            &[lse.into(), lse_part.into(), u(n), u(k.div_ceil(64))],
+        )
+    }
+
     pub fn l2norm_forward(
         &mut self,
         y: Buf<f32>,

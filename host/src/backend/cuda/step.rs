@@ -496,23 +496,17 @@ impl<D: Device> GpuBackend<D> {
 
         // Student: logits with per-tile LSE, fused cross-entropy + gradient, backward GEMMs.
         gpu.l2norm_forward(lb.y_s, lb.zn_s, self.head_s.z(), ns, p, eps)?;
-        gpu.launch(
-            "gemm_logits_f32",
-            &[
-                lb.dots_s.into(),
-                lb.lse_part.into(),
-                lb.y_s.into(),
-                mu_s.into(),
-                lb.scale_s.into(),
-                lb.bias_s.into(),
-                u(ns),
-                u(k),
-                u(p),
-            ],
-        )?;
-        gpu.launch(
-            "lse_combine",
-            &[lb.lse.into(), lb.lse_part.into(), u(ns), u(k.div_ceil(64))],
+        gpu.logits_with_lse(
+            lb.dots_s,
+            lb.lse_part,
+            lb.lse,
+            lb.y_s,
+            mu_s,
+            lb.scale_s,
+            lb.bias_s,
+            ns,
+            k,
+            p,
         )?;
         let dr = if cfg.norm_last_layer {
             Arg::Null

@@ -427,23 +427,17 @@ impl<D: Device> GpuBackend<D> {
             // Student at the masked rows.
             let z_s = self.head_s.z().sub(rows_s * p, m * p);
             gpu.l2norm_forward(ib.y_s, ib.zn_s, z_s, m, p, eps)?;
-            gpu.launch(
-                "gemm_logits_f32",
-                &[
-                    ib.dots_s.into(),
-                    ib.lse_part.into(),
-                    ib.y_s.into(),
-                    mu_s.into(),
-                    lb.scale_s.into(),
-                    lb.bias_s.into(),
-                    u(m),
-                    u(k),
-                    u(p),
-                ],
-            )?;
-            gpu.launch(
-                "lse_combine",
-                &[ib.lse.into(), ib.lse_part.into(), u(m), u(k.div_ceil(64))],
+            gpu.logits_with_lse(
+                ib.dots_s,
+                ib.lse_part,
+                ib.lse,
+                ib.y_s,
+                mu_s,
+                lb.scale_s,
+                lb.bias_s,
+                m,
+                k,
+                p,
             )?;
             let dr = if cfg.norm_last_layer {
                 Arg::Null
