@@ -328,6 +328,56 @@ impl<D: Device> Gpu<D> {
         )
     }
 
+    /// Teacher targets of the unit rows `y[n, p]`: raw dots `y mu^T`, then `p_t` (centered with
+    /// `center` by `centering`, 0 logit / 1 probability) with its log-sum-exp, and the batch
+    /// statistic `stat[k]` the center update reads. The [CLS] and the iBOT patch teachers share it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn teacher_targets(
+        &mut self,
+        [p_t, lse_raw, dots, stat]: [Buf<f32>; 4],
+        y: Buf<f32>,
+        mu: Buf<f32>,
+        scale: Buf<f32>,
+        bias: Buf<f32>,
+        center: Buf<f32>,
+        tau_t: f32,
+        centering: u32,
+        n: usize,
+        k: usize,
+        p: usize,
+    ) -> Result<()> {
+        self.gemm(&Gemm::plain(false, true, n, k, p), dots, y, mu, None)?;
+        self.launch(
+            "teacher_targets",
+            &[
+                p_t.into(),
+                lse_raw.into(),
+                dots.into(),
+                scale.into(),
+                bias.into(),
+                center.into(),
+                tau_t.into(),
+                centering.into(),
+                u(n),
+                u(k),
+            ],
+        )?;
+        self.launch(
+            "teacher_stat",
+            &[
+                stat.into(),
+                dots.into(),
+                scale.into(),
+                bias.into(),
+                lse_raw.into(),
+                tau_t.into(),
+                centering.into(),
+                u(n),
+                u(k),
+            ],
+        )
+    }
+
     /// Logits `dots[n, k]` of the unit rows `y[n, p]` against the prototypes `mu[k, p]`
     /// (`y . mu_k * scale_k + bias_k`), and each row's log-sum-exp assembled from the per-tile
     /// partials `lse_part[n, ceil(k / 64)]`: the cross-entropy kernels read both.

@@ -438,41 +438,18 @@ impl<D: Device> GpuBackend<D> {
         let gpu = &mut self.gpu;
         let cent = centering_code(cfg.centering);
         gpu.l2norm_forward(lb.y_t, lb.zn_t, self.head_t.z(), nt, p, eps)?;
-        gpu.gemm(
-            &Gemm::plain(false, true, nt, k, p),
-            lb.dots_t,
+        gpu.teacher_targets(
+            [lb.p_t, lb.lse_raw, lb.dots_t, lb.stat],
             lb.y_t,
             mu_t,
-            None,
-        )?;
-        gpu.launch(
-            "teacher_targets",
-            &[
-                lb.p_t.into(),
-                lb.lse_raw.into(),
-                lb.dots_t.into(),
-                lb.scale_t.into(),
-                lb.bias_t.into(),
-                self.center.into(),
-                tau_t.into(),
-                cent.into(),
-                u(nt),
-                u(k),
-            ],
-        )?;
-        gpu.launch(
-            "teacher_stat",
-            &[
-                lb.stat.into(),
-                lb.dots_t.into(),
-                lb.scale_t.into(),
-                lb.bias_t.into(),
-                lb.lse_raw.into(),
-                tau_t.into(),
-                cent.into(),
-                u(nt),
-                u(k),
-            ],
+            lb.scale_t,
+            lb.bias_t,
+            self.center,
+            tau_t,
+            cent,
+            nt,
+            k,
+            p,
         )?;
         let m = self.metrics;
         gpu.launch("row_entropy", &[lb.ent.into(), lb.p_t.into(), u(nt), u(k)])?;

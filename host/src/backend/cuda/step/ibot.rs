@@ -373,41 +373,18 @@ impl<D: Device> GpuBackend<D> {
         // Teacher: every patch row (after the 2B `[CLS]` rows of the head output).
         let z_t = self.head_t.z().sub(n_g * p, rows_t * p);
         gpu.l2norm_forward(ib.y_t, ib.zn_t, z_t, rows_t, p, eps)?;
-        gpu.gemm(
-            &Gemm::plain(false, true, rows_t, k, p),
-            ib.dots_t,
+        gpu.teacher_targets(
+            [ib.p_t, ib.lse_raw, ib.dots_t, ib.stat],
             ib.y_t,
             mu_t,
-            None,
-        )?;
-        gpu.launch(
-            "teacher_targets",
-            &[
-                ib.p_t.into(),
-                ib.lse_raw.into(),
-                ib.dots_t.into(),
-                lb.scale_t.into(),
-                lb.bias_t.into(),
-                ib.center.into(),
-                tau_t.into(),
-                cent.into(),
-                u(rows_t),
-                u(k),
-            ],
-        )?;
-        gpu.launch(
-            "teacher_stat",
-            &[
-                ib.stat.into(),
-                ib.dots_t.into(),
-                lb.scale_t.into(),
-                lb.bias_t.into(),
-                ib.lse_raw.into(),
-                tau_t.into(),
-                cent.into(),
-                u(rows_t),
-                u(k),
-            ],
+            lb.scale_t,
+            lb.bias_t,
+            ib.center,
+            tau_t,
+            cent,
+            rows_t,
+            k,
+            p,
         )?;
         gpu.launch(
             "row_entropy",
