@@ -7,7 +7,8 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use dinovmf::backend::cpu::{CpuBackend, StepShapes};
+use dinovmf::backend::cpu::CpuBackend;
+use dinovmf::backend::StepShapes;
 use dinovmf::backend::{Backend, SingleProcess, StepHyper, TrainState};
 use dinovmf::data::Batch;
 use dinovmf_core::centering::center_init;

@@ -1,6 +1,8 @@
 //! The fast CPU backend against core's reference: whole-model forward and gradients (f64 and
 //! f32 references), the optimiser step, `embed`, determinism, and input validation.
-use dinovmf::backend::cpu::{draw_drop_masks, CpuBackend, StepShapes};
+use dinovmf::backend::cpu::CpuBackend;
+use dinovmf::backend::step::draw_drop_masks;
+use dinovmf::backend::StepShapes;
 use dinovmf::backend::{Backend, Net, SingleProcess, StepHyper, TrainState};
 use dinovmf::data::Batch;
 use dinovmf_core::centering::{center_init, Centering};

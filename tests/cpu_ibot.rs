@@ -1,7 +1,9 @@
 //! The CPU backend's iBOT step against core's f64 reference: masks from the step seed, the
 //! reference model with masks and the head on every token, the `[CLS]` composite and the patch
 //! composite, every gradient tensor (mask token included), the loss and both centers.
-use dinovmf::backend::cpu::{draw_drop_masks, CpuBackend, StepShapes};
+use dinovmf::backend::cpu::CpuBackend;
+use dinovmf::backend::step::draw_drop_masks;
+use dinovmf::backend::StepShapes;
 use dinovmf::backend::{Backend, SingleProcess, StepHyper, TrainState};
 use dinovmf::data::Batch;
 use dinovmf_core::centering::{center_init, Centering};

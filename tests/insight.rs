@@ -3,7 +3,8 @@
 //! report. Every test here takes seconds.
 use std::path::PathBuf;
 
-use dinovmf::backend::cpu::{CpuBackend, StepShapes};
+use dinovmf::backend::cpu::CpuBackend;
+use dinovmf::backend::StepShapes;
 use dinovmf::backend::{Backend, Net, SingleProcess, StepHyper, TrainState};
 use dinovmf::data::Batch;
 use dinovmf::train::{self, periodic, state, LossKind, RunOptions, TrainConfig};

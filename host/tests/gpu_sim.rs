@@ -1,11 +1,11 @@
 //! The CUDA backend's training step, run on the host simulator of `dinovmf.ptx`, against the
 //! CPU backend: same state, batches and schedules. Needs `--features gpu-sim`.
 #![cfg(feature = "gpu-sim")]
-use dinovmf::backend::cpu::StepShapes;
 use dinovmf::backend::cuda::compare::{
     compare_with_cpu, compare_with_cpu_ext, print_comparison, Comparison,
 };
 use dinovmf::backend::cuda::sim::SimDevice;
+use dinovmf::backend::StepShapes;
 use dinovmf_core::loss::LossConfig;
 use dinovmf_core::masking::MaskConfig;
 use dinovmf_core::mim_loss::IbotConfig;

@@ -17,6 +17,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod reduce;
 pub mod shapes;
+pub mod step;
 
 pub use reduce::{GradReducer, SingleProcess};
 pub use shapes::StepShapes;

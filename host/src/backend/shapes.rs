@@ -6,6 +6,8 @@ use anyhow::{ensure, Result};
 use dinovmf_core::loss::LossConfig;
 use dinovmf_core::model::{Layout, ModelConfig};
 
+use crate::data::Batch;
+
 /// The fixed shapes of the batches a backend is built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepShapes {
@@ -48,6 +50,44 @@ impl StepShapes {
             "loss and model disagree on norm_last_layer ({} vs {})",
             loss.norm_last_layer,
             model.head.norm_last_layer
+        );
+        Ok(())
+    }
+
+    /// Refuses a batch of other shapes than these (images of `channels` channels).
+    pub fn check_batch(&self, channels: usize, b: &Batch) -> Result<()> {
+        let (g, l) = (self.global_size, self.local_size);
+        ensure!(
+            b.batch_size == self.batch
+                && b.n_global == self.n_global
+                && b.n_local == self.n_local
+                && b.global_size == g
+                && (self.n_local == 0 || b.local_size == l),
+            "batch shape (B {}, {} x {} px global, {} x {} px local) does not match the backend's \
+             (B {}, {} x {} px, {} x {} px)",
+            b.batch_size,
+            b.n_global,
+            b.global_size,
+            b.n_local,
+            b.local_size,
+            self.batch,
+            self.n_global,
+            g,
+            self.n_local,
+            l
+        );
+        let c = channels;
+        ensure!(
+            b.global.len() == self.n_global * self.batch * c * g * g,
+            "global crops hold {} values, expected {}",
+            b.global.len(),
+            self.n_global * self.batch * c * g * g
+        );
+        ensure!(
+            b.local.len() == self.n_local * self.batch * c * l * l,
+            "local crops hold {} values, expected {}",
+            b.local.len(),
+            self.n_local * self.batch * c * l * l
         );
         Ok(())
     }

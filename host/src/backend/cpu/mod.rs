@@ -10,15 +10,14 @@
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use dinovmf_core::loss::LossConfig;
 use dinovmf_core::model::{for_each_param, num_params, ModelConfig};
 use dinovmf_core::optim::{adamw_step, ema_update, l2_norm, AdamW};
 
-use super::{Backend, GradReducer, Net, StepHyper, StepMetrics, TrainState};
+use super::step::{self, check_state, StepMasks, PHASES};
+use super::{Backend, GradReducer, Net, StepHyper, StepMetrics, StepShapes, TrainState};
 use crate::data::Batch;
 
 mod attention;
@@ -29,6 +28,7 @@ mod ibot;
 mod koleo;
 pub mod loss;
 mod mim;
+mod passes;
 mod probe;
 mod rows;
 mod vit;
@@ -36,8 +36,6 @@ mod vit;
 use head::HeadBufs;
 use loss::LossBufs;
 use vit::{BackScratch, Cx, Group};
-
-pub use crate::backend::shapes::StepShapes;
 
 /// One parameter tensor of the flat layout, as the optimiser needs it.
 #[derive(Clone, Copy, Debug)]
@@ -64,17 +62,6 @@ pub struct GradReport {
     pub patch_teacher_entropy: f32,
 }
 
-/// Names of the phases [`CpuBackend::phase_seconds`] times.
-pub const PHASES: [&str; 7] = [
-    "teacher forward",
-    "student forward",
-    "loss",
-    "head backward",
-    "backbone backward",
-    "reduce + clip",
-    "adamw + ema",
-];
-
 /// Images per forward in [`Backend::embed`] (bounds its buffers).
 const EMBED_CHUNK: usize = 64;
 /// Elements per parallel task of the optimiser passes.
@@ -95,52 +82,39 @@ pub struct CpuBackend {
     next_center: Vec<f32>,
     adam_step: u64,
     grads: Vec<f32>,
+    /// The batch's crops, copied in by the upload pass.
+    img_g: Vec<f32>,
+    img_l: Vec<f32>,
     glob: Group,
     loc: Option<Group>,
     back: BackScratch,
     head_s: HeadBufs,
     head_t: HeadBufs,
-    cls_s: Vec<f32>,
-    cls_t: Vec<f32>,
-    dcls_s: Vec<f32>,
+    /// Head inputs: the student's `[CLS]` rows of every crop (iBOT: then the masked patch
+    /// rows), the teacher's `[CLS]` rows of the global crops (iBOT: then every patch row).
+    x_s: Vec<f32>,
+    x_t: Vec<f32>,
+    /// The head backward's gradient at `x_s`.
+    dx_s: Vec<f32>,
     hs0: Vec<f32>,
     hs1: Vec<f32>,
     partials: Vec<f32>,
     lossb: LossBufs,
+    /// The step's masks as drawn, and its drop-path factors `mask / keep`.
+    masks: StepMasks,
     mask_g: Vec<f32>,
     mask_l: Vec<f32>,
+    /// What the last step's losses and clipping reported.
+    report: GradReport,
+    grad_norm: f64,
     embed_group: Option<Group>,
     phase: [f64; PHASES.len()],
+    clock: Instant,
     /// KoLeo-proto weight (0 = off) and the last step's value.
     koleo_proto: f32,
     koleo_loss: Option<f32>,
     /// iBOT's buffers and patch center (see [`CpuBackend::with_ibot`]); `None` for DINO.
     ibot: Option<ibot::IbotCpu>,
-}
-
-/// Draws the step's drop-path keep masks (0/1) from `ChaCha8Rng::seed_from_u64(seed)`:
-/// `global` is `[depth][2][n_global_images]` (attention branch, then MLP branch, per block),
-/// then `local` likewise; mask = `u < keep_prob(block)` for `u` uniform in [0, 1) (f64), the
-/// rule of core's `drop_path_mask_from_uniform`.
-pub fn draw_drop_masks(
-    model: &ModelConfig,
-    seed: u64,
-    n_global_images: usize,
-    n_local_images: usize,
-    global: &mut [f32],
-    local: &mut [f32],
-) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let depth = model.vit.depth;
-    for (buf, n) in [(global, n_global_images), (local, n_local_images)] {
-        for i in 0..depth {
-            let keep = model.vit.keep_prob(i);
-            for m in buf[2 * i * n..(2 * i + 2) * n].iter_mut() {
-                let u: f64 = rng.gen();
-                *m = if u < keep { 1.0 } else { 0.0 };
-            }
-        }
-    }
 }
 
 /// Masks to the factors `mask / keep` the forward multiplies by (as core's drop path, in f32).
@@ -180,6 +154,7 @@ impl CpuBackend {
         let n_g = 2 * b;
         let n_l = shapes.n_local * b;
         let rows_s = n_g + n_l;
+        let (c, gs, ls) = (model.vit.in_chans, shapes.global_size, shapes.local_size);
         let glob = Group::new(&cx, n_g, shapes.global_size, true);
         let loc = (shapes.n_local > 0).then(|| Group::new(&cx, n_l, shapes.local_size, true));
         let mut groups = vec![(n_g, glob.t)];
@@ -204,22 +179,28 @@ impl CpuBackend {
             center,
             adam_step: 0,
             grads: vec![0.0; n],
+            img_g: vec![0.0; n_g * c * gs * gs],
+            img_l: vec![0.0; n_l * c * ls * ls],
             glob,
             loc,
             back,
             head_s: HeadBufs::new(&cx, rows_s),
             head_t: HeadBufs::new(&cx, n_g),
-            cls_s: vec![0.0; rows_s * d],
-            cls_t: vec![0.0; n_g * d],
-            dcls_s: vec![0.0; rows_s * d],
+            x_s: vec![0.0; rows_s * d],
+            x_t: vec![0.0; n_g * d],
+            dx_s: vec![0.0; rows_s * d],
             hs0: vec![0.0; rows_s * hw],
             hs1: vec![0.0; rows_s * hw],
             partials: vec![0.0; rows::n_chunks(rows_s) * hw],
             lossb: LossBufs::new(2 + shapes.n_local, b, k, p),
+            masks: StepMasks::new(&model, &shapes, false),
             mask_g: vec![0.0; model.vit.depth * 2 * n_g],
             mask_l: vec![0.0; model.vit.depth * 2 * n_l],
+            report: GradReport::default(),
+            grad_norm: 0.0,
             embed_group: None,
             phase: [0.0; PHASES.len()],
+            clock: Instant::now(),
             koleo_proto: 0.0,
             koleo_loss: None,
             ibot: None,
@@ -229,51 +210,6 @@ impl CpuBackend {
 
     pub fn model(&self) -> &ModelConfig {
         &self.cx.cfg
-    }
-
-    fn check_batch(&self, b: &Batch) -> Result<()> {
-        let s = &self.shapes;
-        let g = s.global_size;
-        let l = s.local_size;
-        ensure!(
-            b.batch_size == s.batch
-                && b.n_global == s.n_global
-                && b.n_local == s.n_local
-                && b.global_size == g
-                && (s.n_local == 0 || b.local_size == l),
-            "batch shape (B {}, {} x {} px global, {} x {} px local) does not match the backend's \
-             (B {}, {} x {} px, {} x {} px)",
-            b.batch_size,
-            b.n_global,
-            b.global_size,
-            b.n_local,
-            b.local_size,
-            s.batch,
-            s.n_global,
-            g,
-            s.n_local,
-            l
-        );
-        let c = self.cx.cfg.vit.in_chans;
-        ensure!(
-            b.global.len() == s.n_global * s.batch * c * g * g,
-            "global crops hold {} values, expected {}",
-            b.global.len(),
-            s.n_global * s.batch * c * g * g
-        );
-        ensure!(
-            b.local.len() == s.n_local * s.batch * c * l * l,
-            "local crops hold {} values, expected {}",
-            b.local.len(),
-            s.n_local * s.batch * c * l * l
-        );
-        Ok(())
-    }
-
-    fn tick(&mut self, i: usize, t: &mut Instant) {
-        let now = Instant::now();
-        self.phase[i] += (now - *t).as_secs_f64();
-        *t = now;
     }
 
     /// Seconds spent in each of [`PHASES`] since the last [`Self::reset_phase_seconds`].
@@ -289,162 +225,13 @@ impl CpuBackend {
         self.phase = [0.0; PHASES.len()];
     }
 
-    /// Everything of a step up to the raw (unreduced, unclipped) gradients: teacher and student
-    /// forward, loss, backward. Leaves the state unchanged; the gradients are in
-    /// [`Self::grads`], the features in [`Self::student_z`] / [`Self::teacher_z`], the center
-    /// the step would move to in [`Self::next_center`].
+    /// Everything of a step up to the raw (unreduced, unclipped) gradients (see
+    /// [`step::gradients`]). Leaves the state unchanged; the gradients are in [`Self::grads`],
+    /// the features in [`Self::student_z`] / [`Self::teacher_z`], the center the step would
+    /// move to in [`Self::next_center`].
     pub fn compute_gradients(&mut self, batch: &Batch, hp: &StepHyper) -> Result<GradReport> {
-        self.check_batch(batch)?;
-        ensure!(
-            hp.teacher_temp.is_finite() && hp.teacher_temp > 0.0,
-            "teacher temperature must be positive, got {}",
-            hp.teacher_temp
-        );
-        if self.ibot.is_some() {
-            return self.compute_gradients_ibot(batch, hp);
-        }
-        let mut lcfg = self.loss_cfg;
-        lcfg.teacher_temp = hp.teacher_temp as f64;
-        let cfg = self.cx.cfg;
-        let b = self.shapes.batch;
-        let n_g = 2 * b;
-        let n_l = self.shapes.n_local * b;
-        let d = self.cx.d;
-        draw_drop_masks(&cfg, hp.seed, n_g, n_l, &mut self.mask_g, &mut self.mask_l);
-        masks_to_scales(&cfg, &mut self.mask_g, n_g);
-        masks_to_scales(&cfg, &mut self.mask_l, n_l);
-        let cx = self.cx;
-        let mut t = Instant::now();
-
-        // Teacher: global crops, no drop path, nothing saved.
-        vit::forward(
-            &cx,
-            &self.teacher,
-            &mut self.glob,
-            &batch.global,
-            n_g,
-            None,
-            false,
-        );
-        self.cls_t.copy_from_slice(&self.glob.cls[..n_g * d]);
-        head::forward(
-            &cx,
-            &self.teacher,
-            &mut self.head_t,
-            &self.cls_t,
-            n_g,
-            false,
-        );
-        self.tick(0, &mut t);
-
-        // Student: every crop, with drop path, activations saved.
-        vit::forward(
-            &cx,
-            &self.student,
-            &mut self.glob,
-            &batch.global,
-            n_g,
-            Some(&self.mask_g),
-            true,
-        );
-        self.cls_s[..n_g * d].copy_from_slice(&self.glob.cls[..n_g * d]);
-        if let Some(loc) = self.loc.as_mut() {
-            vit::forward(
-                &cx,
-                &self.student,
-                loc,
-                &batch.local,
-                n_l,
-                Some(&self.mask_l),
-                true,
-            );
-            self.cls_s[n_g * d..].copy_from_slice(&loc.cls[..n_l * d]);
-        }
-        let rows_s = n_g + n_l;
-        head::forward(
-            &cx,
-            &self.student,
-            &mut self.head_s,
-            &self.cls_s,
-            rows_s,
-            true,
-        );
-        self.tick(1, &mut t);
-
-        // Loss: dL/dz, and the prototype layer's gradients straight into the flat buffer.
-        rows::zero(&mut self.grads);
-        let lay = cx.lay;
-        let k = cfg.head.out_dim;
-        let p = cfg.head.bottleneck;
-        let rep = {
-            let (lo, hi) = self.grads.split_at_mut(lay.last_v);
-            loss::forward_backward(
-                &lcfg,
-                &mut self.lossb,
-                self.head_s.z(),
-                self.head_t.z(),
-                &self.student[lay.last_v..lay.last_v + k * p],
-                &self.student[lay.last_g..lay.last_g + k],
-                &self.teacher[lay.last_v..lay.last_v + k * p],
-                &self.teacher[lay.last_g..lay.last_g + k],
-                &self.center,
-                &mut self.next_center,
-                &mut hi[..k * p],
-                &mut lo[lay.last_g..lay.last_g + k],
-            )
-        };
-        self.tick(2, &mut t);
-
-        head::backward(
-            &cx,
-            &self.student,
-            &mut self.grads,
-            &self.head_s,
-            &self.cls_s,
-            &self.lossb.dz,
-            &mut self.dcls_s,
-            rows_s,
-            &mut self.hs0,
-            &mut self.hs1,
-            &mut self.partials,
-        );
-        self.tick(3, &mut t);
-
-        vit::backward(
-            &cx,
-            &self.student,
-            &mut self.grads,
-            &self.glob,
-            &self.dcls_s[..n_g * d],
-            n_g,
-            Some(&self.mask_g),
-            &mut self.back,
-        );
-        if let Some(loc) = self.loc.as_ref() {
-            vit::backward(
-                &cx,
-                &self.student,
-                &mut self.grads,
-                loc,
-                &self.dcls_s[n_g * d..rows_s * d],
-                n_l,
-                Some(&self.mask_l),
-                &mut self.back,
-            );
-        }
-        self.tick(4, &mut t);
-
-        let c = rep.collapse;
-        Ok(GradReport {
-            loss: rep.loss,
-            teacher_entropy: c.mean_row_entropy,
-            mean_entropy: c.entropy_of_mean,
-            max_mass: c.max_mean_mass,
-            kl: c.mean_kl,
-            cls_loss: rep.loss,
-            mim_loss: 0.0,
-            patch_teacher_entropy: 0.0,
-        })
+        step::gradients(self, batch, hp)?;
+        Ok(self.report)
     }
 
     /// The flat gradient buffer of the last [`Self::compute_gradients`] (after a full step:
@@ -458,7 +245,7 @@ impl CpuBackend {
         self.head_s.z()
     }
 
-    /// Teacher bottleneck outputs `z[2B, p]` of the last step.
+    /// Teacher bottleneck outputs `z[2B, p]` of the last step (iBOT: then every patch row).
     pub fn teacher_z(&self) -> &[f32] {
         self.head_t.z()
     }
@@ -475,7 +262,7 @@ impl CpuBackend {
 
     /// Per-tensor clipping (DINO semantics, over trainable tensors); returns the global norm
     /// before clipping. `clip <= 0` only measures.
-    fn clip(&mut self, clip: f32) -> f64 {
+    fn clip_norms(&mut self, clip: f32) -> f64 {
         let grads = &self.grads;
         self.norms
             .par_iter_mut()
@@ -510,7 +297,7 @@ impl CpuBackend {
 
     /// AdamW over every trainable tensor (decay only where the layout says so; the last layer
     /// skipped entirely while frozen), then the teacher EMA over every parameter.
-    fn update(&mut self, hp: &StepHyper) {
+    fn adamw_ema(&mut self, hp: &StepHyper) {
         let step = self.adam_step + 1;
         let adam = AdamW::default();
         let (lr, wd) = (hp.lr as f64, hp.weight_decay as f64);
@@ -605,31 +392,18 @@ impl Backend for CpuBackend {
     }
 
     fn set_state(&mut self, s: &TrainState) -> Result<()> {
-        let n = self.student.len();
-        let k = self.center.len();
-        for (name, len, want) in [
-            ("student", s.student.len(), n),
-            ("teacher", s.teacher.len(), n),
-            ("adam_m", s.adam_m.len(), n),
-            ("adam_v", s.adam_v.len(), n),
-            ("center", s.center.len(), k),
-        ] {
-            ensure!(
-                len == want,
-                "state: {name} has {len} values, the model needs {want}"
-            );
-        }
+        check_state(
+            s,
+            self.student.len(),
+            self.center.len(),
+            self.ibot.is_some(),
+        )?;
         self.student.copy_from_slice(&s.student);
         self.teacher.copy_from_slice(&s.teacher);
         self.adam_m.copy_from_slice(&s.adam_m);
         self.adam_v.copy_from_slice(&s.adam_v);
         self.center.copy_from_slice(&s.center);
         if let Some(ib) = self.ibot.as_mut() {
-            ensure!(
-                s.patch_center.len() == k,
-                "state: patch_center has {} values, iBOT needs {k}",
-                s.patch_center.len()
-            );
             ib.center.copy_from_slice(&s.patch_center);
         }
         self.adam_step = s.adam_step;
@@ -652,32 +426,7 @@ impl Backend for CpuBackend {
     }
 
     fn train_step(&mut self, batch: &Batch, hp: &StepHyper) -> Result<StepMetrics> {
-        let rep = self.compute_gradients(batch, hp)?;
-        if self.koleo_proto > 0.0 {
-            self.koleo_loss = Some(self.add_koleo_proto(self.koleo_proto));
-        }
-        let mut t = Instant::now();
-        self.reducer.all_reduce_mean(&mut self.grads)?;
-        let grad_norm = self.clip(hp.clip_grad);
-        self.tick(5, &mut t);
-        self.update(hp);
-        std::mem::swap(&mut self.center, &mut self.next_center);
-        if let Some(ib) = self.ibot.as_mut() {
-            std::mem::swap(&mut ib.center, &mut ib.next_center);
-        }
-        self.adam_step += 1;
-        self.tick(6, &mut t);
-        Ok(StepMetrics {
-            loss: rep.loss,
-            teacher_entropy: rep.teacher_entropy,
-            mean_entropy: rep.mean_entropy,
-            max_mass: rep.max_mass,
-            kl: rep.kl,
-            grad_norm: grad_norm as f32,
-            cls_loss: rep.cls_loss,
-            mim_loss: rep.mim_loss,
-            patch_teacher_entropy: rep.patch_teacher_entropy,
-        })
+        step::train_step(self, batch, hp)
     }
 
     fn embed(&mut self, net: Net, images: &[f32], n: usize, size: usize) -> Result<Vec<f32>> {

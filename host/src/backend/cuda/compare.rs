@@ -11,7 +11,8 @@ use dinovmf_core::model::{for_each_param, ModelConfig};
 
 use super::device::Device;
 use super::step::GpuBackend;
-use crate::backend::cpu::{CpuBackend, StepShapes};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::StepShapes;
 use crate::backend::{Backend, SingleProcess, StepHyper, StepMetrics, TrainState};
 use crate::data::Batch;
 

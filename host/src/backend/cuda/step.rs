@@ -3,10 +3,10 @@
 //! drop-path masks, a few floats drawn on the host exactly as the CPU backend draws them),
 //! launches the whole step, and downloads one small metrics buffer: the step's only sync.
 //!
-//! The structure is the CPU backend's (`backend/cpu/mod.rs`): teacher forward on the global
-//! crops, student forward on every crop, the fused loss chain of `ptx/src/kernels/head.rs`,
-//! head and backbone backward, gradient reduction, per-tensor clipping, AdamW (decay groups,
-//! frozen last layer), teacher EMA, center update.
+//! The order of the phases is `backend/step.rs`'s; this backend's passes (`passes.rs`) run them
+//! as launches: the fused loss chain of `ptx/src/kernels/head.rs`, head and backbone backward,
+//! gradient reduction, per-tensor clipping, AdamW (decay groups, frozen last layer), teacher
+//! EMA, center update.
 //!
 //! Collapse signals stay on the device too: `row_entropy` (mean row entropy of `P_t` and the
 //! entropy of its batch mean), a column sum (the batch mean), a max reduction (its largest
@@ -22,13 +22,14 @@ use dinovmf_core::optim::AdamW;
 use dinovmf_core::vmf::BesselApprox;
 
 use super::device::{u32_of as u, Arg, Buf, Device, Gpu};
-use super::net::{self, BackScratch, Cx, Group, HeadBufs, Masks};
+use super::net::{self, BackScratch, Cx, Group, HeadBufs};
 use super::ops::{Gemm, Segments};
-use crate::backend::cpu::{draw_drop_masks, StepShapes};
-use crate::backend::{Backend, GradReducer, Net, StepHyper, StepMetrics, TrainState};
+use crate::backend::step::{self, check_state, StepMasks};
+use crate::backend::{Backend, GradReducer, Net, StepHyper, StepMetrics, StepShapes, TrainState};
 use crate::data::Batch;
 
 mod ibot;
+mod passes;
 
 /// Images per forward in [`Backend::embed`].
 const EMBED_CHUNK: usize = 64;
@@ -177,9 +178,9 @@ pub struct GpuBackend<D: Device> {
     back: BackScratch,
     head_s: HeadBufs,
     head_t: HeadBufs,
-    cls_s: Buf<f32>,
-    cls_t: Buf<f32>,
-    dcls_s: Buf<f32>,
+    x_s: Buf<f32>,
+    x_t: Buf<f32>,
+    dx_s: Buf<f32>,
     hs0: Buf<f32>,
     hs1: Buf<f32>,
     lb: LossBufs,
@@ -187,10 +188,10 @@ pub struct GpuBackend<D: Device> {
     clip_coef: Buf<f32>,
     clip_norm: Buf<f32>,
     metrics: Buf<f32>,
+    /// The step's masks as drawn on the host, and the drop-path masks on the device.
+    masks: StepMasks,
     mask_g: Buf<f32>,
     mask_l: Buf<f32>,
-    mask_g_host: Vec<f32>,
-    mask_l_host: Vec<f32>,
     one: Buf<f32>,
     embed_group: Option<Group>,
     /// iBOT's buffers and patch center (see [`GpuBackend::with_ibot`]); `None` for DINO.
@@ -292,17 +293,16 @@ impl<D: Device> GpuBackend<D> {
             adam_step: 0,
             head_s: HeadBufs::new(&mut gpu, &cx, rows_s)?,
             head_t: HeadBufs::new(&mut gpu, &cx, n_g)?,
-            cls_s: gpu.alloc(rows_s * d)?,
-            cls_t: gpu.alloc(n_g * d)?,
-            dcls_s: gpu.alloc(rows_s * d)?,
+            x_s: gpu.alloc(rows_s * d)?,
+            x_t: gpu.alloc(n_g * d)?,
+            dx_s: gpu.alloc(rows_s * d)?,
             hs0: gpu.alloc(rows_s * hw)?,
             hs1: gpu.alloc(rows_s * hw)?,
             lb,
             metrics: gpu.alloc(M_LEN)?,
             mask_g: gpu.alloc(depth * 2 * n_g)?,
             mask_l: gpu.alloc(depth * 2 * n_l)?,
-            mask_g_host: vec![0.0; depth * 2 * n_g],
-            mask_l_host: vec![0.0; depth * 2 * n_l],
+            masks: StepMasks::new(&model, &shapes, false),
             one,
             embed_group: None,
             ibot: None,
@@ -321,44 +321,6 @@ impl<D: Device> GpuBackend<D> {
     /// Launch / copy counts and bytes allocated so far.
     pub fn counters(&self) -> (super::device::Counters, usize) {
         (self.gpu.counters, self.gpu.allocated)
-    }
-
-    fn check_batch(&self, b: &Batch) -> Result<()> {
-        let s = &self.shapes;
-        let (g, l) = (s.global_size, s.local_size);
-        ensure!(
-            b.batch_size == s.batch
-                && b.n_global == s.n_global
-                && b.n_local == s.n_local
-                && b.global_size == g
-                && (s.n_local == 0 || b.local_size == l),
-            "batch shape (B {}, {} x {} px global, {} x {} px local) does not match the backend's \
-             (B {}, {} x {} px, {} x {} px)",
-            b.batch_size,
-            b.n_global,
-            b.global_size,
-            b.n_local,
-            b.local_size,
-            s.batch,
-            s.n_global,
-            g,
-            s.n_local,
-            l
-        );
-        let c = self.cx.cfg.vit.in_chans;
-        ensure!(
-            b.global.len() == s.n_global * s.batch * c * g * g,
-            "global crops hold {} values, expected {}",
-            b.global.len(),
-            s.n_global * s.batch * c * g * g
-        );
-        ensure!(
-            b.local.len() == s.n_local * s.batch * c * l * l,
-            "local crops hold {} values, expected {}",
-            b.local.len(),
-            s.n_local * s.batch * c * l * l
-        );
-        Ok(())
     }
 
     /// `scale`, `bias`, `dbias/dr` and prototype directions of one network's last layer.
@@ -414,9 +376,9 @@ impl<D: Device> GpuBackend<D> {
         )
     }
 
-    /// The loss chain: teacher targets, center statistic and collapse signals, student loss and
-    /// `dL/dz_s` (in `lb.dz`), prototype gradients into `grads`, center update.
-    fn loss(&mut self, tau_t: f32) -> Result<()> {
+    /// The `[CLS]` loss chain: teacher targets, center statistic and collapse signals, student
+    /// loss and `dL/dz_s` (in `lb.dz`), prototype gradients into `grads`, center update.
+    fn cls_loss_chain(&mut self, tau_t: f32) -> Result<()> {
         let cfg = self.loss_cfg;
         let lay = self.cx.lay;
         let (k, p) = (self.cx.cfg.head.out_dim, self.cx.cfg.head.bottleneck);
@@ -541,103 +503,8 @@ impl<D: Device> GpuBackend<D> {
         )
     }
 
-    /// Forward and backward of a step up to the raw (unreduced, unclipped) gradients.
-    fn compute_gradients(&mut self, batch: &Batch, hp: &StepHyper) -> Result<()> {
-        self.check_batch(batch)?;
-        ensure!(
-            hp.teacher_temp.is_finite() && hp.teacher_temp > 0.0,
-            "teacher temperature must be positive, got {}",
-            hp.teacher_temp
-        );
-        if self.ibot.is_some() {
-            return self.compute_gradients_ibot(batch, hp);
-        }
-        let cfg = self.cx.cfg;
-        let cx = self.cx;
-        let b = self.shapes.batch;
-        let (n_g, n_l) = (2 * b, self.shapes.n_local * b);
-        let d = cx.d;
-        draw_drop_masks(
-            &cfg,
-            hp.seed,
-            n_g,
-            n_l,
-            &mut self.mask_g_host,
-            &mut self.mask_l_host,
-        );
-        let gpu = &mut self.gpu;
-        gpu.upload(self.glob.img, &batch.global)?;
-        gpu.upload(self.mask_g, &self.mask_g_host)?;
-        if let Some(loc) = &self.loc {
-            gpu.upload(loc.img, &batch.local)?;
-            gpu.upload(self.mask_l, &self.mask_l_host)?;
-        }
-        let one = self.one;
-        let (mg, ml) = (Masks { buf: self.mask_g }, Masks { buf: self.mask_l });
-
-        // Teacher: global crops, no drop path, nothing saved.
-        net::vit_forward(gpu, &cx, self.teacher, &self.glob, n_g, None, false, one)?;
-        gpu.copy(self.cls_t, self.glob.cls.sub(0, n_g * d))?;
-        net::head_forward(gpu, &cx, self.teacher, &self.head_t, self.cls_t, n_g)?;
-
-        // Student: every crop, drop path, activations saved.
-        net::vit_forward(gpu, &cx, self.student, &self.glob, n_g, Some(mg), true, one)?;
-        gpu.copy(self.cls_s.sub(0, n_g * d), self.glob.cls.sub(0, n_g * d))?;
-        if let Some(loc) = &self.loc {
-            net::vit_forward(gpu, &cx, self.student, loc, n_l, Some(ml), true, one)?;
-            gpu.copy(self.cls_s.sub(n_g * d, n_l * d), loc.cls.sub(0, n_l * d))?;
-        }
-        let rows_s = n_g + n_l;
-        net::head_forward(gpu, &cx, self.student, &self.head_s, self.cls_s, rows_s)?;
-
-        gpu.fill(self.grads, 0.0)?;
-        self.loss(hp.teacher_temp)?;
-
-        let gpu = &mut self.gpu;
-        net::head_backward(
-            gpu,
-            &cx,
-            self.student,
-            self.grads,
-            &self.head_s,
-            self.cls_s,
-            self.lb.dz,
-            self.dcls_s,
-            rows_s,
-            self.hs0,
-            self.hs1,
-        )?;
-        net::vit_backward(
-            gpu,
-            &cx,
-            self.student,
-            self.grads,
-            &self.glob,
-            self.dcls_s.sub(0, n_g * d),
-            n_g,
-            Some(mg),
-            &self.back,
-            one,
-        )?;
-        if let Some(loc) = &self.loc {
-            net::vit_backward(
-                gpu,
-                &cx,
-                self.student,
-                self.grads,
-                loc,
-                self.dcls_s.sub(n_g * d, n_l * d),
-                n_l,
-                Some(ml),
-                &self.back,
-                one,
-            )?;
-        }
-        Ok(())
-    }
-
     /// Per-tensor norms (and their squared sum into the metrics), clipping when `clip > 0`.
-    fn clip(&mut self, clip: f32) -> Result<()> {
+    fn clip_norms(&mut self, clip: f32) -> Result<()> {
         let gpu = &mut self.gpu;
         let s = self.clip_segs;
         let parts = s.parts();
@@ -678,7 +545,7 @@ impl<D: Device> GpuBackend<D> {
     }
 
     /// AdamW over the trainable runs (the last layer skipped while frozen), then the EMA.
-    fn update(&mut self, hp: &StepHyper) -> Result<()> {
+    fn adamw_ema(&mut self, hp: &StepHyper) -> Result<()> {
         let step = self.adam_step + 1;
         let adam = AdamW::default();
         let (lr, wd) = (hp.lr as f64, hp.weight_decay as f64);
@@ -778,20 +645,7 @@ impl<D: Device> Backend for GpuBackend<D> {
     }
 
     fn set_state(&mut self, s: &TrainState) -> Result<()> {
-        let n = self.n_params;
-        let k = self.center.len;
-        for (name, len, want) in [
-            ("student", s.student.len(), n),
-            ("teacher", s.teacher.len(), n),
-            ("adam_m", s.adam_m.len(), n),
-            ("adam_v", s.adam_v.len(), n),
-            ("center", s.center.len(), k),
-        ] {
-            ensure!(
-                len == want,
-                "state: {name} has {len} values, the model needs {want}"
-            );
-        }
+        check_state(s, self.n_params, self.center.len, self.ibot.is_some())?;
         self.gpu.dev.bind()?;
         self.gpu.upload(self.student, &s.student)?;
         self.gpu.upload(self.teacher, &s.teacher)?;
@@ -799,11 +653,6 @@ impl<D: Device> Backend for GpuBackend<D> {
         self.gpu.upload(self.adam_v, &s.adam_v)?;
         self.gpu.upload(self.center, &s.center)?;
         if let Some(ib) = &self.ibot {
-            ensure!(
-                s.patch_center.len() == k,
-                "state: patch_center has {} values, iBOT needs {k}",
-                s.patch_center.len()
-            );
             self.gpu.upload(ib.center, &s.patch_center)?;
         }
         self.adam_step = s.adam_step;
@@ -828,32 +677,7 @@ impl<D: Device> Backend for GpuBackend<D> {
 
     fn train_step(&mut self, batch: &Batch, hp: &StepHyper) -> Result<StepMetrics> {
         self.gpu.dev.bind()?;
-        self.compute_gradients(batch, hp)?;
-        if self.reducer.world_size() > 1 {
-            let mut g = self.gpu.to_vec(self.grads)?;
-            self.reducer.all_reduce_mean(&mut g)?;
-            self.gpu.upload(self.grads, &g)?;
-        }
-        self.clip(hp.clip_grad)?;
-        self.update(hp)?;
-        self.adam_step += 1;
-        let mut m = [0.0f32; M_LEN];
-        self.gpu.download(self.metrics, &mut m)?;
-        let loss = m[M_LOSS];
-        if self.ibot.is_some() {
-            return Ok(self.ibot_metrics(&m, (m[M_GRAD_SQ] as f64).sqrt() as f32));
-        }
-        Ok(StepMetrics {
-            loss,
-            teacher_entropy: m[M_ROW_ENT],
-            mean_entropy: m[M_MEAN_ENT],
-            max_mass: m[M_MAX_MASS],
-            kl: loss - m[M_ROW_ENT],
-            grad_norm: (m[M_GRAD_SQ] as f64).sqrt() as f32,
-            cls_loss: loss,
-            mim_loss: 0.0,
-            patch_teacher_entropy: 0.0,
-        })
+        step::train_step(self, batch, hp)
     }
 
     fn embed(&mut self, net: Net, images: &[f32], n: usize, size: usize) -> Result<Vec<f32>> {

@@ -1,26 +1,24 @@
-//! The iBOT step on a [`Device`], the CUDA counterpart of `backend/cpu/ibot.rs` (the gpu_sim
-//! tests hold the two to each other): masked student global crops, the head on `[CLS]` and on
-//! patch tokens, `L = L_cls + mim_weight L_mim`, and the backward through both.
+//! iBOT's buffers, mask tables and patch-loss chain on a [`Device`], the CUDA counterpart of
+//! `backend/cpu/ibot.rs` (the gpu_sim tests hold the two to each other); the step's order is
+//! `backend/step.rs`'s.
 //!
 //! Row layouts of the head are the CPU backend's: the teacher's input is the `[CLS]` rows of the
 //! two global crops (`2B`) followed by every patch row (`2B np`, image-major); the student's is
 //! the `[CLS]` rows of every crop followed by the masked patch rows only (`M`, in row order).
-//! Masks come from core's generator on the host (the same seed as the CPU backend), so both
+//! Masks come from `backend/step.rs` on the host (the same as the CPU backend's), so both
 //! backends see the same masks; the host also uploads the gather indices and row weights.
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 
 use dinovmf_core::centering::center_init;
 use dinovmf_core::logits::NORMALIZE_EPS;
-use dinovmf_core::masking::step_masks;
 use dinovmf_core::mim_loss::{mim_row_weight, IbotConfig};
 
 use super::{centering_code, GpuBackend, M_LOSS, M_MIM, M_PATCH_ENT};
-use crate::backend::cpu::draw_drop_masks;
 use crate::backend::cuda::device::{u32_of as u, Arg, Buf, Device};
-use crate::backend::cuda::net::{self, HeadBufs, Masks, PatchMask};
+use crate::backend::cuda::net::{self, HeadBufs};
 use crate::backend::cuda::ops::Gemm;
-use crate::backend::{StepHyper, StepMetrics};
-use crate::data::Batch;
+use crate::backend::step::StepMasks;
+use crate::backend::StepMetrics;
 
 /// Rows that receive nothing from a gather (see `gather_rows`).
 const NONE: u64 = u64::MAX;
@@ -28,25 +26,23 @@ const NONE: u64 = u64::MAX;
 /// iBOT's buffers and state on the device.
 pub struct IbotGpu {
     pub cfg: IbotConfig,
-    mask_host: Vec<f32>,
-    counts: Vec<usize>,
-    scratch: Vec<bool>,
+    /// `M`, the masked rows of this step.
+    pub(super) masked: usize,
     idx_host: Vec<u64>,
     tgt_host: Vec<u64>,
     w_host: Vec<f32>,
     inv_host: Vec<u64>,
     /// 0/1 mask of the student's global patches `[2B, np]`.
-    mask: Buf<f32>,
+    pub(super) mask: Buf<f32>,
     /// Per masked row: its token row in `[2B, t]`, its teacher patch row, its weight.
-    idx: Buf<u64>,
+    pub(super) idx: Buf<u64>,
     tgt: Buf<u64>,
     w: Buf<f32>,
     /// Per global token row: its row in the student head's input, or [`NONE`].
-    inv: Buf<u64>,
+    pub(super) inv: Buf<u64>,
     /// Teacher head input rows from the token grid (constant).
-    idx_t: Buf<u64>,
-    x_t: Buf<f32>,
-    dnorm: Buf<f32>,
+    pub(super) idx_t: Buf<u64>,
+    pub(super) dnorm: Buf<f32>,
     y_t: Buf<f32>,
     zn_t: Buf<f32>,
     dots_t: Buf<f32>,
@@ -87,8 +83,9 @@ impl<D: Device> GpuBackend<D> {
         self.head_s = HeadBufs::new(gpu, &cx, cap_s)?;
         self.head_t = HeadBufs::new(gpu, &cx, n_g * t)?;
         let hw = net::head_width(&cx);
-        self.cls_s = gpu.alloc(cap_s * d)?;
-        self.dcls_s = gpu.alloc(cap_s * d)?;
+        self.x_t = gpu.alloc(n_g * t * d)?;
+        self.x_s = gpu.alloc(cap_s * d)?;
+        self.dx_s = gpu.alloc(cap_s * d)?;
         self.hs0 = gpu.alloc(cap_s * hw)?;
         self.hs1 = gpu.alloc(cap_s * hw)?;
         self.lb.dz = gpu.alloc(cap_s * p)?;
@@ -98,12 +95,10 @@ impl<D: Device> GpuBackend<D> {
         }
         let mut c0 = vec![0.0f32; k];
         center_init(&mut c0, self.loss_cfg.centering);
-        let z = |n: usize| vec![0.0f32; n];
+        self.masks = StepMasks::new(&cx.cfg, &self.shapes, true);
         self.ibot = Some(IbotGpu {
             cfg,
-            mask_host: z(rows_t),
-            counts: vec![0; n_g],
-            scratch: vec![false; np],
+            masked: 0,
             idx_host: Vec::with_capacity(rows_t),
             tgt_host: Vec::with_capacity(rows_t),
             w_host: Vec::with_capacity(rows_t),
@@ -114,7 +109,6 @@ impl<D: Device> GpuBackend<D> {
             w: gpu.alloc(rows_t)?,
             inv: gpu.alloc(n_g * t)?,
             idx_t: gpu.alloc_from(&idx_t)?,
-            x_t: gpu.alloc(n_g * t * d)?,
             dnorm: gpu.alloc(n_g * t * d)?,
             y_t: gpu.alloc(rows_t * p)?,
             zn_t: gpu.alloc(rows_t)?,
@@ -136,34 +130,23 @@ impl<D: Device> GpuBackend<D> {
         Ok(self)
     }
 
-    /// The step's masks, drawn on the host exactly as the CPU backend draws them, and the
-    /// per-masked-row tables; returns `M`, the masked rows.
-    fn upload_masks(&mut self, ib: &mut IbotGpu, seed: u64) -> Result<usize> {
+    /// Uploads the step's patch mask and its per-masked-row tables; sets `ib.masked` (`M`).
+    pub(super) fn upload_patch_masks(&mut self, ib: &mut IbotGpu) -> Result<()> {
         let b = self.shapes.batch;
         let n_g = 2 * b;
         let rows_s = n_g + self.shapes.n_local * b;
-        let (t, np, grid) = (self.glob.t, self.glob.np, self.glob.grid);
-        step_masks(
-            &mut ib.mask_host,
-            &mut ib.counts,
-            &mut ib.scratch,
-            2,
-            b,
-            grid,
-            grid,
-            &ib.cfg.mask,
-            seed,
-        );
+        let (t, np) = (self.glob.t, self.glob.np);
+        let mask = &self.masks.patch;
         ib.idx_host.clear();
         ib.tgt_host.clear();
         ib.w_host.clear();
         ib.inv_host.fill(NONE);
         for img in 0..n_g {
             ib.inv_host[img * t] = img as u64;
-            let w = mim_row_weight(ib.counts[img], 2, b) as f32;
+            let w = mim_row_weight(self.masks.counts[img], 2, b) as f32;
             for j in 0..np {
                 let r = img * np + j;
-                if ib.mask_host[r] != 0.0 {
+                if mask[r] != 0.0 {
                     let tok = img * t + 1 + j;
                     ib.inv_host[tok] = (rows_s + ib.idx_host.len()) as u64;
                     ib.idx_host.push(tok as u64);
@@ -173,159 +156,14 @@ impl<D: Device> GpuBackend<D> {
             }
         }
         let m = ib.idx_host.len();
+        ib.masked = m;
         let gpu = &mut self.gpu;
-        gpu.upload(ib.mask, &ib.mask_host)?;
+        gpu.upload(ib.mask, mask)?;
         gpu.upload(ib.inv, &ib.inv_host)?;
         if m > 0 {
             gpu.upload(ib.idx.sub(0, m), &ib.idx_host)?;
             gpu.upload(ib.tgt.sub(0, m), &ib.tgt_host)?;
             gpu.upload(ib.w.sub(0, m), &ib.w_host)?;
-        }
-        Ok(m)
-    }
-
-    /// Forward and backward of an iBOT step up to the raw gradients.
-    pub(super) fn compute_gradients_ibot(&mut self, batch: &Batch, hp: &StepHyper) -> Result<()> {
-        ensure!(
-            hp.patch_teacher_temp.is_finite() && hp.patch_teacher_temp > 0.0,
-            "patch teacher temperature must be positive, got {}",
-            hp.patch_teacher_temp
-        );
-        let mut ib = self.ibot.take().context("iBOT buffers missing")?;
-        let res = self.ibot_step(&mut ib, batch, hp);
-        self.ibot = Some(ib);
-        res
-    }
-
-    fn ibot_step(&mut self, ib: &mut IbotGpu, batch: &Batch, hp: &StepHyper) -> Result<()> {
-        let cx = self.cx;
-        let cfg = cx.cfg;
-        let tok = cx.lay.mask_token.context("mask token missing")?;
-        let b = self.shapes.batch;
-        let (n_g, n_l) = (2 * b, self.shapes.n_local * b);
-        let rows_s = n_g + n_l;
-        let (d, t) = (cx.d, self.glob.t);
-        draw_drop_masks(
-            &cfg,
-            hp.seed,
-            n_g,
-            n_l,
-            &mut self.mask_g_host,
-            &mut self.mask_l_host,
-        );
-        let m = self.upload_masks(ib, hp.seed)?;
-        let gpu = &mut self.gpu;
-        gpu.upload(self.glob.img, &batch.global)?;
-        gpu.upload(self.mask_g, &self.mask_g_host)?;
-        if let Some(loc) = &self.loc {
-            gpu.upload(loc.img, &batch.local)?;
-            gpu.upload(self.mask_l, &self.mask_l_host)?;
-        }
-        let one = self.one;
-        let (mg, ml) = (Masks { buf: self.mask_g }, Masks { buf: self.mask_l });
-        let all = self.glob.all.context("all-token buffers missing")?;
-
-        // Teacher: unmasked global crops, every token through the head.
-        net::vit_forward_ext(
-            gpu,
-            &cx,
-            self.teacher,
-            &self.glob,
-            n_g,
-            None,
-            false,
-            one,
-            None,
-            true,
-        )?;
-        gather(gpu, ib.x_t, all.norm, ib.idx_t, n_g * t, d, n_g * t)?;
-        net::head_forward(gpu, &cx, self.teacher, &self.head_t, ib.x_t, n_g * t)?;
-
-        // Student: masked global crops (every token kept), local crops as DINO, then the masked
-        // patch rows after the `[CLS]` rows.
-        let pm = PatchMask {
-            mask: ib.mask,
-            token: self.student.sub(tok, d),
-        };
-        net::vit_forward_ext(
-            gpu,
-            &cx,
-            self.student,
-            &self.glob,
-            n_g,
-            Some(mg),
-            true,
-            one,
-            Some(pm),
-            true,
-        )?;
-        gpu.copy(self.cls_s.sub(0, n_g * d), self.glob.cls.sub(0, n_g * d))?;
-        if let Some(loc) = &self.loc {
-            net::vit_forward(gpu, &cx, self.student, loc, n_l, Some(ml), true, one)?;
-            gpu.copy(self.cls_s.sub(n_g * d, n_l * d), loc.cls.sub(0, n_l * d))?;
-        }
-        if m > 0 {
-            gather(
-                gpu,
-                self.cls_s.sub(rows_s * d, m * d),
-                all.norm,
-                ib.idx,
-                m,
-                d,
-                n_g * t,
-            )?;
-        }
-        let hs_rows = rows_s + m;
-        net::head_forward(gpu, &cx, self.student, &self.head_s, self.cls_s, hs_rows)?;
-
-        // Losses: [CLS] as DINO (writes the prototype gradients), then the patch loss (adds).
-        gpu.fill(self.grads, 0.0)?;
-        self.loss(hp.teacher_temp)?;
-        self.mim_loss(ib, hp.patch_teacher_temp, m)?;
-
-        let gpu = &mut self.gpu;
-        net::head_backward(
-            gpu,
-            &cx,
-            self.student,
-            self.grads,
-            &self.head_s,
-            self.cls_s,
-            self.lb.dz,
-            self.dcls_s,
-            hs_rows,
-            self.hs0,
-            self.hs1,
-        )?;
-        // The global crops' token gradients: `[CLS]` rows and masked patch rows, 0 elsewhere.
-        gather(gpu, ib.dnorm, self.dcls_s, ib.inv, n_g * t, d, hs_rows)?;
-        net::vit_backward_ext(
-            gpu,
-            &cx,
-            self.student,
-            self.grads,
-            &self.glob,
-            ib.dnorm,
-            n_g,
-            Some(mg),
-            &self.back,
-            one,
-            Some((ib.mask, tok)),
-            true,
-        )?;
-        if let Some(loc) = &self.loc {
-            net::vit_backward(
-                gpu,
-                &cx,
-                self.student,
-                self.grads,
-                loc,
-                self.dcls_s.sub(n_g * d, n_l * d),
-                n_l,
-                Some(ml),
-                &self.back,
-                one,
-            )?;
         }
         Ok(())
     }
@@ -334,7 +172,8 @@ impl<D: Device> GpuBackend<D> {
     /// the patch center update, the mean target entropy; with `m > 0` masked rows, the weighted
     /// cross-entropy of the student at them, `dL/dz` into `lb.dz` after the `[CLS]` rows and
     /// the patch prototypes' gradients ADDED into `grads` (all scaled by the MIM weight).
-    fn mim_loss(&mut self, ib: &IbotGpu, tau_t: f32, m: usize) -> Result<()> {
+    pub(super) fn patch_loss_chain(&mut self, ib: &IbotGpu, tau_t: f32) -> Result<()> {
+        let m = ib.masked;
         let cfg = self.loss_cfg;
         let lay = self.cx.lay;
         let (k, p) = (self.cx.cfg.head.out_dim, self.cx.cfg.head.bottleneck);
@@ -498,7 +337,7 @@ impl<D: Device> GpuBackend<D> {
 }
 
 /// `out[i] = src[idx[i]]` for `n` rows of `d` (zeros where `idx[i] >= src_rows`).
-fn gather<D: Device>(
+pub(super) fn gather<D: Device>(
     gpu: &mut crate::backend::cuda::device::Gpu<D>,
     out: Buf<f32>,
     src: Buf<f32>,
