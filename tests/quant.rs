@@ -4,8 +4,9 @@
 use dinovmf::backend::TrainState;
 use dinovmf::cli::assign::{self, AssignArgs};
 use dinovmf::cli::export::{self, ExportArgs};
+use dinovmf::config::model_config;
 use dinovmf::quant::{report, ScratchBuf, Teacher};
-use dinovmf::train::{self, state, LossKind, RunOptions, TrainConfig};
+use dinovmf::train::{self, LossKind, RunOptions, TrainConfig};
 use dinovmf_core::centering::Centering;
 use dinovmf_core::logits::{branch_terms_forward, weight_norm_forward};
 use dinovmf_core::model::{find_param, for_each_param, ParamKind};
@@ -21,7 +22,7 @@ use rand_chacha::ChaCha8Rng;
 /// prototype radius differs, so a mix-up of any two tensors shows.
 fn random_teacher(loss: LossKind, seed: u64) -> Teacher {
     let cfg = TrainConfig::preset("tiny", loss).unwrap();
-    let mc = state::model_config(&cfg);
+    let mc = model_config(&cfg);
     let mut st = TrainState::initial(&mc, Centering::Probability, seed);
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 77);
     for_each_param(&mc, |p| {

@@ -2,7 +2,9 @@
 //! tiny preset, iBOT resume bit-exactness, old DINO configs, and the CUDA backend's refusal.
 use std::path::{Path, PathBuf};
 
-use dinovmf::train::{self, state, Device, LossKind, Method, RunOptions, TrainConfig};
+use dinovmf::backend::{self, Device};
+use dinovmf::config::{backend_config, model_config};
+use dinovmf::train::{self, state, LossKind, Method, RunOptions, TrainConfig};
 use dinovmf_core::model::find_param;
 
 fn tmp(name: &str) -> PathBuf {
@@ -46,7 +48,7 @@ fn four_methods_train_and_ibot_learns_its_mask_token() {
                 .lines()
                 .map(|l| serde_json::from_str(l).unwrap())
                 .collect();
-            let model = state::model_config(&cfg);
+            let model = model_config(&cfg);
             let tok = find_param(&model, "backbone.masked_embed");
             match method {
                 Method::Dino => {
@@ -142,7 +144,9 @@ fn ibot_refusals_are_clear() {
     // the error is about the device, never a refusal of the method.
     let e = format!(
         "{:#}",
-        train::open_backend(&cfg, Device::Cuda).err().unwrap()
+        backend::open(&backend_config(&cfg), Device::Cuda)
+            .err()
+            .unwrap()
     );
     assert!(!e.contains("--method ibot"), "{e}");
     let mut bad = cfg.clone();

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::config::model_config;
 use crate::eval::linear::ProbeScore;
 use crate::eval::prototypes::{kappa_values, ProtoDiag};
 use crate::plot::{kappa_histogram, line_panels, Panel, Series};
@@ -233,9 +234,9 @@ pub fn write_figures(dir: &Path) -> Result<Vec<String>> {
     let ck = checkpoint_in(dir);
     if ck.exists() {
         let (st, _, cfg, _) = state::load_checkpoint(&ck)?;
-        let model = state::model_config(&cfg);
+        let model = model_config(&cfg);
         let tau = m.last().map_or(cfg.teacher_temp, |r| r.teacher_temp);
-        let k = kappa_values(&model, &cfg, &st.teacher, tau);
+        let k = kappa_values(&model, &st.teacher, tau);
         kappa_histogram(&dir.join(FIGURES[3]), &k, tau)?;
         written.push(FIGURES[3].to_string());
     }

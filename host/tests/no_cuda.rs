@@ -5,7 +5,7 @@ use std::process::Command;
 #[test]
 fn cuda_requests_explain_the_missing_feature() {
     let cfg = dinovmf::train::TrainConfig::preset("tiny", dinovmf::train::LossKind::Vmf).unwrap();
-    let err = dinovmf::backend::cuda::open(&cfg)
+    let err = dinovmf::backend::cuda::open(&dinovmf::config::backend_config(&cfg))
         .err()
         .expect("no CUDA backend in this build");
     assert!(

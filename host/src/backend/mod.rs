@@ -9,7 +9,10 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use dinovmf_core::centering::{center_init, Centering};
+use dinovmf_core::loss::LossConfig;
+use dinovmf_core::mim_loss::IbotConfig;
 use dinovmf_core::model::{init_params, num_params, ModelConfig};
+use serde::Serialize;
 
 use crate::data::Batch;
 
@@ -21,6 +24,32 @@ pub mod step;
 
 pub use reduce::{GradReducer, SingleProcess};
 pub use shapes::StepShapes;
+
+/// Where the training step runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+/// Everything a backend is built from (`crate::config::backend_config` makes it for a run).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BackendConfig {
+    pub model: ModelConfig,
+    pub loss: LossConfig,
+    pub shapes: StepShapes,
+    /// iBOT's settings (the model must have the mask token), `None` for DINO.
+    pub ibot: Option<IbotConfig>,
+}
+
+/// The backend for `cfg` on `device` (single process), or why there is none.
+pub fn open(cfg: &BackendConfig, device: Device) -> Result<Box<dyn Backend>> {
+    match device {
+        Device::Cpu => Ok(Box::new(cpu::CpuBackend::open(cfg)?)),
+        Device::Cuda => cuda::open(cfg),
+    }
+}
 
 /// Which network's features to read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

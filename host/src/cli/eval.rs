@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
-use crate::backend::{Backend, Net, TrainState};
+use crate::backend::{self, Backend, Device, Net, TrainState};
+use crate::config::{backend_config, loss_config, model_config};
 use crate::data::OnError;
 use crate::eval::data_pass::{diagnose_backend, first_images};
 use crate::eval::linear::{linear_probe, ProbeScore};
@@ -109,7 +110,7 @@ pub fn load(checkpoint: &Path, data: &str, need_test: bool) -> Result<Loaded> {
         }
     }
     let data = train::open_data(&spec, cfg.model.img_size, OnError::Skip)?;
-    let mut backend = state::cpu_backend(&cfg)?;
+    let mut backend = backend::open(&backend_config(&cfg), Device::Cpu)?;
     backend.set_state(&st)?;
     Ok(Loaded {
         backend,
@@ -207,7 +208,14 @@ pub fn proto_diag(l: &mut Loaded, images: usize, teacher_temp: Option<f64>) -> R
     let (imgs, n) = first_images(&ds, size, images.max(1))?;
     let tau = teacher_temp.unwrap_or(l.cfg.teacher_temp);
     anyhow::ensure!(tau > 0.0, "--teacher-temp must be positive, got {tau}");
-    diagnose_backend(l.backend.as_mut(), &l.cfg, &imgs, n, tau)
+    diagnose_backend(
+        l.backend.as_mut(),
+        &model_config(&l.cfg),
+        &loss_config(&l.cfg),
+        &imgs,
+        n,
+        tau,
+    )
 }
 
 /// Prints diagnostics as a few readable lines.
@@ -250,9 +258,8 @@ fn prototypes(a: &ProtoArgs) -> Result<()> {
     println!("checkpoint {} (step {})", a.checkpoint.display(), l.step);
     print_diag(&d);
     if let Some(p) = &a.plot {
-        let model = state::model_config(&l.cfg);
-        let k =
-            crate::eval::prototypes::kappa_values(&model, &l.cfg, &l.state.teacher, d.kappa_tau);
+        let model = model_config(&l.cfg);
+        let k = crate::eval::prototypes::kappa_values(&model, &l.state.teacher, d.kappa_tau);
         crate::plot::kappa_histogram(p, &k, d.kappa_tau)?;
         println!("wrote {}", p.display());
     }

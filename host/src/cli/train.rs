@@ -4,10 +4,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
+use crate::backend::Device;
 use crate::data::OnError;
-use crate::train::{
-    self, CenteringKind, DataSpec, Device, LossKind, Method, RunOptions, TrainConfig,
-};
+use crate::train::{self, CenteringKind, DataSpec, LossKind, Method, RunOptions, TrainConfig};
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {

@@ -60,8 +60,7 @@ mod imp {
     use crate::backend::cuda::device::{Device, Gpu};
     use crate::backend::cuda::sim::SimDevice;
     use crate::backend::cuda::verify;
-    use crate::train::state::step_shapes;
-    use crate::train::state::{ibot_config, loss_config, model_config};
+    use crate::config::backend_config;
     use anyhow::{bail, Context};
     use std::io::Write;
 
@@ -115,14 +114,9 @@ mod imp {
     }
 
     fn compare<D: Device>(dev: D, args: &VerifyArgs, cfg: &TrainConfig) -> Result<Comparison> {
+        let bc = backend_config(cfg);
         compare_with_cpu_ext(
-            dev,
-            model_config(cfg),
-            loss_config(cfg),
-            (cfg.method == Method::Ibot).then(|| ibot_config(cfg)),
-            step_shapes(cfg),
-            args.steps,
-            args.seed,
+            dev, bc.model, bc.loss, bc.ibot, bc.shapes, args.steps, args.seed,
         )
     }
 

@@ -3,9 +3,11 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
+use dinovmf_core::loss::LossConfig;
+use dinovmf_core::model::ModelConfig;
+
 use crate::backend::{Backend, Net};
 use crate::data::{self, Dataset};
-use crate::train::{state, TrainConfig};
 
 use super::prototypes::{diagnose, ProtoDiag};
 
@@ -25,23 +27,24 @@ pub fn first_images(ds: &Arc<dyn Dataset>, size: usize, max: usize) -> Result<(V
     Ok((imgs, n))
 }
 
-/// Prototype diagnostics of the backend's current state on `images` (`[n, 3, size, size]`),
-/// kappa at `teacher_temp`. Works on every backend: it reads features through `embed` and the
+/// Prototype diagnostics of the backend's current state (a `model` trained with `loss`) on
+/// `images` (`[n, 3, size, size]`, `size` = the model's image size), kappa at `teacher_temp`. Works on every backend: it reads features through `embed` and the
 /// weights through `state`.
 pub fn diagnose_backend(
     backend: &mut dyn Backend,
-    cfg: &TrainConfig,
+    model: &ModelConfig,
+    loss: &LossConfig,
     images: &[f32],
     n: usize,
     teacher_temp: f64,
 ) -> Result<ProtoDiag> {
-    let size = cfg.model.img_size;
+    let size = model.vit.img_size;
     let cls_t = backend.embed(Net::Teacher, images, n, size)?;
     let cls_s = backend.embed(Net::Student, images, n, size)?;
     let st = backend.state()?;
     diagnose(
-        &state::model_config(cfg),
-        &state::loss_config(cfg),
+        model,
+        loss,
         &st.teacher,
         &st.student,
         &cls_t,

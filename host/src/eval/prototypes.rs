@@ -24,6 +24,7 @@ use dinovmf_core::prototypes::{
 };
 
 use crate::backend::cpu::gemm::{matmul, Op};
+use crate::backend::cpu::koleo::nearest_prototypes;
 
 /// Everything the diagnostics report.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -167,31 +168,6 @@ fn assign_and_entropy(l: &mut [f32], k: usize) -> (Vec<u32>, f64) {
     (rows.into_iter().map(|r| r.0).collect(), h)
 }
 
-/// Nearest other prototype of each unit row `mu[k, p]` (largest cosine), by GEMM in row blocks.
-pub fn nearest_prototypes(mu: &[f32], k: usize, p: usize) -> Vec<usize> {
-    const BLOCK: usize = 256;
-    let mut nn = vec![0usize; k];
-    let mut sims = vec![0.0f32; BLOCK * k];
-    for (bi, (rows, out)) in mu.chunks(BLOCK * p).zip(nn.chunks_mut(BLOCK)).enumerate() {
-        let m = rows.len() / p;
-        matmul(m, k, p, rows, Op::N, mu, Op::T, &mut sims[..m * k], false);
-        out.par_iter_mut()
-            .zip(sims[..m * k].par_chunks(k))
-            .enumerate()
-            .for_each(|(r, (o, s))| {
-                let me = bi * BLOCK + r;
-                let mut best = usize::MAX;
-                for (j, &v) in s.iter().enumerate() {
-                    if j != me && (best == usize::MAX || v > s[best]) {
-                        best = j;
-                    }
-                }
-                *o = best;
-            });
-    }
-    nn
-}
-
 /// The diagnostics of the weight-only quantities (kappa, unique, KoLeo) plus a data pass given
 /// as [CLS] features of the same images through the teacher (`cls_t`) and student (`cls_s`).
 #[allow(clippy::too_many_arguments)]
@@ -280,15 +256,10 @@ pub fn diagnose(
 }
 
 /// kappa_k = |g_k| / tau of every prototype of `params` (all 1 / tau with `norm_last_layer`).
-pub fn kappa_values(
-    model: &ModelConfig,
-    cfg: &crate::train::TrainConfig,
-    params: &[f32],
-    tau: f64,
-) -> Vec<f64> {
+pub fn kappa_values(model: &ModelConfig, params: &[f32], tau: f64) -> Vec<f64> {
     let lay = Layout::new(model);
     let k = model.head.out_dim;
-    let g: Option<Vec<f64>> = (!cfg.norm_last_layer).then(|| {
+    let g: Option<Vec<f64>> = (!model.head.norm_last_layer).then(|| {
         params[lay.last_g..lay.last_g + k]
             .iter()
             .map(|&x| x as f64)

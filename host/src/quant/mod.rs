@@ -15,6 +15,7 @@ use dinovmf_core::vmf::BesselApprox;
 use rayon::prelude::*;
 
 use crate::backend::TrainState;
+use crate::config::model_config;
 use crate::data::{Dataset, IMAGENET_MEAN, IMAGENET_STD};
 use crate::train::state;
 use crate::train::{LossKind, TrainConfig};
@@ -38,7 +39,7 @@ impl Teacher {
 
     pub fn from_state(cfg: TrainConfig, st: TrainState, step: u64) -> Self {
         Teacher {
-            model: state::model_config(&cfg),
+            model: model_config(&cfg),
             params: st.teacher.clone(),
             state: st,
             cfg,

@@ -9,10 +9,11 @@ use rayon::prelude::*;
 
 use super::image::{normalized_chw, to_model_input};
 use super::{ScratchBuf, Teacher};
-use crate::backend::Net;
+use crate::backend::{self, Device, Net};
+use crate::config::backend_config;
 use crate::data::Dataset;
 use crate::eval::knn::{knn_accuracy, KnnScore, KNN_KS, KNN_TEMPERATURE};
-use crate::train::{state, Datasets};
+use crate::train::Datasets;
 
 /// Outputs of one network on a set of images.
 pub struct Outputs {
@@ -58,7 +59,7 @@ pub fn dataset_inputs(ds: &dyn Dataset, size: usize) -> Result<(Vec<Vec<u8>>, Ve
 pub fn f32_outputs(t: &Teacher, images: &[Vec<u8>], logits: bool) -> Result<Outputs> {
     let size = t.model.vit.img_size;
     let d = t.model.vit.dim;
-    let mut backend = state::cpu_backend(&t.cfg)?;
+    let mut backend = backend::open(&backend_config(&t.cfg), Device::Cpu)?;
     backend.set_state(&t.state)?;
     let mut feats = Vec::with_capacity(images.len() * d);
     let mut chw = Vec::new();

@@ -16,18 +16,11 @@ use serde::Serialize;
 
 use dinovmf_core::schedule::Recipe;
 
-use crate::backend::{Backend, Net, StepHyper, StepMetrics};
-use crate::data::{self, CropConfig, Dataset, Loader, OnError};
+use crate::backend::{self, Backend, Device, Net, StepHyper, StepMetrics};
+use crate::config::{backend_config, crop_config};
+use crate::data::{self, Dataset, Loader, OnError};
 use crate::eval::knn::{knn_accuracy, KnnScore, KNN_KS, KNN_TEMPERATURE};
 pub use config::{CenteringKind, DataSpec, IbotSpec, LossKind, Method, ModelSpec, TrainConfig};
-
-/// Where the training step runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Device {
-    Cpu,
-    Cuda,
-}
 
 /// How to run (not part of the method: nothing here changes the numbers).
 #[derive(Clone, Debug)]
@@ -124,16 +117,6 @@ pub fn open_data(spec: &DataSpec, img_size: usize, on_error: OnError) -> Result<
     })
 }
 
-/// The crop settings of a config.
-pub fn crop_config(cfg: &TrainConfig) -> CropConfig {
-    let mut c = CropConfig::for_image_size(cfg.model.img_size, cfg.n_local);
-    c.global_scale = cfg.global_scale;
-    c.local_scale = cfg.local_scale;
-    c.jitter.p *= cfg.color_aug;
-    c.grayscale_p *= cfg.color_aug;
-    c
-}
-
 /// The per-step schedules of a config.
 pub fn recipe(cfg: &TrainConfig, steps_per_epoch: u64) -> Recipe {
     let mut r = Recipe::new(cfg.epochs, steps_per_epoch, cfg.batch_size as u64);
@@ -158,14 +141,6 @@ pub fn patch_recipe(cfg: &TrainConfig, steps_per_epoch: u64) -> Recipe {
     r.teacher_temp = cfg.ibot.patch_teacher_temp;
     r.teacher_temp_warmup_epochs = cfg.ibot.warmup_patch_teacher_temp_epochs;
     r
-}
-
-/// Opens the backend a run asks for.
-pub fn open_backend(cfg: &TrainConfig, device: Device) -> Result<Box<dyn Backend>> {
-    match device {
-        Device::Cpu => state::cpu_backend(cfg),
-        Device::Cuda => crate::backend::cuda::open(cfg),
-    }
 }
 
 /// Seed of step `step`'s own randomness (drop path), independent of the data seed stream.
@@ -352,7 +327,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         serde_json::to_string_pretty(cfg)?,
     )?;
 
-    let mut backend = open_backend(cfg, opts.device)?;
+    let mut backend = backend::open(&backend_config(cfg), opts.device)?;
     let (start, mut knn_init) = match &opts.resume {
         Some(path) => {
             let (st, step, saved_cfg, knn) = state::load_checkpoint(path)?;

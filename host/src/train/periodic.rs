@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
+use crate::config::{loss_config, model_config};
 use crate::eval::data_pass::{diagnose_backend, first_images};
 use crate::eval::prototypes::ProtoDiag;
 
@@ -144,7 +145,14 @@ impl Periodic {
         let Some((imgs, n)) = &self.diag_images else {
             anyhow::bail!("diagnostics are off");
         };
-        diagnose_backend(backend, cfg, imgs, *n, teacher_temp)
+        diagnose_backend(
+            backend,
+            &model_config(cfg),
+            &loss_config(cfg),
+            imgs,
+            *n,
+            teacher_temp,
+        )
     }
 
     pub fn update_status(&mut self, line: &EvalLine) {

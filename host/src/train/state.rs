@@ -1,119 +1,13 @@
-//! Conversions between the run configuration and core's types, the initial state, and the
-//! checkpoint form of the training state.
+//! The initial state and the checkpoint form of the training state.
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use dinovmf_core::centering::Centering;
-use dinovmf_core::loss::LossConfig;
-use dinovmf_core::masking::MaskConfig;
-use dinovmf_core::mim_loss::IbotConfig;
-use dinovmf_core::model::{
-    for_each_param, num_params, HeadConfig, IbotParts, ModelConfig, VitConfig,
-};
+use dinovmf_core::model::{for_each_param, num_params};
 
-use super::config::{CenteringKind, LossKind, Method, TrainConfig};
-use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, SingleProcess, StepShapes, TrainState};
+use super::config::{Method, TrainConfig};
+use crate::backend::TrainState;
 use crate::checkpoint::{self, CheckpointData, Tensor};
-
-/// Core's model configuration for a run.
-pub fn model_config(cfg: &TrainConfig) -> ModelConfig {
-    let m = &cfg.model;
-    ModelConfig {
-        vit: VitConfig {
-            img_size: m.img_size,
-            patch: m.patch,
-            in_chans: 3,
-            dim: m.dim,
-            depth: m.depth,
-            heads: m.heads,
-            mlp_ratio: m.mlp_ratio,
-            qkv_bias: true,
-            ln_eps: 1e-6,
-            drop_path: m.drop_path,
-        },
-        head: HeadConfig {
-            hidden: m.head_hidden,
-            bottleneck: m.bottleneck,
-            n_layers: 3,
-            out_dim: m.prototypes,
-            norm_last_layer: cfg.norm_last_layer,
-        },
-        ibot: ibot_parts(cfg),
-    }
-}
-
-/// The model parts the run's method needs (none for DINO).
-pub fn ibot_parts(cfg: &TrainConfig) -> IbotParts {
-    match cfg.method {
-        Method::Dino => IbotParts::NONE,
-        Method::Ibot => IbotParts {
-            mask_token: true,
-            separate_patch_head: cfg.ibot.separate_patch_head,
-        },
-    }
-}
-
-/// Core's loss configuration for a run (the teacher temperature is set per step).
-pub fn loss_config(cfg: &TrainConfig) -> LossConfig {
-    let mut l = match cfg.loss {
-        LossKind::Dino => LossConfig::dino(),
-        LossKind::Vmf => LossConfig::vmf(),
-    };
-    l.centering = centering(cfg.centering);
-    l.norm_last_layer = cfg.norm_last_layer;
-    l.student_temp = cfg.student_temp;
-    l.teacher_temp = cfg.warmup_teacher_temp;
-    l.center_momentum = cfg.center_momentum;
-    l
-}
-
-fn centering(c: CenteringKind) -> Centering {
-    match c {
-        CenteringKind::Logit => Centering::Logit,
-        CenteringKind::Probability => Centering::Probability,
-    }
-}
-
-/// The batch shapes of a run, as its crop settings make them.
-pub fn step_shapes(cfg: &TrainConfig) -> StepShapes {
-    let crops = super::crop_config(cfg);
-    StepShapes {
-        batch: cfg.batch_size,
-        n_global: 2,
-        n_local: cfg.n_local,
-        global_size: crops.global_size,
-        local_size: crops.local_size,
-    }
-}
-
-/// Core's iBOT settings for a run (used only with `--method ibot`).
-pub fn ibot_config(cfg: &TrainConfig) -> IbotConfig {
-    let ib = &cfg.ibot;
-    IbotConfig {
-        mask: MaskConfig {
-            prob: ib.mask_prob,
-            ratio: ib.mask_ratio,
-            aspect: ib.mask_aspect,
-        },
-        mim_weight: ib.mim_weight,
-        patch_center_momentum: ib.patch_center_momentum,
-    }
-}
-
-/// The CPU backend for a run.
-pub fn cpu_backend(cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
-    let be = CpuBackend::new(
-        model_config(cfg),
-        loss_config(cfg),
-        step_shapes(cfg),
-        Box::new(SingleProcess),
-    )?;
-    Ok(Box::new(match cfg.method {
-        Method::Dino => be,
-        Method::Ibot => be.with_ibot(ibot_config(cfg))?,
-    }))
-}
+use crate::config::{centering, model_config};
 
 /// Fresh parameters (teacher = student), zero optimiser moments, the initial center.
 pub fn init_state(cfg: &TrainConfig) -> TrainState {

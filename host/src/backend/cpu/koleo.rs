@@ -7,7 +7,9 @@ use dinovmf_core::logits::weight_norm_forward;
 use dinovmf_core::prototypes::{koleo_proto, KoleoGrad};
 
 use super::CpuBackend;
-use crate::eval::prototypes::nearest_prototypes;
+use rayon::prelude::*;
+
+use super::gemm::{matmul, Op};
 
 impl CpuBackend {
     /// Adds `weight * dKoLeo/dv` to the gradient buffer; returns the (unweighted) KoLeo value.
@@ -36,4 +38,29 @@ impl CpuBackend {
             }),
         )
     }
+}
+
+/// Nearest other prototype of each unit row `mu[k, p]` (largest cosine), by GEMM in row blocks.
+pub fn nearest_prototypes(mu: &[f32], k: usize, p: usize) -> Vec<usize> {
+    const BLOCK: usize = 256;
+    let mut nn = vec![0usize; k];
+    let mut sims = vec![0.0f32; BLOCK * k];
+    for (bi, (rows, out)) in mu.chunks(BLOCK * p).zip(nn.chunks_mut(BLOCK)).enumerate() {
+        let m = rows.len() / p;
+        matmul(m, k, p, rows, Op::N, mu, Op::T, &mut sims[..m * k], false);
+        out.par_iter_mut()
+            .zip(sims[..m * k].par_chunks(k))
+            .enumerate()
+            .for_each(|(r, (o, s))| {
+                let me = bi * BLOCK + r;
+                let mut best = usize::MAX;
+                for (j, &v) in s.iter().enumerate() {
+                    if j != me && (best == usize::MAX || v > s[best]) {
+                        best = j;
+                    }
+                }
+                *o = best;
+            });
+    }
+    nn
 }

@@ -17,7 +17,10 @@ use dinovmf_core::model::{for_each_param, num_params, ModelConfig};
 use dinovmf_core::optim::{adamw_step, ema_update, l2_norm, AdamW};
 
 use super::step::{self, check_state, StepMasks, PHASES};
-use super::{Backend, GradReducer, Net, StepHyper, StepMetrics, StepShapes, TrainState};
+use super::{
+    Backend, BackendConfig, GradReducer, Net, SingleProcess, StepHyper, StepMetrics, StepShapes,
+    TrainState,
+};
 use crate::data::Batch;
 
 mod attention;
@@ -25,7 +28,7 @@ pub mod fastmath;
 pub mod gemm;
 mod head;
 mod ibot;
-mod koleo;
+pub mod koleo;
 pub mod loss;
 mod mim;
 mod passes;
@@ -206,6 +209,15 @@ impl CpuBackend {
             ibot: None,
             cx,
         })
+    }
+
+    /// The backend of `cfg` (iBOT's when it has iBOT settings), single process.
+    pub fn open(cfg: &BackendConfig) -> Result<Self> {
+        let be = Self::new(cfg.model, cfg.loss, cfg.shapes, Box::new(SingleProcess))?;
+        match cfg.ibot {
+            Some(ib) => be.with_ibot(ib),
+            None => Ok(be),
+        }
     }
 
     pub fn model(&self) -> &ModelConfig {

@@ -13,8 +13,7 @@
 //! driver or GPU gets an error from `cuInit`, never a crash.
 use anyhow::Result;
 
-use super::Backend;
-use crate::train::TrainConfig;
+use super::{Backend, BackendConfig};
 
 #[cfg(feature = "gpu-sim")]
 pub mod compare;
@@ -45,7 +44,7 @@ pub const NOT_BUILT: &str = "this dinovmf was built without CUDA support: rebuil
 pub const SIM_ENV: &str = "DINOVMF_CUDA_SIM";
 
 /// The CUDA backend for a run on device 0, or why there is none.
-pub fn open(cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
+pub fn open(cfg: &BackendConfig) -> Result<Box<dyn Backend>> {
     #[cfg(feature = "gpu-sim")]
     if std::env::var_os(SIM_ENV).is_some_and(|v| v == "1") {
         return on(sim::SimDevice::new(), cfg);
@@ -62,17 +61,16 @@ pub fn open(cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
 }
 
 #[cfg(feature = "gpu-sim")]
-fn on<D: device::Device + 'static>(dev: D, cfg: &TrainConfig) -> Result<Box<dyn Backend>> {
-    use crate::train::state::{ibot_config, loss_config, model_config, step_shapes};
+fn on<D: device::Device + 'static>(dev: D, cfg: &BackendConfig) -> Result<Box<dyn Backend>> {
     let be = step::GpuBackend::new(
         dev,
-        model_config(cfg),
-        loss_config(cfg),
-        step_shapes(cfg),
+        cfg.model,
+        cfg.loss,
+        cfg.shapes,
         Box::new(super::SingleProcess),
     )?;
-    Ok(Box::new(match cfg.method {
-        crate::train::Method::Dino => be,
-        crate::train::Method::Ibot => be.with_ibot(ibot_config(cfg))?,
+    Ok(Box::new(match cfg.ibot {
+        None => be,
+        Some(ib) => be.with_ibot(ib)?,
     }))
 }
