@@ -1,75 +1,45 @@
-//! One CPU training step of the default small preset: ViT img 32 / patch 4 / dim 96 / depth 4 /
-//! 3 heads, head 512 / 128 / K = 4096, batch 64 with 2 x 32 px global + 4 x 16 px local crops,
-//! DINO loss, on a synthetic random batch (no data loading). Prints images/s (= 64 / step time)
-//! and where the time goes.
+//! One CPU training step of the CLI's default preset (`small32`, from the same preset table as
+//! `dinovmf train`: ViT img 32 / patch 4 / dim 96 / depth 4 / 3 heads, its head and prototypes,
+//! batch 64 with 2 x 32 px global + 4 x 16 px local crops), DINO loss, on a synthetic random batch
+//! (no data loading). Prints images/s (= batch / step time) and where the time goes.
 //!
 //! `cargo bench -p dinovmf-suite --bench train_step`; set `DINOVMF_BENCH_VMF=1` for DINO-vMF.
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use dinovmf::backend::cpu::CpuBackend;
-use dinovmf::backend::StepShapes;
-use dinovmf::backend::{Backend, SingleProcess, StepHyper, TrainState};
+use dinovmf::backend::{Backend, StepHyper, TrainState};
+use dinovmf::config::backend_config;
 use dinovmf::data::Batch;
-use dinovmf_core::centering::center_init;
-use dinovmf_core::loss::LossConfig;
-use dinovmf_core::model::{init_params, num_params, ModelConfig};
+use dinovmf::train::{LossKind, TrainConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const B: usize = 64;
-const N_LOCAL: usize = 4;
-const G: usize = 32;
-const L: usize = 16;
+const PRESET: &str = "small32";
 
 fn setup() -> (CpuBackend, Batch, StepHyper) {
     let vmf = std::env::var_os("DINOVMF_BENCH_VMF").is_some();
-    let model = ModelConfig::small32().with_norm_last_layer(!vmf);
-    let loss = if vmf {
-        LossConfig::vmf()
-    } else {
-        LossConfig::dino()
-    };
-    let shapes = StepShapes {
-        batch: B,
-        n_global: 2,
-        n_local: N_LOCAL,
-        global_size: G,
-        local_size: L,
-    };
-    let mut be = CpuBackend::new(model, loss, shapes, Box::new(SingleProcess)).unwrap();
+    let loss = if vmf { LossKind::Vmf } else { LossKind::Dino };
+    let cfg = TrainConfig::preset(PRESET, loss).unwrap();
+    let bc = backend_config(&cfg);
+    let mut be = CpuBackend::open(&bc).unwrap();
+    be.set_state(&TrainState::initial(&bc.model, bc.loss.centering, 0))
+        .unwrap();
+    let s = bc.shapes;
+    let c = bc.model.vit.in_chans;
+    let (g, l) = (s.global_size, s.local_size);
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let n = num_params(&model);
-    let mut student = vec![0.0f32; n];
-    init_params(&model, &mut student, &mut || {
-        // Box-Muller
-        let u1: f64 = rng.gen::<f64>().max(1e-300);
-        let u2: f64 = rng.gen();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    });
-    let mut center = vec![0.0f32; model.head.out_dim];
-    center_init(&mut center, loss.centering);
-    be.set_state(&TrainState {
-        teacher: student.clone(),
-        student,
-        adam_m: vec![0.0; n],
-        adam_v: vec![0.0; n],
-        center,
-        patch_center: Vec::new(),
-        adam_step: 0,
-    })
-    .unwrap();
     let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect() };
     let batch = Batch {
-        global: r(2 * B * 3 * G * G),
-        local: r(N_LOCAL * B * 3 * L * L),
-        labels: vec![0; B],
-        indices: (0..B).collect(),
-        global_size: G,
-        local_size: L,
-        batch_size: B,
-        n_global: 2,
-        n_local: N_LOCAL,
+        global: r(s.n_global * s.batch * c * g * g),
+        local: r(s.n_local * s.batch * c * l * l),
+        labels: vec![0; s.batch],
+        indices: (0..s.batch).collect(),
+        global_size: g,
+        local_size: l,
+        batch_size: s.batch,
+        n_global: s.n_global,
+        n_local: s.n_local,
     };
     let hp = StepHyper {
         lr: 1e-3,
@@ -109,17 +79,23 @@ fn bench_step(c: &mut Criterion) {
     }
     let per = t.elapsed().as_secs_f64() / steps as f64;
     let threads = rayon::current_num_threads();
+    let (imgs, g, nl, l) = (
+        batch.batch_size,
+        batch.global_size,
+        batch.n_local,
+        batch.local_size,
+    );
     eprintln!(
-        "train_step small32 B={B} 2x{G}px + {N_LOCAL}x{L}px, {threads} threads: {:.1} ms/step, {:.1} images/s",
+        "train_step {PRESET} B={imgs} 2x{g}px + {nl}x{l}px, {threads} threads: {:.1} ms/step, {:.1} images/s",
         per * 1e3,
-        B as f64 / per
+        imgs as f64 / per
     );
     if let (Some(a), Some(b)) = (cpu0, cpu_seconds()) {
         let cpu = (b - a) / steps as f64;
         eprintln!(
             "  CPU time {:.1} ms/step; with {threads} cores to itself: {:.1} images/s",
             cpu * 1e3,
-            B as f64 * threads as f64 / cpu
+            imgs as f64 * threads as f64 / cpu
         );
     }
     for (name, s) in be.phase_seconds() {

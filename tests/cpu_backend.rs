@@ -1,22 +1,21 @@
 //! The fast CPU backend against core's reference: whole-model forward and gradients (f64 and
 //! f32 references), the optimiser step, `embed`, determinism, and input validation.
+mod common;
+use common::{perturbed_state, random_batch, rel_err};
 use dinovmf::backend::cpu::CpuBackend;
 use dinovmf::backend::step::draw_drop_masks;
 use dinovmf::backend::StepShapes;
 use dinovmf::backend::{Backend, Net, SingleProcess, StepHyper, TrainState};
 use dinovmf::data::Batch;
-use dinovmf_core::centering::{center_init, Centering};
 use dinovmf_core::loss::{
     multicrop_loss_forward_backward, scratch_len, LossConfig, LossDims, LossGrads, LossInputs,
 };
 use dinovmf_core::model::{
-    convert_params, for_each_param, init_params, num_params, HeadConfig, IbotParts, Layout,
-    ModelConfig, VitConfig,
+    convert_params, for_each_param, HeadConfig, IbotParts, Layout, ModelConfig, VitConfig,
 };
 use dinovmf_core::optim::{adamw_step_model, clip_gradients, ema_update, AdamW};
 use dinovmf_core::reference_model;
 use dinovmf_core::vmf::BesselApprox;
-use dinovmf_core::Real;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -54,13 +53,7 @@ const G: usize = 12;
 const L: usize = 8;
 
 fn shapes() -> StepShapes {
-    StepShapes {
-        batch: B,
-        n_global: 2,
-        n_local: N_LOCAL,
-        global_size: G,
-        local_size: L,
-    }
+    common::shapes(B, N_LOCAL, G, L)
 }
 
 fn loss_cfg(vmf: bool, nll: bool) -> LossConfig {
@@ -72,72 +65,6 @@ fn loss_cfg(vmf: bool, nll: bool) -> LossConfig {
     c.norm_last_layer = nll;
     c.approx = BesselApprox::default();
     c
-}
-
-fn normal(rng: &mut ChaCha8Rng) -> f64 {
-    // Box-Muller.
-    let u1: f64 = rng.gen::<f64>().max(1e-300);
-    let u2: f64 = rng.gen();
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-}
-
-/// A state that is not at initialisation: every tensor perturbed (biases and LayerNorms not
-/// 0 / 1), teacher != student, radii away from 1 when learned, a non-trivial center.
-fn state(cfg: &ModelConfig, loss: &LossConfig, seed: u64) -> TrainState {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let n = num_params(cfg);
-    let mut student = vec![0.0f32; n];
-    init_params(cfg, &mut student, &mut || normal(&mut rng));
-    let lay = Layout::new(cfg);
-    for (i, x) in student.iter_mut().enumerate() {
-        if i >= lay.last_g && i < lay.last_v {
-            if !cfg.head.norm_last_layer {
-                *x = 1.0 + 0.3 * (rng.gen::<f32>() - 0.5);
-            }
-        } else {
-            *x += 0.05 * normal(&mut rng) as f32;
-        }
-    }
-    let mut teacher = student.clone();
-    for (i, x) in teacher.iter_mut().enumerate() {
-        if !(i >= lay.last_g && i < lay.last_v && cfg.head.norm_last_layer) {
-            *x += 0.01 * normal(&mut rng) as f32;
-        }
-    }
-    let k = cfg.head.out_dim;
-    let mut center = vec![0.0f32; k];
-    center_init(&mut center, loss.centering);
-    for c in center.iter_mut() {
-        match loss.centering {
-            Centering::Logit => *c = 0.1 * normal(&mut rng) as f32,
-            Centering::Probability => *c *= 0.5 + rng.gen::<f32>(),
-        }
-    }
-    TrainState {
-        student,
-        teacher,
-        adam_m: vec![0.0; n],
-        adam_v: vec![0.0; n],
-        center,
-        patch_center: Vec::new(),
-        adam_step: 0,
-    }
-}
-
-fn batch(seed: u64) -> Batch {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect() };
-    Batch {
-        global: r(2 * B * 3 * G * G),
-        local: r(N_LOCAL * B * 3 * L * L),
-        labels: vec![0; B],
-        indices: (0..B).collect(),
-        global_size: G,
-        local_size: L,
-        batch_size: B,
-        n_global: 2,
-        n_local: N_LOCAL,
-    }
 }
 
 fn hyper(seed: u64) -> StepHyper {
@@ -243,16 +170,6 @@ fn reference<T: dinovmf_core::logits::VmfReal + dinovmf_core::loss::Stored<T>>(
     }
 }
 
-/// Largest `|a - b|` over the slice, relative to `max(max |b|, floor)`.
-fn rel_err<T: Real>(a: &[f32], b: &[T], floor: f64) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(floor, |m, x| m.max(x.to_f64().abs()));
-    a.iter()
-        .zip(b)
-        .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - y.to_f64()).abs()))
-        / scale
-}
-
 /// Compares forward features, loss, every gradient tensor and the center with `tol` relative
 /// to each tensor's largest entry.
 fn check_against<T: dinovmf_core::logits::VmfReal + dinovmf_core::loss::Stored<T>>(
@@ -263,8 +180,8 @@ fn check_against<T: dinovmf_core::logits::VmfReal + dinovmf_core::loss::Stored<T
 ) {
     let cfg = model(nll, drop_path);
     let lc = loss_cfg(vmf, nll);
-    let st = state(&cfg, &lc, 7 + vmf as u64 + 2 * nll as u64);
-    let bt = batch(11);
+    let st = perturbed_state(&cfg, &lc, 7 + vmf as u64 + 2 * nll as u64);
+    let bt = random_batch(&shapes(), 11);
     let hp = hyper(1234);
     let mut be = backend(&cfg, &lc, &st);
     let rep = be.compute_gradients(&bt, &hp).unwrap();
@@ -338,7 +255,7 @@ fn train_step_equals_core_optimiser_on_its_gradients_bitwise() {
     for (vmf, nll) in [(false, true), (true, false)] {
         let cfg = model(nll, 0.2);
         let lc = loss_cfg(vmf, nll);
-        let st0 = state(&cfg, &lc, 3);
+        let st0 = perturbed_state(&cfg, &lc, 3);
         let mut be = backend(&cfg, &lc, &st0);
         let mut probe = backend(&cfg, &lc, &st0);
         let mut st = st0.clone();
@@ -347,7 +264,7 @@ fn train_step_equals_core_optimiser_on_its_gradients_bitwise() {
             .into_iter()
             .enumerate()
         {
-            let bt = batch(100 + step as u64);
+            let bt = random_batch(&shapes(), 100 + step as u64);
             let mut hp = hyper(55 + step as u64);
             hp.freeze_last_layer = freeze;
             hp.clip_grad = clip;
@@ -405,7 +322,7 @@ fn train_step_equals_core_optimiser_on_its_gradients_bitwise() {
 fn embed_matches_reference_cls_rel_1e5() {
     let cfg = model(true, 0.1);
     let lc = loss_cfg(false, true);
-    let st = state(&cfg, &lc, 5);
+    let st = perturbed_state(&cfg, &lc, 5);
     let mut be = backend(&cfg, &lc, &st);
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     // 70 images > the 64 per internal chunk; 8 px is not the stored grid (resized pos-embed).
@@ -429,7 +346,10 @@ fn run_steps(be: &mut CpuBackend, steps: usize) -> Vec<[f32; 6]> {
     (0..steps)
         .map(|i| {
             let m = be
-                .train_step(&batch(40 + i as u64), &hyper(77 + i as u64))
+                .train_step(
+                    &random_batch(&shapes(), 40 + i as u64),
+                    &hyper(77 + i as u64),
+                )
                 .unwrap();
             [
                 m.loss,
@@ -447,7 +367,7 @@ fn run_steps(be: &mut CpuBackend, steps: usize) -> Vec<[f32; 6]> {
 fn steps_are_bitwise_deterministic_across_runs_and_thread_counts() {
     let cfg = model(false, 0.3);
     let lc = loss_cfg(true, false);
-    let st = state(&cfg, &lc, 21);
+    let st = perturbed_state(&cfg, &lc, 21);
     let mut results = Vec::new();
     for threads in [2usize, 2, 1, 3] {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -478,10 +398,10 @@ fn steps_are_bitwise_deterministic_across_runs_and_thread_counts() {
 fn bad_shapes_are_errors_not_panics() {
     let cfg = model(true, 0.1);
     let lc = loss_cfg(false, true);
-    let st = state(&cfg, &lc, 1);
+    let st = perturbed_state(&cfg, &lc, 1);
     let mut be = backend(&cfg, &lc, &st);
     let hp = hyper(1);
-    let good = batch(1);
+    let good = random_batch(&shapes(), 1);
     let mut b = good.clone();
     b.batch_size = B + 1;
     assert!(be.train_step(&b, &hp).is_err());

@@ -1,12 +1,13 @@
 //! The CPU backend's iBOT step against core's f64 reference: masks from the step seed, the
 //! reference model with masks and the head on every token, the `[CLS]` composite and the patch
 //! composite, every gradient tensor (mask token included), the loss and both centers.
+mod common;
+use common::{perturbed_state, random_batch, rel_err};
 use dinovmf::backend::cpu::CpuBackend;
 use dinovmf::backend::step::draw_drop_masks;
 use dinovmf::backend::StepShapes;
 use dinovmf::backend::{Backend, SingleProcess, StepHyper, TrainState};
 use dinovmf::data::Batch;
-use dinovmf_core::centering::{center_init, Centering};
 use dinovmf_core::loss::{
     multicrop_loss_forward_backward, scratch_len, LossConfig, LossDims, LossGrads, LossInputs,
 };
@@ -14,12 +15,8 @@ use dinovmf_core::masking::{step_masks, MaskConfig};
 use dinovmf_core::mim_loss::{
     mim_loss_forward_backward, mim_scratch_len, IbotConfig, MimDims, MimGrads, MimInputs,
 };
-use dinovmf_core::model::{
-    for_each_param, init_params, num_params, HeadConfig, IbotParts, Layout, ModelConfig, VitConfig,
-};
+use dinovmf_core::model::{for_each_param, HeadConfig, IbotParts, Layout, ModelConfig, VitConfig};
 use dinovmf_core::reference_model;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 const B: usize = 2;
 const N_LOCAL: usize = 2;
@@ -55,82 +52,7 @@ fn model(nll: bool, separate: bool) -> ModelConfig {
 }
 
 fn shapes() -> StepShapes {
-    StepShapes {
-        batch: B,
-        n_global: 2,
-        n_local: N_LOCAL,
-        global_size: G,
-        local_size: L,
-    }
-}
-
-fn normal(rng: &mut ChaCha8Rng) -> f64 {
-    let u1: f64 = rng.gen::<f64>().max(1e-300);
-    let u2: f64 = rng.gen();
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-}
-
-/// Away from initialisation: everything perturbed, teacher != student, radii != 1 when
-/// learned, a random mask token, non-trivial centers.
-fn state(cfg: &ModelConfig, loss: &LossConfig, seed: u64) -> TrainState {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let n = num_params(cfg);
-    let mut student = vec![0.0f32; n];
-    init_params(cfg, &mut student, &mut || normal(&mut rng));
-    let lay = Layout::new(cfg);
-    let k = cfg.head.out_dim;
-    let is_g = |i: usize| {
-        (i >= lay.last_g && i < lay.last_g + k) || (i >= lay.patch_g && i < lay.patch_g + k)
-    };
-    for (i, x) in student.iter_mut().enumerate() {
-        if is_g(i) {
-            if !cfg.head.norm_last_layer {
-                *x = 1.0 + 0.3 * (rng.gen::<f32>() - 0.5);
-            }
-        } else {
-            *x += 0.05 * normal(&mut rng) as f32;
-        }
-    }
-    let mut teacher = student.clone();
-    for (i, x) in teacher.iter_mut().enumerate() {
-        if !(is_g(i) && cfg.head.norm_last_layer) {
-            *x += 0.01 * normal(&mut rng) as f32;
-        }
-    }
-    let mut center = vec![0.0f32; k];
-    center_init(&mut center, loss.centering);
-    let mut patch_center = center.clone();
-    for c in center.iter_mut().chain(patch_center.iter_mut()) {
-        match loss.centering {
-            Centering::Logit => *c = 0.1 * normal(&mut rng) as f32,
-            Centering::Probability => *c *= 0.5 + rng.gen::<f32>(),
-        }
-    }
-    TrainState {
-        student,
-        teacher,
-        adam_m: vec![0.0; n],
-        adam_v: vec![0.0; n],
-        center,
-        patch_center,
-        adam_step: 0,
-    }
-}
-
-fn batch(seed: u64) -> Batch {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect() };
-    Batch {
-        global: r(2 * B * 3 * G * G),
-        local: r(N_LOCAL * B * 3 * L * L),
-        labels: vec![0; B],
-        indices: (0..B).collect(),
-        global_size: G,
-        local_size: L,
-        batch_size: B,
-        n_global: 2,
-        n_local: N_LOCAL,
-    }
+    common::shapes(B, N_LOCAL, G, L)
 }
 
 fn ibot_cfg() -> IbotConfig {
@@ -327,15 +249,6 @@ fn reference(
     }
 }
 
-fn rel_err(a: &[f32], b: &[f64], floor: f64) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(floor, |m, x| m.max(x.abs()));
-    a.iter()
-        .zip(b)
-        .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - y).abs()))
-        / scale
-}
-
 fn check(vmf: bool, nll: bool, separate: bool) {
     let cfg = model(nll, separate);
     let mut lc = if vmf {
@@ -345,8 +258,8 @@ fn check(vmf: bool, nll: bool, separate: bool) {
     };
     lc.norm_last_layer = nll;
     let ib = ibot_cfg();
-    let st = state(&cfg, &lc, 3 + vmf as u64);
-    let bt = batch(5);
+    let st = perturbed_state(&cfg, &lc, 3 + vmf as u64);
+    let bt = random_batch(&shapes(), 5);
     let hp = hyper(99);
     let mut be = CpuBackend::new(cfg, lc, shapes(), Box::new(SingleProcess))
         .unwrap()
@@ -411,7 +324,7 @@ fn ibot_gradients_match_f64_reference_vmf_logits_rel_2e5() {
 fn ibot_step_is_deterministic_and_the_state_carries_the_patch_center() {
     let cfg = model(false, false);
     let lc = LossConfig::vmf();
-    let st = state(&cfg, &lc, 1);
+    let st = perturbed_state(&cfg, &lc, 1);
     let mk = || {
         let mut be = CpuBackend::new(cfg, lc, shapes(), Box::new(SingleProcess))
             .unwrap()
@@ -421,7 +334,7 @@ fn ibot_step_is_deterministic_and_the_state_carries_the_patch_center() {
         be
     };
     let (mut a, mut b) = (mk(), mk());
-    let bt = batch(2);
+    let bt = random_batch(&shapes(), 2);
     for i in 0..3 {
         let ma = a.train_step(&bt, &hyper(10 + i)).unwrap();
         let mb = b.train_step(&bt, &hyper(10 + i)).unwrap();

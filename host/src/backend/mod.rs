@@ -3,6 +3,10 @@
 //! A backend owns the whole training state (student, teacher, optimiser moments, centers) where
 //! its ops run, so a GPU backend keeps everything on the device: only batches go in and
 //! metrics come out.
+//!
+//! The step itself is written once, in [`step`]: the order of its phases, generic over the
+//! [`step::Passes`] each backend implements with its own fused ops (`cpu/passes.rs`,
+//! `cuda/step/passes.rs`). [`open`] builds a backend from a [`BackendConfig`].
 use anyhow::Result;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

@@ -6,7 +6,8 @@
 //! - `driver.rs` (feature `cuda`): the NVIDIA driver through cust 0.3.2;
 //! - `sim.rs` (feature `gpu-sim`): the same kernels on the host simulator of `dinovmf-ptx`, so
 //!   everything above the driver is tested on machines without a GPU;
-//! - `net.rs`, `step.rs`: the ViT, the head, the loss chain, the optimiser, as launches;
+//! - `net.rs`: the ViT and the head as launches; `step.rs`: the backend's buffers, the loss
+//!   chains and the optimiser; `step/passes.rs`: its `Passes` of `backend/step.rs`'s one step;
 //! - `verify.rs`: every kernel against `dinovmf-core` on random inputs (`dinovmf verify-kernels`).
 //!
 //! Built without the `cuda` feature, [`open`] says so clearly; with it, a machine without a

@@ -1,0 +1,113 @@
+//! What the backend tests share: step shapes, a random batch, a state away from
+//! initialisation, a normal draw and the relative error they assert on. Each test file includes
+//! it with `mod common;` and uses the parts it needs.
+#![allow(dead_code)]
+
+use dinovmf::backend::{StepShapes, TrainState};
+use dinovmf::data::Batch;
+use dinovmf_core::centering::{center_init, Centering};
+use dinovmf_core::loss::LossConfig;
+use dinovmf_core::model::{init_params, num_params, Layout, ModelConfig};
+use dinovmf_core::Real;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Batches of `batch` images: two global crops of `global` px, `n_local` local crops of
+/// `local` px.
+pub fn shapes(batch: usize, n_local: usize, global: usize, local: usize) -> StepShapes {
+    StepShapes {
+        batch,
+        n_global: 2,
+        n_local,
+        global_size: global,
+        local_size: local,
+    }
+}
+
+/// A standard normal draw (Box-Muller).
+pub fn normal(rng: &mut ChaCha8Rng) -> f64 {
+    let u1: f64 = rng.gen::<f64>().max(1e-300);
+    let u2: f64 = rng.gen();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// A batch of `s`'s shapes (3 channels), every value uniform in [-1, 1) from `seed`.
+pub fn random_batch(s: &StepShapes, seed: u64) -> Batch {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect() };
+    let (b, g, l) = (s.batch, s.global_size, s.local_size);
+    Batch {
+        global: r(2 * b * 3 * g * g),
+        local: r(s.n_local * b * 3 * l * l),
+        labels: vec![0; b],
+        indices: (0..b).collect(),
+        global_size: g,
+        local_size: l,
+        batch_size: b,
+        n_global: 2,
+        n_local: s.n_local,
+    }
+}
+
+/// A state that is not at initialisation: every tensor perturbed (biases and LayerNorms not
+/// 0 / 1), teacher != student, radii away from 1 when learned, a non-trivial center; a model
+/// with the mask token (iBOT) also gets a random mask token and a non-trivial patch center.
+pub fn perturbed_state(cfg: &ModelConfig, loss: &LossConfig, seed: u64) -> TrainState {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = num_params(cfg);
+    let mut student = vec![0.0f32; n];
+    init_params(cfg, &mut student, &mut || normal(&mut rng));
+    let lay = Layout::new(cfg);
+    let k = cfg.head.out_dim;
+    // The gains of the [CLS] prototypes and (a separate patch head's) patch prototypes.
+    let is_g = |i: usize| {
+        (i >= lay.last_g && i < lay.last_g + k) || (i >= lay.patch_g && i < lay.patch_g + k)
+    };
+    for (i, x) in student.iter_mut().enumerate() {
+        if is_g(i) {
+            if !cfg.head.norm_last_layer {
+                *x = 1.0 + 0.3 * (rng.gen::<f32>() - 0.5);
+            }
+        } else {
+            *x += 0.05 * normal(&mut rng) as f32;
+        }
+    }
+    let mut teacher = student.clone();
+    for (i, x) in teacher.iter_mut().enumerate() {
+        if !(is_g(i) && cfg.head.norm_last_layer) {
+            *x += 0.01 * normal(&mut rng) as f32;
+        }
+    }
+    let mut center = vec![0.0f32; k];
+    center_init(&mut center, loss.centering);
+    let mut patch_center = if cfg.ibot.mask_token {
+        center.clone()
+    } else {
+        Vec::new()
+    };
+    for c in center.iter_mut().chain(patch_center.iter_mut()) {
+        match loss.centering {
+            Centering::Logit => *c = 0.1 * normal(&mut rng) as f32,
+            Centering::Probability => *c *= 0.5 + rng.gen::<f32>(),
+        }
+    }
+    TrainState {
+        student,
+        teacher,
+        adam_m: vec![0.0; n],
+        adam_v: vec![0.0; n],
+        center,
+        patch_center,
+        adam_step: 0,
+    }
+}
+
+/// Largest `|a - b|` over the slice, relative to `max(max |b|, floor)`.
+pub fn rel_err<T: Real>(a: &[f32], b: &[T], floor: f64) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(floor, |m, x| m.max(x.to_f64().abs()));
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - y.to_f64()).abs()))
+        / scale
+}
