@@ -56,13 +56,13 @@ fn shapes() -> StepShapes {
     common::shapes(B, N_LOCAL, G, L)
 }
 
-fn loss_cfg(vmf: bool, nll: bool) -> LossConfig {
+fn loss_cfg(vmf: bool, norm_last: bool) -> LossConfig {
     let mut c = if vmf {
         LossConfig::vmf()
     } else {
         LossConfig::dino()
     };
-    c.norm_last_layer = nll;
+    c.norm_last_layer = norm_last;
     c.approx = BesselApprox::default();
     c
 }
@@ -174,19 +174,19 @@ fn reference<T: dinovmf_core::logits::VmfReal + dinovmf_core::loss::Stored<T>>(
 /// to each tensor's largest entry.
 fn check_against<T: dinovmf_core::logits::VmfReal + dinovmf_core::loss::Stored<T>>(
     vmf: bool,
-    nll: bool,
+    norm_last: bool,
     drop_path: f32,
     tol: f64,
 ) {
-    let cfg = model(nll, drop_path);
-    let lc = loss_cfg(vmf, nll);
-    let st = perturbed_state(&cfg, &lc, 7 + vmf as u64 + 2 * nll as u64);
+    let cfg = model(norm_last, drop_path);
+    let lc = loss_cfg(vmf, norm_last);
+    let st = perturbed_state(&cfg, &lc, 7 + vmf as u64 + 2 * norm_last as u64);
     let bt = random_batch(&shapes(), 11);
     let hp = hyper(1234);
     let mut be = backend(&cfg, &lc, &st);
     let rep = be.compute_gradients(&bt, &hp).unwrap();
     let r = reference::<T>(&cfg, &lc, &st, &bt, &hp);
-    let what = format!("vmf={vmf} nll={nll} drop_path={drop_path}");
+    let what = format!("vmf={vmf} norm_last={norm_last} drop_path={drop_path}");
     let e = rel_err(be.student_z(), &r.z_s, 1e-6);
     assert!(e < tol, "{what}: z_s rel err {e:e} >= {tol:e}");
     let e = rel_err(be.teacher_z(), &r.z_t, 1e-6);
@@ -252,9 +252,9 @@ fn gradients_match_f32_reference_rel_2e5() {
 /// DINO's parameter groups, EMA and center update, written out here: equal bit for bit.
 #[test]
 fn train_step_equals_core_optimiser_on_its_gradients_bitwise() {
-    for (vmf, nll) in [(false, true), (true, false)] {
-        let cfg = model(nll, 0.2);
-        let lc = loss_cfg(vmf, nll);
+    for (vmf, norm_last) in [(false, true), (true, false)] {
+        let cfg = model(norm_last, 0.2);
+        let lc = loss_cfg(vmf, norm_last);
         let st0 = perturbed_state(&cfg, &lc, 3);
         let mut be = backend(&cfg, &lc, &st0);
         let mut probe = backend(&cfg, &lc, &st0);
@@ -309,7 +309,7 @@ fn train_step_equals_core_optimiser_on_its_gradients_bitwise() {
             }
         }
         // Untrainable tensors never move (weight_g under norm_last_layer).
-        if nll {
+        if norm_last {
             let st = be.state().unwrap();
             let r = lay.last_g..lay.last_v;
             assert!(st.student[r.clone()].iter().all(|&x| x == 1.0));

@@ -23,7 +23,7 @@ const N_LOCAL: usize = 2;
 const G: usize = 12;
 const L: usize = 8;
 
-fn model(nll: bool, separate: bool) -> ModelConfig {
+fn model(norm_last: bool, separate: bool) -> ModelConfig {
     ModelConfig {
         vit: VitConfig {
             img_size: G,
@@ -42,7 +42,7 @@ fn model(nll: bool, separate: bool) -> ModelConfig {
             bottleneck: 64,
             n_layers: 3,
             out_dim: 48,
-            norm_last_layer: nll,
+            norm_last_layer: norm_last,
         },
         ibot: IbotParts {
             mask_token: true,
@@ -249,14 +249,14 @@ fn reference(
     }
 }
 
-fn check(vmf: bool, nll: bool, separate: bool) {
-    let cfg = model(nll, separate);
+fn check(vmf: bool, norm_last: bool, separate: bool) {
+    let cfg = model(norm_last, separate);
     let mut lc = if vmf {
         LossConfig::vmf()
     } else {
         LossConfig::dino()
     };
-    lc.norm_last_layer = nll;
+    lc.norm_last_layer = norm_last;
     let ib = ibot_cfg();
     let st = perturbed_state(&cfg, &lc, 3 + vmf as u64);
     let bt = random_batch(&shapes(), 5);
@@ -268,7 +268,7 @@ fn check(vmf: bool, nll: bool, separate: bool) {
     be.set_state(&st).unwrap();
     let rep = be.compute_gradients(&bt, &hp).unwrap();
     let r = reference(&cfg, &lc, &ib, &st, &bt, &hp);
-    let what = format!("vmf={vmf} nll={nll} separate={separate}");
+    let what = format!("vmf={vmf} norm_last={norm_last} separate={separate}");
     assert!(r.masked > 0, "{what}: the test needs masked patches");
     let tol = 2e-5;
     let e = (rep.loss as f64 - r.loss).abs() / r.loss.abs();

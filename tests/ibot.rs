@@ -263,11 +263,11 @@ fn case(seed: u64, centering: Centering) -> Case {
     }
 }
 
-fn cfg(kind: LogitKind, centering: Centering, nll: bool) -> LossConfig {
+fn cfg(kind: LogitKind, centering: Centering, norm_last: bool) -> LossConfig {
     LossConfig {
         kind,
         centering,
-        norm_last_layer: nll,
+        norm_last_layer: norm_last,
         teacher_temp: 0.05,
         center_momentum: 0.8,
         ..LossConfig::dino()
@@ -427,8 +427,8 @@ const COMBOS: [(LogitKind, Centering, bool); 6] = [
 
 #[test]
 fn patch_loss_matches_direct_formula_f64_rel_1e12() {
-    for (i, &(kind, centering, nll)) in COMBOS.iter().enumerate() {
-        let cf = cfg(kind, centering, nll);
+    for (i, &(kind, centering, norm_last)) in COMBOS.iter().enumerate() {
+        let cf = cfg(kind, centering, norm_last);
         let c = case(10 + i as u64, centering);
         let r = run(&cf, &c);
         let (want, center) = direct(&cf, &c);
@@ -456,7 +456,7 @@ fn patch_loss_matches_direct_formula_f64_rel_1e12() {
                 assert!(g.iter().any(|&x| x != 0.0), "row {row}: masked but dz == 0");
             }
         }
-        if nll {
+        if norm_last {
             assert!(r.dg.iter().all(|&x| x == 0.0));
         }
     }
@@ -465,8 +465,8 @@ fn patch_loss_matches_direct_formula_f64_rel_1e12() {
 #[test]
 fn patch_loss_gradients_match_central_differences_f64() {
     let h = 1e-6;
-    for (i, &(kind, centering, nll)) in COMBOS.iter().enumerate() {
-        let cf = cfg(kind, centering, nll);
+    for (i, &(kind, centering, norm_last)) in COMBOS.iter().enumerate() {
+        let cf = cfg(kind, centering, norm_last);
         let c = case(40 + i as u64, centering);
         let r = run(&cf, &c);
         let loss = |x: &Case| run(&cf, x).out.loss;
@@ -489,7 +489,7 @@ fn patch_loss_gradients_match_central_differences_f64() {
             worst = worst.max((d - r.dv[j]).abs());
             gmax = gmax.max(r.dv[j].abs());
         }
-        if !nll {
+        if !norm_last {
             for j in 0..c.g_s.len() {
                 let d = fd(&|x: &mut Case, e| x.g_s[j] += e);
                 worst = worst.max((d - r.dg[j]).abs());
@@ -499,10 +499,10 @@ fn patch_loss_gradients_match_central_differences_f64() {
         // The teacher side carries no gradient: moving it changes the loss, but the composite
         // has no output for it, by design (stop-gradient).
         let rel = worst / gmax;
-        println!("{kind:?} {centering:?} nll={nll}: FD rel {rel:e}");
+        println!("{kind:?} {centering:?} norm_last={norm_last}: FD rel {rel:e}");
         assert!(
             rel < 1e-6,
-            "{kind:?} {centering:?} nll={nll}: FD rel {rel:e}"
+            "{kind:?} {centering:?} norm_last={norm_last}: FD rel {rel:e}"
         );
     }
 }

@@ -61,11 +61,11 @@ fn random_case(seed: u64, dims: LossDims, centering: Centering, g_range: (f64, f
     }
 }
 
-fn cfg_for(kind: LogitKind, centering: Centering, nll: bool) -> LossConfig {
+fn cfg_for(kind: LogitKind, centering: Centering, norm_last: bool) -> LossConfig {
     LossConfig {
         kind,
         centering,
-        norm_last_layer: nll,
+        norm_last_layer: norm_last,
         ..LossConfig::dino()
     }
 }
@@ -314,23 +314,23 @@ fn rel_err(a: f64, b: f64) -> f64 {
 
 #[test]
 fn loss_matches_direct_double_loop_f64_rel_1e12() {
-    for (i, &(kind, centering, nll)) in COMBOS.iter().enumerate() {
-        let cfg = cfg_for(kind, centering, nll);
+    for (i, &(kind, centering, norm_last)) in COMBOS.iter().enumerate() {
+        let cfg = cfg_for(kind, centering, norm_last);
         let c = random_case(100 + i as u64, SMALL, centering, (0.5, 2.0));
         let got = loss_only(&cfg, &c);
         let want = direct_loss(&cfg, &c, &c.center);
         let e = rel_err(got, want);
         assert!(
             e <= 1e-12,
-            "{kind:?} {centering:?} nll={nll}: composite {got} vs direct {want}, rel {e:e} > 1e-12"
+            "{kind:?} {centering:?} norm_last={norm_last}: composite {got} vs direct {want}, rel {e:e} > 1e-12"
         );
     }
 }
 
 #[test]
 fn center_update_follows_the_loss_and_uses_previous_center() {
-    for (i, &(kind, centering, nll)) in COMBOS.iter().enumerate() {
-        let cfg = cfg_for(kind, centering, nll);
+    for (i, &(kind, centering, norm_last)) in COMBOS.iter().enumerate() {
+        let cfg = cfg_for(kind, centering, norm_last);
         let c = random_case(200 + i as u64, SMALL, centering, (0.5, 2.0));
         let run = run_f64(&cfg, &c);
         let (_, stat) = direct_targets(&cfg, &c, &c.center);
@@ -368,8 +368,8 @@ fn center_update_follows_the_loss_and_uses_previous_center() {
 #[test]
 fn gradients_match_central_differences_f64() {
     let h = 1e-6;
-    for (i, &(kind, centering, nll)) in COMBOS.iter().enumerate() {
-        let cfg = cfg_for(kind, centering, nll);
+    for (i, &(kind, centering, norm_last)) in COMBOS.iter().enumerate() {
+        let cfg = cfg_for(kind, centering, norm_last);
         let c = random_case(300 + i as u64, SMALL, centering, (0.5, 2.0));
         let run = run_f64(&cfg, &c);
         // The composite differentiates through D_p with A_p = -D_p'; any inconsistency between the
@@ -398,7 +398,7 @@ fn gradients_match_central_differences_f64() {
         let mut defect_max = 0.0f64;
         for j in 0..c.g_s.len() {
             let d = fd(&|x: &mut Case, e| x.g_s[j] += e);
-            if nll {
+            if norm_last {
                 assert!(d.abs() <= 1e-9, "norm_last_layer: loss depends on g ({d})");
                 assert_eq!(run.dg[j], 0.0, "norm_last_layer: dg must be zero");
                 continue;
@@ -420,10 +420,10 @@ fn gradients_match_central_differences_f64() {
             gmax = gmax.max(run.dg[j].abs());
         }
         let rel = worst / gmax;
-        println!("{kind:?} {centering:?} nll={nll}: max |fd - analytic| / max|grad| = {rel:e} (D_p/A_p defect {defect_max:e})");
+        println!("{kind:?} {centering:?} norm_last={norm_last}: max |fd - analytic| / max|grad| = {rel:e} (D_p/A_p defect {defect_max:e})");
         assert!(
             rel <= 1e-7,
-            "{kind:?} {centering:?} nll={nll}: FD rel error {rel:e} > 1e-7"
+            "{kind:?} {centering:?} norm_last={norm_last}: FD rel error {rel:e} > 1e-7"
         );
     }
 }
@@ -571,12 +571,12 @@ fn max_abs(a: &[f64]) -> f64 {
 
 #[test]
 fn stage_functions_compose_to_the_composite_f64_rel_1e12() {
-    for (i, &(kind, centering, nll)) in COMBOS.iter().enumerate() {
-        let cfg = cfg_for(kind, centering, nll);
+    for (i, &(kind, centering, norm_last)) in COMBOS.iter().enumerate() {
+        let cfg = cfg_for(kind, centering, norm_last);
         let c = random_case(400 + i as u64, SMALL, centering, (0.5, 2.0));
         let run = run_f64(&cfg, &c);
         let st = stage_pipeline(&cfg, &c);
-        let tag = format!("{kind:?} {centering:?} nll={nll}");
+        let tag = format!("{kind:?} {centering:?} norm_last={norm_last}");
         assert!(rel_err(run.out.loss, st.loss) <= 1e-12, "{tag}: loss");
         for (name, a, b) in [
             ("dz", &run.dz, &st.dz),
@@ -645,12 +645,12 @@ const MID: LossDims = LossDims {
 /// center <= 1e-6 (absolute).
 #[test]
 fn f32_composite_matches_f64() {
-    for (i, &(kind, centering, nll)) in COMBOS.iter().enumerate() {
-        let cfg = cfg_for(kind, centering, nll);
+    for (i, &(kind, centering, norm_last)) in COMBOS.iter().enumerate() {
+        let cfg = cfg_for(kind, centering, norm_last);
         let c = random_case(500 + i as u64, MID, centering, (0.5, 2.0));
         let r64 = run_f64(&cfg, &c);
         let r32 = run_f32(&cfg, &c);
-        let tag = format!("{kind:?} {centering:?} nll={nll}");
+        let tag = format!("{kind:?} {centering:?} norm_last={norm_last}");
         let le = rel_err(r64.out.loss, r32.out.loss as f64);
         let up = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
         let mut worst = 0.0f64;
@@ -733,8 +733,8 @@ fn run_f16(cfg: &LossConfig, c: &Case) -> F16Run {
 /// f32 gradient rounded to f16 (|error| <= 2^-11 |g| + 2^-24, half an f16 ulp incl. subnormals).
 #[test]
 fn f16_storage_matches_f32_within_f16_rounding() {
-    for (i, &(kind, centering, nll)) in COMBOS.iter().enumerate() {
-        let cfg = cfg_for(kind, centering, nll);
+    for (i, &(kind, centering, norm_last)) in COMBOS.iter().enumerate() {
+        let cfg = cfg_for(kind, centering, norm_last);
         let mut c = random_case(600 + i as u64, MID, centering, (0.5, 2.0));
         for x in [
             &mut c.z_s, &mut c.z_t, &mut c.v_s, &mut c.g_s, &mut c.v_t, &mut c.g_t,
@@ -743,7 +743,7 @@ fn f16_storage_matches_f32_within_f16_rounding() {
         }
         let r32 = run_f32(&cfg, &c);
         let (out16, dz, dv, dg, center) = run_f16(&cfg, &c);
-        let tag = format!("{kind:?} {centering:?} nll={nll}");
+        let tag = format!("{kind:?} {centering:?} norm_last={norm_last}");
         assert_eq!(out16.loss, r32.out.loss, "{tag}: loss");
         assert_eq!(out16.collapse, r32.out.collapse, "{tag}: stats");
         assert_eq!(center, r32.center, "{tag}: center");

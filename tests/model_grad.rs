@@ -111,8 +111,8 @@ fn layout_table_agrees_with_offsets_and_known_sizes() {
 
 #[test]
 fn decay_trainable_and_last_layer_flags_follow_the_spec() {
-    for nll in [true, false] {
-        let cfg = ModelConfig::tiny_test().with_norm_last_layer(nll);
+    for norm_last in [true, false] {
+        let cfg = ModelConfig::tiny_test().with_norm_last_layer(norm_last);
         for_each_param(&cfg, |p| {
             let n = p.name.as_str();
             // DINO's rule (no decay on biases and norms), plus: weight_g holds one norm per
@@ -130,7 +130,7 @@ fn decay_trainable_and_last_layer_flags_follow_the_spec() {
             );
             assert_eq!(
                 p.trainable,
-                !(nll && n == "head.last_layer.weight_g"),
+                !(norm_last && n == "head.last_layer.weight_g"),
                 "{n}: trainable"
             );
         });

@@ -85,8 +85,8 @@ fn dino_step_on_the_simulator_matches_cpu_rel_1e4() {
 
 /// iBOT's tiny model: the test model with the mask token (and a separate patch head when
 /// asked), `norm_last_layer` as given.
-fn ibot_model(nll: bool, separate: bool) -> ModelConfig {
-    let mut m = ModelConfig::tiny_test().with_norm_last_layer(nll);
+fn ibot_model(norm_last: bool, separate: bool) -> ModelConfig {
+    let mut m = ModelConfig::tiny_test().with_norm_last_layer(norm_last);
     m.ibot = IbotParts {
         mask_token: true,
         separate_patch_head: separate,

@@ -23,7 +23,7 @@ struct Out {
 fn branch(
     v: &[f32],
     g: &[f32],
-    nll: bool,
+    norm_last: bool,
     tau: f32,
     cfg: &LossConfig,
     k: usize,
@@ -34,7 +34,7 @@ fn branch(
         rows::l2norm_forward(b, &mut mu, &mut vn, v, k, p, EPS)
     });
     let mut r = poison(k);
-    if nll {
+    if norm_last {
         launch("fill", grid1("fill", k), |b| {
             elementwise::fill(b, &mut r, 1.0, k)
         });
@@ -59,12 +59,12 @@ fn gpu_chain(cfg: &LossConfig, dims: LossDims, inp: &LossInputs<'_, f32>, center
         p,
     } = dims;
     let (nt, ns) = (2 * batch, n_crops * batch);
-    let nll = cfg.norm_last_layer;
+    let norm_last = cfg.norm_last_layer;
     let (tau_s, tau_t) = (cfg.student_temp as f32, cfg.teacher_temp as f32);
     let centering = cfg.centering;
 
     // Teacher.
-    let (mu_t, _, [sc_t, bi_t, _]) = branch(inp.v_t, inp.g_t, nll, tau_t, cfg, k, p);
+    let (mu_t, _, [sc_t, bi_t, _]) = branch(inp.v_t, inp.g_t, norm_last, tau_t, cfg, k, p);
     let (mut y_t, mut zn_t) = (poison(nt * p), poison(nt));
     launch("l2norm_forward", grid_rows("l2norm_forward", nt), |b| {
         rows::l2norm_forward(b, &mut y_t, &mut zn_t, inp.z_t, nt, p, EPS)
@@ -98,7 +98,7 @@ fn gpu_chain(cfg: &LossConfig, dims: LossDims, inp: &LossInputs<'_, f32>, center
     });
 
     // Student forward: logits GEMM with the fused LSE pass, row LSEs.
-    let (mu_s, vn_s, [sc, bi, dbias]) = branch(inp.v_s, inp.g_s, nll, tau_s, cfg, k, p);
+    let (mu_s, vn_s, [sc, bi, dbias]) = branch(inp.v_s, inp.g_s, norm_last, tau_s, cfg, k, p);
     let (mut y_s, mut zn_s) = (poison(ns * p), poison(ns));
     launch("l2norm_forward", grid_rows("l2norm_forward", ns), |b| {
         rows::l2norm_forward(b, &mut y_s, &mut zn_s, inp.z_s, ns, p, EPS)
@@ -122,7 +122,7 @@ fn gpu_chain(cfg: &LossConfig, dims: LossDims, inp: &LossInputs<'_, f32>, center
         head::xent_columns(
             b,
             &mut dots,
-            if nll { None } else { Some(&mut dr) },
+            if norm_last { None } else { Some(&mut dr) },
             &mut loss_part,
             &lse,
             &p_t,

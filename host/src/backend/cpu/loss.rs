@@ -146,11 +146,11 @@ pub fn forward_backward(
     let ns = n_crops * batch;
     let tau_s = cfg.student_temp as f32;
     let tau_t = cfg.teacher_temp as f32;
-    let nll = cfg.norm_last_layer;
+    let norm_last = cfg.norm_last_layer;
 
     // Teacher: targets with the previous center, and the batch statistic.
     normalize_rows(&mut lb.mu_t, &mut lb.vn_t, v_t, p);
-    if nll {
+    if norm_last {
         lb.r.fill(1.0);
     } else {
         lb.r.copy_from_slice(&g_t[..k]);
@@ -211,7 +211,7 @@ pub fn forward_backward(
 
     // Student logits, loss, and dL/d(dots) (and dL/dg) row by row.
     normalize_rows(&mut lb.mu_s, &mut lb.vn_s, v_s, p);
-    if nll {
+    if norm_last {
         lb.r.fill(1.0);
     } else {
         lb.r.copy_from_slice(&g_s[..k]);
@@ -270,7 +270,7 @@ pub fn forward_backward(
                     *rl = xent_row_forward_backward_inplace(l, dd, n as f32, gs);
                     logits_row_backward(
                         dd,
-                        if nll { None } else { Some(&mut part[..]) },
+                        if norm_last { None } else { Some(&mut part[..]) },
                         l,
                         dots,
                         scale,
@@ -279,7 +279,7 @@ pub fn forward_backward(
                     );
                 }
             });
-        if !nll {
+        if !norm_last {
             dg[..k].fill(0.0);
             for part in lb.part[..nc * k].chunks_exact(k) {
                 for (s, &x) in dg.iter_mut().zip(part) {

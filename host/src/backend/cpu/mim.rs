@@ -197,13 +197,13 @@ pub fn forward_backward(
     let (k, p) = (mb.k, mb.p);
     let rows = inp.views * inp.batch * inp.n;
     let m = inp.masked_rows.len();
-    let nll = cfg.norm_last_layer;
+    let norm_last = cfg.norm_last_layer;
     let tau_s = cfg.student_temp as f32;
     let tau_t = cfg.teacher_temp as f32;
 
     // Teacher: targets at every patch with the previous center, and the center statistic.
     normalize_rows(&mut mb.mu_t, &mut mb.vn_t, &inp.v_t[..k * p], p);
-    if nll {
+    if norm_last {
         mb.r.fill(1.0);
     } else {
         mb.r.copy_from_slice(&inp.g_t[..k]);
@@ -282,7 +282,7 @@ pub fn forward_backward(
 
     // Student at the masked positions.
     normalize_rows(&mut mb.mu_s, &mut mb.vn_s, &inp.v_s[..k * p], p);
-    if nll {
+    if norm_last {
         mb.r.fill(1.0);
     } else {
         mb.r.copy_from_slice(&inp.g_s[..k]);
@@ -341,7 +341,7 @@ pub fn forward_backward(
                     *rl = w * xent_row_forward_backward_inplace(l, dd, 1.0, w * weight);
                     logits_row_backward(
                         dd,
-                        if nll { None } else { Some(&mut part[..]) },
+                        if norm_last { None } else { Some(&mut part[..]) },
                         l,
                         dots,
                         scale,
@@ -350,7 +350,7 @@ pub fn forward_backward(
                     );
                 }
             });
-        if !nll {
+        if !norm_last {
             for part in mb.part[..ncs * k].chunks_exact(k) {
                 for (s, &x) in dg[..k].iter_mut().zip(part) {
                     *s += x;
