@@ -21,7 +21,7 @@ pub unsafe fn sl<'a, T>(p: *const T, n: usize) -> &'a [T] {
     if n == 0 {
         &[]
     } else {
-        core::slice::from_raw_parts(p, n as usize)
+        core::slice::from_raw_parts(p, n)
     }
 }
 
@@ -34,7 +34,7 @@ pub unsafe fn sl_mut<'a, T>(p: *mut T, n: usize) -> &'a mut [T] {
     if n == 0 {
         &mut []
     } else {
-        core::slice::from_raw_parts_mut(p, n as usize)
+        core::slice::from_raw_parts_mut(p, n)
     }
 }
 

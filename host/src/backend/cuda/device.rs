@@ -25,6 +25,11 @@ pub const GRID_LIMITS: [u64; 3] = [(1 << 31) - 1, 65535, 65535];
 /// released when it is dropped.
 pub trait Device: Send {
     fn name(&self) -> String;
+    /// What loading the kernels reported (JIT log, registers and local memory per kernel),
+    /// where the device has such a report.
+    fn load_report(&self) -> Option<String> {
+        None
+    }
     /// Makes the device current for the calling thread (CUDA contexts are per thread).
     fn bind(&mut self) -> Result<()>;
     /// `bytes` of device memory, every byte 0xFF (f32 NaN), so that reading what no kernel
