@@ -24,6 +24,7 @@ fn corners(shape: &LargeShape) {
         "softmax_rows",
         "gemm_logits_f32",
         "gather_rows",
+        "xent_masked",
     ] {
         assert!(rows.iter().any(|r| r.kernel == k), "{k} not checked");
     }

@@ -1,5 +1,6 @@
 //! Kernels at production shapes (ViT-S/16 and ViT-B/16, batch 64, 2 global 224-pixel crops and
-//! 8 local 96-pixel ones, K = 65536 prototypes), checked on sampled entries: the first and last
+//! 8 local 96-pixel ones, K = 65536 prototypes; DINO's backbone and head, iBOT's masked-row
+//! gather and patch loss), checked on sampled entries: the first and last
 //! rows and columns, which lie in the first and the last (partial) blocks and tiles of each grid.
 //!
 //! On a GPU (`dinovmf verify-kernels --large`) every block runs and only the samples are read
@@ -359,6 +360,130 @@ fn gather<D: Device>(l: &mut L<'_, D>, n: usize, d: usize, src_rows: usize) -> R
     Ok(())
 }
 
+/// iBOT's patch loss (`xent_masked`) at its production shape: `m` masked student rows against
+/// `t_rows` teacher patch rows of K columns (`t_rows * K` = 1.6e9 at batch 64: a 6.6 GB target
+/// buffer; on the simulator it is lazily zeroed and only the corner blocks' columns are
+/// written). Checks the gradient on sampled rows of the first and last 256-column block, `dr`
+/// on those columns (sums over every row) and the two blocks' loss parts.
+fn patch_loss<D: Device>(l: &mut L<'_, D>, m: usize, t_rows: usize, k: usize) -> Result<()> {
+    let cols = first_last(k, 256);
+    let col_runs = runs(&cols);
+    let nc = cols.len();
+    let (tau, grad_scale) = (0.1f32, 0.5f32);
+    let scale = l.rv(k, 5.0, 15.0);
+    let bias = l.rv(k, -1.0, 1.0);
+    let dbias = l.rv(k, -0.5, 0.5);
+    let dr0 = l.rv(k, -1.0, 1.0);
+    let lse = l.rv(m, 7.0, 9.0);
+    let w = l.rv(m, 0.1, 1.0);
+    let tgt: Vec<u64> = (0..m)
+        .map(|i| match i {
+            0 => 0,
+            1 => (t_rows - 1) as u64,
+            _ => l.rng.gen_range(0..t_rows as u64),
+        })
+        .collect();
+    // Only the sampled columns of each row hold data (the rest is never read by these blocks).
+    let dots_c = l.rv(m * nc, -0.2, 0.2);
+    let pt_c = l.rv(t_rows * nc, 0.0, 1.0);
+    let dots = l.gpu.alloc::<f32>(m * k)?;
+    let p_t = l.gpu.alloc::<f32>(t_rows * k)?;
+    for (rows, buf, vals) in [(m, dots, &dots_c), (t_rows, p_t, &pt_c)] {
+        for r in 0..rows {
+            let mut o = 0;
+            for &(s, len) in &col_runs {
+                l.gpu
+                    .upload(buf.sub(r * k + s, len), &vals[r * nc + o..r * nc + o + len])?;
+                o += len;
+            }
+        }
+    }
+    let (ds, db, ddb, dlse, dw) = (
+        l.up(&scale)?,
+        l.up(&bias)?,
+        l.up(&dbias)?,
+        l.up(&lse)?,
+        l.up(&w)?,
+    );
+    let dr = l.up(&dr0)?;
+    let dtgt = l.gpu.alloc_from(&tgt)?;
+    let nb = k.div_ceil(256);
+    let part = l.out_at(nb, &[(0, 1), (nb - 1, 1)])?;
+    l.gpu.launch(
+        "xent_masked",
+        &[
+            dots.into(),
+            dr.into(),
+            part.into(),
+            dlse.into(),
+            p_t.into(),
+            dtgt.into(),
+            dw.into(),
+            ds.into(),
+            db.into(),
+            ddb.into(),
+            tau.into(),
+            grad_scale.into(),
+            u(m),
+            u(k),
+            u(t_rows),
+        ],
+    )?;
+    let rows = ends(m, 3);
+    let got = l.get_at(dots, &L::<D>::cells(&rows, &cols, k))?;
+    let got_dr = l.get_at(dr, &col_runs)?;
+    let got_part = l.get_at(part, &[(0, 1), (nb - 1, 1)])?;
+    // f64 reference of the kernel's documented formula.
+    let term = |i: usize, ci: usize| -> (f64, f64, f64) {
+        let j = cols[ci];
+        let tv = pt_c[tgt[i] as usize * nc + ci] as f64;
+        let d = dots_c[i * nc + ci] as f64;
+        let nls = lse[i] as f64 - (scale[j] as f64 * d + bias[j] as f64);
+        let dl = ((-nls).exp() - tv) * w[i] as f64 * grad_scale as f64;
+        (
+            dl * scale[j] as f64,
+            dl * (d / tau as f64 + dbias[j] as f64),
+            w[i] as f64 * tv * nls,
+        )
+    };
+    let mut want = Vec::new();
+    for &i in &rows {
+        want.extend((0..nc).map(|ci| term(i, ci).0));
+    }
+    let mut want_dr: Vec<f64> = cols.iter().map(|&j| dr0[j] as f64).collect();
+    let mut want_part = [0f64; 2];
+    for i in 0..m {
+        for ci in 0..nc {
+            let (_, r, loss) = term(i, ci);
+            want_dr[ci] += r;
+            want_part[usize::from(cols[ci] >= 256)] += loss;
+        }
+    }
+    let size = format!("{m}x{k} of {t_rows} rows");
+    l.check(
+        "xent_masked",
+        format!("dL/d dots {size}"),
+        &got,
+        &want,
+        (1e-5, 1e-6),
+    );
+    l.check(
+        "xent_masked",
+        format!("dr {size}"),
+        &got_dr,
+        &want_dr,
+        (1e-4, 1e-2),
+    );
+    l.check(
+        "xent_masked",
+        format!("loss parts {size}"),
+        &got_part,
+        &want_part,
+        (1e-4, 1e-3),
+    );
+    Ok(())
+}
+
 /// The case table at one shape: `(what, case)`; a case that fails to launch becomes a failed
 /// row naming the error (a size or grid check, say).
 pub fn run_large<D: Device>(gpu: &mut Gpu<D>, s: &LargeShape, seed: u64) -> Vec<Row> {
@@ -409,6 +534,12 @@ pub fn run_large<D: Device>(gpu: &mut Gpu<D>, s: &LargeShape, seed: u64) -> Vec<
         (
             "ibot gather".into(),
             Box::new(move |l| gather(l, s.masked_rows, d, s.batch * 2 * (s.global_tokens - 1))),
+        ),
+        (
+            "ibot patch loss".into(),
+            Box::new(move |l| {
+                patch_loss(l, s.masked_rows, s.batch * 2 * (s.global_tokens - 1), s.k)
+            }),
         ),
     ];
     for (what, f) in cases {
