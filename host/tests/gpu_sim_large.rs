@@ -168,3 +168,21 @@ fn a_buffer_shorter_than_its_extent_is_refused_before_launch() {
         "{e}"
     );
 }
+
+/// The whole per-kernel verification with blocks and the threads of each phase in shuffled
+/// orders: no kernel of dinovmf.ptx depends on the order the simulator runs them in (a GPU
+/// guarantees none).
+#[test]
+fn every_kernel_verifies_with_blocks_and_threads_shuffled() {
+    for seed in [1, 2] {
+        let mut gpu = Gpu::new(SimDevice::with_options(SimOptions::shuffled(seed)));
+        let rows = dinovmf::backend::cuda::verify::run_all(&mut gpu, seed);
+        let mut out = Vec::new();
+        print_rows(&rows, &mut out).unwrap();
+        assert!(
+            dinovmf::backend::cuda::verify::verdict(&rows).is_ok(),
+            "seed {seed}:\n{}",
+            String::from_utf8(out).unwrap()
+        );
+    }
+}
