@@ -280,7 +280,11 @@ mod launcher {
     fn argument_types_are_checked_against_the_manifest() {
         let k = manifest::kernel("fill").unwrap();
         let p = |i: usize| (k.params[i].name, k.params[i].ty);
-        let ptr = |elem| Arg::Ptr { addr: 64, elem };
+        let ptr = |elem| Arg::Ptr {
+            addr: 64,
+            elem,
+            len: 1,
+        };
         assert_eq!(ptr("f32").word("fill", p(0).0, p(0).1).unwrap(), 64);
         assert!(ptr("u64").word("fill", p(0).0, p(0).1).is_err());
         assert!(Arg::U32(1).word("fill", p(1).0, p(1).1).is_err());

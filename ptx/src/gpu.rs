@@ -117,45 +117,7 @@ impl Block for Gpu {
     }
 }
 
-/// `&[T]` of `n` elements at `p` (empty when `n` is 0).
-#[inline(always)]
-pub unsafe fn sl<'a, T>(p: *const T, n: u32) -> &'a [T] {
-    if n == 0 {
-        &[]
-    } else {
-        core::slice::from_raw_parts(p, n as usize)
-    }
-}
-
-/// `&mut [T]` of `n` elements at `p`.
-#[inline(always)]
-pub unsafe fn sl_mut<'a, T>(p: *mut T, n: u32) -> &'a mut [T] {
-    if n == 0 {
-        &mut []
-    } else {
-        core::slice::from_raw_parts_mut(p, n as usize)
-    }
-}
-
-/// `None` for a null pointer.
-#[inline(always)]
-pub unsafe fn opt<'a, T>(p: *const T, n: u32) -> Option<&'a [T]> {
-    if p.is_null() {
-        None
-    } else {
-        Some(sl(p, n))
-    }
-}
-
-/// `None` for a null pointer.
-#[inline(always)]
-pub unsafe fn opt_mut<'a, T>(p: *mut T, n: u32) -> Option<&'a mut [T]> {
-    if p.is_null() {
-        None
-    } else {
-        Some(sl_mut(p, n))
-    }
-}
+pub use crate::raw::{opt, opt_mut, sl, sl_mut, us};
 
 /// Any panic (a failed bounds check) traps: the launch fails with an error the host sees.
 #[panic_handler]

@@ -5,16 +5,23 @@
 //! ([`crate::sim::launch_entry`]): a "device address" there is a host address, and each
 //! parameter arrives as one 64-bit word ([`FromArg`]).
 
+/// A `u32` size parameter as a `usize` length: entry points multiply sizes in `usize`
+/// (64 bits on nvptx64 and the host), so that `t_rows * k` cannot wrap at 2^32.
+#[inline(always)]
+pub const fn us(x: u32) -> usize {
+    x as usize
+}
+
 /// `&[T]` of `n` elements at `p` (empty when `n` is 0).
 ///
 /// # Safety
 /// `p` must point to `n` readable elements that nothing writes while the slice lives.
 #[inline(always)]
-pub unsafe fn sl<'a, T>(p: *const T, n: u32) -> &'a [T] {
+pub unsafe fn sl<'a, T>(p: *const T, n: usize) -> &'a [T] {
     if n == 0 {
         &[]
     } else {
-        core::slice::from_raw_parts(p, n as usize)
+        core::slice::from_raw_parts(p, n)
     }
 }
 
@@ -23,11 +30,11 @@ pub unsafe fn sl<'a, T>(p: *const T, n: u32) -> &'a [T] {
 /// # Safety
 /// `p` must point to `n` writable elements that nothing else accesses while the slice lives.
 #[inline(always)]
-pub unsafe fn sl_mut<'a, T>(p: *mut T, n: u32) -> &'a mut [T] {
+pub unsafe fn sl_mut<'a, T>(p: *mut T, n: usize) -> &'a mut [T] {
     if n == 0 {
         &mut []
     } else {
-        core::slice::from_raw_parts_mut(p, n as usize)
+        core::slice::from_raw_parts_mut(p, n)
     }
 }
 
@@ -36,7 +43,7 @@ pub unsafe fn sl_mut<'a, T>(p: *mut T, n: u32) -> &'a mut [T] {
 /// # Safety
 /// As [`sl`] when `p` is not null.
 #[inline(always)]
-pub unsafe fn opt<'a, T>(p: *const T, n: u32) -> Option<&'a [T]> {
+pub unsafe fn opt<'a, T>(p: *const T, n: usize) -> Option<&'a [T]> {
     if p.is_null() {
         None
     } else {
@@ -49,7 +56,7 @@ pub unsafe fn opt<'a, T>(p: *const T, n: u32) -> Option<&'a [T]> {
 /// # Safety
 /// As [`sl_mut`] when `p` is not null.
 #[inline(always)]
-pub unsafe fn opt_mut<'a, T>(p: *mut T, n: u32) -> Option<&'a mut [T]> {
+pub unsafe fn opt_mut<'a, T>(p: *mut T, n: usize) -> Option<&'a mut [T]> {
     if p.is_null() {
         None
     } else {

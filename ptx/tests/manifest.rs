@@ -81,3 +81,49 @@ fn manifest_matches_committed_ptx() {
         );
     }
 }
+
+/// Every pointer parameter has exactly one extent, and an extent names only size parameters of
+/// its kernel or the launch's grid: the host checks each buffer against it.
+#[test]
+fn every_pointer_has_one_extent_over_size_parameters() {
+    for k in manifest::all() {
+        let mut seen = Vec::new();
+        for item in k.extents.split(';').map(str::trim) {
+            let (p, expr) = item
+                .split_once(':')
+                .unwrap_or_else(|| panic!("{}: extent '{item}'", k.name));
+            let p = p.trim();
+            let param = k
+                .params
+                .iter()
+                .find(|q| q.name == p)
+                .unwrap_or_else(|| panic!("{}: extent for unknown parameter {p}", k.name));
+            assert!(
+                param.ty.starts_with('*'),
+                "{}: {p} is not a pointer",
+                k.name
+            );
+            assert!(!seen.contains(&p), "{}: two extents for {p}", k.name);
+            seen.push(p);
+            for name in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| !w.is_empty() && !w.chars().next().unwrap().is_ascii_digit())
+            {
+                let ok = name == "ceil"
+                    || name.starts_with("grid_")
+                    || k.params
+                        .iter()
+                        .any(|q| q.name == name && (q.ty == "u32" || q.ty == "u64"));
+                assert!(ok, "{}: extent of {p} uses '{name}'", k.name);
+            }
+        }
+        for q in k.params.iter().filter(|q| q.ty.starts_with('*')) {
+            assert!(
+                seen.contains(&q.name),
+                "{}: no extent for {}",
+                k.name,
+                q.name
+            );
+        }
+    }
+}

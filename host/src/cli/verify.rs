@@ -15,9 +15,13 @@ pub struct VerifyArgs {
     /// Also run training steps on the device and on the CPU and compare them.
     #[arg(long)]
     pub compare_cpu: bool,
-    /// Only the CPU comparison (skip the per-kernel checks).
-    #[arg(long, requires = "compare_cpu")]
+    /// Skip the per-kernel table (only `--compare-cpu` and/or `--large`).
+    #[arg(long)]
     pub skip_kernels: bool,
+    /// Also check kernels at production shapes (ViT-S/16 and ViT-B/16, batch 64, K = 65536) on
+    /// sampled entries of the first and last blocks; with `--sim` only those corner blocks run.
+    #[arg(long)]
+    pub large: bool,
     /// Model and batch of the comparison.
     #[arg(long, default_value = "tiny")]
     pub preset: String,
@@ -40,6 +44,9 @@ pub const COMPARE_LOSS_RTOL: f64 = 1e-3;
 pub const COMPARE_L2_RTOL: f64 = 1e-3;
 
 pub fn run(args: &VerifyArgs) -> Result<()> {
+    if args.skip_kernels && !args.compare_cpu && !args.large {
+        anyhow::bail!("--skip-kernels leaves nothing to run: add --compare-cpu or --large");
+    }
     let cfg = TrainConfig::preset_for(&args.preset, args.method, args.loss)?;
     cfg.validate()?;
     imp::run(args, &cfg)
@@ -58,16 +65,19 @@ mod imp {
     use super::*;
     use crate::backend::cuda::compare::{compare_with_cpu_ext, print_comparison, Comparison};
     use crate::backend::cuda::device::{Device, Gpu};
-    use crate::backend::cuda::sim::SimDevice;
+    use crate::backend::cuda::sim::{SimDevice, SimOptions};
     use crate::backend::cuda::verify;
     use crate::config::backend_config;
     use anyhow::{bail, Context};
     use std::io::Write;
 
-    fn open_device(sim: bool) -> Result<Box<dyn FnMut() -> Result<AnyDevice>>> {
+    fn open_device(
+        sim: bool,
+        options: SimOptions,
+    ) -> Result<Box<dyn FnMut() -> Result<AnyDevice>>> {
         Ok(Box::new(move || {
             if sim {
-                Ok(AnyDevice::Sim(SimDevice::new()))
+                Ok(AnyDevice::Sim(SimDevice::with_options(options)))
             } else {
                 gpu_device()
             }
@@ -99,6 +109,9 @@ mod imp {
     fn kernels<D: Device>(dev: D, seed: u64, out: &mut dyn Write) -> Result<()> {
         let mut gpu = Gpu::new(dev);
         writeln!(out, "verify-kernels on {}", gpu.dev.name())?;
+        if let Some(r) = gpu.dev.load_report() {
+            writeln!(out, "{r}")?;
+        }
         let t = std::time::Instant::now();
         let rows = verify::run_all(&mut gpu, seed);
         verify::print_rows(&rows, out)?;
@@ -111,6 +124,43 @@ mod imp {
             t.elapsed().as_secs_f64()
         )?;
         verify::verdict(&rows)
+    }
+
+    fn large<D: Device>(dev: D, seed: u64, out: &mut dyn Write) -> Result<()> {
+        let mut gpu = Gpu::new(dev);
+        writeln!(
+            out,
+            "\nverify-kernels --large on {} (sampled first/last rows and tiles)",
+            gpu.dev.name()
+        )?;
+        let t = std::time::Instant::now();
+        let mut rows = Vec::new();
+        for s in [verify::large::VIT_S16, verify::large::VIT_B16] {
+            rows.extend(verify::large::run_large(&mut gpu, &s, seed));
+        }
+        verify::print_rows(&rows, out)?;
+        writeln!(
+            out,
+            "{} large checks, {} launches, {:.1} s",
+            rows.len(),
+            gpu.counters.launches,
+            t.elapsed().as_secs_f64()
+        )?;
+        // Only some kernels have a production-shape case: no coverage rule here.
+        let bad: Vec<String> = rows
+            .iter()
+            .filter(|r| !r.ok)
+            .map(|r| format!("{} {}", r.kernel, r.size))
+            .collect();
+        if !bad.is_empty() {
+            bail!(
+                "{} of {} large checks failed: {}",
+                bad.len(),
+                rows.len(),
+                bad.join("; ")
+            );
+        }
+        Ok(())
     }
 
     fn compare<D: Device>(dev: D, args: &VerifyArgs, cfg: &TrainConfig) -> Result<Comparison> {
@@ -148,7 +198,7 @@ mod imp {
     }
 
     pub fn run(args: &VerifyArgs, cfg: &TrainConfig) -> Result<()> {
-        let mut open = open_device(args.sim)?;
+        let mut open = open_device(args.sim, SimOptions::exhaustive())?;
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
         let mut result = Ok(());
@@ -157,6 +207,18 @@ mod imp {
                 AnyDevice::Sim(d) => kernels(d, args.seed, &mut out),
                 #[cfg(feature = "cuda")]
                 AnyDevice::Cuda(d) => kernels(d, args.seed, &mut out),
+            };
+        }
+        if args.large {
+            let r = match open_device(args.sim, SimOptions::corners())?()? {
+                AnyDevice::Sim(d) => large(d, args.seed, &mut out),
+                #[cfg(feature = "cuda")]
+                AnyDevice::Cuda(d) => large(d, args.seed, &mut out),
+            };
+            result = match (result, r) {
+                (Err(a), Err(b)) => Err(a.context(b.to_string())),
+                (Err(a), _) | (Ok(()), Err(a)) => Err(a),
+                (Ok(()), Ok(())) => Ok(()),
             };
         }
         if args.compare_cpu {

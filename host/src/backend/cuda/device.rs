@@ -15,12 +15,21 @@ use std::marker::PhantomData;
 use anyhow::{anyhow, bail, ensure, Result};
 use dinovmf_ptx::manifest::{self, KernelInfo};
 
-use super::grid::eval_grid;
+use super::grid::{eval_grid, eval_size};
+
+/// CUDA's limits on a grid: `gridDim.x` up to 2^31 - 1, `gridDim.y` and `gridDim.z` up to
+/// 65535 (compute capability 3.0 and newer).
+pub const GRID_LIMITS: [u64; 3] = [(1 << 31) - 1, 65535, 65535];
 
 /// A device: memory (addresses as `u64`), copies, launches. Memory is owned by the device and
 /// released when it is dropped.
 pub trait Device: Send {
     fn name(&self) -> String;
+    /// What loading the kernels reported (JIT log, registers and local memory per kernel),
+    /// where the device has such a report.
+    fn load_report(&self) -> Option<String> {
+        None
+    }
     /// Makes the device current for the calling thread (CUDA contexts are per thread).
     fn bind(&mut self) -> Result<()>;
     /// `bytes` of device memory, every byte 0xFF (f32 NaN), so that reading what no kernel
@@ -99,6 +108,7 @@ impl<T: Elem> Buf<T> {
         Arg::Ptr {
             addr: self.addr,
             elem: T::NAME,
+            len: self.len,
         }
     }
 }
@@ -109,7 +119,11 @@ pub enum Arg {
     Ptr {
         addr: u64,
         elem: &'static str,
+        /// Elements in the buffer (checked against the kernel's extent for it).
+        len: usize,
     },
+    /// A size that does not fit the kernel's `u32` parameter: the launch refuses it.
+    TooBig(u64),
     /// A null pointer ("none" for optional buffers).
     Null,
     U32(u32),
@@ -139,9 +153,13 @@ impl<T: Elem> From<Buf<T>> for Arg {
     }
 }
 
-/// `x` as a `u32` kernel size (the kernels index with 32 bits).
+/// `x` as a `u32` kernel size; one of 2^32 or more becomes [`Arg::TooBig`], which the launch
+/// refuses with an error naming the kernel, the parameter and the value (never a panic).
 pub fn u32_of(x: usize) -> Arg {
-    Arg::U32(u32::try_from(x).expect("kernel sizes must be below 2^32"))
+    match u32::try_from(x) {
+        Ok(v) => Arg::U32(v),
+        Err(_) => Arg::TooBig(x as u64),
+    }
 }
 
 impl Arg {
@@ -154,7 +172,11 @@ impl Arg {
             (Arg::F32(x), "f32") => x.to_bits() as u64,
             (Arg::F64(x), "f64") => x.to_bits(),
             (Arg::Null, t) if t.starts_with('*') => 0,
-            (Arg::Ptr { addr, elem }, t) if t.starts_with('*') => {
+            (Arg::TooBig(x), "u32") => bail!(
+                "{kernel}: size parameter {pname} = {x} does not fit the kernel's u32 (must be \
+                 below 2^32 = 4294967296)"
+            ),
+            (Arg::Ptr { addr, elem, .. }, t) if t.starts_with('*') => {
                 let pointee = t.rsplit(' ').next().unwrap_or("");
                 if pointee != elem {
                     return Err(bad());
@@ -282,6 +304,7 @@ impl<D: Device> Gpu<D> {
         if grid.contains(&0) {
             return Ok(());
         }
+        check_launch(k, args, &words, grid)?;
         self.counters.launches += 1;
         self.dev.launch(k, grid, &words)
     }
@@ -289,6 +312,77 @@ impl<D: Device> Gpu<D> {
     pub fn launch(&mut self, name: &str, args: &[Arg]) -> Result<()> {
         self.launch_with(name, args, &[])
     }
+}
+
+/// `n=25216, d=384`: the size parameters of a launch, for error messages.
+fn sizes_of(k: &KernelInfo, words: &[u64]) -> String {
+    k.params
+        .iter()
+        .zip(words)
+        .filter(|(p, _)| p.ty == "u32" || p.ty == "u64")
+        .map(|(p, w)| format!("{}={w}", p.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The checks before a launch of `k` on `grid`: each grid dimension within CUDA's limits
+/// ([`GRID_LIMITS`]), and each pointer's extent (the manifest's `extents`, evaluated exactly
+/// on the size parameters, so a product past 2^32 is neither wrapped nor missed) within the
+/// buffer passed for it. Errors name the kernel, the dimension or parameter, and the sizes.
+pub fn check_launch(k: &KernelInfo, args: &[Arg], words: &[u64], grid: [u32; 3]) -> Result<()> {
+    for (d, (&g, &lim)) in grid.iter().zip(&GRID_LIMITS).enumerate() {
+        if u64::from(g) > lim {
+            bail!(
+                "{}: grid {:?} ('{}') exceeds CUDA's limit of {lim} blocks along {} (sizes: {})",
+                k.name,
+                grid,
+                k.grid,
+                ["x", "y", "z"][d],
+                sizes_of(k, words)
+            );
+        }
+    }
+    let var = |n: &str| -> Option<u64> {
+        match n {
+            "grid_x" => return Some(grid[0] as u64),
+            "grid_y" => return Some(grid[1] as u64),
+            "grid_z" => return Some(grid[2] as u64),
+            _ => {}
+        }
+        let i = k.params.iter().position(|p| p.name == n)?;
+        let ty = k.params[i].ty;
+        (ty == "u32" || ty == "u64").then(|| words[i])
+    };
+    for item in k
+        .extents
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let (pname, expr) = item
+            .split_once(':')
+            .ok_or_else(|| anyhow!("{}: manifest extent '{item}' is not 'name: length'", k.name))?;
+        let pname = pname.trim();
+        let i = k
+            .params
+            .iter()
+            .position(|p| p.name == pname)
+            .ok_or_else(|| anyhow!("{}: manifest extent names no parameter '{pname}'", k.name))?;
+        let Arg::Ptr { len, .. } = args[i] else {
+            continue;
+        };
+        let need = eval_size(expr, &var).map_err(|e| anyhow!("{}: {pname}: {e}", k.name))?;
+        if need > len as u128 {
+            bail!(
+                "{}: parameter {pname} needs {} = {need} elements, the buffer passed holds {len} \
+                 (sizes: {})",
+                k.name,
+                expr.trim(),
+                sizes_of(k, words)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The grid of one launch of `k` from its parameter words.
@@ -300,5 +394,5 @@ pub fn grid_of(k: &KernelInfo, words: &[u64], extra: &[(&str, u64)]) -> Result<[
         }
         extra.iter().find(|e| e.0 == n).map(|e| e.1)
     };
-    eval_grid(k.grid, &var).map_err(|e| anyhow!("{}: {e}", k.name))
+    eval_grid(k.grid, &var).map_err(|e| anyhow!("{}: {e} (sizes: {})", k.name, sizes_of(k, words)))
 }

@@ -170,6 +170,24 @@ impl Parser<'_> {
     }
 }
 
+/// Evaluates one size expression (an extent such as `t_rows*k`) exactly: a non-negative
+/// integer of any size (no wrap at 2^32 or 2^64 within i128).
+pub fn eval_size(formula: &str, var: &dyn Fn(&str) -> Option<u64>) -> Result<u128> {
+    let res = (|| {
+        let toks = lex(formula)?;
+        let mut p = Parser {
+            t: &toks,
+            i: 0,
+            var,
+        };
+        let q = p.expr()?;
+        ensure!(p.i == toks.len(), "trailing tokens");
+        ensure!(q.1 == 1, "not an integer ({} / {})", q.0, q.1);
+        u128::try_from(q.0).map_err(|_| anyhow!("negative ({})", q.0))
+    })();
+    res.map_err(|e: anyhow::Error| anyhow!("size '{formula}': {e}"))
+}
+
 /// Evaluates a grid formula; `var` gives the value of each name.
 pub fn eval_grid(formula: &str, var: &dyn Fn(&str) -> Option<u64>) -> Result<[u32; 3]> {
     let toks = lex(formula).map_err(|e| anyhow!("grid '{formula}': {e}"))?;

@@ -3,7 +3,8 @@
 //!
 //! - `device.rs`: the [`device::Device`] seam and the manifest-checked launcher (block, shared
 //!   memory and grid from `dinovmf_ptx::manifest`, argument types checked on every launch);
-//! - `driver.rs` (feature `cuda`): the NVIDIA driver through cust 0.3.2;
+//! - `driver.rs` (feature `cuda`): the NVIDIA driver API, called directly (module loading with
+//!   the JIT logs, per-kernel registers and local memory); `errors.rs`: `CUresult` names;
 //! - `sim.rs` (feature `gpu-sim`): the same kernels on the host simulator of `dinovmf-ptx`, so
 //!   everything above the driver is tested on machines without a GPU;
 //! - `net.rs`: the ViT and the head as launches; `step.rs`: the backend's buffers, the loss
@@ -22,6 +23,7 @@ pub mod compare;
 pub mod device;
 #[cfg(feature = "cuda")]
 pub mod driver;
+pub mod errors;
 #[cfg(feature = "gpu-sim")]
 pub mod grid;
 #[cfg(feature = "gpu-sim")]

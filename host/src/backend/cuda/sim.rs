@@ -2,28 +2,65 @@
 //! `dinovmf-ptx` under its block simulator (every block, every thread; shared-memory races and
 //! reads of unwritten shared memory panic there). Slow, but exactly the code the GPU runs, so
 //! the CUDA backend's orchestration is checked without a GPU.
+//!
+//! [`SimDevice::with_options`] runs launches under other [`SimOptions`]: only the corner blocks
+//! (production-sized grids in bounded time), or blocks and threads in a seeded shuffled order.
+//! Allocations of [`LAZY_BYTES`] or more are zeroed lazily by the OS instead of poisoned, so that
+//! a production-sized buffer of which a corner launch touches a few pages costs only those
+//! pages; tests poison the parts they read back themselves.
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+
 use anyhow::{bail, ensure, Result};
 use dinovmf_ptx::manifest::KernelInfo;
+pub use dinovmf_ptx::sim::SimOptions;
 
 use super::device::Device;
+
+/// Allocations from this size on are lazily zeroed, not poisoned (see the module doc).
+pub const LAZY_BYTES: usize = 256 << 20;
+
+/// One allocation: 8-byte aligned, never moved once made.
+struct Alloc {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl Drop for Alloc {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `alloc_zeroed` with this layout and is freed once.
+        unsafe { dealloc(self.ptr, self.layout) }
+    }
+}
 
 /// Host memory posing as device memory.
 #[derive(Default)]
 pub struct SimDevice {
-    /// Each allocation as 64-bit words (8-byte aligned), never moved once made.
-    allocs: Vec<Vec<u64>>,
+    allocs: Vec<Alloc>,
+    options: SimOptions,
 }
 
+// SAFETY: the allocations are plain host memory owned by this device alone.
+unsafe impl Send for SimDevice {}
+
 impl SimDevice {
+    /// Every block of every launch, in the fixed order.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Launches run as `options` say (corner blocks only, shuffled order).
+    pub fn with_options(options: SimOptions) -> Self {
+        Self {
+            allocs: Vec::new(),
+            options,
+        }
+    }
+
     /// The allocation holding `[addr, addr + bytes)`, as a byte pointer, or an error.
     fn span(&mut self, addr: u64, bytes: usize) -> Result<*mut u8> {
-        for a in &mut self.allocs {
-            let base = a.as_mut_ptr() as u64;
-            let len = (a.len() * 8) as u64;
+        for a in &self.allocs {
+            let base = a.ptr as u64;
+            let len = a.layout.size() as u64;
             if addr >= base && addr + bytes as u64 <= base + len {
                 return Ok(addr as usize as *mut u8);
             }
@@ -40,11 +77,21 @@ impl Device for SimDevice {
         Ok(())
     }
     fn alloc(&mut self, bytes: usize) -> Result<u64> {
-        let words = bytes.div_ceil(8).max(1);
-        let v = vec![u64::MAX; words];
-        let addr = v.as_ptr() as u64;
-        self.allocs.push(v);
-        Ok(addr)
+        let size = bytes.div_ceil(8).max(1) * 8;
+        let layout = Layout::from_size_align(size, 8)
+            .map_err(|e| anyhow::anyhow!("simulated device: {bytes} bytes: {e}"))?;
+        // SAFETY: a non-zero size; a null result is an error.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        ensure!(
+            !ptr.is_null(),
+            "simulated device: out of host memory for {bytes} bytes"
+        );
+        if size < LAZY_BYTES {
+            // SAFETY: `ptr` holds `size` writable bytes.
+            unsafe { std::ptr::write_bytes(ptr, 0xFF, size) };
+        }
+        self.allocs.push(Alloc { ptr, layout });
+        Ok(ptr as u64)
     }
     fn upload(&mut self, dst: u64, src: &[u8]) -> Result<()> {
         let p = self.span(dst, src.len())?;
@@ -73,7 +120,7 @@ impl Device for SimDevice {
         }
         // SAFETY: every pointer argument lies inside an allocation of this device (checked
         // above); extents are the backend's responsibility, as on the GPU.
-        let ok = unsafe { dinovmf_ptx::sim::launch_entry(k.name, grid, args) };
+        let ok = unsafe { dinovmf_ptx::sim::launch_entry_with(k.name, grid, args, &self.options) };
         ensure!(ok, "{}: no host entry point", k.name);
         Ok(())
     }

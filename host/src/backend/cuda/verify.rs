@@ -19,6 +19,7 @@ use super::device::{u32_of as u, Arg, Buf, Device, Elem, Gpu};
 use super::ops::{Gemm, Segments};
 
 mod ibot;
+pub mod large;
 
 /// One line of the report.
 #[derive(Clone, Debug)]
