@@ -3,6 +3,7 @@
 pub mod config;
 pub mod periodic;
 pub mod state;
+pub mod validate;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -358,10 +359,10 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             let (st, step, saved_cfg, knn) = state::load_checkpoint(path)?;
             if &saved_cfg != cfg {
                 bail!(
-                    "checkpoint {} was written with another configuration; resume with the same options \
-                     (saved: {})",
+                    "checkpoint {} was written with other options; resume with the same ones. \
+                     Differences (saved -> now):\n  {}",
                     path.display(),
-                    serde_json::to_string(&saved_cfg)?
+                    validate::config_diff(&saved_cfg, cfg).join("\n  ")
                 );
             }
             backend.set_state(&st)?;

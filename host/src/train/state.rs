@@ -181,9 +181,24 @@ pub fn save_checkpoint(
 pub fn load_checkpoint(
     path: &Path,
 ) -> Result<(TrainState, u64, TrainConfig, Option<Vec<(usize, f64)>>)> {
-    let mut ck = checkpoint::load(path)?;
+    load_checkpoint_with(path, checkpoint::LoadOptions::verified())
+}
+
+/// [`load_checkpoint`] with the reader's options (checksum verification).
+#[allow(clippy::type_complexity)]
+pub fn load_checkpoint_with(
+    path: &Path,
+    opts: checkpoint::LoadOptions,
+) -> Result<(TrainState, u64, TrainConfig, Option<Vec<(usize, f64)>>)> {
+    let mut ck = checkpoint::load_with(path, opts)?;
     let cfg: TrainConfig = serde_json::from_str(ck.meta("config")?)
         .with_context(|| format!("checkpoint {}: unreadable config", path.display()))?;
+    super::validate::validate_config(&cfg).with_context(|| {
+        format!(
+            "checkpoint {}: the configuration stored in it is invalid",
+            path.display()
+        )
+    })?;
     let step: u64 = ck.meta("step")?.parse().context("checkpoint step")?;
     let adam_step: u64 = ck
         .meta("adam_step")?
@@ -204,12 +219,15 @@ pub fn load_checkpoint(
             }
             let name = format!("{group}.{}", p.name);
             match ck.take(&name) {
-                Ok(t) if t.data.len() == p.numel => buf[p.range()].copy_from_slice(&t.data),
+                Ok(t) if t.data.len() == p.numel && t.shape == p.shape() => {
+                    buf[p.range()].copy_from_slice(&t.data)
+                }
                 Ok(t) => {
                     err = Some(anyhow!(
-                        "tensor '{name}' has {} values, the model needs {}",
+                        "tensor '{name}' has shape {:?} ({} values), the model needs {:?}",
+                        t.shape,
                         t.data.len(),
-                        p.numel
+                        p.shape()
                     ))
                 }
                 Err(e) => err = Some(e),
