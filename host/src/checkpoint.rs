@@ -203,6 +203,40 @@ pub fn is_temp_name(path: &Path) -> bool {
     }
 }
 
+/// Most bytes of a safetensors header this reader accepts (the format's own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// The metadata of a checkpoint, reading only its header.
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    use std::io::Read;
+    let mut f =
+        fs::File::open(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .with_context(|| format!("checkpoint {} is truncated", path.display()))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER {
+        bail!(
+            "checkpoint {}: header of {n} bytes is over the {MAX_HEADER}-byte limit (corrupt file)",
+            path.display()
+        );
+    }
+    let mut h = vec![0u8; n as usize];
+    f.read_exact(&mut h)
+        .with_context(|| format!("checkpoint {} is truncated", path.display()))?;
+    let v: serde_json::Value = serde_json::from_slice(&h)
+        .with_context(|| format!("checkpoint {}: unreadable header", path.display()))?;
+    let mut out = HashMap::new();
+    if let Some(m) = v.get("__metadata__").and_then(|m| m.as_object()) {
+        for (k, x) in m {
+            if let Some(s) = x.as_str() {
+                out.insert(k.clone(), s.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Reads a checkpoint and verifies its checksum, with errors that say what is wrong with the
 /// file.
 pub fn load(path: &Path) -> Result<CheckpointData> {

@@ -134,6 +134,18 @@ pub fn save_checkpoint(
     step: u64,
     knn_init: Option<&[(usize, f64)]>,
 ) -> Result<()> {
+    save_checkpoint_meta(path, cfg, st, step, knn_init, &[])
+}
+
+/// [`save_checkpoint`] with extra metadata entries (e.g. the data's class list).
+pub fn save_checkpoint_meta(
+    path: &Path,
+    cfg: &TrainConfig,
+    st: &TrainState,
+    step: u64,
+    knn_init: Option<&[(usize, f64)]>,
+    extra: &[(&str, String)],
+) -> Result<()> {
     let mc = model_config(cfg);
     let mut tensors = Vec::new();
     for (group, buf) in GROUPS
@@ -167,6 +179,9 @@ pub fn save_checkpoint(
     ck.metadata
         .insert("config".into(), serde_json::to_string(cfg)?);
     ck.metadata.insert("step".into(), step.to_string());
+    for (k, v) in extra {
+        ck.metadata.insert(k.to_string(), v.clone());
+    }
     ck.metadata
         .insert("adam_step".into(), st.adam_step.to_string());
     if let Some(k) = knn_init {
