@@ -568,3 +568,39 @@ fn resume_after_a_mid_run_checkpoint_truncates_metrics() {
     train::train(&cfg, &r).unwrap();
     assert_eq!(metrics_steps(&dir), vec![0, 1, 2, 3, 4, 5]);
 }
+
+/// The cost of the checkpoint checksum: load time with and without verification for the
+/// default preset's checkpoint and a large one (vit-s16, ~0.7 GB). Prints the numbers:
+/// `cargo test -p dinovmf --release --test robust -- --ignored checksum_cost --nocapture`.
+#[test]
+#[ignore]
+fn checksum_cost() {
+    use dinovmf::checkpoint::LoadOptions;
+    let d = tempfile::tempdir().unwrap();
+    for preset in ["small32", "vit-s16"] {
+        let cfg = TrainConfig::preset(preset, LossKind::Vmf).unwrap();
+        let p = d.path().join(format!("{preset}.safetensors"));
+        state::save_checkpoint(&p, &cfg, &state::init_state(&cfg), 0, None).unwrap();
+        let bytes = std::fs::metadata(&p).unwrap().len();
+        let mut best = [f64::MAX; 2];
+        for _ in 0..3 {
+            for (k, opts) in [LoadOptions::verified(), LoadOptions::unverified()]
+                .into_iter()
+                .enumerate()
+            {
+                let t = Instant::now();
+                let c = dinovmf::checkpoint::load_with(&p, opts).unwrap();
+                best[k] = best[k].min(t.elapsed().as_secs_f64());
+                drop(c);
+            }
+        }
+        eprintln!(
+            "{preset}: {bytes} bytes; load verified {:.3} s, unverified {:.3} s (checksum {:.3} s, {:.2} GB/s)",
+            best[0],
+            best[1],
+            best[0] - best[1],
+            bytes as f64 / (best[0] - best[1]).max(1e-9) / 1e9
+        );
+        std::fs::remove_file(&p).ok();
+    }
+}

@@ -353,7 +353,8 @@ mod tests {
     /// The settings that trained and exited 0: each is refused, naming its option.
     #[test]
     fn invalid_options_name_the_option_and_range() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut TrainConfig)>)> = vec![
+        type Edit = Box<dyn Fn(&mut TrainConfig)>;
+        let cases: Vec<(&str, Edit)> = vec![
             ("--momentum-teacher", Box::new(|c| c.momentum_teacher = 2.0)),
             ("--lr", Box::new(|c| c.lr = -1.0)),
             ("--lr", Box::new(|c| c.lr = f64::NAN)),
