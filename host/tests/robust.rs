@@ -426,6 +426,26 @@ fn item6_an_all_nan_teacher_is_not_exported() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("non-finite"), "{}", stderr(&o));
     assert!(!d.path().join("m.bin").exists());
+
+    // A hand-made model file with a NaN weight and a correct checksum: `assign` refuses to
+    // print NaN features.
+    let cfg = TrainConfig::preset("tiny", LossKind::Vmf).unwrap();
+    let t = dinovmf::quant::Teacher::from_state(cfg.clone(), state::init_state(&cfg), 0);
+    let mut m = t
+        .write(dinovmf_core::quant::format::Dtype::F32, None)
+        .unwrap();
+    let at = dinovmf_core::quant::format::HEADER_LEN;
+    m[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let sum = dinovmf_core::quant::format::file_checksum(&m);
+    m[104..108].copy_from_slice(&sum.to_le_bytes());
+    let model = d.path().join("nan.bin");
+    std::fs::write(&model, &m).unwrap();
+    let img = d.path().join("x.png");
+    write_png(&img, 100);
+    let o = out(bin().arg("assign").arg(&model).arg(&img).arg("--embed"));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("non-finite"), "{}", stderr(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("NaN"));
 }
 
 // ---- item 7 ----------------------------------------------------------------------------------
