@@ -182,6 +182,22 @@ fn item2_sigint_and_sigterm_save_the_checkpoint_and_summary() {
 #[cfg(unix)]
 #[test]
 fn kill9_at_random_moments_then_resume_is_bit_exact() {
+    kill9_run(14);
+}
+
+/// The fault test for many seeds (outside CI):
+/// `cargo test -p dinovmf --test robust -- --ignored kill9_many_seeds --nocapture`.
+#[cfg(unix)]
+#[test]
+#[ignore]
+fn kill9_many_seeds() {
+    for seed in 0..20 {
+        kill9_run(seed);
+    }
+}
+
+#[cfg(unix)]
+fn kill9_run(seed: u64) {
     let d = tempfile::tempdir().unwrap();
     let steps = "30";
     // A checkpoint after every step: most kills land in or next to a save.
@@ -201,7 +217,7 @@ fn kill9_at_random_moments_then_resume_is_bit_exact() {
     assert!(o.status.success());
     let run_ms = t0.elapsed().as_millis() as u64;
 
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(14);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let dir = d.path().join("killed");
     let ck = dir.join("checkpoint.safetensors");
     let mut kills = 0;
@@ -225,7 +241,7 @@ fn kill9_at_random_moments_then_resume_is_bit_exact() {
             break;
         }
     }
-    eprintln!("fault test: {kills} kills, run of {run_ms} ms");
+    eprintln!("fault test seed {seed}: {kills} kills, run of {run_ms} ms");
     assert!(kills > 0, "no kill landed");
     // If the last attempt was killed, finish the run.
     let (_, s, ..) = state::load_checkpoint(&ck).unwrap();
