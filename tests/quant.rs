@@ -265,6 +265,36 @@ fn int8_and_f16_exports_stay_close_to_the_f64_reference() {
     }
 }
 
+/// Every single-byte edit of the header (tau, mean, std and ln_eps included) is refused: the
+/// checksum covers the whole file (format v2).
+#[test]
+fn every_header_byte_is_covered_by_the_checksum() {
+    let t = random_teacher(LossKind::Vmf, 6);
+    let good = t.write(Dtype::I8, None).unwrap();
+    for i in 0..dinovmf_core::quant::format::HEADER_LEN {
+        for flip in [0x01u8, 0x80, 0xff] {
+            let mut b = good.clone();
+            b[i] ^= flip;
+            assert!(
+                Model::parse(&b).is_err(),
+                "byte {i} ^ {flip:#x} was accepted"
+            );
+        }
+    }
+}
+
+/// A teacher with a NaN weight is refused at export, naming the tensor.
+#[test]
+fn non_finite_teacher_is_not_exported() {
+    let mut t = random_teacher(LossKind::Vmf, 7);
+    let n = t.params.len();
+    t.params[n / 2] = f32::NAN;
+    let e = format!("{:#}", t.write(Dtype::F32, None).unwrap_err());
+    assert!(e.contains("non-finite"), "{e}");
+    t.params.iter_mut().for_each(|x| *x = f32::NAN);
+    assert!(t.write(Dtype::I8, None).is_err());
+}
+
 #[test]
 fn corrupt_and_truncated_files_are_rejected_with_their_reason() {
     let t = random_teacher(LossKind::Vmf, 5);

@@ -93,7 +93,9 @@ fn divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint() {
     bad.lr = 1e30;
     bad.clip_grad = 0.0;
     bad.warmup_epochs = 0;
-    let err = train::train(&bad, &opts(&dir)).unwrap_err();
+    let mut o = opts(&dir);
+    o.existing = train::ExistingRun::Overwrite;
+    let err = train::train(&bad, &o).unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("loss became"), "{msg}");
     assert_eq!(

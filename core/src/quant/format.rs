@@ -11,7 +11,8 @@
 //! | 16..68  | 13 u32: img_size, patch, in_chans, dim, depth, heads, mlp_ratio,         |
 //! |         | qkv_bias, head_hidden, bottleneck, head_layers, prototypes, logit kind   |
 //! | 68..100 | 8 f32: ln_eps, tau (posterior temperature), mean[3], std[3]              |
-//! | 100..108| payload length (u32), FNV-1a checksum of the payload (u32)               |
+//! | 100..108| payload length (u32), FNV-1a checksum (u32) of the whole file except the  |
+//! |         | checksum field itself: bytes 0..104 then 108.. (header and payload)      |
 //! | 108..128| zero                                                                     |
 //!
 //! Payload sections, in order ([`for_each_section`]): `cls + pos[0]` `[D]`, `pos[1..]` `[N, D]`,
@@ -31,8 +32,9 @@ use core::fmt;
 use crate::model::{HeadConfig, IbotParts, ModelConfig, VitConfig};
 
 pub const MAGIC: [u8; 8] = *b"DINOVMFQ";
-/// Bump whenever the layout changes; the parser refuses other versions.
-pub const VERSION: u32 = 1;
+/// Bump whenever the layout changes; the parser refuses other versions. Version 2: the checksum
+/// covers the header too (in version 1, header fields such as `tau` or `mean` lay outside it).
+pub const VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 128;
 /// Upper bound on every size field: keeps all offset arithmetic far from overflow on 32-bit
 /// targets and rejects garbage headers early.
@@ -171,7 +173,7 @@ impl fmt::Display for FormatError {
             }
             FormatError::Checksum { stored, computed } => write!(
                 f,
-                "corrupt model file: payload checksum {computed:08x}, header says {stored:08x}"
+                "corrupt model file: checksum {computed:08x}, header says {stored:08x}"
             ),
         }
     }
@@ -242,6 +244,21 @@ pub fn payload_len(m: &ModelConfig, dtype: Dtype) -> usize {
 pub fn checksum(bytes: &[u8]) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     for &b in bytes {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// Byte offset of the checksum field in the header.
+const CHECKSUM_AT: usize = 104;
+
+/// The file checksum: FNV-1a over every byte except the 4 of the checksum field.
+pub fn file_checksum(bytes: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    let head = &bytes[..CHECKSUM_AT.min(bytes.len())];
+    let tail = bytes.get(CHECKSUM_AT + 4..).unwrap_or(&[]);
+    for &b in head.iter().chain(tail) {
         h ^= b as u32;
         h = h.wrapping_mul(0x0100_0193);
     }
@@ -545,7 +562,7 @@ impl<'a> Model<'a> {
                 got: bytes.len(),
             });
         }
-        let computed = checksum(&bytes[HEADER_LEN..]);
+        let computed = file_checksum(bytes);
         if computed != header.checksum {
             return Err(FormatError::Checksum {
                 stored: header.checksum,
@@ -794,9 +811,11 @@ mod writer {
                 self.next,
                 self.sections.len()
             );
-            let payload = &self.buf[HEADER_LEN..];
-            self.header.payload_len = payload.len();
-            self.header.checksum = checksum(payload);
+            self.header.payload_len = self.buf.len() - HEADER_LEN;
+            self.header.checksum = 0;
+            let h = self.header.to_bytes();
+            self.buf[..HEADER_LEN].copy_from_slice(&h);
+            self.header.checksum = file_checksum(&self.buf);
             let h = self.header.to_bytes();
             self.buf[..HEADER_LEN].copy_from_slice(&h);
             self.buf

@@ -57,6 +57,19 @@ pub fn run(a: &AssignArgs) -> Result<()> {
         }
         let f = forward(&model, &img, sb.scratch(), &mut NoObserver)
             .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        if !f
+            .feature
+            .iter()
+            .chain(f.probs.iter())
+            .all(|v| v.is_finite())
+        {
+            bail!(
+                "{}: the model {} produced non-finite features or probabilities (its weights are \
+                 broken: re-export it from a good checkpoint)",
+                path.display(),
+                a.model.display()
+            );
+        }
         let best = top_n::<MAX_TOP>(f.probs);
         let list: Vec<String> = best
             .iter()

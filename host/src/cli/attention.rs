@@ -52,16 +52,42 @@ pub fn attention_maps(
     ))
 }
 
-pub fn run(a: &AttentionArgs) -> Result<()> {
-    let need_test = a.image.starts_with("heldout:");
-    let mut l = super::eval::load(&a.checkpoint, "run", need_test)?;
-    let m = &l.cfg.model;
-    let size = a.size.unwrap_or(m.img_size);
+/// Largest panel side of the figure, pixels.
+pub const MAX_PANEL: u32 = 4096;
+
+/// Checks `--size` and `--panel` against the model before anything is allocated: the forward
+/// keeps one block's attention scores `[heads, T, T]` and token activations, the figure is
+/// `heads + 1` panels of `panel x panel` RGB pixels.
+pub fn check_sizes(size: usize, panel: u32, m: &crate::train::ModelSpec) -> Result<()> {
     ensure!(
         size > 0 && size.is_multiple_of(m.patch),
         "--size {size} is not a positive multiple of the patch size {}",
         m.patch
     );
+    let grid = (size / m.patch) as u64;
+    let t = grid * grid + 1;
+    let scores = (m.heads as u64)
+        .saturating_mul(t)
+        .saturating_mul(t)
+        .saturating_add(t.saturating_mul(m.dim as u64 * (4 + m.mlp_ratio as u64)))
+        .saturating_mul(4);
+    crate::train::validate::check_alloc(
+        &format!("--size {size} ({t} tokens): the attention forward"),
+        scores,
+    )?;
+    ensure!(
+        (16..=MAX_PANEL).contains(&panel),
+        "--panel must be in 16..={MAX_PANEL} pixels, got {panel}"
+    );
+    Ok(())
+}
+
+pub fn run(a: &AttentionArgs) -> Result<()> {
+    let need_test = a.image.starts_with("heldout:");
+    let mut l = super::eval::load(&a.checkpoint, "run", need_test)?;
+    let m = &l.cfg.model;
+    let size = a.size.unwrap_or(m.img_size);
+    check_sizes(size, a.panel, m)?;
     let image: Image = if let Some(i) = a.image.strip_prefix("heldout:") {
         let i: usize = i
             .parse()
@@ -109,7 +135,7 @@ pub fn run(a: &AttentionArgs) -> Result<()> {
         &Rgb { side: size, data },
         &maps,
         size / m.patch,
-        a.panel.max(16),
+        a.panel,
     )?;
     println!(
         "wrote {} ({} heads, {} x {} patches); [CLS] attention to itself per head: {}",
@@ -124,4 +150,26 @@ pub fn run(a: &AttentionArgs) -> Result<()> {
             .join(" ")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> crate::train::ModelSpec {
+        crate::train::TrainConfig::preset("tiny", crate::train::LossKind::Vmf)
+            .unwrap()
+            .model
+    }
+
+    #[test]
+    fn huge_size_and_panel_are_errors_before_allocating() {
+        let m = model();
+        check_sizes(16, 192, &m).unwrap();
+        let e = format!("{:#}", check_sizes(5000, 192, &m).unwrap_err());
+        assert!(e.contains("--size 5000") && e.contains("bytes"), "{e}");
+        let e = format!("{:#}", check_sizes(16, 100_000, &m).unwrap_err());
+        assert!(e.contains("--panel") && e.contains("4096"), "{e}");
+        assert!(check_sizes(15, 192, &m).is_err());
+    }
 }

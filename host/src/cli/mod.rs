@@ -60,6 +60,10 @@ pub fn main() -> i32 {
     };
     match res {
         Ok(()) => 0,
+        Err(e) if e.downcast_ref::<crate::train::Interrupted>().is_some() => {
+            eprintln!("{e:#}");
+            130
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             1

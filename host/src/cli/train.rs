@@ -1,12 +1,21 @@
 //! `dinovmf train`: pre-train a ViT with DINO or DINO-vMF.
 use std::path::PathBuf;
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use anyhow::Result;
 use clap::Args;
 
 use crate::backend::Device;
+use crate::checkpoint::LoadOptions;
 use crate::data::OnError;
-use crate::train::{self, CenteringKind, DataSpec, LossKind, Method, RunOptions, TrainConfig};
+use crate::train::{
+    self, CenteringKind, DataSpec, ExistingRun, LossKind, Method, RunOptions, TrainConfig,
+};
+
+/// The run folder link new runs update when no -o is given.
+pub const DEFAULT_OUT: &str = "runs/latest";
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
@@ -59,12 +68,28 @@ pub struct TrainArgs {
     /// (folder with the CIFAR-10/100 .bin files).
     #[arg(long, default_value = "builtin")]
     pub data: String,
-    /// Where metrics.jsonl, checkpoint.safetensors and summary.json go.
-    #[arg(long, short = 'o', default_value = "runs/latest")]
-    pub out: PathBuf,
-    /// Continue a run bit-exactly from its checkpoint (same options required).
+    /// Where metrics.jsonl, checkpoint.safetensors and summary.json go. A folder that already
+    /// holds a run is refused (unless --resume or --overwrite). Default: a new numbered folder
+    /// runs/run-NNN, with runs/latest pointing at the newest.
+    #[arg(long, short = 'o')]
+    pub out: Option<PathBuf>,
+    /// Continue a run bit-exactly from its checkpoint (same options required); with no -o, in
+    /// the checkpoint's own folder.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Replace the run already in the -o folder.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Also checkpoint every N steps (0 = only at epoch ends and the end).
+    #[arg(long, default_value_t = train::DEFAULT_CHECKPOINT_STEPS)]
+    pub checkpoint_steps: u64,
+    /// Also checkpoint when M minutes passed since the last save (0 = off); does not change the
+    /// run's numbers.
+    #[arg(long, default_value_t = train::DEFAULT_CHECKPOINT_MINUTES)]
+    pub checkpoint_minutes: f64,
+    /// Do not verify the resumed checkpoint's tensor checksum (huge files).
+    #[arg(long)]
+    pub skip_checksum: bool,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Device,
     #[arg(long)]
@@ -231,9 +256,28 @@ impl TrainArgs {
     }
 
     pub fn options(&self) -> RunOptions {
+        let existing = if self.overwrite {
+            ExistingRun::Overwrite
+        } else if self.out.is_none() {
+            ExistingRun::NewNumbered
+        } else {
+            ExistingRun::Refuse
+        };
         RunOptions {
-            out_dir: self.out.clone(),
+            out_dir: self
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_OUT)),
             resume: self.resume.clone(),
+            existing,
+            checkpoint_every_steps: self.checkpoint_steps,
+            checkpoint_every_minutes: self.checkpoint_minutes,
+            stop: None,
+            load: if self.skip_checksum {
+                LoadOptions::unverified()
+            } else {
+                LoadOptions::verified()
+            },
             device: self.device,
             workers: self.workers,
             progress: !self.quiet,
@@ -290,10 +334,12 @@ pub fn parse_data(s: &str, builtin: &DataSpec) -> Result<DataSpec> {
     if let Some(p) = s.strip_prefix("folder:") {
         let mut it = p.splitn(2, ',');
         let root = it.next().unwrap_or_default().to_string();
-        return Ok(DataSpec::Folder {
+        let spec = DataSpec::Folder {
             root,
             test_root: it.next().map(str::to_string),
-        });
+        };
+        crate::train::validate::validate_data(&spec)?;
+        return Ok(spec);
     }
     if let Some(p) = s.strip_prefix("cifar:") {
         return Ok(DataSpec::Cifar {
@@ -305,7 +351,15 @@ pub fn parse_data(s: &str, builtin: &DataSpec) -> Result<DataSpec> {
 
 pub fn run(args: &TrainArgs) -> Result<()> {
     let cfg = args.config()?;
-    let opts = args.options();
+    let mut opts = args.options();
+    // First SIGINT / SIGTERM: finish the step, save, write the summary, exit 130. A second one
+    // exits at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
+    opts.stop = Some(stop);
     eprintln!(
         "dinovmf train: preset {} | method {:?} | loss {:?} | centering {:?} | norm_last_layer {} | K {} | {} epochs x batch {} | device {:?}",
         cfg.preset, cfg.method, cfg.loss, cfg.centering, cfg.norm_last_layer, cfg.model.prototypes, cfg.epochs,
@@ -313,11 +367,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     );
     let s = train::train(&cfg, &opts)?;
     eprintln!(
-        "trained {} steps at {:.0} images/s; final loss {:.4}; checkpoint {}",
+        "trained {} steps at {:.0} images/s; final loss {:.4}; checkpoint {} (run folder {})",
         s.steps,
         s.images_per_sec,
         s.losses.last().copied().unwrap_or(f32::NAN),
-        s.checkpoint.display()
+        s.checkpoint.display(),
+        s.run_dir.display()
     );
     train::print_knn_table(&s, &mut std::io::stdout())?;
     Ok(())

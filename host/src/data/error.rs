@@ -42,6 +42,16 @@ pub enum DataError {
         classes: usize,
     },
 
+    #[error(
+        "{path}: class '{class}' of the held-out folder is not a class of the training folder \
+         (training classes: {known})"
+    )]
+    UnknownClass {
+        path: PathBuf,
+        class: String,
+        known: String,
+    },
+
     #[error("sample index {index} is out of range for a dataset of {len} samples")]
     OutOfRange { index: usize, len: usize },
 

@@ -7,7 +7,14 @@
 //!   and replaced, deterministically, by the next decodable image of the same class (cyclic order), so
 //!   `label(i)` stays right and the batch is still a pure function of its indices.
 //!
+//! - a class none of whose files decodes gives a blank grey image for its samples (reported once),
+//!   so a non-strict run never stops mid-training.
+//!
 //! Under [`OnError::Stop`] either case is an error naming the file.
+//!
+//! A held-out folder opened with [`ImageFolder::open_with_classes`] labels its images by class
+//! *name* with the training folder's indices: a held-out class the training folder lacks is an
+//! error naming it (matching by sorted position would silently mislabel everything).
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -15,6 +22,9 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 
 use super::{DataError, Dataset, Image};
+
+/// Side of the blank image standing in for a class with no decodable file.
+const BLANK_SIDE: usize = 64;
 
 /// What to do with a file that cannot be decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,14 +113,37 @@ impl ImageFolder {
     /// Scans `root`; classes are the sorted names of its sub-folders that hold at least one image
     /// (files directly under `root` and deeper folders are ignored).
     pub fn open(root: impl AsRef<Path>, policy: OnError) -> Result<Self, DataError> {
-        let root = root.as_ref().to_path_buf();
+        Self::scan(root.as_ref(), policy, None)
+    }
+
+    /// Scans `root` as a held-out split of a training set with classes `train_classes`: labels
+    /// are those classes' indices, by name; a class not among them is an error naming it.
+    pub fn open_with_classes(
+        root: impl AsRef<Path>,
+        policy: OnError,
+        train_classes: &[String],
+    ) -> Result<Self, DataError> {
+        Self::scan(root.as_ref(), policy, Some(train_classes))
+    }
+
+    /// The class names, in label order.
+    pub fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    fn scan(
+        root: &Path,
+        policy: OnError,
+        train_classes: Option<&[String]>,
+    ) -> Result<Self, DataError> {
+        let root = root.to_path_buf();
         if !root.is_dir() {
             return Err(DataError::NotFound {
                 path: root,
                 what: "image folder root must be a directory".into(),
             });
         }
-        let mut classes = Vec::new();
+        let mut classes: Vec<String> = train_classes.map(<[String]>::to_vec).unwrap_or_default();
         let mut candidates: Vec<(PathBuf, usize)> = Vec::new();
         for dir in sorted_entries(&root)? {
             if !dir.is_dir() {
@@ -127,8 +160,19 @@ impl ImageFolder {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let c = classes.len();
-            classes.push(name);
+            let c = match train_classes {
+                Some(known) => known.iter().position(|k| *k == name).ok_or_else(|| {
+                    DataError::UnknownClass {
+                        path: dir.clone(),
+                        class: name.clone(),
+                        known: known.join(", "),
+                    }
+                })?,
+                None => {
+                    classes.push(name);
+                    classes.len() - 1
+                }
+            };
             candidates.extend(images.into_iter().map(|p| (p, c)));
         }
         if candidates.is_empty() {
@@ -188,6 +232,12 @@ impl ImageFolder {
         self.skipped_at_open
     }
 
+    /// True the first time it is called for class `c`.
+    fn reported_class(&self, c: usize) -> bool {
+        let mut seen = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        seen.insert(usize::MAX - c)
+    }
+
     fn report_once(&self, i: usize, e: &DataError) {
         let mut seen = self.reported.lock().unwrap_or_else(|p| p.into_inner());
         if seen.insert(i) {
@@ -229,7 +279,8 @@ impl Dataset for ImageFolder {
             return Err(first);
         }
         self.report_once(i, &first);
-        let members = &self.members[self.labels[i]];
+        let class = self.labels[i];
+        let members = &self.members[class];
         let pos = members.iter().position(|&m| m == i).unwrap_or(0);
         for k in 1..members.len() {
             let j = members[(pos + k) % members.len()];
@@ -238,7 +289,18 @@ impl Dataset for ImageFolder {
                 Err(e) => self.report_once(j, &e),
             }
         }
-        Err(first)
+        // No file of the class decodes: a blank image keeps the run going (reported once).
+        if self.reported_class(class) {
+            eprintln!(
+                "warning: no image of class '{}' decodes; its samples are a blank grey image",
+                self.class_name(class)
+            );
+        }
+        Ok(Image {
+            width: BLANK_SIDE,
+            height: BLANK_SIDE,
+            rgb: vec![128; 3 * BLANK_SIDE * BLANK_SIDE],
+        })
     }
 
     fn describe(&self) -> String {

@@ -84,6 +84,28 @@ impl Teacher {
         }
     }
 
+    /// Refuses a teacher with a NaN or infinite weight, naming the first such tensor.
+    pub fn check_finite(&self) -> Result<()> {
+        let mut bad = None;
+        dinovmf_core::model::for_each_param(&self.model, |p| {
+            if bad.is_none() {
+                let v = &self.params[p.range()];
+                let n = v.iter().filter(|x| !x.is_finite()).count();
+                if n > 0 {
+                    bad = Some(format!("{} ({n} of {} values)", p.name, v.len()));
+                }
+            }
+        });
+        match bad {
+            Some(what) => bail!(
+                "the teacher of checkpoint step {} has non-finite weights in {what}: refusing to \
+                 export a broken model",
+                self.step
+            ),
+            None => Ok(()),
+        }
+    }
+
     /// The prototype layer as a linear: unit directions `mu [K, p]`, per-row scale `r_k / tau`
     /// and bias `D_p(kappa_k)` (vMF) or 0 (DINO), from core's logit stages.
     pub fn prototype_layer(&self) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
@@ -112,6 +134,7 @@ impl Teacher {
     /// The model file in `dtype`; `act_amax[layer]` are calibrated input ranges for int8
     /// (`None`: each row is scaled by its own max at run time).
     pub fn write(&self, dtype: Dtype, act_amax: Option<&[f32]>) -> Result<Vec<u8>> {
+        self.check_finite()?;
         let m = &self.model;
         let v = &m.vit;
         let d = v.dim;

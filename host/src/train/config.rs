@@ -317,78 +317,9 @@ impl TrainConfig {
         })
     }
 
-    /// Rejects settings that cannot run, with a message that says which and why.
+    /// Rejects settings that cannot run, naming the option and its allowed range (see
+    /// [`super::validate`]).
     pub fn validate(&self) -> Result<()> {
-        let m = &self.model;
-        if m.patch == 0 || !m.img_size.is_multiple_of(m.patch) {
-            bail!(
-                "image size {} is not a multiple of the patch size {}",
-                m.img_size,
-                m.patch
-            );
-        }
-        if m.heads == 0 || !m.dim.is_multiple_of(m.heads) {
-            bail!("dim {} is not divisible by {} heads", m.dim, m.heads);
-        }
-        if m.prototypes < 2 {
-            bail!("need at least 2 prototypes (got {})", m.prototypes);
-        }
-        if self.batch_size == 0 || self.epochs == 0 {
-            bail!("batch size and epochs must be positive");
-        }
-        let local = crate::data::CropConfig::for_image_size(m.img_size, self.n_local).local_size;
-        if !local.is_multiple_of(m.patch) {
-            bail!(
-                "local crop size {local} is not a multiple of the patch size {}",
-                m.patch
-            );
-        }
-        for (what, t) in [
-            ("teacher", self.teacher_temp),
-            ("student", self.student_temp),
-        ] {
-            if !(t > 0.0 && t.is_finite()) {
-                bail!("{what} temperature must be positive (got {t})");
-            }
-        }
-        if !(self.koleo_proto >= 0.0 && self.koleo_proto.is_finite()) {
-            bail!(
-                "the KoLeo-proto weight must be finite and >= 0 (got {})",
-                self.koleo_proto
-            );
-        }
-        if self.method == Method::Ibot {
-            let ib = &self.ibot;
-            if !(ib.patch_teacher_temp > 0.0 && ib.warmup_patch_teacher_temp > 0.0) {
-                bail!("patch teacher temperatures must be positive");
-            }
-            if !(0.0..1.0).contains(&ib.patch_center_momentum) {
-                bail!(
-                    "patch center momentum must be in [0, 1) (got {})",
-                    ib.patch_center_momentum
-                );
-            }
-            if !(ib.mim_weight >= 0.0 && ib.mim_weight.is_finite()) {
-                bail!("--mim-weight must be >= 0 (got {})", ib.mim_weight);
-            }
-            if !(0.0..=1.0).contains(&ib.mask_prob) {
-                bail!("--mask-prob must be in [0, 1] (got {})", ib.mask_prob);
-            }
-            let (a, b) = ib.mask_ratio;
-            if !(0.0 <= a && a <= b && b <= 1.0) {
-                bail!("--mask-ratio needs 0 <= MIN <= MAX <= 1 (got {a},{b})");
-            }
-            let (a, b) = ib.mask_aspect;
-            if !(a > 0.0 && a <= b && b.is_finite()) {
-                bail!("--mask-aspect needs 0 < MIN <= MAX (got {a},{b})");
-            }
-        }
-        if !(0.0..1.0).contains(&self.center_momentum) {
-            bail!(
-                "center momentum must be in [0, 1) (got {})",
-                self.center_momentum
-            );
-        }
-        Ok(())
+        super::validate::validate_config(self)
     }
 }

@@ -2,13 +2,16 @@
 //! k-NN evaluation at the start and the end.
 pub mod config;
 pub mod periodic;
+pub mod run_dir;
 pub mod state;
+pub mod validate;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -17,10 +20,12 @@ use serde::Serialize;
 use dinovmf_core::schedule::Recipe;
 
 use crate::backend::{self, Backend, Device, Net, StepHyper, StepMetrics};
+use crate::checkpoint::{write_atomic, LoadOptions};
 use crate::config::{backend_config, crop_config};
 use crate::data::{self, Dataset, Loader, OnError};
 use crate::eval::knn::{knn_accuracy, KnnScore, KNN_KS, KNN_TEMPERATURE};
 pub use config::{CenteringKind, DataSpec, IbotSpec, LossKind, Method, ModelSpec, TrainConfig};
+pub use run_dir::ExistingRun;
 
 /// How to run (not part of the method: nothing here changes the numbers).
 #[derive(Clone, Debug)]
@@ -36,8 +41,20 @@ pub struct RunOptions {
     /// Stop after this many steps in total (the schedules still span every epoch).
     pub max_steps: Option<u64>,
     pub on_error: OnError,
+    /// What a new run does when `out_dir` already holds a run.
+    pub existing: ExistingRun,
     /// Checkpoint every this many epochs (and at the end).
     pub checkpoint_every: u64,
+    /// Also checkpoint every this many steps (0 = off).
+    pub checkpoint_every_steps: u64,
+    /// Also checkpoint when this many minutes passed since the last save (0 = off). Saving reads
+    /// the state only, so this wall-clock cadence never changes the run's numbers.
+    pub checkpoint_every_minutes: f64,
+    /// Set (by a SIGINT / SIGTERM handler) to stop: the loop finishes its step, saves, writes the
+    /// summary and returns [`Interrupted`].
+    pub stop: Option<Arc<AtomicBool>>,
+    /// How the resumed checkpoint is read (checksum verification).
+    pub load: LoadOptions,
     /// k-NN on the held-out split every this many epochs (0 = only at the start and the end).
     pub knn_every: u64,
     /// Prototype diagnostics every this many steps (`None`: once per epoch; 0 = off).
@@ -57,12 +74,35 @@ impl Default for RunOptions {
             eval: true,
             max_steps: None,
             on_error: OnError::Skip,
+            existing: ExistingRun::Refuse,
             checkpoint_every: 1,
+            checkpoint_every_steps: DEFAULT_CHECKPOINT_STEPS,
+            checkpoint_every_minutes: DEFAULT_CHECKPOINT_MINUTES,
+            stop: None,
+            load: LoadOptions::verified(),
             knn_every: 1,
             diag_every: None,
             figures: true,
         }
     }
+}
+
+/// Default step cadence of checkpoints (on top of the epoch ends).
+pub const DEFAULT_CHECKPOINT_STEPS: u64 = 1000;
+/// Default wall-clock cadence of checkpoints, minutes.
+pub const DEFAULT_CHECKPOINT_MINUTES: f64 = 10.0;
+
+/// A run stopped by a signal after saving its checkpoint and summary.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "interrupted: stopped after step {step}; checkpoint {} and the summary are saved. \
+     Continue with the same options and --resume {}",
+    checkpoint.display(),
+    checkpoint.display()
+)]
+pub struct Interrupted {
+    pub step: u64,
+    pub checkpoint: PathBuf,
 }
 
 /// What a run reports at its end.
@@ -75,6 +115,10 @@ pub struct TrainSummary {
     pub knn_final: Option<Vec<(usize, f64)>>,
     pub knn_pixels: Option<Vec<(usize, f64)>>,
     pub checkpoint: PathBuf,
+    /// The run folder (a new numbered one under [`ExistingRun::NewNumbered`]).
+    pub run_dir: PathBuf,
+    /// Stopped by a signal before the end.
+    pub interrupted: bool,
 }
 
 /// Training and held-out datasets of a run.
@@ -103,13 +147,22 @@ pub fn open_data(spec: &DataSpec, img_size: usize, on_error: OnError) -> Result<
                 test: Some(Arc::new(data::Synthetic::new(cfg, data::Split::Test))),
             }
         }
-        DataSpec::Folder { root, test_root } => Datasets {
-            train: Arc::new(data::ImageFolder::open(root, on_error)?),
-            test: match test_root {
-                Some(t) => Some(Arc::new(data::ImageFolder::open(t, on_error)?)),
+        DataSpec::Folder { root, test_root } => {
+            validate::validate_data(spec)?;
+            let train = data::ImageFolder::open(root, on_error)?;
+            let test = match test_root {
+                Some(t) => Some(Arc::new(data::ImageFolder::open_with_classes(
+                    t,
+                    on_error,
+                    train.classes(),
+                )?) as Arc<dyn Dataset>),
                 None => None,
-            },
-        },
+            };
+            Datasets {
+                train: Arc::new(train),
+                test,
+            }
+        }
         DataSpec::Cifar { root } => Datasets {
             train: Arc::new(data::Cifar::open(root, data::Split::Train)?),
             test: Some(Arc::new(data::Cifar::open(root, data::Split::Test)?)),
@@ -319,26 +372,37 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let precipe = patch_recipe(cfg, spe);
     let total = recipe.total_steps();
     let end = opts.max_steps.map_or(total, |m| m.min(total));
-    std::fs::create_dir_all(&opts.out_dir)
-        .with_context(|| format!("creating the run folder {}", opts.out_dir.display()))?;
-    let ckpt_path = checkpoint_in(&opts.out_dir);
-    std::fs::write(
-        opts.out_dir.join("config.json"),
-        serde_json::to_string_pretty(cfg)?,
+    if !(opts.checkpoint_every_minutes >= 0.0 && opts.checkpoint_every_minutes.is_finite()) {
+        bail!(
+            "--checkpoint-minutes must be finite and >= 0, got {}",
+            opts.checkpoint_every_minutes
+        );
+    }
+    let classes: Vec<String> = (0..data.train.num_classes())
+        .map(|c| data.train.class_name(c))
+        .collect();
+    // Held until this function returns: a second live run into the same folder is refused.
+    let folder = run_dir::open_run_folder(&opts.out_dir, opts.existing, opts.resume.as_deref())?;
+    let out_dir = folder.dir.clone();
+    let ckpt_path = checkpoint_in(&out_dir);
+    write_atomic(
+        &out_dir.join("config.json"),
+        serde_json::to_string_pretty(cfg)?.as_bytes(),
     )?;
 
     let mut backend = backend::open(&backend_config(cfg), opts.device)?;
     let (start, mut knn_init) = match &opts.resume {
         Some(path) => {
-            let (st, step, saved_cfg, knn) = state::load_checkpoint(path)?;
+            let (st, step, saved_cfg, knn) = state::load_checkpoint_with(path, opts.load)?;
             if &saved_cfg != cfg {
                 bail!(
-                    "checkpoint {} was written with another configuration; resume with the same options \
-                     (saved: {})",
+                    "checkpoint {} was written with other options; resume with the same ones. \
+                     Differences (saved -> now):\n  {}",
                     path.display(),
-                    serde_json::to_string(&saved_cfg)?
+                    validate::config_diff(&saved_cfg, cfg).join("\n  ")
                 );
             }
+            check_classes(path, &classes)?;
             backend.set_state(&st)?;
             (step, knn)
         }
@@ -359,8 +423,13 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     if cfg.koleo_proto > 0.0 {
         backend.set_koleo_proto(cfg.koleo_proto as f32)?;
     }
+    if opts.resume.is_some() {
+        // A run killed after its last save wrote steps that the resumed run writes again.
+        run_dir::truncate_jsonl(&out_dir.join("metrics.jsonl"), |s| s < start)?;
+        run_dir::truncate_jsonl(&periodic::evals_in(&out_dir), |s| s <= start)?;
+    }
     let mut periodic = periodic::Periodic::new(
-        &opts.out_dir,
+        &out_dir,
         opts.resume.is_some(),
         &data,
         size,
@@ -383,7 +452,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         }
     }
 
-    let metrics_path = opts.out_dir.join("metrics.jsonl");
+    let metrics_path = out_dir.join("metrics.jsonl");
     let metrics_file = if opts.resume.is_some() {
         OpenOptions::new()
             .create(true)
@@ -417,13 +486,21 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let ibot = cfg.method == Method::Ibot;
     let mut losses = Vec::new();
     let t0 = Instant::now();
-    let mut last_save = start;
+    let mut last_save = opts.resume.is_some().then_some(start);
+    let mut last_save_time = Instant::now();
+    let save_period = Duration::from_secs_f64(60.0 * opts.checkpoint_every_minutes);
+    let stopped = || opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
     let mut step = start;
     let mut ips = 0.0;
+    let mut interrupted = false;
     'epochs: while step < end {
         let epoch = step / spe;
         let first = (step % spe) as usize;
         for batch in loader.epoch(epoch, first) {
+            if stopped() {
+                interrupted = true;
+                break 'epochs;
+            }
             let batch = batch?;
             let t = Instant::now();
             let sv = recipe.at(step);
@@ -440,12 +517,18 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             let m = backend.train_step(&batch, &hp)?;
             if !m.loss.is_finite() {
                 bar.abandon();
+                let saved = match last_save {
+                    Some(s) => format!(
+                        "The last good checkpoint ({}, step {s}) is untouched.",
+                        ckpt_path.display()
+                    ),
+                    None => "No checkpoint of this run was written yet.".to_string(),
+                };
                 bail!(
-                    "the loss became {} at step {step} (epoch {epoch}): training stopped. The last good \
-                     checkpoint ({}) is untouched{}. Hint: lower --lr or raise --warmup-epochs.",
+                    "the loss became {} at step {step} (epoch {epoch}): training stopped. {saved} \
+                     The options are valid, so the optimisation diverged: lower --lr, raise \
+                     --warmup-epochs or lower --clip-grad.",
                     m.loss,
-                    ckpt_path.display(),
-                    if last_save > 0 { format!(" (step {last_save})") } else { String::new() }
                 );
             }
             let dt = t.elapsed().as_secs_f64();
@@ -508,13 +591,25 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                 )
             });
             let epoch_done = step % spe == 0;
-            if (epoch_done && (step / spe).is_multiple_of(opts.checkpoint_every.max(1)))
+            let due = (epoch_done && (step / spe).is_multiple_of(opts.checkpoint_every.max(1)))
                 || step == end
-            {
+                || (opts.checkpoint_every_steps > 0
+                    && step.is_multiple_of(opts.checkpoint_every_steps))
+                || (opts.checkpoint_every_minutes > 0.0 && last_save_time.elapsed() >= save_period)
+                || stopped();
+            if due {
                 metrics.flush()?;
                 let st = backend.state()?;
-                state::save_checkpoint(&ckpt_path, cfg, &st, step, knn_init.as_deref())?;
-                last_save = step;
+                state::save_checkpoint_meta(
+                    &ckpt_path,
+                    cfg,
+                    &st,
+                    step,
+                    knn_init.as_deref(),
+                    &[("classes", serde_json::to_string(&classes)?)],
+                )?;
+                last_save = Some(step);
+                last_save_time = Instant::now();
             }
             if step >= end {
                 break 'epochs;
@@ -522,12 +617,27 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         }
     }
     metrics.flush()?;
-    bar.finish();
+    if interrupted {
+        bar.abandon();
+        if last_save != Some(step) {
+            let st = backend.state()?;
+            state::save_checkpoint_meta(
+                &ckpt_path,
+                cfg,
+                &st,
+                step,
+                knn_init.as_deref(),
+                &[("classes", serde_json::to_string(&classes)?)],
+            )?;
+        }
+    } else {
+        bar.finish();
+    }
     let elapsed = t0.elapsed().as_secs_f64();
     let images_per_sec = (step - start) as f64 * cfg.batch_size as f64 / elapsed.max(1e-9);
 
     let (mut knn_final, mut knn_px) = (None, None);
-    if opts.eval && data.test.is_some() {
+    if opts.eval && data.test.is_some() && !interrupted {
         eprintln!("evaluating the trained teacher (k-NN on the held-out split)...");
         knn_final = Some(pairs(&knn_eval(backend.as_mut(), &data, size)?));
         knn_px = Some(pairs(&knn_pixels(&data, size)?));
@@ -546,14 +656,23 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         knn_final,
         knn_pixels: knn_px,
         checkpoint: ckpt_path,
+        run_dir: out_dir.clone(),
+        interrupted,
     };
-    std::fs::write(
-        opts.out_dir.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?,
+    write_atomic(
+        &out_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
+    if interrupted {
+        return Err(Interrupted {
+            step,
+            checkpoint: summary.checkpoint,
+        }
+        .into());
+    }
     if opts.figures {
         // Figures are a view of what is already saved: a failure costs the pictures only.
-        match crate::report::write_figures(&opts.out_dir) {
+        match crate::report::write_figures(&out_dir) {
             Ok(files) => eprintln!("figures: {}", files.join(", ")),
             Err(e) => eprintln!("warning: could not draw the run's figures: {e:#}"),
         }
@@ -590,6 +709,29 @@ pub fn print_knn_table(s: &TrainSummary, out: &mut dyn Write) -> std::io::Result
             100.0 * a0,
             100.0 * px
         )?;
+    }
+    Ok(())
+}
+
+/// Refuses to resume a checkpoint whose stored class list differs from the data's.
+fn check_classes(path: &Path, classes: &[String]) -> Result<()> {
+    let meta = crate::checkpoint::read_metadata(path)?;
+    let Some(saved) = meta.get("classes") else {
+        return Ok(()); // written before class lists were stored
+    };
+    let saved: Vec<String> = serde_json::from_str(saved)
+        .with_context(|| format!("checkpoint {}: unreadable class list", path.display()))?;
+    if saved != classes {
+        let missing: Vec<&String> = saved.iter().filter(|c| !classes.contains(c)).collect();
+        let added: Vec<&String> = classes.iter().filter(|c| !saved.contains(c)).collect();
+        bail!(
+            "checkpoint {} was trained on classes {:?}; the data now has {:?} (missing: {:?}, new: {:?})",
+            path.display(),
+            saved,
+            classes,
+            missing,
+            added
+        );
     }
     Ok(())
 }

@@ -28,6 +28,18 @@ pub fn save_checkpoint(
     step: u64,
     knn_init: Option<&[(usize, f64)]>,
 ) -> Result<()> {
+    save_checkpoint_meta(path, cfg, st, step, knn_init, &[])
+}
+
+/// [`save_checkpoint`] with extra metadata entries (e.g. the data's class list).
+pub fn save_checkpoint_meta(
+    path: &Path,
+    cfg: &TrainConfig,
+    st: &TrainState,
+    step: u64,
+    knn_init: Option<&[(usize, f64)]>,
+    extra: &[(&str, String)],
+) -> Result<()> {
     let mc = model_config(cfg);
     let mut tensors = Vec::new();
     for (group, buf) in GROUPS
@@ -61,6 +73,9 @@ pub fn save_checkpoint(
     ck.metadata
         .insert("config".into(), serde_json::to_string(cfg)?);
     ck.metadata.insert("step".into(), step.to_string());
+    for (k, v) in extra {
+        ck.metadata.insert(k.to_string(), v.clone());
+    }
     ck.metadata
         .insert("adam_step".into(), st.adam_step.to_string());
     if let Some(k) = knn_init {
@@ -75,9 +90,24 @@ pub fn save_checkpoint(
 pub fn load_checkpoint(
     path: &Path,
 ) -> Result<(TrainState, u64, TrainConfig, Option<Vec<(usize, f64)>>)> {
-    let mut ck = checkpoint::load(path)?;
+    load_checkpoint_with(path, checkpoint::LoadOptions::verified())
+}
+
+/// [`load_checkpoint`] with the reader's options (checksum verification).
+#[allow(clippy::type_complexity)]
+pub fn load_checkpoint_with(
+    path: &Path,
+    opts: checkpoint::LoadOptions,
+) -> Result<(TrainState, u64, TrainConfig, Option<Vec<(usize, f64)>>)> {
+    let mut ck = checkpoint::load_with(path, opts)?;
     let cfg: TrainConfig = serde_json::from_str(ck.meta("config")?)
         .with_context(|| format!("checkpoint {}: unreadable config", path.display()))?;
+    super::validate::validate_config(&cfg).with_context(|| {
+        format!(
+            "checkpoint {}: the configuration stored in it is invalid",
+            path.display()
+        )
+    })?;
     let step: u64 = ck.meta("step")?.parse().context("checkpoint step")?;
     let adam_step: u64 = ck
         .meta("adam_step")?
@@ -98,12 +128,15 @@ pub fn load_checkpoint(
             }
             let name = format!("{group}.{}", p.name);
             match ck.take(&name) {
-                Ok(t) if t.data.len() == p.numel => buf[p.range()].copy_from_slice(&t.data),
+                Ok(t) if t.data.len() == p.numel && t.shape == p.shape() => {
+                    buf[p.range()].copy_from_slice(&t.data)
+                }
                 Ok(t) => {
                     err = Some(anyhow!(
-                        "tensor '{name}' has {} values, the model needs {}",
+                        "tensor '{name}' has shape {:?} ({} values), the model needs {:?}",
+                        t.shape,
                         t.data.len(),
-                        p.numel
+                        p.shape()
                     ))
                 }
                 Err(e) => err = Some(e),
