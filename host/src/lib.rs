@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod interop;
 pub mod plot;
 pub mod quant;
 pub mod report;
