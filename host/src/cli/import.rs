@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::interop::{import_state_dict, read_state_dict};
+use crate::interop::{import_state_dict, read_state_dict, StateDict};
 use crate::train::state;
 
 #[derive(Args, Debug, Clone)]
@@ -14,6 +14,10 @@ pub struct ImportArgs {
     /// A PyTorch state dict as safetensors: a timm / DINO / iBOT ViT backbone, optionally with
     /// its DINO head (`backbone.*` + `head.*`, as in DINO's `teacher` entry).
     pub weights: PathBuf,
+    /// The DINOHead's state dict in its own file (`mlp.*`, `last_layer.*`, as `export --format
+    /// timm` writes it), to go with a bare backbone in WEIGHTS.
+    #[arg(long)]
+    pub head: Option<PathBuf>,
     /// The run the weights start: the same options as `dinovmf train` (preset and shape
     /// overrides must describe the model of the file); the checkpoint goes to
     /// OUT/checkpoint.safetensors.
@@ -27,7 +31,11 @@ pub fn run(a: &ImportArgs) -> Result<()> {
     }
     let cfg = a.run.config()?;
     let mc = state::model_config(&cfg);
-    let sd = read_state_dict(&a.weights)?;
+    let mut sd = read_state_dict(&a.weights)?;
+    if let Some(h) = &a.head {
+        sd = with_head(sd, read_state_dict(h)?)
+            .with_context(|| format!("joining {} and {}", a.weights.display(), h.display()))?;
+    }
     let mut st = state::init_state(&cfg);
     let imp = import_state_dict(&sd, &mc, &st.teacher)
         .with_context(|| format!("importing {}", a.weights.display()))?;
@@ -63,4 +71,21 @@ pub fn run(a: &ImportArgs) -> Result<()> {
     }
     println!("wrote {}", out.display());
     Ok(())
+}
+
+/// A bare backbone and a head file as one `backbone.*` + `head.*` state dict (DINO's layout).
+pub fn with_head(backbone: StateDict, head: StateDict) -> Result<StateDict> {
+    if !backbone.tensors.contains_key("cls_token") {
+        bail!("--head needs a bare backbone (keys like 'cls_token', no prefix) in WEIGHTS");
+    }
+    if let Some(k) = head.tensors.keys().find(|k| k.starts_with("head.")) {
+        bail!("the head file's key '{k}' has a 'head.' prefix: give DINOHead's own keys (mlp.0.weight, ...)");
+    }
+    let mut out = StateDict::default();
+    for (prefix, sd) in [("backbone.", backbone), ("head.", head)] {
+        for (k, t) in sd.tensors {
+            out.insert(&format!("{prefix}{k}"), &t.shape, t.data);
+        }
+    }
+    Ok(out)
 }

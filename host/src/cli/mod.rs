@@ -51,9 +51,9 @@ pub enum Command {
     Report(report::ReportArgs),
 }
 
-pub fn main() -> i32 {
-    let cli = Cli::parse();
-    let res = match &cli.command {
+/// Runs one parsed command.
+pub fn run(command: &Command) -> anyhow::Result<()> {
+    match command {
         Command::Train(a) => train::run(a),
         Command::Eval(c) => eval::run(c),
         Command::Math(a) => math::run(a),
@@ -63,8 +63,21 @@ pub fn main() -> i32 {
         Command::Assign(a) => assign::run(a),
         Command::Attention(a) => attention::run(a),
         Command::Report(a) => report::run(a),
-    };
-    match res {
+    }
+}
+
+/// Parses `args` (the program name first) and runs the command: `main` for tests.
+pub fn run_args<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    run(&Cli::try_parse_from(args)?.command)
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match run(&cli.command) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -66,11 +66,8 @@ fn backbone_prefix(sd: &StateDict) -> Result<String> {
 fn describe(prefix: &str) -> String {
     if prefix.is_empty() {
         "a bare ViT backbone (timm / DINO / iBOT)".into()
-    } else if prefix.ends_with("backbone.") {
-        format!(
-            "a DINO / iBOT MultiCropWrapper ('{prefix}*', head under '{}head.*')",
-            &prefix[..prefix.len() - 9]
-        )
+    } else if let Some(outer) = prefix.strip_suffix("backbone.") {
+        format!("a DINO / iBOT MultiCropWrapper ('{prefix}*', head under '{outer}head.*')")
     } else {
         format!("a ViT backbone under the prefix '{prefix}'")
     }

@@ -8,7 +8,8 @@ use safetensors::SafeTensors;
 
 use crate::checkpoint::{write_atomic, Tensor};
 
-/// Named tensors (sorted by name) and the file's string metadata.
+/// Named tensors (sorted by name; the map's key is the name written) and the file's string
+/// metadata.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StateDict {
     pub tensors: BTreeMap<String, Tensor>,
@@ -79,13 +80,13 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict> {
 pub fn write_state_dict(path: &Path, sd: &StateDict) -> Result<()> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = sd
         .tensors
-        .values()
-        .map(|t| {
+        .iter()
+        .map(|(name, t)| {
             let mut b = Vec::with_capacity(4 * t.data.len());
             for x in &t.data {
                 b.extend_from_slice(&x.to_le_bytes());
             }
-            (t.name.clone(), t.shape.clone(), b)
+            (name.clone(), t.shape.clone(), b)
         })
         .collect();
     let views: Vec<(String, TensorView<'_>)> = bytes
