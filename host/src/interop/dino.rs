@@ -14,6 +14,7 @@ use anyhow::{bail, Result};
 use dinovmf_core::model::{for_each_param, ModelConfig, ParamKind};
 
 use super::state_dict::StateDict;
+use crate::checkpoint::Tensor;
 
 /// What [`import_state_dict`] made of a state dict.
 #[derive(Clone, Debug)]
@@ -71,6 +72,11 @@ fn describe(prefix: &str) -> String {
     } else {
         format!("a ViT backbone under the prefix '{prefix}'")
     }
+}
+
+/// Whether `a` exists and holds the same shape and values as `b`.
+fn same_data(a: Option<&Tensor>, b: &Tensor) -> bool {
+    a.is_some_and(|a| a.shape == b.shape && a.data == b.data)
 }
 
 /// Maps a foreign state dict onto our layout for `cfg`, starting from `init` (a freshly
@@ -168,13 +174,27 @@ pub fn import_state_dict(sd: &StateDict, cfg: &ModelConfig, init: &[f32]) -> Res
             ));
             continue;
         }
+        if let Some(hp) = &head_prefix {
+            if let Some(rest) = k.strip_prefix(&format!("{hp}last_layer2.")) {
+                let cls = sd.tensors.get(&format!("{hp}last_layer.{rest}"));
+                notes.push(if same_data(cls, &sd.tensors[k]) {
+                    format!(
+                        "'{k}' is the same tensor as '{hp}last_layer.{rest}' (iBOT's shared head)"
+                    )
+                } else {
+                    format!(
+                        "left out '{k}' (iBOT's patch prototypes; --method ibot \
+                         --separate-patch-head keeps them)"
+                    )
+                });
+                continue;
+            }
+        }
         unknown.push(k.as_str());
     }
     if let Some(k) = unknown.first() {
         let hint = if k.ends_with("head.weight") || k.ends_with("head.bias") {
             " (a classifier: save the backbone with num_classes=0)"
-        } else if k.contains("last_layer2") {
-            " (iBOT's separate patch head: import with --method ibot --separate-patch-head)"
         } else if k.contains("gamma_") || k.contains(".ls1.") || k.contains(".ls2.") {
             " (layer scale, which our ViT does not have)"
         } else if k.contains("fc_norm") || k.contains("reg_token") {
@@ -358,6 +378,43 @@ mod tests {
         assert!(
             e.contains("'student.backbone.'") && e.contains("'teacher.backbone.'"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn ibot_patch_prototypes_shared_separate_or_left_out() {
+        let c = cfg();
+        let n = num_params(&c);
+        let mut sd = exported("teacher.", true);
+        for w in ["weight_g", "weight_v"] {
+            let t = sd.tensors[&format!("teacher.head.last_layer.{w}")].clone();
+            sd.insert(&format!("teacher.head.last_layer2.{w}"), &t.shape, t.data);
+        }
+        let imp = import_state_dict(&sd, &c, &vec![0.0; n]).unwrap();
+        assert!(
+            imp.notes.iter().any(|s| s.contains("shared head")),
+            "{:?}",
+            imp.notes
+        );
+        sd.tensors
+            .get_mut("teacher.head.last_layer2.weight_v")
+            .unwrap()
+            .data[0] += 1.0;
+        let imp = import_state_dict(&sd, &c, &vec![0.0; n]).unwrap();
+        assert!(imp
+            .notes
+            .iter()
+            .any(|s| s.contains("left out 'teacher.head.last_layer2.weight_v'")));
+        let ci = c.with_ibot(dinovmf_core::model::IbotParts {
+            mask_token: false,
+            separate_patch_head: true,
+        });
+        let imp = import_state_dict(&sd, &ci, &vec![0.0; num_params(&ci)]).unwrap();
+        let lay = dinovmf_core::model::Layout::new(&ci);
+        let want = &sd.tensors["teacher.head.last_layer2.weight_v"].data;
+        assert_eq!(
+            &imp.params[lay.patch_v..lay.patch_v + want.len()],
+            &want[..]
         );
     }
 
