@@ -16,15 +16,18 @@ kappa mu.y + log C_p(kappa) computed with scipy's exact Bessel function (scipy.s
 
 With --dinovmf PATH (a built `dinovmf` binary) it also runs the real CLI both ways on these
 weights: `dinovmf import` of the DINO state dict, `dinovmf export --format timm` of the result,
-and strict=True loads of the exported files into DINO's and timm's models (bit-exact check).
+and strict=True loads of the exported files into DINO's and timm's models (bit-exact check);
+with --ibot-check instead the same for iBOT's official VisionTransformer(masked_im_modeling=True)
+and iBOTHead (shared_head True and False), through `import --method ibot`.
 
 Setup (tried on Debian bookworm, Python 3.11, torch 2.15 from PyPI; the CPU is enough):
     python3 -m venv .venv-torch
     .venv-torch/bin/pip install torch timm numpy scipy safetensors   # ~3 GB with CUDA wheels
     # (`pip install --no-deps torch` alone does not import: torch preloads the nvidia-* libs)
-    scripts/fetch-dino.sh            # official DINO code into git-ignored third_party/dino/
+    scripts/fetch-dino.sh            # official DINO (and iBOT) code into git-ignored third_party/
     cargo build -p dinovmf
     .venv-torch/bin/python scripts/pytorch_fixture.py --dinovmf target/debug/dinovmf
+    .venv-torch/bin/python scripts/pytorch_fixture.py --dinovmf target/debug/dinovmf --ibot-check
 """
 import argparse
 import json
@@ -44,8 +47,15 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file, save_file as save_torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "third_party", "dino"))
-import vision_transformer as dino_vit  # noqa: E402  (official DINO code, see fetch-dino.sh)
+# The official code (see fetch-dino.sh): DINO's, or with --ibot-check iBOT's (both name their
+# modules vision_transformer / utils, so one process imports one of them).
+OFFICIAL = "ibot" if "--ibot-check" in sys.argv else "dino"
+sys.path.insert(0, os.path.join(ROOT, "third_party", OFFICIAL))
+if OFFICIAL == "dino":
+    import vision_transformer as dino_vit  # noqa: E402
+else:
+    import vision_transformer as ibot_vit  # noqa: E402
+    import head as ibot_head  # noqa: E402
 import timm  # noqa: E402
 import timm.models.vision_transformer as timm_vit  # noqa: E402
 
@@ -172,11 +182,55 @@ def cli_roundtrip(dinovmf, preset, vit, head, tvit, sd_vit, sd_head):
     return "bit-exact"
 
 
+def ibot_check(dinovmf):
+    """iBOT's teacher (ViT with masked_embed, iBOTHead shared or not) through import and export."""
+    s = SHAPES["tiny"]
+    vit = ibot_vit.VisionTransformer(
+        img_size=[s["img_size"]], patch_size=s["patch"], embed_dim=s["dim"], depth=s["depth"],
+        num_heads=s["heads"], mlp_ratio=s["mlp_ratio"], qkv_bias=True, masked_im_modeling=True)
+    for shared in (True, False):
+        head = ibot_head.iBOTHead(s["dim"], s["prototypes"], patch_out_dim=s["prototypes"], nlayers=3,
+                                  hidden_dim=s["hidden"], bottleneck_dim=s["bottleneck"],
+                                  norm_last_layer=False, shared_head=shared)
+        sd_vit, sd_head = weights(vit, ""), weights(head, "")
+        if shared:  # one module under two names: the same tensor twice
+            for w in ("weight_g", "weight_v"):
+                sd_head["last_layer2." + w] = sd_head["last_layer." + w]
+        with tempfile.TemporaryDirectory() as d:
+            src = os.path.join(d, "ibot_teacher.safetensors")
+            merged = {"backbone." + k: v for k, v in sd_vit.items()}
+            merged.update({"head." + k: v.clone() for k, v in sd_head.items()})
+            save_torch(merged, src)
+            extra = [] if shared else ["--separate-patch-head"]
+            run_dir = os.path.join(d, "run")
+            subprocess.run([dinovmf, "import", src, "--preset", "tiny", "--method", "ibot",
+                            "-o", run_dir] + extra, check=True)
+            bb = os.path.join(d, "backbone.safetensors")
+            subprocess.run([dinovmf, "export", os.path.join(run_dir, "checkpoint.safetensors"),
+                            "--format", "timm", "--ibot-mask-token", "-o", bb], check=True)
+            got_vit = load_file(bb)
+            got_head = load_file(os.path.join(d, "backbone-head.safetensors"))
+            vit.load_state_dict(got_vit, strict=True)
+            if shared:  # our shared head has one prototype layer: iBOT's second name is the same
+                for w in ("weight_g", "weight_v"):
+                    got_head["last_layer2." + w] = got_head["last_layer." + w]
+            head.load_state_dict(got_head, strict=True)
+            for want, got in ((sd_vit, got_vit), (sd_head, got_head)):
+                assert want.keys() == got.keys(), (want.keys() ^ got.keys())
+                for k in want:
+                    assert torch.equal(want[k], got[k]), k
+        print(f"iBOT (shared_head={shared}): import + export --format timm --ibot-mask-token: bit-exact, strict=True")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dinovmf", help="a built dinovmf binary: also check the real CLI round trip")
     ap.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures"))
+    ap.add_argument("--ibot-check", action="store_true",
+                    help="instead: iBOT's official modules (third_party/ibot) through the CLI (needs --dinovmf)")
     a = ap.parse_args()
+    if a.ibot_check:
+        return ibot_check(a.dinovmf)
     torch.set_num_threads(1)  # deterministic reductions
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(ROOT, "third_party", "dino", "COMMIT")) as f:

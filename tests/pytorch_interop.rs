@@ -14,7 +14,9 @@
 //! `ive` in f64 (our f32 log C_p carries the relative error of core's Bessel approximation).
 use dinovmf::backend::Net;
 use dinovmf::interop::synthetic_weights::{images, tensor};
-use dinovmf::interop::{export_timm, import_state_dict, read_state_dict, StateDict};
+use dinovmf::interop::{
+    export_timm, import_state_dict, read_state_dict, StateDict, TimmExportOptions,
+};
 use dinovmf::train::{state, LossKind, TrainConfig};
 use dinovmf_core::logits::{branch_terms_forward, weight_norm_forward, LogitKind};
 use dinovmf_core::model::{for_each_param, num_params, Layout, ModelConfig};
@@ -180,7 +182,7 @@ fn our_params(mc: &ModelConfig) -> Vec<f32> {
 fn ours_in_pytorch(preset: &str) {
     let f = fixture(preset);
     let params = our_params(&f.model);
-    let e = export_timm(&f.model, &params).unwrap();
+    let e = export_timm(&f.model, &params, TimmExportOptions::timm()).unwrap();
     // strict=True: exactly the official modules' keys and shapes (and timm's, for the backbone).
     for (which, sd) in [
         ("backbone_keys", &e.backbone),

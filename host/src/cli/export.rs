@@ -9,7 +9,7 @@ use dinovmf_core::quant::infer::scratch_len;
 
 use crate::checkpoint::write_atomic;
 use crate::data::OnError;
-use crate::interop::{export_timm, write_state_dict};
+use crate::interop::{export_timm, write_state_dict, TimmExportOptions};
 use crate::quant::{self, report, Teacher};
 use crate::train;
 
@@ -30,6 +30,10 @@ pub struct ExportArgs {
     /// default OUT with `-head` before the extension.
     #[arg(long)]
     pub head_out: Option<PathBuf>,
+    /// With `--format timm`: keep an iBOT run's `masked_embed` in the backbone (for iBOT's
+    /// VisionTransformer(masked_im_modeling=True); timm's and DINO's have no such key).
+    #[arg(long)]
+    pub ibot_mask_token: bool,
     /// int8 weights, per output channel, symmetric (the default).
     #[arg(long)]
     pub int8: bool,
@@ -157,7 +161,12 @@ fn run_timm(a: &ExportArgs, teacher: &Teacher) -> Result<()> {
     if head == a.out {
         anyhow::bail!("--head-out is the same file as -o ({})", a.out.display());
     }
-    let mut e = export_timm(&teacher.model, &teacher.params)?;
+    let opts = if a.ibot_mask_token {
+        TimmExportOptions::ibot()
+    } else {
+        TimmExportOptions::timm()
+    };
+    let mut e = export_timm(&teacher.model, &teacher.params, opts)?;
     let step = teacher.step.to_string();
     for sd in [&mut e.backbone, &mut e.head] {
         sd.metadata.insert("dinovmf_step".into(), step.clone());

@@ -224,8 +224,33 @@ pub struct TimmExport {
     pub head: StateDict,
 }
 
-/// The backbone and head of `params` (our layout for `cfg`) under PyTorch's keys.
-pub fn export_timm(cfg: &ModelConfig, params: &[f32]) -> Result<TimmExport> {
+/// What [`export_timm`] writes beyond the tensors timm's and DINO's modules define.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimmExportOptions {
+    /// Keep iBOT's `masked_embed` in the backbone (a training-only tensor: timm's and DINO's
+    /// `VisionTransformer` have no such key, iBOT's with `masked_im_modeling=True` needs it).
+    pub mask_token: bool,
+}
+
+impl TimmExportOptions {
+    /// Exactly timm's / DINO's keys: loads with `strict=True` into both.
+    pub const fn timm() -> Self {
+        Self { mask_token: false }
+    }
+    /// Also iBOT's mask token, for iBOT's `VisionTransformer(masked_im_modeling=True)`.
+    pub const fn ibot() -> Self {
+        Self { mask_token: true }
+    }
+}
+
+/// The backbone and head of `params` (our layout for `cfg`) under PyTorch's keys. The head
+/// holds `last_layer2` (iBOT's `iBOTHead(shared_head=False)`) when the model has a separate
+/// patch head.
+pub fn export_timm(
+    cfg: &ModelConfig,
+    params: &[f32],
+    opts: TimmExportOptions,
+) -> Result<TimmExport> {
     if params.len() < dinovmf_core::model::num_params(cfg) {
         bail!(
             "{} parameters for a model of {}",
@@ -236,6 +261,9 @@ pub fn export_timm(cfg: &ModelConfig, params: &[f32]) -> Result<TimmExport> {
     let mut out = TimmExport::default();
     for_each_param(cfg, |p| {
         let data = params[p.range()].to_vec();
+        if p.kind == ParamKind::MaskToken && !opts.mask_token {
+            return;
+        }
         if let Some(k) = p.name.strip_prefix("backbone.") {
             out.backbone.insert(k, p.shape(), data);
         } else if let Some(k) = p.name.strip_prefix("head.") {
@@ -288,7 +316,7 @@ mod tests {
     /// Our weights exported, then one edit, imported under `prefix` (backbone and head).
     fn exported(prefix: &str, with_head: bool) -> StateDict {
         let c = cfg();
-        let e = export_timm(&c, &numbered(num_params(&c))).unwrap();
+        let e = export_timm(&c, &numbered(num_params(&c)), TimmExportOptions::timm()).unwrap();
         let mut sd = StateDict::default();
         for (k, t) in &e.backbone.tensors {
             let bp = if prefix.is_empty() {
@@ -416,6 +444,25 @@ mod tests {
             &imp.params[lay.patch_v..lay.patch_v + want.len()],
             &want[..]
         );
+    }
+
+    #[test]
+    fn mask_token_is_exported_only_on_request() {
+        let ci = cfg().with_ibot(dinovmf_core::model::IbotParts {
+            mask_token: true,
+            separate_patch_head: true,
+        });
+        let p = numbered(num_params(&ci));
+        let plain = export_timm(&ci, &p, TimmExportOptions::timm()).unwrap();
+        let ibot = export_timm(&ci, &p, TimmExportOptions::ibot()).unwrap();
+        assert!(!plain.backbone.tensors.contains_key("masked_embed"));
+        let at = dinovmf_core::model::Layout::new(&ci).mask_token.unwrap();
+        assert_eq!(ibot.backbone.tensors["masked_embed"].data, p[at..at + 8]);
+        assert_eq!(
+            ibot.backbone.tensors.len(),
+            plain.backbone.tensors.len() + 1
+        );
+        assert!(plain.head.tensors.contains_key("last_layer2.weight_v"));
     }
 
     #[test]

@@ -11,5 +11,5 @@ pub mod dino;
 pub mod state_dict;
 pub mod synthetic_weights;
 
-pub use dino::{export_timm, import_state_dict, Imported, TimmExport};
+pub use dino::{export_timm, import_state_dict, Imported, TimmExport, TimmExportOptions};
 pub use state_dict::{read_state_dict, write_state_dict, StateDict};
