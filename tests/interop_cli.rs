@@ -85,6 +85,20 @@ fn import_then_export_gives_back_the_same_state_dicts() {
     .unwrap();
     let (st2, ..) = state::load_checkpoint(&again.join("checkpoint.safetensors")).unwrap();
     assert_eq!(st2.teacher, st.teacher);
+    // An import never replaces a run's checkpoint.
+    let before = std::fs::read(&ckpt).unwrap();
+    let e = run([
+        "dinovmf",
+        "import",
+        &s(&bb),
+        "--preset",
+        "tiny",
+        "-o",
+        &s(&run_dir),
+    ])
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("exists"), "{e:#}");
+    assert_eq!(std::fs::read(&ckpt).unwrap(), before);
 }
 
 #[test]

@@ -29,6 +29,13 @@ pub fn run(a: &ImportArgs) -> Result<()> {
     if a.run.resume.is_some() {
         bail!("import writes a new checkpoint; --resume belongs to the `train` that continues it");
     }
+    let out = a.run.out.join("checkpoint.safetensors");
+    if out.exists() {
+        bail!(
+            "{} exists: import starts a new run, choose another -o (nothing was written)",
+            out.display()
+        );
+    }
     let cfg = a.run.config()?;
     let mc = state::model_config(&cfg);
     let mut sd = read_state_dict(&a.weights)?;
@@ -41,7 +48,6 @@ pub fn run(a: &ImportArgs) -> Result<()> {
         .with_context(|| format!("importing {}", a.weights.display()))?;
     st.teacher = imp.params.clone();
     st.student = imp.params;
-    let out = a.run.out.join("checkpoint.safetensors");
     std::fs::create_dir_all(&a.run.out)
         .with_context(|| format!("creating {}", a.run.out.display()))?;
     state::save_checkpoint(&out, &cfg, &st, 0, None)?;
