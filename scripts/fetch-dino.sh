@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
-# Exports the official DINO code (facebookresearch/dino) that scripts/side_by_side.py runs into
-# third_party/dino/ (git-ignored, never committed; issue 19's PyTorch import/export uses the same
-# folder). This machine has no direct network access to GitHub: the repository is brought as a
-# bare git directory by the session's `fetch` tool (`fetch github:facebookresearch/dino`, which
-# leaves it under /work/.mirror/facebookresearch+dino/repo), and this script exports the files
-# from it:
+# Puts the official DINO code (facebookresearch/dino: vision_transformer.py and the utils.py it
+# imports, main_dino.py with DINOLoss for scripts/side_by_side.py, its LICENSE) into
+# third_party/dino/, and iBOT's (bytedance/ibot: models/
+# vision_transformer.py, models/head.py, utils.py) into third_party/ibot/ when a clone of it is
+# there. third_party/ is git-ignored: their code is never committed here.
+# scripts/pytorch_fixture.py imports it from there.
 #
-#   scripts/fetch-dino.sh [GIT_DIR]     default GIT_DIR: /work/.mirror/facebookresearch+dino/repo
+#   DINO_GIT=/path/to/dino/.git IBOT_GIT=/path/to/ibot/.git scripts/fetch-dino.sh
 #
-# Only what the training step needs is exported: main_dino.py (DINOLoss), vision_transformer.py,
-# utils.py, and the LICENSE (Apache-2.0). The commit exported is written to third_party/dino/COMMIT.
+# (clones or bare mirrors). Without them the bare mirrors the sessions' fetch tool leaves are used.
 set -euo pipefail
-top=$(cd "$(dirname "$0")/.." && pwd)
-git_dir=${1:-/work/.mirror/facebookresearch+dino/repo}
-dest="$top/third_party/dino"
-if ! git --git-dir="$git_dir" rev-parse --verify -q HEAD >/dev/null; then
-    echo "fetch-dino: no git repository at $git_dir (bring it with the fetch tool: github:facebookresearch/dino)" >&2
+cd "$(dirname "$0")/.."
+DINO_GIT=${DINO_GIT:-/work/.mirror/facebookresearch+dino/repo}
+REV=${DINO_REV:-HEAD}
+if ! git --git-dir="$DINO_GIT" rev-parse --verify -q "$REV^{commit}" >/dev/null; then
+    echo "no DINO git repository at $DINO_GIT (set DINO_GIT to a clone of facebookresearch/dino)" >&2
     exit 1
 fi
-mkdir -p "$dest"
+mkdir -p third_party/dino
 for f in main_dino.py vision_transformer.py utils.py LICENSE; do
-    git --git-dir="$git_dir" show "HEAD:$f" > "$dest/$f"
+    git --git-dir="$DINO_GIT" show "$REV:$f" > "third_party/dino/$f"
 done
-git --git-dir="$git_dir" rev-parse HEAD > "$dest/COMMIT"
-echo "fetch-dino: $(cat "$dest/COMMIT") -> $dest"
+git --git-dir="$DINO_GIT" rev-parse "$REV^{commit}" > third_party/dino/COMMIT
+echo "third_party/dino/: DINO $(cat third_party/dino/COMMIT)"
+
+IBOT_GIT=${IBOT_GIT:-/work/.mirror/bytedance+ibot/repo}
+if git --git-dir="$IBOT_GIT" rev-parse --verify -q "HEAD^{commit}" >/dev/null; then
+    mkdir -p third_party/ibot
+    for f in models/vision_transformer.py models/head.py utils.py; do
+        git --git-dir="$IBOT_GIT" show "HEAD:$f" > "third_party/ibot/$(basename "$f")"
+    done
+    git --git-dir="$IBOT_GIT" rev-parse "HEAD^{commit}" > third_party/ibot/COMMIT
+    echo "third_party/ibot/: iBOT $(cat third_party/ibot/COMMIT)"
+else
+    echo "no iBOT repository at $IBOT_GIT: skipped (only --ibot-check needs it)"
+fi

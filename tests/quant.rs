@@ -477,6 +477,9 @@ fn trained_tiny_model_int8_agrees_with_f32() {
     export::run(&ExportArgs {
         checkpoint: s.checkpoint.clone(),
         out: model.clone(),
+        format: dinovmf::cli::export::ExportFormat::Edge,
+        head_out: None,
+        ibot_mask_token: false,
         int8: true,
         f16: false,
         f32: false,

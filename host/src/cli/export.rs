@@ -9,6 +9,7 @@ use dinovmf_core::quant::infer::scratch_len;
 
 use crate::checkpoint::write_atomic;
 use crate::data::OnError;
+use crate::interop::{export_timm, write_state_dict, TimmExportOptions};
 use crate::quant::{self, report, Teacher};
 use crate::train;
 
@@ -17,9 +18,22 @@ use crate::train;
 pub struct ExportArgs {
     /// A checkpoint written by `dinovmf train` (its teacher is exported).
     pub checkpoint: PathBuf,
-    /// Where the model file goes.
+    /// Where the model file goes (with `--format timm`: the backbone's state dict).
     #[arg(long, short = 'o', default_value = "model.bin")]
     pub out: PathBuf,
+    /// edge: core's int8 / f16 / f32 model file (for `assign` and the firmware); timm: the
+    /// teacher as PyTorch state dicts in safetensors, the backbone to OUT (loads with
+    /// strict=True into DINO's and timm's VisionTransformer) and the head to --head-out.
+    #[arg(long, value_enum, default_value = "edge")]
+    pub format: ExportFormat,
+    /// With `--format timm`: where the head's state dict (DINOHead: MLP and prototypes) goes;
+    /// default OUT with `-head` before the extension.
+    #[arg(long)]
+    pub head_out: Option<PathBuf>,
+    /// With `--format timm`: keep an iBOT run's `masked_embed` in the backbone (for iBOT's
+    /// VisionTransformer(masked_im_modeling=True); timm's and DINO's have no such key).
+    #[arg(long)]
+    pub ibot_mask_token: bool,
     /// int8 weights, per output channel, symmetric (the default).
     #[arg(long)]
     pub int8: bool,
@@ -44,7 +58,31 @@ pub struct ExportArgs {
     pub quiet: bool,
 }
 
+/// What `dinovmf export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    Edge,
+    Timm,
+}
+
 impl ExportArgs {
+    /// Where the head goes with `--format timm`.
+    pub fn head_path(&self) -> PathBuf {
+        self.head_out.clone().unwrap_or_else(|| {
+            let stem = self
+                .out
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "backbone".into());
+            let ext = self
+                .out
+                .extension()
+                .map(|e| format!(".{}", e.to_string_lossy()))
+                .unwrap_or_default();
+            self.out.with_file_name(format!("{stem}-head{ext}"))
+        })
+    }
+
     fn dtype(&self) -> Dtype {
         if self.f16 {
             Dtype::F16
@@ -58,6 +96,9 @@ impl ExportArgs {
 
 pub fn run(a: &ExportArgs) -> Result<()> {
     let teacher = Teacher::load(&a.checkpoint)?;
+    if a.format == ExportFormat::Timm {
+        return run_timm(a, &teacher);
+    }
     let dtype = a.dtype();
     let size = teacher.model.vit.img_size;
     let data = || {
@@ -108,5 +149,56 @@ pub fn run(a: &ExportArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// `--format timm`: the teacher's backbone and head as PyTorch state dicts.
+fn run_timm(a: &ExportArgs, teacher: &Teacher) -> Result<()> {
+    if a.int8 || a.f16 || a.report || a.dynamic {
+        anyhow::bail!("--int8, --f16, --dynamic and --report belong to --format edge; --format timm writes f32");
+    }
+    let head = a.head_path();
+    if head == a.out {
+        anyhow::bail!("--head-out is the same file as -o ({})", a.out.display());
+    }
+    let opts = if a.ibot_mask_token {
+        TimmExportOptions::ibot()
+    } else {
+        TimmExportOptions::timm()
+    };
+    let mut e = export_timm(&teacher.model, &teacher.params, opts)?;
+    let step = teacher.step.to_string();
+    for sd in [&mut e.backbone, &mut e.head] {
+        sd.metadata.insert("dinovmf_step".into(), step.clone());
+        sd.metadata
+            .insert("dinovmf_preset".into(), teacher.cfg.preset.clone());
+    }
+    e.head.metadata.insert(
+        "dinovmf_loss".into(),
+        format!("{:?}", teacher.cfg.loss).to_lowercase(),
+    );
+    e.head
+        .metadata
+        .insert("teacher_temp".into(), teacher.cfg.teacher_temp.to_string());
+    write_state_dict(&a.out, &e.backbone)?;
+    write_state_dict(&head, &e.head)?;
+    let v = &teacher.model.vit;
+    println!(
+        "wrote {} ({} tensors: VisionTransformer img_size {}, patch {}, dim {}, depth {}, {} heads, \
+         mlp_ratio {}) and {} ({} tensors: DINOHead out_dim {}); teacher of {} at step {}",
+        a.out.display(),
+        e.backbone.tensors.len(),
+        v.img_size,
+        v.patch,
+        v.dim,
+        v.depth,
+        v.heads,
+        v.mlp_ratio,
+        head.display(),
+        e.head.tensors.len(),
+        teacher.model.head.out_dim,
+        a.checkpoint.display(),
+        teacher.step
+    );
     Ok(())
 }

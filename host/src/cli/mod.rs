@@ -5,6 +5,7 @@ pub mod assign;
 pub mod attention;
 pub mod eval;
 pub mod export;
+pub mod import;
 pub mod math;
 pub mod report;
 pub mod train;
@@ -36,8 +37,12 @@ pub enum Command {
     /// Check every GPU kernel against the reference math (and, with --compare-cpu, training
     /// steps against the CPU backend); needs a build with `--features cuda`.
     VerifyKernels(verify::VerifyArgs),
-    /// Export a checkpoint's teacher as an int8 / f16 model file for edge devices.
+    /// Export a checkpoint's teacher as an int8 / f16 model file for edge devices, or as
+    /// PyTorch state dicts (`--format timm`).
     Export(export::ExportArgs),
+    /// Turn a timm / DINO / iBOT state dict (safetensors) into a checkpoint to evaluate,
+    /// export or fine-tune.
+    Import(Box<import::ImportArgs>),
     /// Assign images to prototypes with an exported model (the on-device code path).
     Assign(assign::AssignArgs),
     /// Draw the last block's [CLS] attention per head over an image (PNG).
@@ -46,19 +51,33 @@ pub enum Command {
     Report(report::ReportArgs),
 }
 
-pub fn main() -> i32 {
-    let cli = Cli::parse();
-    let res = match &cli.command {
+/// Runs one parsed command.
+pub fn run(command: &Command) -> anyhow::Result<()> {
+    match command {
         Command::Train(a) => train::run(a),
         Command::Eval(c) => eval::run(c),
         Command::Math(a) => math::run(a),
         Command::VerifyKernels(a) => verify::run(a),
         Command::Export(a) => export::run(a),
+        Command::Import(a) => import::run(a),
         Command::Assign(a) => assign::run(a),
         Command::Attention(a) => attention::run(a),
         Command::Report(a) => report::run(a),
-    };
-    match res {
+    }
+}
+
+/// Parses `args` (the program name first) and runs the command: `main` for tests.
+pub fn run_args<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    run(&Cli::try_parse_from(args)?.command)
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match run(&cli.command) {
         Ok(()) => 0,
         Err(e) if e.downcast_ref::<crate::train::Interrupted>().is_some() => {
             eprintln!("{e:#}");
