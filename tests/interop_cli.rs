@@ -11,7 +11,7 @@ use dinovmf_core::model::for_each_param;
 fn dino_teacher() -> StateDict {
     let cfg = TrainConfig::preset("tiny", LossKind::Vmf).unwrap();
     let mut sd = StateDict::default();
-    for_each_param(&state::model_config(&cfg), |p| {
+    for_each_param(&dinovmf::config::model_config(&cfg), |p| {
         sd.insert(
             &p.name,
             p.shape(),

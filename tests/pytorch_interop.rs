@@ -66,7 +66,7 @@ fn fixture(preset: &str) -> Fixture {
     Fixture {
         batch: sd.metadata["batch"].parse().unwrap(),
         tau: sd.metadata["tau"].parse().unwrap(),
-        model: state::model_config(&cfg),
+        model: dinovmf::config::model_config(&cfg),
         cfg,
         sd,
     }
@@ -105,7 +105,7 @@ fn our_outputs(f: &Fixture, params: &[f32]) -> [Vec<f32>; 4] {
     let mut st = state::init_state(&f.cfg);
     st.teacher = params.to_vec();
     st.student = params.to_vec();
-    let mut be = state::cpu_backend(&f.cfg).unwrap();
+    let mut be = dinovmf::backend::open(&dinovmf::config::backend_config(&f.cfg), dinovmf::backend::Device::Cpu).unwrap();
     be.set_state(&st).unwrap();
     let cls = be.embed(Net::Teacher, &x, b, size).unwrap();
     compare("  CPU backend vs reference [CLS]", &cls, &act.cls);

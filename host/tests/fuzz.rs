@@ -88,7 +88,7 @@ fn load_checkpoint_bytes(dir: &Path, bytes: &[u8]) {
     let _ = checkpoint::read_metadata(&p);
     if let Ok((st, _, cfg, _)) = state::load_checkpoint(&p) {
         // Whatever loads is consistent with its own config.
-        let n = dinovmf_core::model::num_params(&state::model_config(&cfg));
+        let n = dinovmf_core::model::num_params(&dinovmf::config::model_config(&cfg));
         assert_eq!(st.student.len(), n);
         assert_eq!(st.center.len(), cfg.model.prototypes);
     }
@@ -252,9 +252,9 @@ proptest! {
         c.batch_size = counts[2].min(1 << 20) as usize;
         c.n_local = counts[3].min(1000) as usize;
         if validate::validate_config(&c).is_ok() {
-            prop_assert!(state::model_config(&c).is_valid());
+            prop_assert!(dinovmf::config::model_config(&c).is_valid());
             prop_assert!(validate::training_bytes(&c) <= validate::MAX_ALLOC_BYTES);
-            prop_assert!(dinovmf::train::crop_config(&c).validate().is_ok());
+            prop_assert!(dinovmf::config::crop_config(&c).validate().is_ok());
         }
     }
 }

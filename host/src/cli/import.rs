@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::interop::{import_state_dict, read_state_dict, StateDict};
+use crate::config::model_config;
 use crate::train::state;
 
 #[derive(Args, Debug, Clone)]
@@ -29,7 +30,10 @@ pub fn run(a: &ImportArgs) -> Result<()> {
     if a.run.resume.is_some() {
         bail!("import writes a new checkpoint; --resume belongs to the `train` that continues it");
     }
-    let out = a.run.out.join("checkpoint.safetensors");
+    let Some(out_dir) = a.run.out.clone() else {
+        bail!("import needs -o DIR: the folder of the new run it starts (nothing was written)");
+    };
+    let out = out_dir.join("checkpoint.safetensors");
     if out.exists() {
         bail!(
             "{} exists: import starts a new run, choose another -o (nothing was written)",
@@ -37,7 +41,7 @@ pub fn run(a: &ImportArgs) -> Result<()> {
         );
     }
     let cfg = a.run.config()?;
-    let mc = state::model_config(&cfg);
+    let mc = model_config(&cfg);
     let mut sd = read_state_dict(&a.weights)?;
     if let Some(h) = &a.head {
         sd = with_head(sd, read_state_dict(h)?)
@@ -48,14 +52,14 @@ pub fn run(a: &ImportArgs) -> Result<()> {
         .with_context(|| format!("importing {}", a.weights.display()))?;
     st.teacher = imp.params.clone();
     st.student = imp.params;
-    std::fs::create_dir_all(&a.run.out)
-        .with_context(|| format!("creating {}", a.run.out.display()))?;
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("creating {}", out_dir.display()))?;
     state::save_checkpoint(&out, &cfg, &st, 0, None)?;
-    std::fs::write(
-        a.run.out.join("config.json"),
-        serde_json::to_string_pretty(&cfg)?,
+    crate::checkpoint::write_atomic(
+        &out_dir.join("config.json"),
+        serde_json::to_string_pretty(&cfg)?.as_bytes(),
     )
-    .with_context(|| format!("writing {}/config.json", a.run.out.display()))?;
+    .with_context(|| format!("writing {}/config.json", out_dir.display()))?;
     println!(
         "imported {} ({}, {} tensors) as preset {} (dim {}, depth {}, {} heads, K {}); head {}",
         a.weights.display(),

@@ -258,7 +258,7 @@ pub fn check_alloc(what: &str, bytes: u64) -> Result<()> {
 /// sizes are in range (the parameter count multiplies them).
 pub fn training_bytes(cfg: &TrainConfig) -> u64 {
     let m = &cfg.model;
-    let params = num_params(&super::state::model_config(cfg)) as u64;
+    let params = num_params(&crate::config::model_config(cfg)) as u64;
     let tokens = |side: usize| {
         let g = (side / m.patch.max(1)) as u64;
         g * g + 1
