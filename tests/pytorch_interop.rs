@@ -105,7 +105,11 @@ fn our_outputs(f: &Fixture, params: &[f32]) -> [Vec<f32>; 4] {
     let mut st = state::init_state(&f.cfg);
     st.teacher = params.to_vec();
     st.student = params.to_vec();
-    let mut be = dinovmf::backend::open(&dinovmf::config::backend_config(&f.cfg), dinovmf::backend::Device::Cpu).unwrap();
+    let mut be = dinovmf::backend::open(
+        &dinovmf::config::backend_config(&f.cfg),
+        dinovmf::backend::Device::Cpu,
+    )
+    .unwrap();
     be.set_state(&st).unwrap();
     let cls = be.embed(Net::Teacher, &x, b, size).unwrap();
     compare("  CPU backend vs reference [CLS]", &cls, &act.cls);

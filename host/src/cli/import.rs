@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::interop::{import_state_dict, read_state_dict, StateDict};
 use crate::config::model_config;
+use crate::interop::{import_state_dict, read_state_dict, StateDict};
 use crate::train::state;
 
 #[derive(Args, Debug, Clone)]
@@ -52,8 +52,7 @@ pub fn run(a: &ImportArgs) -> Result<()> {
         .with_context(|| format!("importing {}", a.weights.display()))?;
     st.teacher = imp.params.clone();
     st.student = imp.params;
-    std::fs::create_dir_all(&out_dir)
-        .with_context(|| format!("creating {}", out_dir.display()))?;
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     state::save_checkpoint(&out, &cfg, &st, 0, None)?;
     crate::checkpoint::write_atomic(
         &out_dir.join("config.json"),

@@ -14,12 +14,11 @@
 //! upload); the single-process one costs nothing.
 use anyhow::{ensure, Result};
 
-use dinovmf_core::centering::{center_init, Centering};
-use dinovmf_core::logits::{LogitKind, NORMALIZE_EPS};
+use dinovmf_core::centering::center_init;
+use dinovmf_core::logits::NORMALIZE_EPS;
 use dinovmf_core::loss::{n_pairs, LossConfig};
 use dinovmf_core::model::{for_each_param, num_params, ModelConfig};
 use dinovmf_core::optim::AdamW;
-use dinovmf_core::vmf::BesselApprox;
 
 use super::device::{u32_of as u, Arg, Buf, Device, Gpu};
 use super::net::{self, BackScratch, Cx, Group, HeadBufs};
@@ -27,6 +26,7 @@ use super::ops::{Gemm, Segments};
 use crate::backend::step::{self, check_state, StepMasks};
 use crate::backend::{Backend, GradReducer, Net, StepHyper, StepMetrics, StepShapes, TrainState};
 use crate::data::Batch;
+use dinovmf_ptx::kernels::reduce::RedOp;
 
 mod ibot;
 mod passes;
@@ -132,27 +132,6 @@ impl LossBufs {
             max_part: gpu.alloc(whole_k.parts())?,
             whole_k,
         })
-    }
-}
-
-fn kind_code(k: LogitKind) -> u32 {
-    match k {
-        LogitKind::Dino => 0,
-        LogitKind::Vmf => 1,
-    }
-}
-
-fn approx_code(a: BesselApprox) -> u32 {
-    match a {
-        BesselApprox::Uniform => 0,
-        BesselApprox::LargeNu => 1,
-    }
-}
-
-fn centering_code(c: Centering) -> u32 {
-    match c {
-        Centering::Logit => 0,
-        Centering::Probability => 1,
     }
 }
 
@@ -370,8 +349,8 @@ impl<D: Device> GpuBackend<D> {
                 u(k),
                 tau.into(),
                 u(p),
-                kind_code(cfg.kind).into(),
-                approx_code(cfg.approx).into(),
+                cfg.kind.code().into(),
+                cfg.approx.code().into(),
             ],
         )
     }
@@ -398,7 +377,7 @@ impl<D: Device> GpuBackend<D> {
         self.branch(student, mu_s, vn_s, terms_s, tau_s)?;
         let lb = &self.lb;
         let gpu = &mut self.gpu;
-        let cent = centering_code(cfg.centering);
+        let cent = cfg.centering.code();
         gpu.l2norm_forward(lb.y_t, lb.zn_t, self.head_t.z(), nt, p, eps)?;
         gpu.teacher_targets(
             [lb.p_t, lb.lse_raw, lb.dots_t, lb.stat],
@@ -415,7 +394,14 @@ impl<D: Device> GpuBackend<D> {
         )?;
         let m = self.metrics;
         gpu.launch("row_entropy", &[lb.ent.into(), lb.p_t.into(), u(nt), u(k)])?;
-        gpu.reduce_final(m.sub(M_ROW_ENT, 1), lb.ent, nt, 1, 0, 1.0 / nt as f32)?;
+        gpu.reduce_final(
+            m.sub(M_ROW_ENT, 1),
+            lb.ent,
+            nt,
+            1,
+            RedOp::Sum,
+            1.0 / nt as f32,
+        )?;
         gpu.column_sum(lb.mean_raw, lb.p_t, nt, k, false)?;
         gpu.fill(lb.mean_p, 0.0)?;
         gpu.axpy(lb.mean_p, lb.mean_raw, 1.0 / nt as f32, k)?;
@@ -423,13 +409,13 @@ impl<D: Device> GpuBackend<D> {
             "row_entropy",
             &[m.sub(M_MEAN_ENT, 1).into(), lb.mean_p.into(), u(1), u(k)],
         )?;
-        gpu.reduce_segments(lb.max_part, lb.mean_p, &lb.whole_k, 2)?;
+        gpu.reduce_segments(lb.max_part, lb.mean_p, &lb.whole_k, RedOp::MaxAbs)?;
         gpu.reduce_final(
             m.sub(M_MAX_MASS, 1),
             lb.max_part,
             lb.whole_k.parts(),
             1,
-            2,
+            RedOp::MaxAbs,
             1.0,
         )?;
 
@@ -470,7 +456,14 @@ impl<D: Device> GpuBackend<D> {
             ],
         )?;
         let gs = 1.0 / (batch * n_pairs(n_crops)).max(1) as f32;
-        gpu.reduce_final(m.sub(M_LOSS, 1), lb.loss_part, k.div_ceil(256), 1, 0, gs)?;
+        gpu.reduce_final(
+            m.sub(M_LOSS, 1),
+            lb.loss_part,
+            k.div_ceil(256),
+            1,
+            RedOp::Sum,
+            gs,
+        )?;
         // dots_s now holds dL/d(dots).
         gpu.matmul_nn(lb.dy, lb.dots_s, mu_s, ns, p, k)?;
         gpu.gemm(
@@ -508,13 +501,13 @@ impl<D: Device> GpuBackend<D> {
         let gpu = &mut self.gpu;
         let s = self.clip_segs;
         let parts = s.parts();
-        gpu.reduce_segments(self.clip_part, self.grads, &s, 1)?;
+        gpu.reduce_segments(self.clip_part, self.grads, &s, RedOp::SumSq)?;
         gpu.reduce_final(
             self.metrics.sub(M_GRAD_SQ, 1),
             self.clip_part,
             parts * s.n,
             1,
-            0,
+            RedOp::Sum,
             1.0,
         )?;
         if clip > 0.0 {
