@@ -7,7 +7,7 @@
 //!   the JIT logs, per-kernel registers and local memory); `errors.rs`: `CUresult` names;
 //! - `sim.rs` (feature `gpu-sim`): the same kernels on the host simulator of `dinovmf-ptx`, so
 //!   everything above the driver is tested on machines without a GPU;
-//! - `net.rs`: the ViT and the head as launches; `step.rs`: the backend's buffers, the loss
+//! - `vit.rs`: the ViT and the head as launches; `step.rs`: the backend's buffers, the loss
 //!   chains and the optimiser; `step/passes.rs`: its `Passes` of `backend/step.rs`'s one step;
 //! - `verify.rs`: every kernel against `dinovmf-core` on random inputs (`dinovmf verify-kernels`).
 //!
@@ -27,7 +27,7 @@ pub mod errors;
 #[cfg(feature = "gpu-sim")]
 pub mod grid;
 #[cfg(feature = "gpu-sim")]
-pub mod net;
+pub mod vit;
 #[cfg(feature = "gpu-sim")]
 pub mod ops;
 #[cfg(feature = "gpu-sim")]

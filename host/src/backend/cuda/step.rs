@@ -21,7 +21,7 @@ use dinovmf_core::model::{for_each_param, num_params, ModelConfig};
 use dinovmf_core::optim::AdamW;
 
 use super::device::{u32_of as u, Arg, Buf, Device, Gpu};
-use super::net::{self, BackScratch, Cx, Group, HeadBufs};
+use super::vit::{self, BackScratch, Cx, Group, HeadBufs};
 use super::ops::{Gemm, Segments};
 use crate::backend::step::{self, check_state, StepMasks};
 use crate::backend::{Backend, GradReducer, Net, StepHyper, StepMetrics, StepShapes, TrainState};
@@ -240,7 +240,7 @@ impl<D: Device> GpuBackend<D> {
             groups.push((n_l, l.t));
         }
         let back = BackScratch::new(&mut gpu, &cx, &groups)?;
-        let hw = net::head_width(&cx);
+        let hw = vit::head_width(&cx);
         let mut center0 = vec![0.0f32; k];
         center_init(&mut center0, loss.centering);
         let center = gpu.alloc_from(&center0)?;
@@ -625,7 +625,7 @@ impl<D: Device> GpuBackend<D> {
         {
             let m = imgs.len() / img_len;
             self.gpu.upload(g.img.sub(0, imgs.len()), imgs)?;
-            net::vit_forward(&mut self.gpu, &cx, params, g, m, None, false, self.one)?;
+            vit::vit_forward(&mut self.gpu, &cx, params, g, m, None, false, self.one)?;
             self.gpu.download(g.cls.sub(0, m * d), o)?;
         }
         Ok(out)
