@@ -15,7 +15,7 @@ use dinovmf_core::mim_loss::{mim_row_weight, IbotConfig};
 
 use super::{GpuBackend, M_LOSS, M_MIM, M_PATCH_ENT};
 use crate::backend::cuda::device::{u32_of as u, Arg, Buf, Device};
-use crate::backend::cuda::vit::{self, HeadBufs};
+use crate::backend::cuda::head::{self, HeadBufs};
 use crate::backend::cuda::ops::Gemm;
 use crate::backend::step::StepMasks;
 use crate::backend::StepMetrics;
@@ -83,7 +83,7 @@ impl<D: Device> GpuBackend<D> {
         self.glob.enable_all_tokens(gpu, &cx)?;
         self.head_s = HeadBufs::new(gpu, &cx, cap_s)?;
         self.head_t = HeadBufs::new(gpu, &cx, n_g * t)?;
-        let hw = vit::head_width(&cx);
+        let hw = head::head_width(&cx);
         self.x_t = gpu.alloc(n_g * t * d)?;
         self.x_s = gpu.alloc(cap_s * d)?;
         self.dx_s = gpu.alloc(cap_s * d)?;

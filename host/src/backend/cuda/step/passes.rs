@@ -7,6 +7,7 @@ use dinovmf_core::model::ModelConfig;
 use super::ibot::gather;
 use super::{GpuBackend, M_GRAD_SQ, M_LEN, M_LOSS, M_MAX_MASS, M_MEAN_ENT, M_ROW_ENT};
 use crate::backend::cuda::device::Device;
+use crate::backend::cuda::head;
 use crate::backend::cuda::vit::{self, Masks, PatchMask};
 use crate::backend::step::{Backward, Crops, Forward, Head, Passes, StepMasks};
 use crate::backend::{Net, StepHyper, StepMetrics, StepShapes};
@@ -104,7 +105,7 @@ impl<D: Device> Passes for GpuBackend<D> {
                     gpu.copy(self.x_t, self.glob.cls.sub(0, n_g * d))?;
                     n_g
                 };
-                vit::head_forward(gpu, &cx, self.teacher, &self.head_t, self.x_t, rows)
+                head::head_forward(gpu, &cx, self.teacher, &self.head_t, self.x_t, rows)
             }
             Net::Student => {
                 gpu.copy(self.x_s.sub(0, n_g * d), self.glob.cls.sub(0, n_g * d))?;
@@ -122,7 +123,7 @@ impl<D: Device> Passes for GpuBackend<D> {
                     }
                     rows += m;
                 }
-                vit::head_forward(gpu, &cx, self.student, &self.head_s, self.x_s, rows)
+                head::head_forward(gpu, &cx, self.student, &self.head_s, self.x_s, rows)
             }
         }
     }
@@ -147,7 +148,7 @@ impl<D: Device> Passes for GpuBackend<D> {
         let b = self.shapes.batch;
         let rows_s = (2 + self.shapes.n_local) * b;
         let rows = rows_s + self.ibot.as_ref().map_or(0, |ib| ib.masked);
-        vit::head_backward(
+        head::head_backward(
             &mut self.gpu,
             &cx,
             self.student,
