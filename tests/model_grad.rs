@@ -1,6 +1,7 @@
 //! Whole-model checks: parameter layout against known model sizes and DINO's rules, the
 //! initialiser's statistics, and the reference forward/backward against central finite
 //! differences in f64 on `tiny_test()` for a global and a local crop size.
+use dinovmf_core::logits;
 use dinovmf_core::model::*;
 use dinovmf_core::ops::*;
 use dinovmf_core::optim::{adamw_step_model, clip_gradients, AdamW};
@@ -300,6 +301,20 @@ struct Case {
     r_logits: Vec<f64>,
 }
 
+/// `w = r mu` through core's one weight norm (`logits::weight_norm_forward`), with `mu`, `r`
+/// and `||v||` for the backward.
+fn weight_norm_w(
+    v: &[f64],
+    g: &[f64],
+    k: usize,
+    p: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut mu, mut rad, mut nv) = (vec![0.0; k * p], vec![0.0; k], vec![0.0; k]);
+    logits::weight_norm_forward(&mut mu, &mut rad, &mut nv, v, Some(g), k, p);
+    let w = (0..k * p).map(|i| rad[i / p] * mu[i]).collect();
+    (w, mu, rad, nv)
+}
+
 impl Case {
     /// Loss through backbone, head MLP, L2 norm, weight-normalised prototypes.
     fn loss(&self, params: &[f64]) -> f64 {
@@ -309,10 +324,7 @@ impl Case {
         let acts = forward(c, params, &self.images, b, self.img, self.masks.as_deref()).unwrap();
         let (mut y, mut nz) = (vec![0.0; b * p], vec![0.0; b]);
         l2norm_forward(&mut y, &mut nz, &acts.z, b, p, L2NORM_EPS);
-        let (mut w, mut nv) = (vec![0.0; k * p], vec![0.0; k]);
-        weight_norm_forward(
-            &mut w,
-            &mut nv,
+        let (w, ..) = weight_norm_w(
             &params[lay.last_v..lay.last_v + k * p],
             &params[lay.last_g..lay.last_g + k],
             k,
@@ -334,8 +346,7 @@ impl Case {
             &params[lay.last_v..lay.last_v + k * p],
             &params[lay.last_g..lay.last_g + k],
         );
-        let (mut w, mut nv) = (vec![0.0; k * p], vec![0.0; k]);
-        weight_norm_forward(&mut w, &mut nv, v, g, k, p);
+        let (w, mu, rad, nv) = weight_norm_w(v, g, k, p);
         let mut grads = vec![0.0; params.len()];
         let mut dy = vec![0.0; b * p];
         let mut dw = vec![0.0; k * p];
@@ -350,13 +361,18 @@ impl Case {
             p,
             k,
         );
+        // w = r mu: dmu = r dw, dr = <dw, mu>.
+        let dmu: Vec<f64> = (0..k * p).map(|i| rad[i / p] * dw[i]).collect();
+        let dr: Vec<f64> = (0..k)
+            .map(|i| dot(&dw[i * p..(i + 1) * p], &mu[i * p..(i + 1) * p]))
+            .collect();
         let (lo, hi) = grads.split_at_mut(lay.last_v);
-        weight_norm_backward(
+        logits::weight_norm_backward(
             &mut hi[..k * p],
             Some(&mut lo[lay.last_g..lay.last_g + k]),
-            &dw,
-            v,
-            g,
+            &dmu,
+            &dr,
+            &mu,
             &nv,
             k,
             p,

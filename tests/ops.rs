@@ -1,5 +1,6 @@
 //! Reference ViT ops: every backward against central finite differences in f64, f32 forwards
 //! against f64, layouts against direct formulas. Tolerances are in the assertion messages.
+use dinovmf_core::logits;
 use dinovmf_core::ops::*;
 use dinovmf_core::optim::{adamw_step, clip_grad_tensor, ema_update, AdamW};
 use rand::{Rng, SeedableRng};
@@ -724,6 +725,15 @@ fn l2norm_backward_matches_fd_tol_1e7() {
     );
 }
 
+/// `w = r mu` through core's one weight norm (`logits::weight_norm_forward`), with its saved
+/// `mu`, `r` and `||v||`.
+fn weight_norm_w(v: &[f64], g: &[f64], k: usize, p: usize) -> [Vec<f64>; 4] {
+    let (mut mu, mut rad, mut nv) = (vec![0.0; k * p], vec![0.0; k], vec![0.0; k]);
+    logits::weight_norm_forward(&mut mu, &mut rad, &mut nv, v, Some(g), k, p);
+    let w = (0..k * p).map(|i| rad[i / p] * mu[i]).collect();
+    [w, mu, rad, nv]
+}
+
 #[test]
 fn weight_norm_backward_matches_fd_tol_1e7() {
     let mut r = rng(15);
@@ -731,13 +741,8 @@ fn weight_norm_backward_matches_fd_tol_1e7() {
         let v = rvec(&mut r, k * p, 1.0);
         let g: Vec<f64> = rvec(&mut r, k, 1.0).iter().map(|x| x + 1.5).collect();
         let ry = rvec(&mut r, k * p, 1.0);
-        let fwd = |v: &[f64], g: &[f64]| {
-            let (mut w, mut nv) = (vec![0.0; k * p], vec![0.0; k]);
-            weight_norm_forward(&mut w, &mut nv, v, g, k, p);
-            dot(&w, &ry)
-        };
-        let (mut w, mut nv) = (vec![0.0; k * p], vec![0.0; k]);
-        weight_norm_forward(&mut w, &mut nv, &v, &g, k, p);
+        let fwd = |v: &[f64], g: &[f64]| dot(&weight_norm_w(v, g, k, p)[0], &ry);
+        let [w, mu, rad, nv] = weight_norm_w(&v, &g, k, p);
         for i in 0..k {
             let s: f64 = w[i * p..(i + 1) * p]
                 .iter()
@@ -746,24 +751,22 @@ fn weight_norm_backward_matches_fd_tol_1e7() {
                 .sqrt();
             assert!((s - g[i].abs()).abs() < 1e-13, "||w_k|| = |g_k|");
         }
-        let (mut dv, dv0) = prefill(&mut r, k * p);
-        let (mut dg, dg0) = prefill(&mut r, k);
-        weight_norm_backward(&mut dv, Some(&mut dg), &ry, &v, &g, &nv, k, p);
-        assert_grad(
-            &format!("weight_norm K{k} p{p} dv"),
-            &minus(&dv, &dv0),
-            &v,
-            &|v| fwd(v, &g),
-        );
-        assert_grad(
-            &format!("weight_norm K{k} p{p} dg"),
-            &minus(&dg, &dg0),
-            &g,
-            &|g| fwd(&v, g),
-        );
+        // w = r mu: dmu = r dw, dr = <dw, mu>.
+        let dmu: Vec<f64> = (0..k * p).map(|i| rad[i / p] * ry[i]).collect();
+        let dr: Vec<f64> = (0..k)
+            .map(|i| dot(&ry[i * p..(i + 1) * p], &mu[i * p..(i + 1) * p]))
+            .collect();
+        let (mut dv, mut dg) = (vec![0.0; k * p], vec![0.0; k]);
+        logits::weight_norm_backward(&mut dv, Some(&mut dg), &dmu, &dr, &mu, &nv, k, p);
+        assert_grad(&format!("weight_norm K{k} p{p} dv"), &dv, &v, &|v| {
+            fwd(v, &g)
+        });
+        assert_grad(&format!("weight_norm K{k} p{p} dg"), &dg, &g, &|g| {
+            fwd(&v, g)
+        });
         // Fixed g: dv identical, nothing else written.
-        let mut dv2 = dv0.clone();
-        weight_norm_backward(&mut dv2, None, &ry, &v, &g, &nv, k, p);
+        let mut dv2 = vec![0.0; k * p];
+        logits::weight_norm_backward(&mut dv2, None, &dmu, &dr, &mu, &nv, k, p);
         assert_eq!(dv2, dv, "dv does not depend on whether dg is requested");
     }
 }

@@ -12,6 +12,7 @@
 //!
 //! Either center moves as `c <- m c + (1 - m) batch_mean` *after* the loss: a batch is always
 //! centered with the previous center.
+use crate::ops::softmax::{softmax_row, softmax_shifted_row};
 use crate::real::Real;
 
 /// Where the teacher is centered.
@@ -22,6 +23,26 @@ pub enum Centering {
     Logit,
     /// Divide by an EMA of the teacher probabilities (DINO-vMF).
     Probability,
+}
+
+impl Centering {
+    /// The code a GPU kernel receives for this centering (decoded by [`Centering::from_code`]).
+    pub const fn code(self) -> u32 {
+        match self {
+            Centering::Logit => 0,
+            Centering::Probability => 1,
+        }
+    }
+
+    /// The centering of a launch code: 1 probability, anything else logit.
+    #[inline(always)]
+    pub const fn from_code(code: u32) -> Centering {
+        if code == 1 {
+            Centering::Probability
+        } else {
+            Centering::Logit
+        }
+    }
 }
 
 /// The smallest center value used inside `ln c`: an f32 EMA of a probability that stays at zero
@@ -38,44 +59,14 @@ pub fn center_init<T: Real>(center: &mut [T], centering: Centering) {
     center.fill(v);
 }
 
-/// Log-sum-exp of a row, shifted by its maximum.
-#[inline]
-pub fn log_sum_exp<T: Real>(l: &[T]) -> T {
-    let mut m = T::NEG_INFINITY;
-    for &x in l {
-        m = m.max(x);
-    }
-    let mut s = T::ZERO;
-    for &x in l {
-        s += (x - m).exp();
-    }
-    m + s.ln()
-}
-
-/// `out = softmax(l)`; returns the row's log-sum-exp.
-pub fn softmax_row<T: Real>(out: &mut [T], l: &[T]) -> T {
-    let lse = log_sum_exp(l);
-    for (o, &x) in out.iter_mut().zip(l) {
-        *o = (x - lse).exp();
-    }
-    lse
-}
-
-/// `out = softmax(l - shift)` without a temporary: two passes over the row.
-fn softmax_shifted_row<T: Real>(out: &mut [T], l: &[T], shift: impl Fn(usize) -> T) {
-    let mut m = T::NEG_INFINITY;
-    for (i, &x) in l.iter().enumerate() {
-        m = m.max(x - shift(i));
-    }
-    let mut s = T::ZERO;
-    for (i, (o, &x)) in out.iter_mut().zip(l).enumerate() {
-        let e = (x - shift(i) - m).exp();
-        *o = e;
-        s += e;
-    }
-    let inv = T::ONE / s;
-    for o in out.iter_mut() {
-        *o *= inv;
+/// The teacher's centering shift of prototype `i`, `P_t = softmax(l - shift)`: `c_i / tau_t`
+/// (as `c_i * inv_tau`) for logit centering, `ln max(c_i, CENTER_FLOOR)` for probability
+/// centering. The GPU kernels call this per element.
+#[inline(always)]
+pub fn teacher_shift<T: Real>(c: T, inv_tau: T, centering: Centering) -> T {
+    match centering {
+        Centering::Logit => c * inv_tau,
+        Centering::Probability => c.max(T::from_f64(CENTER_FLOOR)).ln(),
     }
 }
 
@@ -100,15 +91,14 @@ pub fn teacher_targets_row<T: Real>(
                 *s += weight * (tau_t * x);
             }
             let inv_tau = T::ONE / tau_t;
-            softmax_shifted_row(p_t, l, |i| center[i] * inv_tau);
+            softmax_shifted_row(p_t, l, |i| teacher_shift(center[i], inv_tau, centering));
         }
         Centering::Probability => {
             softmax_row(p_t, l);
             for (s, &x) in stat.iter_mut().zip(p_t.iter()) {
                 *s += weight * x;
             }
-            let floor = T::from_f64(CENTER_FLOOR);
-            softmax_shifted_row(p_t, l, |i| center[i].max(floor).ln());
+            softmax_shifted_row(p_t, l, |i| teacher_shift(center[i], T::ZERO, centering));
         }
     }
 }

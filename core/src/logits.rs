@@ -25,6 +25,26 @@ pub enum LogitKind {
     Vmf,
 }
 
+impl LogitKind {
+    /// The code a GPU kernel receives for this kind (decoded by [`LogitKind::from_code`]).
+    pub const fn code(self) -> u32 {
+        match self {
+            LogitKind::Dino => 0,
+            LogitKind::Vmf => 1,
+        }
+    }
+
+    /// The kind of a launch code: 1 vMF, anything else DINO.
+    #[inline(always)]
+    pub const fn from_code(code: u32) -> LogitKind {
+        if code == 1 {
+            LogitKind::Vmf
+        } else {
+            LogitKind::Dino
+        }
+    }
+}
+
 /// Lower bound on a norm before dividing by it, as in `torch.nn.functional.normalize`.
 pub const NORMALIZE_EPS: f64 = crate::ops::L2NORM_EPS;
 

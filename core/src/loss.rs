@@ -110,7 +110,7 @@ pub fn xent_row_forward_backward_inplace<T: Real>(
     grad_scale: T,
 ) -> T {
     debug_assert!(target_sum.len() >= l.len());
-    let lse = centering::log_sum_exp(l);
+    let lse = crate::ops::log_sum_exp(l);
     let mut loss = T::ZERO;
     for (x, &t) in l.iter_mut().zip(target_sum) {
         let nls = lse - *x;
@@ -135,7 +135,7 @@ pub fn xent_row_forward_backward<T: Real>(
 
 /// Forward only of [`xent_row_forward_backward`].
 pub fn xent_row_forward<T: Real>(l: &[T], target_sum: &[T]) -> T {
-    let lse = centering::log_sum_exp(l);
+    let lse = crate::ops::log_sum_exp(l);
     let mut loss = T::ZERO;
     for (&x, &t) in l.iter().zip(target_sum) {
         loss += t * (lse - x);
@@ -393,7 +393,7 @@ pub fn multicrop_loss_forward_backward_stored<S: Stored<T>, T: VmfReal>(
     let pairs = n_pairs(n_crops);
     let tau_s = T::from_f64(cfg.student_temp);
     let tau_t = T::from_f64(cfg.teacher_temp);
-    let nll = cfg.norm_last_layer;
+    let norm_last = cfg.norm_last_layer;
 
     let (mu, rest) = split(scratch, k * p);
     let (dmu, rest) = split(rest, k * p);
@@ -417,7 +417,7 @@ pub fn multicrop_loss_forward_backward_stored<S: Stored<T>, T: VmfReal>(
     // Teacher: targets with the previous center, and the batch statistic for the update.
     load_into(mu, &inputs.v_t[..k * p]);
     l2norm_rows_inplace(mu, vnorm, k, p);
-    if nll {
+    if norm_last {
         r.fill(T::ONE);
     } else {
         load_into(r, &inputs.g_t[..k]);
@@ -444,7 +444,7 @@ pub fn multicrop_loss_forward_backward_stored<S: Stored<T>, T: VmfReal>(
     // Student: logits row by row, loss, and the chain back to z, v, g.
     load_into(mu, &inputs.v_s[..k * p]);
     l2norm_rows_inplace(mu, vnorm, k, p);
-    if nll {
+    if norm_last {
         r.fill(T::ONE);
     } else {
         load_into(r, &inputs.g_s[..k]);
@@ -469,7 +469,7 @@ pub fn multicrop_loss_forward_backward_stored<S: Stored<T>, T: VmfReal>(
             total += xent_row_forward_backward_inplace(lrow, dlrow, T::from_usize(n), gs);
             logits::logits_row_backward(
                 dlrow,
-                if nll { None } else { Some(&mut r[..]) },
+                if norm_last { None } else { Some(&mut r[..]) },
                 lrow,
                 dots,
                 scale,
@@ -493,7 +493,7 @@ pub fn multicrop_loss_forward_backward_stored<S: Stored<T>, T: VmfReal>(
             *o = S::store(x);
         }
     }
-    if nll {
+    if norm_last {
         for o in grads.dg_s.iter_mut().take(k) {
             *o = S::store(T::ZERO);
         }

@@ -135,30 +135,6 @@ fn check<T>(
     need(scratch, mim_scratch_len(dims), "scratch")
 }
 
-/// `mu[k, p]` unit rows of `v`, `vnorm[k]` their norms; `r[k]` the radii.
-#[allow(clippy::too_many_arguments)]
-fn prototypes<T: crate::Real>(
-    mu: &mut [T],
-    vnorm: &mut [T],
-    r: &mut [T],
-    v: &[T],
-    g: &[T],
-    nll: bool,
-    k: usize,
-    p: usize,
-) {
-    let eps = T::from_f64(NORMALIZE_EPS);
-    mu[..k * p].copy_from_slice(&v[..k * p]);
-    for (row, vn) in mu.chunks_exact_mut(p).take(k).zip(vnorm.iter_mut()) {
-        *vn = l2norm_row_inplace(row, eps);
-    }
-    if nll {
-        r[..k].fill(T::ONE);
-    } else {
-        r[..k].copy_from_slice(&g[..k]);
-    }
-}
-
 /// The reference L_mim with its gradients, row by row on `scratch` (length
 /// [`mim_scratch_len`], no allocation). Teacher targets use the previous `center[K]`; the
 /// center moves after the loss.
@@ -179,7 +155,7 @@ pub fn mim_loss_forward_backward<T: VmfReal>(
         p,
     } = dims;
     let rows = dims.rows();
-    let nll = cfg.norm_last_layer;
+    let norm_last = cfg.norm_last_layer;
     let tau_s = T::from_f64(cfg.student_temp);
     let tau_t = T::from_f64(cfg.teacher_temp);
     let eps = T::from_f64(NORMALIZE_EPS);
@@ -203,9 +179,25 @@ pub fn mim_loss_forward_backward<T: VmfReal>(
     let (dyrow, rest) = rest.split_at_mut(p);
     let (dzrow, _) = rest.split_at_mut(p);
 
-    prototypes(mu_t, vn_t, r, inp.v_t, inp.g_t, nll, k, p);
+    logits::weight_norm_forward(
+        mu_t,
+        r,
+        vn_t,
+        inp.v_t,
+        prototype_g(inp.g_t, norm_last),
+        k,
+        p,
+    );
     logits::branch_terms_forward(scale_t, bias_t, dbias_t, r, tau_t, p, cfg.kind, cfg.approx);
-    prototypes(mu_s, vn_s, r, inp.v_s, inp.g_s, nll, k, p);
+    logits::weight_norm_forward(
+        mu_s,
+        r,
+        vn_s,
+        inp.v_s,
+        prototype_g(inp.g_s, norm_last),
+        k,
+        p,
+    );
     logits::branch_terms_forward(scale_s, bias_s, dbias_s, r, tau_s, p, cfg.kind, cfg.approx);
     // From here `r` accumulates dL/dr and `dbias_t` (unused by the teacher) holds target rows.
     let tgt = dbias_t;
@@ -243,7 +235,7 @@ pub fn mim_loss_forward_backward<T: VmfReal>(
             // `tgt` is done: it receives dL/d(dots).
             logits::logits_row_backward(
                 tgt,
-                if nll { None } else { Some(&mut r[..]) },
+                if norm_last { None } else { Some(&mut r[..]) },
                 lrow,
                 dots,
                 scale_s,
@@ -263,7 +255,7 @@ pub fn mim_loss_forward_backward<T: VmfReal>(
             *o += x;
         }
     }
-    if !nll {
+    if !norm_last {
         for (o, &x) in gr.dg_s[..k].iter_mut().zip(r.iter()) {
             *o += x;
         }
@@ -295,5 +287,14 @@ impl Default for IbotConfig {
             mim_weight: 1.0,
             patch_center_momentum: 0.9,
         }
+    }
+}
+
+/// The prototype radii `g` unless `norm_last_layer` fixes them at 1.
+fn prototype_g<T>(g: &[T], norm_last: bool) -> Option<&[T]> {
+    if norm_last {
+        None
+    } else {
+        Some(g)
     }
 }

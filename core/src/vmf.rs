@@ -36,6 +36,27 @@ pub enum BesselApprox {
     LargeNu,
 }
 
+impl BesselApprox {
+    /// The code a GPU kernel receives for this approximation (decoded by
+    /// [`BesselApprox::from_code`]).
+    pub const fn code(self) -> u32 {
+        match self {
+            BesselApprox::Uniform => 0,
+            BesselApprox::LargeNu => 1,
+        }
+    }
+
+    /// The approximation of a launch code: 1 large-nu, anything else uniform.
+    #[inline(always)]
+    pub const fn from_code(code: u32) -> BesselApprox {
+        if code == 1 {
+            BesselApprox::LargeNu
+        } else {
+            BesselApprox::Uniform
+        }
+    }
+}
+
 /// Number of Debye correction terms on the fast path (u1..u4).
 const FAST_K: usize = 4;
 /// Degree of P(t) on the fast path.

@@ -11,14 +11,13 @@ use dinovmf_core::masking::MaskConfig;
 use dinovmf_core::mim_loss::IbotConfig;
 use dinovmf_core::model::{IbotParts, ModelConfig};
 
+// The root suite's shared test helpers (host/tests is another crate's test folder).
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+/// Two global crops of 12 px, `n_local` local crops of 8 px.
 fn shapes(batch: usize, n_local: usize) -> StepShapes {
-    StepShapes {
-        batch,
-        n_global: 2,
-        n_local,
-        global_size: 12,
-        local_size: 8,
-    }
+    common::shapes(batch, n_local, 12, 8)
 }
 
 fn check(c: &Comparison, what: &str) {

@@ -15,6 +15,8 @@ use crate::kernels::{elementwise, gemm, head, ibot, optim, reduce, rows, tokens}
 use crate::kernels::{EW_BLOCK, ROW_BLOCK, SMEM_GEMM_WORDS, SMEM_SMALL_WORDS, WIDE_BLOCK};
 #[allow(unused_imports)]
 use crate::H16;
+#[allow(unused_imports)]
+use dinovmf_core::{centering::Centering, logits::LogitKind, vmf::BesselApprox};
 
 /// Which static shared array a kernel uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -307,18 +309,10 @@ kernels! { OTHER_KERNELS, other_entries, other_sim;
     l2norm_backward [ROW_BLOCK, None, "ceil(n/4)", "dx: n*d; dy: n*d; y: n*d; norm: n"] (dx: *mut f32, dy: *const f32, y: *const f32, norm: *const f32, n: u32, d: u32, eps: f32) |b| {
         rows::l2norm_backward(b, sl_mut(dx, us(n) * us(d)), sl(dy, us(n) * us(d)), sl(y, us(n) * us(d)), sl(norm, us(n)), n as usize, d as usize, eps)
     }
-    /// `w = g v / ||v||` per prototype row.
-    weight_norm_forward [ROW_BLOCK, None, "ceil(k/4)", "w: k*p; vnorm: k; v: k*p; g: k"] (w: *mut f32, vnorm: *mut f32, v: *const f32, g: *const f32, k: u32, p: u32) |b| {
-        rows::weight_norm_forward(b, sl_mut(w, us(k) * us(p)), sl_mut(vnorm, us(k)), sl(v, us(k) * us(p)), sl(g, us(k)), k as usize, p as usize)
-    }
-    /// Backward of `weight_norm_forward`: `dv +=`, `dg +=` (`dg` optional).
-    weight_norm_backward [ROW_BLOCK, None, "ceil(k/4)", "dv: k*p; dg: k; dw: k*p; v: k*p; g: k; vnorm: k"] (dv: *mut f32, dg: *mut f32, dw: *const f32, v: *const f32, g: *const f32, vnorm: *const f32, k: u32, p: u32) |b| {
-        rows::weight_norm_backward(b, sl_mut(dv, us(k) * us(p)), opt_mut(dg, us(k)), sl(dw, us(k) * us(p)), sl(v, us(k) * us(p)), sl(g, us(k)), sl(vnorm, us(k)), k as usize, p as usize)
-    }
     /// Per-prototype `scale`, `bias` (`D_p(kappa)` for vMF), `d bias / d r`; `kind` 0 DINO / 1 vMF,
     /// `approx` 0 uniform / 1 large-nu.
     branch_terms [EW_BLOCK, None, "ceil(k/256)", "scale: k; bias: k; dbias_dr: k; r: k"] (scale: *mut f32, bias: *mut f32, dbias_dr: *mut f32, r: *const f32, k: u32, tau: f32, p: u32, kind: u32, approx: u32) |b| {
-        head::branch_terms(b, sl_mut(scale, us(k)), sl_mut(bias, us(k)), sl_mut(dbias_dr, us(k)), sl(r, us(k)), k as usize, tau, p as usize, head::logit_kind(kind), head::bessel_approx(approx))
+        head::branch_terms(b, sl_mut(scale, us(k)), sl_mut(bias, us(k)), sl_mut(dbias_dr, us(k)), sl(r, us(k)), k as usize, tau, p as usize, LogitKind::from_code(kind), BesselApprox::from_code(approx))
     }
     /// Student logits GEMM `dots = y mu^T` (`[m, n]`) with per-64-column-tile LSE states of
     /// `scale dots + bias` in `lse_part[m, ceil(n/64), 2]`.
@@ -336,11 +330,11 @@ kernels! { OTHER_KERNELS, other_entries, other_sim;
     /// Teacher targets `p_t[nt, k]` with the previous center (`centering` 0 logit / 1 probability)
     /// and `lse_raw[nt]`.
     teacher_targets [WIDE_BLOCK, Small, "nt", "p_t: nt*k; lse_raw: nt; dots: nt*k; scale: k; bias: k; center: k"] (p_t: *mut f32, lse_raw: *mut f32, dots: *const f32, scale: *const f32, bias: *const f32, center: *const f32, tau_t: f32, centering: u32, nt: u32, k: u32) |b| {
-        head::teacher_targets(b, sl_mut(p_t, us(nt) * us(k)), sl_mut(lse_raw, us(nt)), sl(dots, us(nt) * us(k)), sl(scale, us(k)), sl(bias, us(k)), sl(center, us(k)), tau_t, head::centering_kind(centering), nt as usize, k as usize)
+        head::teacher_targets(b, sl_mut(p_t, us(nt) * us(k)), sl_mut(lse_raw, us(nt)), sl(dots, us(nt) * us(k)), sl(scale, us(k)), sl(bias, us(k)), sl(center, us(k)), tau_t, Centering::from_code(centering), nt as usize, k as usize)
     }
     /// Center-update statistic `stat[k]` (batch mean of `tau_t l` or of `softmax(l)`).
     teacher_stat [EW_BLOCK, None, "ceil(k/256)", "stat: k; dots: nt*k; scale: k; bias: k; lse_raw: nt"] (stat: *mut f32, dots: *const f32, scale: *const f32, bias: *const f32, lse_raw: *const f32, tau_t: f32, centering: u32, nt: u32, k: u32) |b| {
-        head::teacher_stat(b, sl_mut(stat, us(k)), sl(dots, us(nt) * us(k)), sl(scale, us(k)), sl(bias, us(k)), sl(lse_raw, us(nt)), tau_t, head::centering_kind(centering), nt as usize, k as usize)
+        head::teacher_stat(b, sl_mut(stat, us(k)), sl(dots, us(nt) * us(k)), sl(scale, us(k)), sl(bias, us(k)), sl(lse_raw, us(nt)), tau_t, Centering::from_code(centering), nt as usize, k as usize)
     }
     /// Fused multi-crop cross-entropy + gradient: `dots[n_crops*batch, k]` is read once and
     /// overwritten with `dL/d dots`; `dr += dL/dr` (optional); `loss_part[ceil(k/256)]`.

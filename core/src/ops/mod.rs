@@ -24,14 +24,13 @@ pub mod patch_embed;
 pub mod residual;
 pub mod softmax;
 pub mod tokens;
-pub mod weight_norm;
 
 pub use attention::{attention_backward, attention_forward};
 pub use dot::{axpy, dot};
 pub use drop_path::{
     drop_path_backward, drop_path_forward, drop_path_mask_from_uniform, drop_path_rates,
 };
-pub use gelu::{gelu_backward, gelu_forward};
+pub use gelu::{gelu, gelu_backward, gelu_forward, gelu_grad};
 pub use l2norm::{
     l2norm_backward, l2norm_forward, l2norm_row_backward, l2norm_row_inplace, L2NORM_EPS,
 };
@@ -39,10 +38,9 @@ pub use layernorm::{layernorm_backward, layernorm_forward};
 pub use linear::{linear_backward, linear_forward};
 pub use patch_embed::{patch_embed_backward, patch_embed_forward, patchify};
 pub use residual::{residual_backward, residual_forward};
-pub use softmax::{softmax_backward, softmax_forward, softmax_in_place};
+pub use softmax::{log_sum_exp, softmax_backward, softmax_forward, softmax_in_place, softmax_row};
 pub use tokens::{
     mask_tokens_backward, mask_tokens_forward, pos_embed_for_grid_backward,
     pos_embed_for_grid_forward, pos_resize_backward, pos_resize_forward, tokens_backward,
     tokens_forward,
 };
-pub use weight_norm::{weight_norm_backward, weight_norm_forward};

@@ -1,4 +1,5 @@
-//! Row softmax, max-subtracted.
+//! Row softmax, max-subtracted, and the row log-sum-exp: the one softmax of the codebase (the
+//! loss, the centering and the attention all call these).
 use crate::Real;
 
 /// `y[r] = softmax(x[r])` for each of `n` rows of length `d`; `y` overwritten.
@@ -47,5 +48,46 @@ pub fn softmax_backward<T: Real>(dx: &mut [T], y: &[T], dy: &[T], n: usize, d: u
         for i in 0..d {
             dx[r * d + i] = yr[i] * (dyr[i] - dot);
         }
+    }
+}
+
+/// Log-sum-exp of a row, shifted by its maximum.
+#[inline]
+pub fn log_sum_exp<T: Real>(l: &[T]) -> T {
+    let mut m = T::NEG_INFINITY;
+    for &x in l {
+        m = m.max(x);
+    }
+    let mut s = T::ZERO;
+    for &x in l {
+        s += (x - m).exp();
+    }
+    m + s.ln()
+}
+
+/// `out = softmax(l)`; returns the row's log-sum-exp.
+pub fn softmax_row<T: Real>(out: &mut [T], l: &[T]) -> T {
+    let lse = log_sum_exp(l);
+    for (o, &x) in out.iter_mut().zip(l) {
+        *o = (x - lse).exp();
+    }
+    lse
+}
+
+/// `out = softmax(l - shift)` without a temporary: two passes over the row.
+pub fn softmax_shifted_row<T: Real>(out: &mut [T], l: &[T], shift: impl Fn(usize) -> T) {
+    let mut m = T::NEG_INFINITY;
+    for (i, &x) in l.iter().enumerate() {
+        m = m.max(x - shift(i));
+    }
+    let mut s = T::ZERO;
+    for (i, (o, &x)) in out.iter_mut().zip(l).enumerate() {
+        let e = (x - shift(i) - m).exp();
+        *o = e;
+        s += e;
+    }
+    let inv = T::ONE / s;
+    for o in out.iter_mut() {
+        *o *= inv;
     }
 }

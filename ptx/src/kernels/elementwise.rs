@@ -1,27 +1,7 @@
 //! Elementwise ops: GELU, residual, accumulation, drop path, fill.
 use super::for_each_elem;
 use crate::block::Block;
-use crate::math as m;
-
-const FRAC_1_SQRT_2: f64 = core::f64::consts::FRAC_1_SQRT_2;
-const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
-
-/// Exact (erf) GELU of one value, the expression of `core::ops::gelu_forward`.
-#[inline(always)]
-pub fn gelu(x: f32) -> f32 {
-    let c = FRAC_1_SQRT_2 as f32;
-    0.5 * x * (1.0 + m::erf(x * c))
-}
-
-/// `d gelu / dx`, the expression of `core::ops::gelu_backward`.
-#[inline(always)]
-pub fn gelu_grad(x: f32) -> f32 {
-    let c = FRAC_1_SQRT_2 as f32;
-    let k = FRAC_1_SQRT_2PI as f32;
-    let cdf = 0.5 * (1.0 + m::erf(x * c));
-    let pdf = k * m::exp(-0.5 * x * x);
-    cdf + x * pdf
-}
+use dinovmf_core::ops::gelu::{gelu, gelu_grad};
 
 /// `y = gelu(x)`.
 pub fn gelu_forward<B: Block>(b: &mut B, y: &mut [f32], x: &[f32], n: usize) {

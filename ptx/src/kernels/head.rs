@@ -9,39 +9,9 @@
 use super::for_each_elem;
 use crate::block::{block_reduce, block_reduce_lse, Block, Lse, Op};
 use crate::math as m;
-use dinovmf_core::centering::{self, Centering, CENTER_FLOOR};
+use dinovmf_core::centering::{self, Centering};
 use dinovmf_core::logits::{self, LogitKind};
 use dinovmf_core::vmf::BesselApprox;
-
-/// Logit kind from its launch code: 0 DINO, 1 vMF.
-#[inline(always)]
-pub fn logit_kind(code: u32) -> LogitKind {
-    if code == 1 {
-        LogitKind::Vmf
-    } else {
-        LogitKind::Dino
-    }
-}
-
-/// Bessel approximation from its launch code: 0 uniform (default), 1 large-nu.
-#[inline(always)]
-pub fn bessel_approx(code: u32) -> BesselApprox {
-    if code == 1 {
-        BesselApprox::LargeNu
-    } else {
-        BesselApprox::Uniform
-    }
-}
-
-/// Centering from its launch code: 0 logit, 1 probability.
-#[inline(always)]
-pub fn centering_kind(code: u32) -> Centering {
-    if code == 1 {
-        Centering::Probability
-    } else {
-        Centering::Logit
-    }
-}
 
 /// `scale[k]`, `bias[k]`, `dbias_dr[k]` of one branch from the radii `r[k]`: one thread per
 /// prototype, each calling `core::logits::branch_terms_forward` (and so `core::vmf`) on its own
@@ -112,15 +82,6 @@ struct TwoLse {
     sh: Lse,
 }
 
-/// The teacher's centering shift of prototype `i` (`core::centering::teacher_targets_row`).
-#[inline(always)]
-fn center_shift(c: f32, inv_tau: f32, centering: Centering) -> f32 {
-    match centering {
-        Centering::Logit => c * inv_tau,
-        Centering::Probability => m::ln(c.max(CENTER_FLOOR as f32)),
-    }
-}
-
 /// Teacher targets, one block of [`WIDE_BLOCK`](super::WIDE_BLOCK) per teacher row:
 /// `p_t = softmax(l - shift)` with `l = scale dots + bias` and the previous center
 /// (`shift = c / tau_t` for logit centering, `ln max(c, 1e-30)` for probability centering);
@@ -152,7 +113,8 @@ pub fn teacher_targets<B: Block>(
             while j < k {
                 let x = scale[j] * dots[row * k + j] + bias[j];
                 st.raw.push(x);
-                st.sh.push(x - center_shift(center[j], inv_tau, centering));
+                st.sh
+                    .push(x - centering::teacher_shift(center[j], inv_tau, centering));
                 j += bdim;
             }
         }
@@ -165,7 +127,8 @@ pub fn teacher_targets<B: Block>(
             let mut j = t as usize;
             while j < k {
                 let x = scale[j] * dots[row * k + j] + bias[j];
-                p_t[row * k + j] = m::exp(x - center_shift(center[j], inv_tau, centering) - lse);
+                p_t[row * k + j] =
+                    m::exp(x - centering::teacher_shift(center[j], inv_tau, centering) - lse);
                 j += bdim;
             }
             if t == 0 {

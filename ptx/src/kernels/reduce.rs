@@ -24,6 +24,15 @@ pub enum RedOp {
 }
 
 impl RedOp {
+    /// The code a kernel receives for this reduction (decoded by [`RedOp::from_code`]).
+    pub const fn code(self) -> u32 {
+        match self {
+            RedOp::Sum => 0,
+            RedOp::SumSq => 1,
+            RedOp::MaxAbs => 2,
+        }
+    }
+
     pub fn from_code(c: u32) -> RedOp {
         match c {
             1 => RedOp::SumSq,

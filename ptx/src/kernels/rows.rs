@@ -1,5 +1,5 @@
 //! Row kernels, one warp per row ([`ROW_BLOCK`](super::ROW_BLOCK) threads = 4 rows per block,
-//! `ceil(rows / 4)` blocks): LayerNorm, softmax (attention rows), L2 normalisation, weight norm.
+//! `ceil(rows / 4)` blocks): LayerNorm, softmax (attention rows), L2 normalisation.
 //! Lane `l` of a row's warp handles columns `l, l + 32, ...`; row sums are warp butterflies.
 use super::for_each_elem;
 use crate::block::{Block, Op};
@@ -341,88 +341,6 @@ pub fn l2norm_backward<B: Block>(
                 } else {
                     (dy[k] - y[k] * st.a) * inv
                 };
-                i += 32;
-            }
-        }
-    });
-}
-
-/// `w[k] = g[k] v[k] / ||v[k]||`, `vnorm[k] = ||v[k]||` (`core::ops::weight_norm_forward`).
-#[allow(clippy::too_many_arguments)]
-pub fn weight_norm_forward<B: Block>(
-    b: &mut B,
-    w: &mut [f32],
-    vnorm: &mut [f32],
-    v: &[f32],
-    g: &[f32],
-    k: usize,
-    p: usize,
-) {
-    let r0 = first_row(b);
-    let mut l = b.local(Acc::default());
-    b.each(&mut l, |th, st, _| {
-        let (r, lane) = row_lane(r0, th);
-        if r < k {
-            st.a = lane_sum(lane, p, |i| v[r * p + i] * v[r * p + i]);
-        }
-    });
-    b.warp_reduce(&mut l, Op::Sum, |st| &mut st.a);
-    b.each(&mut l, |th, st, _| {
-        let (r, lane) = row_lane(r0, th);
-        if r < k {
-            let nr = m::sqrt(st.a);
-            let c = g[r] / nr;
-            let mut i = lane;
-            while i < p {
-                w[r * p + i] = v[r * p + i] * c;
-                i += 32;
-            }
-            if lane == 0 {
-                vnorm[r] = nr;
-            }
-        }
-    });
-}
-
-/// Backward of [`weight_norm_forward`]: `dg[k] += <dw_k, u_k>` (when `dg` is given),
-/// `dv_k += (g_k / ||v_k||) (dw_k - u_k <u_k, dw_k>)` (both accumulate).
-#[allow(clippy::too_many_arguments)]
-pub fn weight_norm_backward<B: Block>(
-    b: &mut B,
-    dv: &mut [f32],
-    mut dg: Option<&mut [f32]>,
-    dw: &[f32],
-    v: &[f32],
-    g: &[f32],
-    vnorm: &[f32],
-    k: usize,
-    p: usize,
-) {
-    let r0 = first_row(b);
-    let mut l = b.local(Acc::default());
-    b.each(&mut l, |th, st, _| {
-        let (r, lane) = row_lane(r0, th);
-        if r < k {
-            let inv = 1.0 / vnorm[r];
-            st.a = lane_sum(lane, p, |i| dw[r * p + i] * v[r * p + i] * inv);
-        }
-    });
-    b.warp_reduce(&mut l, Op::Sum, |st| &mut st.a);
-    b.each(&mut l, |th, st, _| {
-        let (r, lane) = row_lane(r0, th);
-        if r < k {
-            let inv = 1.0 / vnorm[r];
-            let dot = st.a;
-            if lane == 0 {
-                if let Some(dg) = dg.as_deref_mut() {
-                    dg[r] += dot;
-                }
-            }
-            let c = g[r] * inv;
-            let mut i = lane;
-            while i < p {
-                let e = r * p + i;
-                dv[e] += c * (dw[e] - v[e] * inv * dot);
                 i += 32;
             }
         }

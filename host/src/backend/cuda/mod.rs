@@ -7,8 +7,10 @@
 //!   the JIT logs, per-kernel registers and local memory); `errors.rs`: `CUresult` names;
 //! - `sim.rs` (feature `gpu-sim`): the same kernels on the host simulator of `dinovmf-ptx`, so
 //!   everything above the driver is tested on machines without a GPU;
-//! - `net.rs`: the ViT and the head as launches; `step.rs`: the backend's buffers, the loss
-//!   chains and the optimiser; `step/passes.rs`: its `Passes` of `backend/step.rs`'s one step;
+//! - `vit.rs`, `attention.rs`, `head.rs`: the ViT, its attention and the head's MLP as launches
+//!   (mirroring `cpu/`); `step.rs`: the backend's resident buffers; `step/loss.rs`: the `[CLS]`
+//!   loss chain; `step/ibot.rs`: the patch loss; `step/optim.rs`: clipping, AdamW, EMA;
+//!   `step/passes.rs`: its `Passes` of `backend/step.rs`'s one step;
 //! - `verify.rs`: every kernel against `dinovmf-core` on random inputs (`dinovmf verify-kernels`).
 //!
 //! Built without the `cuda` feature, [`open`] says so clearly; with it, a machine without a
@@ -17,6 +19,8 @@ use anyhow::Result;
 
 use super::{Backend, BackendConfig};
 
+#[cfg(feature = "gpu-sim")]
+pub mod attention;
 #[cfg(feature = "gpu-sim")]
 pub mod compare;
 #[cfg(feature = "gpu-sim")]
@@ -27,7 +31,7 @@ pub mod errors;
 #[cfg(feature = "gpu-sim")]
 pub mod grid;
 #[cfg(feature = "gpu-sim")]
-pub mod net;
+pub mod head;
 #[cfg(feature = "gpu-sim")]
 pub mod ops;
 #[cfg(feature = "gpu-sim")]
@@ -36,6 +40,8 @@ pub mod sim;
 pub mod step;
 #[cfg(feature = "gpu-sim")]
 pub mod verify;
+#[cfg(feature = "gpu-sim")]
+pub mod vit;
 
 /// What a build without CUDA answers.
 pub const NOT_BUILT: &str = "this dinovmf was built without CUDA support: rebuild with \

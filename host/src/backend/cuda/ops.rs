@@ -5,6 +5,7 @@
 use anyhow::Result;
 
 use super::device::{u32_of as u, Arg, Buf, Device, Gpu};
+use dinovmf_ptx::kernels::reduce::RedOp;
 
 /// One (batched) GEMM: `C = alpha op(A) op(B) (+ bias) (+ beta C)` (see the kernel's docs for
 /// the layouts). `outer * inner` batches; batch `z` is `(z / inner, z % inner)`.
@@ -476,14 +477,14 @@ impl<D: Device> Gpu<D> {
         )
     }
 
-    /// `out[0] = scale Σ part[..parts]` (op 0) or the max (op 2).
+    /// `out[0] = scale Σ part[..parts]` ([`RedOp::Sum`]) or the max ([`RedOp::MaxAbs`]).
     pub fn reduce_final(
         &mut self,
         out: Buf<f32>,
         part: Buf<f32>,
         parts: usize,
         nseg: usize,
-        op: u32,
+        op: RedOp,
         scale: f32,
     ) -> Result<()> {
         self.launch(
@@ -493,7 +494,7 @@ impl<D: Device> Gpu<D> {
                 part.into(),
                 u(parts),
                 u(nseg),
-                op.into(),
+                op.code().into(),
                 scale.into(),
             ],
         )
@@ -505,7 +506,7 @@ impl<D: Device> Gpu<D> {
         part: Buf<f32>,
         x: Buf<f32>,
         segs: &Segments,
-        op: u32,
+        op: RedOp,
     ) -> Result<()> {
         self.launch_with(
             "reduce_segments_f32",
@@ -515,7 +516,7 @@ impl<D: Device> Gpu<D> {
                 u(x.len),
                 segs.off.into(),
                 segs.len.into(),
-                op.into(),
+                op.code().into(),
             ],
             &[
                 ("nseg", segs.n as u64),

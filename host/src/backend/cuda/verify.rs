@@ -186,7 +186,6 @@ pub fn run_all<D: Device>(gpu: &mut Gpu<D>, seed: u64) -> Vec<Row> {
         ("layernorm", layernorm),
         ("softmax", softmax),
         ("l2norm", l2norm),
-        ("weight_norm", weight_norm),
         ("branch_terms", branch_terms),
         ("logits", logits),
         ("teacher", teacher),
@@ -710,57 +709,11 @@ fn l2norm<D: Device>(v: &mut V<'_, D>) -> Result<()> {
     Ok(())
 }
 
-fn weight_norm<D: Device>(v: &mut V<'_, D>) -> Result<()> {
-    for (k, p) in [(1, 5), (6, 32), (70, 40), (9, 256)] {
-        let vv = v.rv(k * p, -1.0, 1.0);
-        let g = v.rv(k, 0.5, 2.0);
-        let (dv_, dg_) = (v.up(&vv)?, v.up(&g)?);
-        let (w, vn) = (v.out(k * p)?, v.out(k)?);
-        v.launch(
-            "weight_norm_forward",
-            &[w.into(), vn.into(), dv_.into(), dg_.into(), u(k), u(p)],
-        )?;
-        let mut got = v.get(w)?;
-        got.extend(v.get(vn)?);
-        let (v64, g64) = (f64s(&vv), f64s(&g));
-        let (mut ww, mut wvn) = (vec![0f64; k * p], vec![0f64; k]);
-        ops::weight_norm_forward(&mut ww, &mut wvn, &v64, &g64, k, p);
-        let mut want = ww;
-        want.extend(&wvn);
-        let size = format!("{k}x{p}");
-        v.check("weight_norm_forward", size.clone(), &got, &want, 1e-5, 1e-7);
-
-        let dw = v.rv(k * p, -1.0, 1.0);
-        let dv0 = v.rv(k * p, -1.0, 1.0);
-        let dg0 = v.rv(k, -1.0, 1.0);
-        let (ddw, ddv, ddg) = (v.up(&dw)?, v.up(&dv0)?, v.up(&dg0)?);
-        v.launch(
-            "weight_norm_backward",
-            &[
-                ddv.into(),
-                ddg.into(),
-                ddw.into(),
-                dv_.into(),
-                dg_.into(),
-                vn.into(),
-                u(k),
-                u(p),
-            ],
-        )?;
-        let (mut wdv, mut wdg) = (f64s(&dv0), f64s(&dg0));
-        ops::weight_norm_backward(&mut wdv, Some(&mut wdg), &f64s(&dw), &v64, &g64, &wvn, k, p);
-        let mut got = v.get(ddv)?;
-        got.extend(v.get(ddg)?);
-        let mut want = wdv;
-        want.extend(wdg);
-        v.check("weight_norm_backward", size, &got, &want, 1e-4, 1e-5);
-    }
-    Ok(())
-}
-
 fn branch_terms<D: Device>(v: &mut V<'_, D>) -> Result<()> {
-    for (kind, code) in [(LogitKind::Dino, 0u32), (LogitKind::Vmf, 1)] {
-        for (approx, acode) in [(BesselApprox::Uniform, 0u32), (BesselApprox::LargeNu, 1)] {
+    for kind in [LogitKind::Dino, LogitKind::Vmf] {
+        let code = kind.code();
+        for approx in [BesselApprox::Uniform, BesselApprox::LargeNu] {
+            let acode = approx.code();
             for (k, p) in [(1, 16), (255, 128), (300, 256)] {
                 let r = v.rv(k, 0.2, 3.0);
                 let dr = v.up(&r)?;
@@ -918,7 +871,8 @@ fn logits<D: Device>(v: &mut V<'_, D>) -> Result<()> {
 }
 
 fn teacher<D: Device>(v: &mut V<'_, D>) -> Result<()> {
-    for (centering, code) in [(Centering::Logit, 0u32), (Centering::Probability, 1)] {
+    for centering in [Centering::Logit, Centering::Probability] {
+        let code = centering.code();
         for (nt, k) in [(2, 1), (4, 255), (6, 300), (3, 1030)] {
             let dots = v.rv(nt * k, -1.0, 1.0);
             let scale = v.rv(k, 1.0, 10.0);
@@ -1166,7 +1120,7 @@ fn optimiser<D: Device>(v: &mut V<'_, D>) -> Result<()> {
 }
 
 fn reductions<D: Device>(v: &mut V<'_, D>) -> Result<()> {
-    use dinovmf_ptx::kernels::reduce::CHUNK;
+    use dinovmf_ptx::kernels::reduce::{RedOp, CHUNK};
     // Segments: empty-ish, below and across the 4096-element chunk, and large.
     let lens = [1usize, 255, 4096, 4097, 10000, 33];
     let mut segs = Vec::new();
@@ -1188,7 +1142,7 @@ fn reductions<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         } else {
             f64s(&x)
         };
-        for op in [0u32, 1, 2] {
+        for op in [RedOp::Sum, RedOp::SumSq, RedOp::MaxAbs] {
             let part = v.out(lens.len() * parts)?;
             let name = if half {
                 "reduce_segments_f16"
@@ -1204,7 +1158,7 @@ fn reductions<D: Device>(v: &mut V<'_, D>) -> Result<()> {
                     u(total),
                     sg.off.into(),
                     sg.len.into(),
-                    op.into(),
+                    op.code().into(),
                 ],
                 &[("nseg", sg.n as u64), ("max seg_len", sg.max_len as u64)],
             )?;
@@ -1216,27 +1170,34 @@ fn reductions<D: Device>(v: &mut V<'_, D>) -> Result<()> {
                     let hi = ((pi + 1) * CHUNK).min(l);
                     let s = &vals[o + lo..o + hi];
                     want.push(match op {
-                        0 => s.iter().sum(),
-                        1 => s.iter().map(|a| a * a).sum(),
-                        _ => s.iter().fold(0.0, |a: f64, b| a.max(b.abs())),
+                        RedOp::Sum => s.iter().sum(),
+                        RedOp::SumSq => s.iter().map(|a| a * a).sum(),
+                        RedOp::MaxAbs => s.iter().fold(0.0, |a: f64, b| a.max(b.abs())),
                     });
                 }
             }
-            let atol = if op == 0 { 1e-4 } else { 0.0 };
-            v.check(name, format!("{size} op {op}"), &got, &want, 1e-5, atol);
+            let atol = if op == RedOp::Sum { 1e-4 } else { 0.0 };
+            v.check(
+                name,
+                format!("{size} op {}", op.code()),
+                &got,
+                &want,
+                1e-5,
+                atol,
+            );
         }
     }
     for (parts, nseg) in [(1, 1), (3, 7), (40, 300)] {
         let part = v.rv(parts * nseg, 0.0, 2.0);
         let dp = v.up(&part)?;
-        for op in [0u32, 2] {
+        for op in [RedOp::Sum, RedOp::MaxAbs] {
             let out = v.out(nseg)?;
             v.gpu.reduce_final(out, dp, parts, nseg, op, 0.5)?;
             let got = v.get(out)?;
             let want: Vec<f64> = part
                 .chunks_exact(parts)
                 .map(|p| {
-                    if op == 2 {
+                    if op == RedOp::MaxAbs {
                         p.iter().fold(0.0f64, |a, &b| a.max(b as f64))
                     } else {
                         0.5 * p.iter().map(|&b| b as f64).sum::<f64>()
@@ -1245,7 +1206,7 @@ fn reductions<D: Device>(v: &mut V<'_, D>) -> Result<()> {
                 .collect();
             v.check(
                 "reduce_final",
-                format!("{nseg} seg x {parts} parts op {op}"),
+                format!("{nseg} seg x {parts} parts op {}", op.code()),
                 &got,
                 &want,
                 1e-6,

@@ -13,12 +13,13 @@ use dinovmf_core::centering::center_init;
 use dinovmf_core::logits::NORMALIZE_EPS;
 use dinovmf_core::mim_loss::{mim_row_weight, IbotConfig};
 
-use super::{centering_code, GpuBackend, M_LOSS, M_MIM, M_PATCH_ENT};
+use super::{GpuBackend, M_LOSS, M_MIM, M_PATCH_ENT};
 use crate::backend::cuda::device::{u32_of as u, Arg, Buf, Device};
-use crate::backend::cuda::net::{self, HeadBufs};
+use crate::backend::cuda::head::{self, HeadBufs};
 use crate::backend::cuda::ops::Gemm;
 use crate::backend::step::StepMasks;
 use crate::backend::StepMetrics;
+use dinovmf_ptx::kernels::reduce::RedOp;
 
 /// Rows that receive nothing from a gather (see `gather_rows`).
 const NONE: u64 = u64::MAX;
@@ -82,7 +83,7 @@ impl<D: Device> GpuBackend<D> {
         self.glob.enable_all_tokens(gpu, &cx)?;
         self.head_s = HeadBufs::new(gpu, &cx, cap_s)?;
         self.head_t = HeadBufs::new(gpu, &cx, n_g * t)?;
-        let hw = net::head_width(&cx);
+        let hw = head::head_width(&cx);
         self.x_t = gpu.alloc(n_g * t * d)?;
         self.x_s = gpu.alloc(cap_s * d)?;
         self.dx_s = gpu.alloc(cap_s * d)?;
@@ -206,7 +207,7 @@ impl<D: Device> GpuBackend<D> {
         )?;
         let lb = &self.lb;
         let gpu = &mut self.gpu;
-        let cent = centering_code(cfg.centering);
+        let cent = cfg.centering.code();
         let mt = self.metrics;
 
         // Teacher: every patch row (after the 2B `[CLS]` rows of the head output).
@@ -234,7 +235,7 @@ impl<D: Device> GpuBackend<D> {
             ib.ent,
             rows_t,
             1,
-            0,
+            RedOp::Sum,
             1.0 / rows_t as f32,
         )?;
         if m == 0 {
@@ -280,7 +281,14 @@ impl<D: Device> GpuBackend<D> {
                     u(rows_t),
                 ],
             )?;
-            gpu.reduce_final(mt.sub(M_MIM, 1), ib.loss_part, k.div_ceil(256), 1, 0, 1.0)?;
+            gpu.reduce_final(
+                mt.sub(M_MIM, 1),
+                ib.loss_part,
+                k.div_ceil(256),
+                1,
+                RedOp::Sum,
+                1.0,
+            )?;
             // dots_s now holds dL/d(dots).
             gpu.matmul_nn(ib.dy, ib.dots_s, mu_s, m, p, k)?;
             gpu.gemm(

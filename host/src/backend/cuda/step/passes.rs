@@ -7,7 +7,8 @@ use dinovmf_core::model::ModelConfig;
 use super::ibot::gather;
 use super::{GpuBackend, M_GRAD_SQ, M_LEN, M_LOSS, M_MAX_MASS, M_MEAN_ENT, M_ROW_ENT};
 use crate::backend::cuda::device::Device;
-use crate::backend::cuda::net::{self, Masks, PatchMask};
+use crate::backend::cuda::head;
+use crate::backend::cuda::vit::{self, Masks, PatchMask};
 use crate::backend::step::{Backward, Crops, Forward, Head, Passes, StepMasks};
 use crate::backend::{Net, StepHyper, StepMetrics, StepShapes};
 use crate::data::Batch;
@@ -71,7 +72,7 @@ impl<D: Device> Passes for GpuBackend<D> {
             },
         };
         let masks = opts.drop_path.then_some(Masks { buf: masks });
-        net::vit_forward_ext(
+        vit::vit_forward_ext(
             &mut self.gpu,
             &cx,
             params,
@@ -104,7 +105,7 @@ impl<D: Device> Passes for GpuBackend<D> {
                     gpu.copy(self.x_t, self.glob.cls.sub(0, n_g * d))?;
                     n_g
                 };
-                net::head_forward(gpu, &cx, self.teacher, &self.head_t, self.x_t, rows)
+                head::head_forward(gpu, &cx, self.teacher, &self.head_t, self.x_t, rows)
             }
             Net::Student => {
                 gpu.copy(self.x_s.sub(0, n_g * d), self.glob.cls.sub(0, n_g * d))?;
@@ -122,7 +123,7 @@ impl<D: Device> Passes for GpuBackend<D> {
                     }
                     rows += m;
                 }
-                net::head_forward(gpu, &cx, self.student, &self.head_s, self.x_s, rows)
+                head::head_forward(gpu, &cx, self.student, &self.head_s, self.x_s, rows)
             }
         }
     }
@@ -147,7 +148,7 @@ impl<D: Device> Passes for GpuBackend<D> {
         let b = self.shapes.batch;
         let rows_s = (2 + self.shapes.n_local) * b;
         let rows = rows_s + self.ibot.as_ref().map_or(0, |ib| ib.masked);
-        net::head_backward(
+        head::head_backward(
             &mut self.gpu,
             &cx,
             self.student,
@@ -182,7 +183,7 @@ impl<D: Device> Passes for GpuBackend<D> {
                     true => Some((ib.mask, cx.lay.mask_token.context("mask token missing")?)),
                     false => None,
                 };
-                net::vit_backward_ext(
+                vit::vit_backward_ext(
                     gpu,
                     &cx,
                     self.student,
@@ -197,7 +198,7 @@ impl<D: Device> Passes for GpuBackend<D> {
                     true,
                 )
             }
-            Crops::Global => net::vit_backward(
+            Crops::Global => vit::vit_backward(
                 gpu,
                 &cx,
                 self.student,
@@ -211,7 +212,7 @@ impl<D: Device> Passes for GpuBackend<D> {
             ),
             Crops::Local => {
                 let loc = self.loc.as_ref().context("no local crops")?;
-                net::vit_backward(
+                vit::vit_backward(
                     gpu,
                     &cx,
                     self.student,

@@ -1,5 +1,5 @@
-//! The ViT backbone and the DINO head on the device: the same passes as the CPU backend
-//! (`backend/cpu/vit.rs`, `head.rs`), written as kernel launches.
+//! The ViT backbone on the device: the same passes as the CPU backend (`backend/cpu/vit.rs`),
+//! written as kernel launches (attention in `attention.rs`, the head's MLP in `head.rs`).
 //!
 //! Layouts: tokens `[n, t, d]` (row = image-major token), `qkv[n, t, 3d]` with head `h` at
 //! columns `h hd ..` of each of q | k | v, attention probabilities `[n, heads, t, t]`. Every
@@ -10,8 +10,8 @@ use anyhow::Result;
 
 use dinovmf_core::model::BlockOffsets;
 
+use super::attention::{attention_backward, attention_forward};
 use super::device::{u32_of as u, Buf, Device, Gpu};
-use super::ops::Gemm;
 
 pub use crate::backend::shapes::Cx;
 
@@ -231,125 +231,6 @@ fn residual_drop<D: Device>(
         }
         None => gpu.residual(y, x, f, n * per),
     }
-}
-
-/// The per-(image, head) GEMM views of attention.
-fn head_gemm(ta: bool, tb: bool, m: usize, n: usize, k: usize, imgs: usize, heads: usize) -> Gemm {
-    Gemm {
-        outer: imgs,
-        inner: heads,
-        ..Gemm::plain(ta, tb, m, n, k)
-    }
-}
-
-/// Multi-head self-attention forward: `out[n, t, d]`, probabilities `att[n, heads, t, t]`.
-fn attention_forward<D: Device>(
-    gpu: &mut Gpu<D>,
-    cx: &Cx,
-    out: Buf<f32>,
-    att: Buf<f32>,
-    qkv: Buf<f32>,
-    n: usize,
-    t: usize,
-) -> Result<()> {
-    let (d, h) = (cx.d, cx.heads);
-    let hd = d / h;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let qkv_s = [t * 3 * d, hd];
-    let att_s = [h * t * t, t * t];
-    // S = scale Q K^T
-    let g = Gemm {
-        lda: 3 * d,
-        ldb: 3 * d,
-        ldc: t,
-        sa: qkv_s,
-        sb: qkv_s,
-        sc: att_s,
-        alpha: scale,
-        ..head_gemm(false, true, t, t, hd, n, h)
-    };
-    gpu.gemm(&g, att, qkv, qkv.from(d), None)?;
-    gpu.softmax_rows(att, n * h * t, t, 1.0)?;
-    // O_h = P V
-    let g = Gemm {
-        lda: t,
-        ldb: 3 * d,
-        ldc: d,
-        sa: att_s,
-        sb: qkv_s,
-        sc: [t * d, hd],
-        ..head_gemm(false, false, t, hd, t, n, h)
-    };
-    gpu.gemm(&g, out, att, qkv.from(2 * d), None)
-}
-
-/// Backward of [`attention_forward`]: `dqkv` overwritten, `dp` scratch `[n, heads, t, t]`.
-#[allow(clippy::too_many_arguments)]
-fn attention_backward<D: Device>(
-    gpu: &mut Gpu<D>,
-    cx: &Cx,
-    dqkv: Buf<f32>,
-    dp: Buf<f32>,
-    dout: Buf<f32>,
-    qkv: Buf<f32>,
-    att: Buf<f32>,
-    n: usize,
-    t: usize,
-) -> Result<()> {
-    let (d, h) = (cx.d, cx.heads);
-    let hd = d / h;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let qkv_s = [t * 3 * d, hd];
-    let att_s = [h * t * t, t * t];
-    let out_s = [t * d, hd];
-    // dP = dO V^T
-    let g = Gemm {
-        lda: d,
-        ldb: 3 * d,
-        ldc: t,
-        sa: out_s,
-        sb: qkv_s,
-        sc: att_s,
-        ..head_gemm(false, true, t, t, hd, n, h)
-    };
-    gpu.gemm(&g, dp, dout, qkv.from(2 * d), None)?;
-    // dV = P^T dO
-    let g = Gemm {
-        lda: t,
-        ldb: d,
-        ldc: 3 * d,
-        sa: att_s,
-        sb: out_s,
-        sc: qkv_s,
-        ..head_gemm(true, false, t, hd, t, n, h)
-    };
-    gpu.gemm(&g, dqkv.from(2 * d), att, dout, None)?;
-    // dS = P (dP - <dP, P>); the 1/sqrt(hd) goes into the two products below.
-    gpu.softmax_backward_rows(dp, att, n * h * t, t, 1.0)?;
-    // dQ = scale dS K
-    let g = Gemm {
-        lda: t,
-        ldb: 3 * d,
-        ldc: 3 * d,
-        sa: att_s,
-        sb: qkv_s,
-        sc: qkv_s,
-        alpha: scale,
-        ..head_gemm(false, false, t, hd, t, n, h)
-    };
-    gpu.gemm(&g, dqkv, dp, qkv.from(d), None)?;
-    // dK = scale dS^T Q
-    let g = Gemm {
-        lda: t,
-        ldb: 3 * d,
-        ldc: 3 * d,
-        sa: att_s,
-        sb: qkv_s,
-        sc: qkv_s,
-        alpha: scale,
-        ..head_gemm(true, false, t, hd, t, n, h)
-    };
-    gpu.gemm(&g, dqkv.from(d), dp, qkv, None)
 }
 
 /// Forward of `n <= cap` images already in `g.img`; leaves the final-LayerNorm `[CLS]`
@@ -796,115 +677,4 @@ pub fn vit_backward_ext<D: Device>(
         kp,
         n * np,
     )
-}
-
-/// The head MLP's activations for `cap` rows.
-pub struct HeadBufs {
-    pre: Vec<Buf<f32>>,
-    act: Vec<Buf<f32>>,
-}
-
-impl HeadBufs {
-    pub fn new<D: Device>(gpu: &mut Gpu<D>, cx: &Cx, cap: usize) -> Result<Self> {
-        let h = &cx.cfg.head;
-        let mut pre = Vec::new();
-        let mut act = Vec::new();
-        for l in 0..h.n_layers {
-            let w = h.layer_dims(cx.d, l).1;
-            pre.push(gpu.alloc(cap * w)?);
-            if l + 1 < h.n_layers {
-                act.push(gpu.alloc(cap * w)?);
-            }
-        }
-        Ok(Self { pre, act })
-    }
-    /// The bottleneck output `z[cap, p]`.
-    pub fn z(&self) -> Buf<f32> {
-        *self.pre.last().expect("the head has layers")
-    }
-}
-
-/// Widest activation of the head.
-pub fn head_width(cx: &Cx) -> usize {
-    let h = &cx.cfg.head;
-    (0..h.n_layers)
-        .map(|l| {
-            let (a, b) = h.layer_dims(cx.d, l);
-            a.max(b)
-        })
-        .max()
-        .unwrap_or(0)
-}
-
-/// `z = MLP(x)` for `x[rows, d]`.
-pub fn head_forward<D: Device>(
-    gpu: &mut Gpu<D>,
-    cx: &Cx,
-    p: Buf<f32>,
-    hb: &HeadBufs,
-    x: Buf<f32>,
-    rows: usize,
-) -> Result<()> {
-    let nl = cx.cfg.head.n_layers;
-    for l in 0..nl {
-        let hl = cx.lay.head_layer(l);
-        let input = if l == 0 { x } else { hb.act[l - 1] };
-        gpu.linear(
-            hb.pre[l],
-            input,
-            p.sub(hl.w, hl.d_out * hl.d_in),
-            Some(p.sub(hl.b, hl.d_out)),
-            rows,
-            hl.d_in,
-            hl.d_out,
-        )?;
-        if l + 1 < nl {
-            gpu.gelu_forward(hb.act[l], hb.pre[l], rows * hl.d_out)?;
-        }
-    }
-    Ok(())
-}
-
-/// Backward of [`head_forward`] from `dz[rows, p]`: head gradients ACCUMULATE into `grads`,
-/// `dx[rows, d]` is written; `s0`, `s1` are scratch of `rows * head_width`.
-#[allow(clippy::too_many_arguments)]
-pub fn head_backward<D: Device>(
-    gpu: &mut Gpu<D>,
-    cx: &Cx,
-    p: Buf<f32>,
-    grads: Buf<f32>,
-    hb: &HeadBufs,
-    x: Buf<f32>,
-    dz: Buf<f32>,
-    dx: Buf<f32>,
-    rows: usize,
-    s0: Buf<f32>,
-    s1: Buf<f32>,
-) -> Result<()> {
-    let nl = cx.cfg.head.n_layers;
-    let mut cur = dz;
-    for l in (0..nl).rev() {
-        let hl = cx.lay.head_layer(l);
-        let input = if l == 0 { x } else { hb.act[l - 1] };
-        gpu.column_sum(grads.sub(hl.b, hl.d_out), cur, rows, hl.d_out, true)?;
-        gpu.matmul_tn_acc(
-            grads.sub(hl.w, hl.d_out * hl.d_in),
-            cur,
-            input,
-            hl.d_out,
-            hl.d_in,
-            rows,
-        )?;
-        let w = p.sub(hl.w, hl.d_out * hl.d_in);
-        if l > 0 {
-            let s1v = s1.sub(0, rows * hl.d_in);
-            gpu.matmul_nn(s1v, cur, w, rows, hl.d_in, hl.d_out)?;
-            let s0v = s0.sub(0, rows * hl.d_in);
-            gpu.gelu_backward(s0v, hb.pre[l - 1], s1v, rows * hl.d_in)?;
-            cur = s0v;
-        } else {
-            gpu.matmul_nn(dx, cur, w, rows, hl.d_in, hl.d_out)?;
-        }
-    }
-    Ok(())
 }
