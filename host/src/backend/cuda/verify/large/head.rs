@@ -23,7 +23,7 @@ pub(super) fn lse_combine<D: Device>(l: &mut L<'_, D>, m: usize, ntiles: usize) 
         part.push(l.rv(1, -3.0, 12.0)[0]);
         part.push(l.rv(1, 1.0, 64.0)[0]);
     }
-    let rows = vec![0, m - 1];
+    let rows = [0, m - 1];
     let at: Vec<(usize, usize)> = rows.iter().map(|&r| (r, 1)).collect();
     let dpart = l.up(&part)?;
     let lse = l.out_at(m, &at)?;
