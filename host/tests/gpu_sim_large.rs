@@ -31,13 +31,25 @@ fn corners(shape: &LargeShape) {
         "xent_masked",
     ];
     if shape.head {
-        kernels.extend(["lse_combine", "teacher_targets", "teacher_stat", "xent_columns"]);
+        kernels.extend([
+            "lse_combine",
+            "teacher_targets",
+            "teacher_stat",
+            "xent_columns",
+        ]);
     }
     for k in kernels {
         assert!(rows.iter().any(|r| r.kernel == k), "{k} not checked");
     }
     // The six batched attention GEMMs, at both crop sizes.
-    for what in ["S=QK^T", "O=PV", "dP=dO V^T", "dV=P^T dO", "dQ=dS K", "dK=dS^T Q"] {
+    for what in [
+        "S=QK^T",
+        "O=PV",
+        "dP=dO V^T",
+        "dV=P^T dO",
+        "dQ=dS K",
+        "dK=dS^T Q",
+    ] {
         let n = rows.iter().filter(|r| r.size.contains(what)).count();
         assert_eq!(n, 2, "attention {what}: {n} rows");
     }
