@@ -29,6 +29,8 @@ fn corners(shape: &LargeShape) {
         "gemm_logits_f32",
         "gather_rows",
         "xent_masked",
+        "gelu_forward",
+        "gelu_backward",
     ];
     if shape.head {
         kernels.extend([

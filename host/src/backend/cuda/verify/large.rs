@@ -16,6 +16,7 @@ use dinovmf_core::ops;
 
 use super::{compare, Row};
 
+mod elementwise;
 mod gemms;
 mod head;
 mod rows;
@@ -579,6 +580,10 @@ pub fn run_large<D: Device>(gpu: &mut Gpu<D>, s: &LargeShape, seed: u64) -> Vec<
             "layernorm backward".into(),
             Box::new(move |l| rows::layernorm_backward(l, tokens, d)),
         ),
+        (
+            "mlp gelu".into(),
+            Box::new(move |l| elementwise::gelu(l, tokens * 4 * d)),
+        ),
     ];
     let head_cases: Vec<(String, Case<'_, D>)> = vec![
         (
@@ -592,6 +597,18 @@ pub fn run_large<D: Device>(gpu: &mut Gpu<D>, s: &LargeShape, seed: u64) -> Vec<
         (
             "xent_columns".into(),
             Box::new(move |l| head::xent_columns(l, 2 + s.n_local, s.batch, s.k)),
+        ),
+        (
+            "prototype l2norm".into(),
+            Box::new(move |l| elementwise::l2norm(l, "prototypes", s.k, s.bottleneck)),
+        ),
+        (
+            "student l2norm".into(),
+            Box::new(move |l| elementwise::l2norm(l, "students", students, s.bottleneck)),
+        ),
+        (
+            "teacher row entropy".into(),
+            Box::new(move |l| elementwise::row_entropy(l, s.batch * 2, s.k)),
         ),
         (
             "head backward".into(),
