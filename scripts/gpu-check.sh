@@ -7,7 +7,11 @@
 #   scripts/gpu-check.sh --dry-run    the same, then run remote.sh HERE on the simulator
 #                                     (verify-kernels --sim, DINOVMF_CUDA_SIM=1 for train, the
 #                                     driver stub on LD_LIBRARY_PATH) to test its logic: every
-#                                     step, timeout, the deadline, the log and the summary
+#                                     step, timeout, the deadline, the log and the summary. Only
+#                                     in a dry run, the DINO comparison and the train run use the
+#                                     tiny preset and the side by side small32 at batch 8 (the
+#                                     simulator cannot run ViT-S/16 steps in a step's limit); the
+#                                     kernel checks keep their sizes.
 #
 # What travels (target/gpu-check/, git-ignored; carry exactly that one folder):
 #   dinovmf          release `--features cuda` binary, stripped, PTX embedded, no rpath
@@ -64,9 +68,17 @@ start=$(date +%s)
 runs=$(mktemp -d /tmp/gpu-check-runs.XXXXXX)
 cores=$(nproc)
 sim=""
+# The sizes of the GPU run. A dry run (the simulator on a CPU machine) shrinks only the runs whose
+# size is not what is being checked, so that every step finishes and its logic is exercised.
+cmp_dino="--preset small32"
+train_args="--preset vit-s16 --batch-size 64 --max-steps 8"
+sbs_args="--preset vit-s16 --steps 8"
 if [ "$dry" = 1 ]; then
     sim="--sim"
     export DINOVMF_CUDA_SIM=1
+    cmp_dino="--preset tiny"
+    train_args="--preset tiny --batch-size 8 --max-steps 2"
+    sbs_args="--preset small32 --batch 8 --n-local 2 --steps 1"
 fi
 rows=()
 
@@ -120,7 +132,7 @@ fi
 step "verify-kernels" 120 ./dinovmf verify-kernels $sim
 step "verify-kernels --large" 120 ./dinovmf verify-kernels $sim --skip-kernels --large
 # 4. Training steps on the device against the CPU.
-step "compare-cpu DINO" 60 ./dinovmf verify-kernels $sim --skip-kernels --compare-cpu --steps 3 --preset small32 --loss dino
+step "compare-cpu DINO" 60 ./dinovmf verify-kernels $sim --skip-kernels --compare-cpu --steps 3 $cmp_dino --loss dino
 step "compare-cpu DINO-vMF" 60 ./dinovmf verify-kernels $sim --skip-kernels --compare-cpu --steps 5 --loss vmf
 step "compare-cpu iBOT-vMF" 60 ./dinovmf verify-kernels $sim --skip-kernels --compare-cpu --steps 3 --method ibot --loss vmf
 # 5. Memory errors in the kernel verification.
@@ -130,13 +142,13 @@ else
     absent "compute-sanitizer" "not on this machine"
 fi
 # 6. Throughput: 8 ViT-S/16 steps (batch 64, 2 x 224 + 8 x 96 crops, K 65536), all cores feeding.
-step "train ViT-S/16 8 steps" 150 bash -c "./dinovmf train --device cuda --preset vit-s16 --batch-size 64 --max-steps 8 --workers $cores --no-eval --no-figures -q --out $runs/vits && grep -o '\"images_per_sec\":[0-9.]*' $runs/vits/summary.json"
+step "train ViT-S/16 8 steps" 150 bash -c "./dinovmf train --device cuda $train_args --workers $cores --no-eval --no-figures -q --out $runs/vits && grep -o '\"images_per_sec\": *[0-9.]*' $runs/vits/summary.json"
 # 7. The official DINO step next to dinovmf, same model, crops, batch, precision.
 PY=${PYTHON:-python3}
 if "$PY" -c "import torch" 2>/dev/null; then
     dev=cuda
     [ "$dry" = 1 ] && dev=cpu
-    step "side-by-side PyTorch DINO" 150 "$PY" side_by_side.py --device $dev --preset vit-s16 --steps 8 --dino ./dino --dinovmf ./dinovmf --workers "$cores"
+    step "side-by-side PyTorch DINO" 150 "$PY" side_by_side.py --device $dev $sbs_args --dino ./dino --dinovmf ./dinovmf --workers "$cores"
 else
     absent "side-by-side PyTorch DINO" "no PyTorch in python3"
 fi

@@ -12,6 +12,15 @@ runs their training step: teacher on the 2 global crops, student on all crops, D
 backward, gradient clipping, AdamW, teacher EMA. Inputs are random crops of the right sizes (the
 throughput of the step, not of a data loader). Precision: f32 on both sides (`--amp` runs DINO
 with autocast fp16 instead; dinovmf's CUDA step is f32). Not run by CI.
+
+Like for like: both sides measure the training step alone, after the same `--warmup` steps. The
+DINO side times each step (synchronised on a GPU); the dinovmf side reads each step's time of
+`train_step` from its metrics.jsonl (the per-step images/s there is an exponential average,
+`ips_n = 0.9 ips_(n-1) + 0.1 batch/dt_n`, which this script inverts exactly), so data loading and
+augmentation, which dinovmf does in its worker threads and DINO here not at all, count on
+neither side. On a CPU both use `--threads` compute threads (torch.set_num_threads; dinovmf's
+compute pool is rayon's, RAYON_NUM_THREADS). dinovmf's end-to-end figure (`summary.json`, every
+step and the data pipeline included) is printed beside it for information.
 """
 import argparse
 import ast
@@ -120,12 +129,22 @@ def dino_images_per_s(p, args):
     for _ in range(args.warmup):
         step()
     sync()
-    t = time.perf_counter()
+    times = []
     for _ in range(args.steps):
+        t = time.perf_counter()
         loss = step()
-    sync()
-    dt = time.perf_counter() - t
-    return args.batch * args.steps / dt, float(loss.detach())
+        sync()
+        times.append(time.perf_counter() - t)
+    print("official DINO step times (s):", " ".join(f"{x:.3f}" for x in times), flush=True)
+    return args.batch * args.steps / sum(times), float(loss.detach())
+
+
+def step_times(metrics_path, batch):
+    """Each step's `train_step` time from dinovmf's metrics.jsonl: its `images_per_sec` is
+    `ips_1 = batch/dt_1`, then `ips_n = 0.9 ips_(n-1) + 0.1 batch/dt_n`."""
+    ips = [json.loads(line)["images_per_sec"] for line in open(metrics_path) if line.strip()]
+    rates = [ips[0]] + [(b - 0.9 * a) / 0.1 for a, b in zip(ips, ips[1:])]
+    return [batch / r for r in rates]
 
 
 def dinovmf_images_per_s(p, args):
@@ -134,12 +153,16 @@ def dinovmf_images_per_s(p, args):
            "--loss", "dino", "--batch-size", str(args.batch), "--n-local", str(args.n_local),
            "--max-steps", str(args.warmup + args.steps), "--no-eval", "--no-figures", "-q",
            "--workers", str(args.workers), "--out", out]
-    print("dinovmf:", " ".join(cmd), flush=True)
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    print("dinovmf:", f"RAYON_NUM_THREADS={args.threads}", " ".join(cmd), flush=True)
     t = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=env)
     wall = time.perf_counter() - t
     summary = json.load(open(os.path.join(out, "summary.json")))
-    return summary["images_per_sec"], summary["losses"][-1] if summary["losses"] else None, wall
+    times = step_times(os.path.join(out, "metrics.jsonl"), args.batch)[args.warmup:]
+    print("dinovmf step times (s):", " ".join(f"{x:.3f}" for x in times), flush=True)
+    loss = summary["losses"][-1] if summary["losses"] else None
+    return args.batch * len(times) / sum(times), loss, summary["images_per_sec"], wall
 
 
 def main():
@@ -153,21 +176,39 @@ def main():
     ap.add_argument("--amp", action="store_true", help="DINO with fp16 autocast (not like-for-like)")
     ap.add_argument("--dino", default=os.path.join(os.path.dirname(__file__), "..", "third_party", "dino"))
     ap.add_argument("--dinovmf", default=None, help="the dinovmf binary (omit: DINO side only)")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="dinovmf's data-loading workers")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="compute threads on both sides (torch.set_num_threads, RAYON_NUM_THREADS); "
+                         "default: the core count, or 1 on a CPU already loaded past its cores")
     ap.add_argument("--port", type=int, default=29517)
     args = ap.parse_args()
     if not os.path.exists(os.path.join(args.dino, "main_dino.py")):
         sys.exit(f"side_by_side: {args.dino}/main_dino.py not found: run scripts/fetch-dino.sh")
     p = PRESETS[args.preset]
+    cores = os.cpu_count() or 1
+    if args.threads is None:
+        # Measured on a 2-core machine at load 8.5: the DINO step ran at 3.3 images/s with 2
+        # torch threads and 38.6 with 1 (dinovmf: 65 and 56). On a loaded CPU one thread each
+        # is the comparison that measures the step rather than the scheduler.
+        busy = args.device == "cpu" and os.getloadavg()[0] > cores
+        args.threads = 1 if busy else cores
     import torch
+    torch.set_num_threads(args.threads)
     print(f"side-by-side: {args.preset} | batch {args.batch} | 2x{p['img']}px + {args.n_local}x"
           f"{p['local']}px | K {p['k']} | {args.device} | torch {torch.__version__} | "
-          f"{'amp fp16' if args.amp else 'f32'}", flush=True)
+          f"{'amp fp16' if args.amp else 'f32'} | {torch.get_num_threads()} torch threads | "
+          f"{args.warmup} warm-up + {args.steps} timed steps each", flush=True)
+    if args.device == "cpu":
+        # A shared CPU skews the comparison: PyTorch's OpenMP regions wait at a barrier for every
+        # thread of each op, so a preempted thread stalls each of its ~2,000 ops a step.
+        print(f"load average {os.getloadavg()[0]:.1f} on {cores} cores", flush=True)
     d_ips, d_loss = dino_images_per_s(p, args)
     print(f"official DINO : {d_ips:10.2f} images/s  (loss {d_loss:.4f}, {args.steps} steps)", flush=True)
     if args.dinovmf:
-        v_ips, v_loss, wall = dinovmf_images_per_s(p, args)
-        print(f"dinovmf       : {v_ips:10.2f} images/s  (loss {v_loss}, {wall:.1f} s wall incl. start-up)")
+        v_ips, v_loss, v_e2e, wall = dinovmf_images_per_s(p, args)
+        print(f"dinovmf       : {v_ips:10.2f} images/s  (loss {v_loss}; end to end with data "
+              f"{v_e2e:.2f} images/s, {wall:.1f} s wall incl. start-up)")
         print(f"ratio dinovmf / DINO: {v_ips / d_ips:.3f}")
 
 

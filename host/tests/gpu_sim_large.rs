@@ -18,15 +18,42 @@ fn corners(shape: &LargeShape) {
     println!("{table}");
     assert!(rows.len() >= 8, "{table}");
     assert!(rows.iter().all(|r| r.ok), "{table}");
-    for k in [
+    let mut kernels = vec![
         "gemm_nt_f32",
+        "gemm_nn_f32",
+        "gemm_tn_f32",
         "layernorm_forward",
+        "layernorm_backward",
         "softmax_rows",
+        "softmax_backward_rows",
         "gemm_logits_f32",
         "gather_rows",
         "xent_masked",
-    ] {
+        "gelu_forward",
+        "gelu_backward",
+    ];
+    if shape.head {
+        kernels.extend([
+            "lse_combine",
+            "teacher_targets",
+            "teacher_stat",
+            "xent_columns",
+        ]);
+    }
+    for k in kernels {
         assert!(rows.iter().any(|r| r.kernel == k), "{k} not checked");
+    }
+    // The six batched attention GEMMs, at both crop sizes.
+    for what in [
+        "S=QK^T",
+        "O=PV",
+        "dP=dO V^T",
+        "dV=P^T dO",
+        "dQ=dS K",
+        "dK=dS^T Q",
+    ] {
+        let n = rows.iter().filter(|r| r.size.contains(what)).count();
+        assert_eq!(n, 2, "attention {what}: {n} rows");
     }
 }
 

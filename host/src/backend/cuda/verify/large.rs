@@ -15,6 +15,11 @@ use rand_chacha::ChaCha8Rng;
 use dinovmf_core::ops;
 
 use super::{compare, Row};
+
+mod elementwise;
+mod gemms;
+mod head;
+mod rows;
 use crate::backend::cuda::device::{u32_of as u, Arg, Buf, Device, Gpu};
 use crate::backend::cuda::ops::Gemm;
 
@@ -35,6 +40,9 @@ pub struct LargeShape {
     pub bottleneck: usize,
     /// Masked patch rows of the iBOT student (about 30 % of the global crops' patches).
     pub masked_rows: usize,
+    /// Whether the head's loss kernels and backward GEMMs run at this shape: they depend only
+    /// on the batch, the crops, K and the bottleneck, which ViT-B/16 shares with ViT-S/16.
+    pub head: bool,
 }
 
 pub const VIT_S16: LargeShape = LargeShape {
@@ -48,12 +56,14 @@ pub const VIT_S16: LargeShape = LargeShape {
     k: 65536,
     bottleneck: 256,
     masked_rows: 7526,
+    head: true,
 };
 
 pub const VIT_B16: LargeShape = LargeShape {
     name: "ViT-B/16",
     dim: 768,
     heads: 12,
+    head: false,
     ..VIT_S16
 };
 
@@ -532,6 +542,81 @@ pub fn run_large<D: Device>(gpu: &mut Gpu<D>, s: &LargeShape, seed: u64) -> Vec<
             Box::new(move |l| logits(l, students, s.k, s.bottleneck)),
         ),
         (
+            "qkv dx".into(),
+            Box::new(move |l| gemms::linear_dx(l, "qkv", tokens, d, 3 * d)),
+        ),
+        (
+            "qkv dw".into(),
+            Box::new(move |l| gemms::linear_dw(l, "qkv", tokens, d, 3 * d)),
+        ),
+        (
+            "mlp fc1 dx".into(),
+            Box::new(move |l| gemms::linear_dx(l, "fc1", tokens, d, 4 * d)),
+        ),
+        (
+            "mlp fc2 dx".into(),
+            Box::new(move |l| gemms::linear_dx(l, "fc2", tokens, 4 * d, d)),
+        ),
+        (
+            "attention global".into(),
+            Box::new(move |l| gemms::attention(l, s.batch * 2, s.global_tokens, d, s.heads)),
+        ),
+        (
+            "attention local".into(),
+            Box::new(move |l| gemms::attention(l, s.batch * s.n_local, s.local_tokens, d, s.heads)),
+        ),
+        (
+            "attention softmax backward".into(),
+            Box::new(move |l| {
+                rows::softmax_backward(
+                    l,
+                    s.batch * 2 * s.heads * s.global_tokens,
+                    s.global_tokens,
+                    1.0 / (head_dim as f32).sqrt(),
+                )
+            }),
+        ),
+        (
+            "layernorm backward".into(),
+            Box::new(move |l| rows::layernorm_backward(l, tokens, d)),
+        ),
+        (
+            "mlp gelu".into(),
+            Box::new(move |l| elementwise::gelu(l, tokens * 4 * d)),
+        ),
+    ];
+    let head_cases: Vec<(String, Case<'_, D>)> = vec![
+        (
+            "lse_combine".into(),
+            Box::new(move |l| head::lse_combine(l, students, s.k.div_ceil(64))),
+        ),
+        (
+            "teacher targets".into(),
+            Box::new(move |l| head::teacher(l, s.batch * 2, s.k)),
+        ),
+        (
+            "xent_columns".into(),
+            Box::new(move |l| head::xent_columns(l, 2 + s.n_local, s.batch, s.k)),
+        ),
+        (
+            "prototype l2norm".into(),
+            Box::new(move |l| elementwise::l2norm(l, "prototypes", s.k, s.bottleneck)),
+        ),
+        (
+            "student l2norm".into(),
+            Box::new(move |l| elementwise::l2norm(l, "students", students, s.bottleneck)),
+        ),
+        (
+            "teacher row entropy".into(),
+            Box::new(move |l| elementwise::row_entropy(l, s.batch * 2, s.k)),
+        ),
+        (
+            "head backward".into(),
+            Box::new(move |l| gemms::head_backward(l, students, s.k, s.bottleneck)),
+        ),
+    ];
+    let ibot_cases: Vec<(String, Case<'_, D>)> = vec![
+        (
             "ibot gather".into(),
             Box::new(move |l| gather(l, s.masked_rows, d, s.batch * 2 * (s.global_tokens - 1))),
         ),
@@ -542,7 +627,8 @@ pub fn run_large<D: Device>(gpu: &mut Gpu<D>, s: &LargeShape, seed: u64) -> Vec<
             }),
         ),
     ];
-    for (what, f) in cases {
+    let head_cases = if s.head { head_cases } else { Vec::new() };
+    for (what, f) in cases.into_iter().chain(head_cases).chain(ibot_cases) {
         if let Err(e) = l.gpu.dev.bind().and_then(|_| f(&mut l)) {
             l.rows.push(Row {
                 kernel: format!("{} {what}", s.name),
