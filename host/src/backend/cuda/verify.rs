@@ -116,6 +116,20 @@ fn hf(b: u16) -> f32 {
     half::f16::from_bits(b).to_f32()
 }
 
+/// `n` values uniform in `[lo, hi)`, nudged away from exact zero (inputs are never zeros).
+fn nonzero_uniform(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let x = rng.gen_range(lo..hi);
+            if x == 0.0 {
+                0.125
+            } else {
+                x
+            }
+        })
+        .collect()
+}
+
 /// The verification run: a device, a random stream, the rows so far.
 struct V<'a, D: Device> {
     gpu: &'a mut Gpu<D>,
@@ -124,18 +138,8 @@ struct V<'a, D: Device> {
 }
 
 impl<D: Device> V<'_, D> {
-    /// Uniform in `[lo, hi)`, nudged away from exact zero.
     fn rv(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let x = self.rng.gen_range(lo..hi);
-                if x == 0.0 {
-                    0.125
-                } else {
-                    x
-                }
-            })
-            .collect()
+        nonzero_uniform(&mut self.rng, n, lo, hi)
     }
     fn up<T: Elem>(&mut self, x: &[T]) -> Result<Buf<T>> {
         self.gpu.alloc_from(x)

@@ -103,16 +103,7 @@ struct L<'a, D: Device> {
 
 impl<D: Device> L<'_, D> {
     fn rv(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let x = self.rng.gen_range(lo..hi);
-                if x == 0.0 {
-                    0.125
-                } else {
-                    x
-                }
-            })
-            .collect()
+        super::nonzero_uniform(&mut self.rng, n, lo, hi)
     }
     fn up(&mut self, x: &[f32]) -> Result<Buf<f32>> {
         self.gpu.alloc_from(x)
