@@ -33,4 +33,4 @@ mod gpu;
 pub mod sim;
 
 pub use block::{Block, Dims, Op};
-pub use elem::{Elem, H16};
+pub use elem::Elem;

@@ -1,5 +1,5 @@
 //! The kernel entry points of `dinovmf.ptx`: names, parameters (in order, with their Rust types:
-//! pointers are `u64` device addresses in PTX, `H16` is f16 bits, a null pointer means "none"
+//! pointers are `u64` device addresses in PTX, a null pointer means "none"
 //! where a parameter is optional) and launch configurations. The host's CUDA backend launches
 //! from this table; `tests/manifest.rs` checks it against the committed `.ptx`.
 //!
@@ -13,8 +13,6 @@ use crate::kernels::gemm::GEMM_BLOCK;
 #[allow(unused_imports)]
 use crate::kernels::{elementwise, gemm, head, ibot, optim, reduce, rows, tokens};
 use crate::kernels::{EW_BLOCK, ROW_BLOCK, SMEM_GEMM_WORDS, SMEM_SMALL_WORDS, WIDE_BLOCK};
-#[allow(unused_imports)]
-use crate::H16;
 #[allow(unused_imports)]
 use dinovmf_core::{centering::Centering, logits::LogitKind, vmf::BesselApprox};
 
@@ -215,18 +213,6 @@ gemm_kernels! {
     gemm_nt_f32: f32, f32, false, true;
     /// `C = alpha A^T B + bias + beta C`, f32 ("tn": weight gradients `dy^T x` with beta 1, `P^T dO`).
     gemm_tn_f32: f32, f32, true, false;
-    /// "nn" with f16 A, B, C (f32 accumulate).
-    gemm_nn_f16: H16, H16, false, false;
-    /// "nt" with f16 A, B, C (f32 accumulate).
-    gemm_nt_f16: H16, H16, false, true;
-    /// "tn" with f16 A, B, C (f32 accumulate).
-    gemm_tn_f16: H16, H16, true, false;
-    /// "nn" with f16 A, B and f32 C (f32 master gradients).
-    gemm_nn_f16_f32: H16, f32, false, false;
-    /// "nt" with f16 A, B and f32 C.
-    gemm_nt_f16_f32: H16, f32, false, true;
-    /// "tn" with f16 A, B and f32 C (weight gradients into f32).
-    gemm_tn_f16_f32: H16, f32, true, false;
 }
 
 kernels! { OTHER_KERNELS, other_entries, other_sim;
@@ -319,10 +305,6 @@ kernels! { OTHER_KERNELS, other_entries, other_sim;
     gemm_logits_f32 [GEMM_BLOCK, Gemm, "(ceil(n/64), ceil(m/64), 1)", "dots: m*n; lse_part: m*ceil(n/64)*2; y: m*k; mu: n*k; scale: n; bias: n"] (dots: *mut f32, lse_part: *mut f32, y: *const f32, mu: *const f32, scale: *const f32, bias: *const f32, m: u32, n: u32, k: u32) |b| {
         gemm::gemm_logits(b, sl_mut(dots, us(m) * us(n)), sl_mut(lse_part, us(m) * us(n).div_ceil(64) * 2), sl(y, us(m) * us(k)), sl(mu, us(n) * us(k)), sl(scale, us(n)), sl(bias, us(n)), m as usize, n as usize, k as usize)
     }
-    /// `gemm_logits_f32` with f16 `y`, `mu` (f32 dots and LSE).
-    gemm_logits_f16 [GEMM_BLOCK, Gemm, "(ceil(n/64), ceil(m/64), 1)", "dots: m*n; lse_part: m*ceil(n/64)*2; y: m*k; mu: n*k; scale: n; bias: n"] (dots: *mut f32, lse_part: *mut f32, y: *const H16, mu: *const H16, scale: *const f32, bias: *const f32, m: u32, n: u32, k: u32) |b| {
-        gemm::gemm_logits(b, sl_mut(dots, us(m) * us(n)), sl_mut(lse_part, us(m) * us(n).div_ceil(64) * 2), sl(y, us(m) * us(k)), sl(mu, us(n) * us(k)), sl(scale, us(n)), sl(bias, us(n)), m as usize, n as usize, k as usize)
-    }
     /// Row log-sum-exps from `lse_part` (`ntiles = ceil(n/64)` of the logits GEMM).
     lse_combine [WIDE_BLOCK, Small, "m", "lse: m; lse_part: m*ntiles*2"] (lse: *mut f32, lse_part: *const f32, m: u32, ntiles: u32) |b| {
         head::lse_combine(b, sl_mut(lse, us(m)), sl(lse_part, us(m) * us(ntiles) * 2), m as usize, ntiles as usize)
@@ -383,11 +365,6 @@ kernels! { OTHER_KERNELS, other_entries, other_sim;
         let (parts, nseg) = (b.dims().gdim[0], b.dims().gdim[1]);
         reduce::reduce_segments(b, sl_mut(part, us(parts) * us(nseg)), sl(x, us(x_len)), sl(seg_off, us(nseg)), sl(seg_len, us(nseg)), reduce::RedOp::from_code(op))
     }
-    /// `reduce_segments_f32` over f16 `x`.
-    reduce_segments_f16 [WIDE_BLOCK, Small, "(parts = ceil(max seg_len / 4096), nseg)", "part: grid_x*grid_y; x: x_len; seg_off: grid_y; seg_len: grid_y"] (part: *mut f32, x: *const H16, x_len: u32, seg_off: *const u64, seg_len: *const u64, op: u32) |b| {
-        let (parts, nseg) = (b.dims().gdim[0], b.dims().gdim[1]);
-        reduce::reduce_segments(b, sl_mut(part, us(parts) * us(nseg)), sl(x, us(x_len)), sl(seg_off, us(nseg)), sl(seg_len, us(nseg)), reduce::RedOp::from_code(op))
-    }
     /// Stage 2: `out[s] = scale Σ part[s]` (f64 in order) or the max.
     reduce_final [EW_BLOCK, None, "ceil(nseg/256)", "out: nseg; part: parts*nseg"] (out: *mut f32, part: *const f32, parts: u32, nseg: u32, op: u32, scale: f32) |b| {
         reduce::reduce_final(b, sl_mut(out, us(nseg)), sl(part, us(parts) * us(nseg)), parts as usize, nseg as usize, reduce::RedOp::from_code(op), scale)
@@ -403,10 +380,6 @@ kernels! { OTHER_KERNELS, other_entries, other_sim;
     }
     /// `out[c] (+)= Σ_r x[r, c]` (bias gradients), f32 `x`.
     column_sum_f32 [EW_BLOCK, None, "ceil(cols/256)", "out: cols; x: rows*cols"] (out: *mut f32, x: *const f32, rows: u32, cols: u32, accumulate: u32) |b| {
-        reduce::column_sum(b, sl_mut(out, us(cols)), sl(x, us(rows) * us(cols)), rows as usize, cols as usize, accumulate != 0)
-    }
-    /// `column_sum_f32` over f16 `x`.
-    column_sum_f16 [EW_BLOCK, None, "ceil(cols/256)", "out: cols; x: rows*cols"] (out: *mut f32, x: *const H16, rows: u32, cols: u32, accumulate: u32) |b| {
         reduce::column_sum(b, sl_mut(out, us(cols)), sl(x, us(rows) * us(cols)), rows as usize, cols as usize, accumulate != 0)
     }
 }

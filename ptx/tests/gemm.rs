@@ -1,4 +1,4 @@
-//! The tiled GEMM (every layout, f32 and f16 storage, batched/strided) and the compositions the
+//! The tiled GEMM (every layout, batched/strided) and the compositions the
 //! trainer builds from it (linear layer, attention) on the simulator, against f64 references and
 //! dinovmf-core.
 mod common;
@@ -7,7 +7,7 @@ use dinovmf_core::ops;
 use dinovmf_ptx::kernels::gemm::{gemm, GemmShape};
 use dinovmf_ptx::kernels::{reduce, rows};
 use dinovmf_ptx::sim::Sim;
-use dinovmf_ptx::{Elem, H16};
+use dinovmf_ptx::Elem;
 
 /// (m, n, k): below, at and above the 64 x 64 x 16 tile, and ragged.
 const SHAPES: [(usize, usize, usize); 6] = [
@@ -112,58 +112,6 @@ fn gemm_nt_f32_all_shapes_rtol_1e5() {
 #[test]
 fn gemm_tn_f32_all_shapes_rtol_1e5() {
     check_layout::<true, false>("gemm_tn_f32");
-}
-
-fn to_h(x: &[f32]) -> Vec<H16> {
-    x.iter().map(|&v| H16::st(v)).collect()
-}
-
-fn check_f16<const TA: bool, const TB: bool>(tag: &str) {
-    let mut r = rng(21);
-    for (m, n, k) in SHAPES {
-        let s = GemmShape::plain(m, n, k, TA, TB);
-        let a = to_h(&rand_vec(&mut r, m * k, -1.0, 1.0));
-        let b = to_h(&rand_vec(&mut r, k * n, -1.0, 1.0));
-        // Reference on the f16-rounded inputs, in f64.
-        let a64: Vec<f64> = a.iter().map(|h| h.ld() as f64).collect();
-        let b64: Vec<f64> = b.iter().map(|h| h.ld() as f64).collect();
-        let want = ref_gemm(&a64, &b64, &s, TA, TB, (0, 0));
-        let mut c32 = poison(m * n);
-        run::<H16, f32, TA, TB>(
-            &format!("gemm_{tag}_f16_f32"),
-            &mut c32,
-            &a,
-            &b,
-            None,
-            &s,
-            1,
-        );
-        assert_close(
-            &format!("gemm_{tag}_f16_f32 {m}x{n}x{k} (rtol 1e-5, atol 1e-5)"),
-            &c32,
-            &want,
-            1e-5,
-            1e-5,
-        );
-        let mut c16 = vec![H16::st(f32::NAN); m * n];
-        run::<H16, H16, TA, TB>(&format!("gemm_{tag}_f16"), &mut c16, &a, &b, None, &s, 1);
-        let got: Vec<f32> = c16.iter().map(|h| h.ld()).collect();
-        // One f16 rounding of the f32 result: relative 2^-11, plus the f32 accumulation.
-        assert_close(
-            &format!("gemm_{tag}_f16 {m}x{n}x{k} (rtol 5e-4, atol 1e-4)"),
-            &got,
-            &want,
-            5e-4,
-            1e-4,
-        );
-    }
-}
-
-#[test]
-fn gemm_f16_storage_all_layouts_match_f64_on_rounded_inputs() {
-    check_f16::<false, false>("nn");
-    check_f16::<false, true>("nt");
-    check_f16::<true, false>("tn");
 }
 
 #[test]

@@ -4,7 +4,7 @@ use common::*;
 use dinovmf_core::optim::{self, AdamW};
 use dinovmf_ptx::kernels::reduce::{self, RedOp, CHUNK};
 use dinovmf_ptx::kernels::{head, optim as kopt};
-use dinovmf_ptx::{Elem, H16};
+use dinovmf_ptx::Elem;
 
 #[test]
 fn adamw_and_ema_are_bitwise_core() {
@@ -78,45 +78,28 @@ fn run_reduce<E: Elem>(name: &str, x: &[E], op: RedOp, off: &[u64], len: &[u64])
 }
 
 #[test]
-fn segment_reductions_f32_and_f16_match_f64_rtol_1e5() {
+fn segment_reductions_match_f64_rtol_1e5() {
     let mut r = rng(32);
     let (off, len) = segments();
     let total = (off.last().unwrap() + len.last().unwrap()) as usize;
     let x = rand_vec(&mut r, total, -1.0, 1.0);
-    let xh: Vec<H16> = x.iter().map(|&v| H16::st(v)).collect();
+    let vals = to_f64(&x);
     for op in [RedOp::Sum, RedOp::SumSq, RedOp::MaxAbs] {
-        for half in [false, true] {
-            let vals: Vec<f64> = if half {
-                xh.iter().map(|h| h.ld() as f64).collect()
-            } else {
-                to_f64(&x)
-            };
-            let got = if half {
-                run_reduce("reduce_segments_f16", &xh, op, &off, &len)
-            } else {
-                run_reduce("reduce_segments_f32", &x, op, &off, &len)
-            };
-            let want: Vec<f64> = off
-                .iter()
-                .zip(&len)
-                .map(|(&o, &l)| {
-                    let s = &vals[o as usize..(o + l) as usize];
-                    match op {
-                        RedOp::Sum => s.iter().sum(),
-                        RedOp::SumSq => s.iter().map(|v| v * v).sum(),
-                        RedOp::MaxAbs => s.iter().fold(0.0, |a: f64, v| a.max(v.abs())),
-                    }
-                })
-                .collect();
-            let atol = if op == RedOp::Sum { 1e-4 } else { 0.0 };
-            assert_close(
-                &format!("reduce {op:?} f16={half} (rtol 1e-5)"),
-                &got,
-                &want,
-                1e-5,
-                atol,
-            );
-        }
+        let got = run_reduce("reduce_segments_f32", &x, op, &off, &len);
+        let want: Vec<f64> = off
+            .iter()
+            .zip(&len)
+            .map(|(&o, &l)| {
+                let s = &vals[o as usize..(o + l) as usize];
+                match op {
+                    RedOp::Sum => s.iter().sum(),
+                    RedOp::SumSq => s.iter().map(|v| v * v).sum(),
+                    RedOp::MaxAbs => s.iter().fold(0.0, |a: f64, v| a.max(v.abs())),
+                }
+            })
+            .collect();
+        let atol = if op == RedOp::Sum { 1e-4 } else { 0.0 };
+        assert_close(&format!("reduce {op:?} (rtol 1e-5)"), &got, &want, 1e-5, atol);
     }
 }
 
@@ -161,29 +144,5 @@ fn per_tensor_clipping_matches_core_clip_grad_tensor_rtol_1e6() {
         &wg,
         1e-6,
         0.0,
-    );
-}
-
-#[test]
-fn column_sum_f16_matches_f64() {
-    let mut r = rng(34);
-    let (rows, cols) = (37, 300);
-    let x: Vec<H16> = rand_vec(&mut r, rows * cols, -1.0, 1.0)
-        .iter()
-        .map(|&v| H16::st(v))
-        .collect();
-    let mut out = poison(cols);
-    launch("column_sum_f16", grid1("column_sum_f16", cols), |b| {
-        reduce::column_sum(b, &mut out, &x, rows, cols, false)
-    });
-    let want: Vec<f64> = (0..cols)
-        .map(|c| (0..rows).map(|rr| x[rr * cols + c].ld() as f64).sum())
-        .collect();
-    assert_close(
-        "column_sum f16 (rtol 1e-5, atol 1e-5)",
-        &out,
-        &want,
-        1e-5,
-        1e-5,
     );
 }

@@ -63,7 +63,7 @@ struct Acc {
     v: f32,
 }
 
-/// Stage 1 over segments `[seg_off[s], seg_off[s] + seg_len[s])` of `x` (f32 or f16 storage,
+/// Stage 1 over segments `[seg_off[s], seg_off[s] + seg_len[s])` of `x` (any `Elem` storage,
 /// f32 accumulation).
 pub fn reduce_segments<B: Block, E: Elem>(
     b: &mut B,

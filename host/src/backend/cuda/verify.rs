@@ -108,14 +108,6 @@ fn f64s(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| v as f64).collect()
 }
 
-fn h(x: f32) -> u16 {
-    half::f16::from_f32(x).to_bits()
-}
-
-fn hf(b: u16) -> f32 {
-    half::f16::from_bits(b).to_f32()
-}
-
 /// `n` values uniform in `[lo, hi)`, nudged away from exact zero (inputs are never zeros).
 fn nonzero_uniform(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     (0..n)
@@ -146,10 +138,6 @@ impl<D: Device> V<'_, D> {
     }
     /// A poisoned (NaN) output buffer.
     fn out(&mut self, n: usize) -> Result<Buf<f32>> {
-        self.gpu.alloc(n)
-    }
-    /// A poisoned f16 output buffer (0xFFFF is an f16 NaN).
-    fn out16(&mut self, n: usize) -> Result<Buf<u16>> {
         self.gpu.alloc(n)
     }
     fn get<T: Elem>(&mut self, b: Buf<T>) -> Result<Vec<T>> {
@@ -183,7 +171,6 @@ pub fn run_all<D: Device>(gpu: &mut Gpu<D>, seed: u64) -> Vec<Row> {
     type Case<'a, D> = (&'static str, fn(&mut V<'a, D>) -> Result<()>);
     let cases: Vec<Case<'_, D>> = vec![
         ("gemm f32", gemm_f32),
-        ("gemm f16", gemm_f16),
         ("gemm batched", gemm_batched),
         ("elementwise", elementwise),
         ("tokens", tokens),
@@ -280,54 +267,6 @@ fn gemm_f32<D: Device>(v: &mut V<'_, D>) -> Result<()> {
             let got = v.get(c)?;
             let w: Vec<f64> = (0..m * n).map(|i| want[i] + c0[i] as f64).collect();
             v.check(&name, format!("{m}x{n}x{k} beta 1"), &got, &w, 1e-5, 1e-5);
-        }
-    }
-    Ok(())
-}
-
-fn gemm_f16<D: Device>(v: &mut V<'_, D>) -> Result<()> {
-    for (ta, tb, tag) in layouts() {
-        for (m, n, k) in SHAPES {
-            let g = Gemm::plain(ta, tb, m, n, k);
-            let a: Vec<u16> = v.rv(m * k, -1.0, 1.0).into_iter().map(h).collect();
-            let b: Vec<u16> = v.rv(k * n, -1.0, 1.0).into_iter().map(h).collect();
-            let a64: Vec<f64> = a.iter().map(|&x| hf(x) as f64).collect();
-            let b64: Vec<f64> = b.iter().map(|&x| hf(x) as f64).collect();
-            let want = ref_gemm(&a64, &b64, &g, (0, 0));
-            let (da, db) = (v.up(&a)?, v.up(&b)?);
-            for out16 in [false, true] {
-                let name = if out16 {
-                    format!("gemm_{tag}_f16")
-                } else {
-                    format!("gemm_{tag}_f16_f32")
-                };
-                let got: Vec<f32> = if out16 {
-                    let c = v.out16(m * n)?;
-                    let args = g.args(
-                        c.arg(),
-                        da.arg(),
-                        db.arg(),
-                        Arg::Null,
-                        (a.len(), b.len(), m * n),
-                    );
-                    v.gpu.launch_with(&name, &args, &[("outer", 1)])?;
-                    v.get(c)?.into_iter().map(hf).collect()
-                } else {
-                    let c = v.out(m * n)?;
-                    let args = g.args(
-                        c.arg(),
-                        da.arg(),
-                        db.arg(),
-                        Arg::Null,
-                        (a.len(), b.len(), m * n),
-                    );
-                    v.gpu.launch_with(&name, &args, &[("outer", 1)])?;
-                    v.get(c)?
-                };
-                // f16 output: one f16 rounding of the f32 result (2^-11 relative).
-                let (rtol, atol) = if out16 { (5e-4, 1e-4) } else { (1e-5, 1e-5) };
-                v.check(&name, format!("{m}x{n}x{k}"), &got, &want, rtol, atol);
-            }
         }
     }
     Ok(())
@@ -770,29 +709,14 @@ fn lse(x: impl Iterator<Item = f64> + Clone) -> f64 {
 }
 
 fn logits<D: Device>(v: &mut V<'_, D>) -> Result<()> {
-    for half in [false, true] {
-        let name = if half {
-            "gemm_logits_f16"
-        } else {
-            "gemm_logits_f32"
-        };
+    {
+        let name = "gemm_logits_f32";
         for (m, n, k) in [(1, 1, 1), (17, 130, 16), (65, 64, 33), (6, 300, 128)] {
-            let mut y = v.rv(m * k, -1.0, 1.0);
-            let mut mu = v.rv(n * k, -1.0, 1.0);
-            if half {
-                for x in y.iter_mut().chain(mu.iter_mut()) {
-                    *x = hf(h(*x));
-                }
-            }
+            let y = v.rv(m * k, -1.0, 1.0);
+            let mu = v.rv(n * k, -1.0, 1.0);
             let scale = v.rv(n, 1.0, 10.0);
             let bias = v.rv(n, -1.0, 1.0);
-            let (dy, dmu): (Arg, Arg) = if half {
-                let a: Vec<u16> = y.iter().map(|&x| h(x)).collect();
-                let b: Vec<u16> = mu.iter().map(|&x| h(x)).collect();
-                (v.up(&a)?.into(), v.up(&b)?.into())
-            } else {
-                (v.up(&y)?.into(), v.up(&mu)?.into())
-            };
+            let (dy, dmu) = (v.up(&y)?, v.up(&mu)?);
             let (ds, db) = (v.up(&scale)?, v.up(&bias)?);
             let ntiles = n.div_ceil(64);
             let (dots, part) = (v.out(m * n)?, v.out(m * ntiles * 2)?);
@@ -801,8 +725,8 @@ fn logits<D: Device>(v: &mut V<'_, D>) -> Result<()> {
                 &[
                     dots.into(),
                     part.into(),
-                    dy,
-                    dmu,
+                    dy.into(),
+                    dmu.into(),
                     ds.into(),
                     db.into(),
                     u(m),
@@ -1135,30 +1059,20 @@ fn reductions<D: Device>(v: &mut V<'_, D>) -> Result<()> {
     }
     let total = off;
     let x = v.rv(total, -1.0, 1.0);
-    let xh: Vec<u16> = x.iter().map(|&a| h(a)).collect();
     let sg = Segments::new(v.gpu, &segs)?;
-    let (dx, dxh) = (v.up(&x)?, v.up(&xh)?);
+    let dx = v.up(&x)?;
     let parts = sg.parts();
     let size = format!("{} segments, {total} values", lens.len());
-    for half in [false, true] {
-        let vals: Vec<f64> = if half {
-            xh.iter().map(|&a| hf(a) as f64).collect()
-        } else {
-            f64s(&x)
-        };
+    {
+        let vals = f64s(&x);
         for op in [RedOp::Sum, RedOp::SumSq, RedOp::MaxAbs] {
             let part = v.out(lens.len() * parts)?;
-            let name = if half {
-                "reduce_segments_f16"
-            } else {
-                "reduce_segments_f32"
-            };
-            let xa: Arg = if half { dxh.into() } else { dx.into() };
+            let name = "reduce_segments_f32";
             v.gpu.launch_with(
                 name,
                 &[
                     part.into(),
-                    xa,
+                    dx.into(),
                     u(total),
                     sg.off.into(),
                     sg.len.into(),
@@ -1277,46 +1191,36 @@ fn reductions<D: Device>(v: &mut V<'_, D>) -> Result<()> {
     }
     for (rows, cols) in [(1, 1), (37, 300), (130, 257)] {
         let xs = v.rv(rows * cols, -1.0, 1.0);
-        let xh: Vec<u16> = xs.iter().map(|&a| h(a)).collect();
-        let (d32, d16) = (v.up(&xs)?, v.up(&xh)?);
-        for half in [false, true] {
-            for accumulate in [false, true] {
-                let o0 = v.rv(cols, -1.0, 1.0);
-                let out = if accumulate { v.up(&o0)? } else { v.out(cols)? };
-                let name = if half {
-                    "column_sum_f16"
-                } else {
-                    "column_sum_f32"
-                };
-                let xa: Arg = if half { d16.into() } else { d32.into() };
-                v.launch(
-                    name,
-                    &[out.into(), xa, u(rows), u(cols), u(accumulate as usize)],
-                )?;
-                let got = v.get(out)?;
-                let want: Vec<f64> = (0..cols)
-                    .map(|c| {
-                        let s: f64 = (0..rows)
-                            .map(|r| {
-                                if half {
-                                    hf(xh[r * cols + c]) as f64
-                                } else {
-                                    xs[r * cols + c] as f64
-                                }
-                            })
-                            .sum();
-                        s + if accumulate { o0[c] as f64 } else { 0.0 }
-                    })
-                    .collect();
-                v.check(
-                    name,
-                    format!("{rows}x{cols} acc={accumulate}"),
-                    &got,
-                    &want,
-                    1e-5,
-                    1e-5,
-                );
-            }
+        let d32 = v.up(&xs)?;
+        for accumulate in [false, true] {
+            let o0 = v.rv(cols, -1.0, 1.0);
+            let out = if accumulate { v.up(&o0)? } else { v.out(cols)? };
+            let name = "column_sum_f32";
+            v.launch(
+                name,
+                &[
+                    out.into(),
+                    d32.into(),
+                    u(rows),
+                    u(cols),
+                    u(accumulate as usize),
+                ],
+            )?;
+            let got = v.get(out)?;
+            let want: Vec<f64> = (0..cols)
+                .map(|c| {
+                    let s: f64 = (0..rows).map(|r| xs[r * cols + c] as f64).sum();
+                    s + if accumulate { o0[c] as f64 } else { 0.0 }
+                })
+                .collect();
+            v.check(
+                name,
+                format!("{rows}x{cols} acc={accumulate}"),
+                &got,
+                &want,
+                1e-5,
+                1e-5,
+            );
         }
     }
     Ok(())
