@@ -50,21 +50,6 @@ struct Tensor {
     trainable: bool,
 }
 
-/// What [`CpuBackend::compute_gradients`] reports.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct GradReport {
-    pub loss: f32,
-    pub teacher_entropy: f32,
-    pub mean_entropy: f32,
-    pub max_mass: f32,
-    pub kl: f32,
-    /// iBOT: L_cls and L_mim (unweighted) separately (DINO: `cls_loss = loss`, `mim_loss = 0`),
-    /// and the mean entropy of the patch targets.
-    pub cls_loss: f32,
-    pub mim_loss: f32,
-    pub patch_teacher_entropy: f32,
-}
-
 /// Images per forward in [`Backend::embed`] (bounds its buffers).
 const EMBED_CHUNK: usize = 64;
 /// Elements per parallel task of the optimiser passes.
@@ -108,7 +93,9 @@ pub struct CpuBackend {
     mask_g: Vec<f32>,
     mask_l: Vec<f32>,
     /// What the last step's losses and clipping reported.
-    report: GradReport,
+    /// The metrics of the last step so far (`grad_norm` is set by [`step::train_step`]'s
+    /// reduce phase; [`Self::compute_gradients`] stops before it and reports 0).
+    report: StepMetrics,
     grad_norm: f64,
     embed_group: Option<Group>,
     phase: [f64; PHASES.len()],
@@ -199,7 +186,7 @@ impl CpuBackend {
             masks: StepMasks::new(&model, &shapes, false),
             mask_g: vec![0.0; model.vit.depth * 2 * n_g],
             mask_l: vec![0.0; model.vit.depth * 2 * n_l],
-            report: GradReport::default(),
+            report: StepMetrics::default(),
             grad_norm: 0.0,
             embed_group: None,
             phase: [0.0; PHASES.len()],
@@ -240,8 +227,9 @@ impl CpuBackend {
     /// Everything of a step up to the raw (unreduced, unclipped) gradients (see
     /// [`step::gradients`]). Leaves the state unchanged; the gradients are in [`Self::grads`],
     /// the features in [`Self::student_z`] / [`Self::teacher_z`], the center the step would
-    /// move to in [`Self::next_center`].
-    pub fn compute_gradients(&mut self, batch: &Batch, hp: &StepHyper) -> Result<GradReport> {
+    /// move to in [`Self::next_center`]. The metrics are a full step's, with `grad_norm` 0 (no
+    /// reduction has run).
+    pub fn compute_gradients(&mut self, batch: &Batch, hp: &StepHyper) -> Result<StepMetrics> {
         step::gradients(self, batch, hp)?;
         Ok(self.report)
     }

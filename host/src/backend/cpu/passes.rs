@@ -9,7 +9,7 @@ use dinovmf_core::model::ModelConfig;
 use super::ibot::gather_tokens;
 use super::mim::{self, MimInputs};
 use super::vit::{self, PatchMask};
-use super::{head, loss, masks_to_scales, rows, CpuBackend, GradReport};
+use super::{head, loss, masks_to_scales, rows, CpuBackend};
 use crate::backend::step::{Backward, Crops, Forward, Head, Passes, Phase, StepMasks};
 use crate::backend::{Net, StepHyper, StepMetrics, StepShapes};
 use crate::data::Batch;
@@ -162,12 +162,13 @@ impl Passes for CpuBackend {
             )
         };
         let c = rep.collapse;
-        self.report = GradReport {
+        self.report = StepMetrics {
             loss: rep.loss,
             teacher_entropy: c.mean_row_entropy,
             mean_entropy: c.entropy_of_mean,
             max_mass: c.max_mean_mass,
             kl: c.mean_kl,
+            grad_norm: 0.0,
             cls_loss: rep.loss,
             mim_loss: 0.0,
             patch_teacher_entropy: 0.0,
@@ -347,17 +348,9 @@ impl Passes for CpuBackend {
     }
 
     fn metrics(&mut self) -> Result<StepMetrics> {
-        let r = self.report;
         Ok(StepMetrics {
-            loss: r.loss,
-            teacher_entropy: r.teacher_entropy,
-            mean_entropy: r.mean_entropy,
-            max_mass: r.max_mass,
-            kl: r.kl,
             grad_norm: self.grad_norm as f32,
-            cls_loss: r.cls_loss,
-            mim_loss: r.mim_loss,
-            patch_teacher_entropy: r.patch_teacher_entropy,
+            ..self.report
         })
     }
 
