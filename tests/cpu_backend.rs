@@ -10,41 +10,16 @@ use dinovmf::data::Batch;
 use dinovmf_core::loss::{
     multicrop_loss_forward_backward, scratch_len, LossConfig, LossDims, LossGrads, LossInputs,
 };
-use dinovmf_core::model::{
-    convert_params, for_each_param, HeadConfig, IbotParts, Layout, ModelConfig, VitConfig,
-};
+use dinovmf_core::model::{convert_params, for_each_param, IbotParts, Layout, ModelConfig};
 use dinovmf_core::optim::{adamw_step_model, clip_gradients, ema_update, AdamW};
 use dinovmf_core::reference_model;
 use dinovmf_core::vmf::BesselApprox;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// Small enough for the f64 reference to be quick, large enough that every path is exercised:
-/// 3 x 3 global grid, 2 x 2 local grid (position embedding resized), two heads, p = 64 (the vMF
-/// f32 normaliser is at f32 rounding from p = 64 on).
+/// [`common::test_model`] without iBOT's parts.
 fn model(norm_last_layer: bool, drop_path: f32) -> ModelConfig {
-    ModelConfig {
-        vit: VitConfig {
-            img_size: 12,
-            patch: 4,
-            in_chans: 3,
-            dim: 16,
-            depth: 2,
-            heads: 2,
-            mlp_ratio: 4,
-            qkv_bias: true,
-            ln_eps: 1e-6,
-            drop_path,
-        },
-        head: HeadConfig {
-            hidden: 32,
-            bottleneck: 64,
-            n_layers: 3,
-            out_dim: 48,
-            norm_last_layer,
-        },
-        ibot: IbotParts::NONE,
-    }
+    common::test_model(norm_last_layer, drop_path, IbotParts::NONE)
 }
 
 const B: usize = 3;

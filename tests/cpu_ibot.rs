@@ -15,7 +15,7 @@ use dinovmf_core::masking::{step_masks, MaskConfig};
 use dinovmf_core::mim_loss::{
     mim_loss_forward_backward, mim_scratch_len, IbotConfig, MimDims, MimGrads, MimInputs,
 };
-use dinovmf_core::model::{for_each_param, HeadConfig, IbotParts, Layout, ModelConfig, VitConfig};
+use dinovmf_core::model::{for_each_param, IbotParts, Layout, ModelConfig};
 use dinovmf_core::reference_model;
 
 const B: usize = 2;
@@ -23,32 +23,14 @@ const N_LOCAL: usize = 2;
 const G: usize = 12;
 const L: usize = 8;
 
+/// [`common::test_model`] with the mask token (and a separate patch head when asked), drop path
+/// 0.3.
 fn model(norm_last: bool, separate: bool) -> ModelConfig {
-    ModelConfig {
-        vit: VitConfig {
-            img_size: G,
-            patch: 4,
-            in_chans: 3,
-            dim: 16,
-            depth: 2,
-            heads: 2,
-            mlp_ratio: 4,
-            qkv_bias: true,
-            ln_eps: 1e-6,
-            drop_path: 0.3,
-        },
-        head: HeadConfig {
-            hidden: 32,
-            bottleneck: 64,
-            n_layers: 3,
-            out_dim: 48,
-            norm_last_layer: norm_last,
-        },
-        ibot: IbotParts {
-            mask_token: true,
-            separate_patch_head: separate,
-        },
-    }
+    let ibot = IbotParts {
+        mask_token: true,
+        separate_patch_head: separate,
+    };
+    common::test_model(norm_last, 0.3, ibot)
 }
 
 fn shapes() -> StepShapes {

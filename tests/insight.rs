@@ -7,7 +7,7 @@ use dinovmf::backend::cpu::CpuBackend;
 use dinovmf::backend::StepShapes;
 use dinovmf::backend::{Backend, Net, SingleProcess, StepHyper, TrainState};
 use dinovmf::data::Batch;
-use dinovmf::train::{self, periodic, state, LossKind, RunOptions, TrainConfig};
+use dinovmf::train::{self, periodic, state, LossKind, Method, RunOptions, TrainConfig};
 use dinovmf_core::centering::Centering;
 use dinovmf_core::loss::LossConfig;
 use dinovmf_core::model::{HeadConfig, IbotParts, Layout, ModelConfig, VitConfig};
@@ -44,14 +44,10 @@ fn model() -> ModelConfig {
 
 const B: usize = 2;
 
+mod common;
+
 fn shapes() -> StepShapes {
-    StepShapes {
-        batch: B,
-        n_global: 2,
-        n_local: 2,
-        global_size: 12,
-        local_size: 8,
-    }
+    common::shapes(B, 2, 12, 8)
 }
 
 fn backend(st: &TrainState) -> CpuBackend {
@@ -223,14 +219,11 @@ fn koleo_proto_gradient_joins_the_step() {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dinovmf-insight-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    common::scratch_dir("insight", name)
 }
 
 fn tiny() -> TrainConfig {
-    let mut c = TrainConfig::preset("tiny", LossKind::Vmf).unwrap();
-    c.epochs = 2;
+    let mut c = common::tiny_run(Method::Dino, LossKind::Vmf);
     c.koleo_proto = 0.01;
     c
 }

@@ -1,29 +1,18 @@
 //! End-to-end trainer tests on the tiny preset: a few steps, resume bit-exactness, divergence
 //! handling, checkpoint errors. Every run here takes seconds.
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use dinovmf::train::{self, state, LossKind, RunOptions, TrainConfig};
+use dinovmf::train::{self, state, LossKind, Method, TrainConfig};
+
+mod common;
+use common::quiet_options as opts;
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dinovmf-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    common::scratch_dir("train", name)
 }
 
 fn tiny(loss: LossKind) -> TrainConfig {
-    let mut c = TrainConfig::preset("tiny", loss).unwrap();
-    c.epochs = 2;
-    c
-}
-
-fn opts(dir: &Path) -> RunOptions {
-    RunOptions {
-        out_dir: dir.to_path_buf(),
-        progress: false,
-        eval: false,
-        workers: 2,
-        ..Default::default()
-    }
+    common::tiny_run(Method::Dino, loss)
 }
 
 #[test]

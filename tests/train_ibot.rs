@@ -1,32 +1,17 @@
 //! The trainer with `--method ibot`: the four methods (DINO / iBOT x DINO / vMF logits) on the
 //! tiny preset, iBOT resume bit-exactness, old DINO configs, and the CUDA backend's refusal.
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use dinovmf::backend::{self, Device};
 use dinovmf::config::{backend_config, model_config};
-use dinovmf::train::{self, state, LossKind, Method, RunOptions, TrainConfig};
+use dinovmf::train::{self, state, LossKind, Method, TrainConfig};
 use dinovmf_core::model::find_param;
 
+mod common;
+use common::{quiet_options as opts, tiny_run as tiny};
+
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dinovmf-ibot-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn tiny(method: Method, loss: LossKind) -> TrainConfig {
-    let mut c = TrainConfig::preset_for("tiny", method, loss).unwrap();
-    c.epochs = 2;
-    c
-}
-
-fn opts(dir: &Path) -> RunOptions {
-    RunOptions {
-        out_dir: dir.to_path_buf(),
-        progress: false,
-        eval: false,
-        workers: 2,
-        ..Default::default()
-    }
+    common::scratch_dir("ibot", name)
 }
 
 #[test]

@@ -30,8 +30,12 @@ fn config() -> ProptestConfig {
     }
 }
 
+// The root suite's shared test helpers (host/tests is another crate's test folder).
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
 fn tiny() -> TrainConfig {
-    TrainConfig::preset("tiny", LossKind::Vmf).unwrap()
+    common::tiny_config(Method::Dino, LossKind::Vmf)
 }
 
 fn checkpoint_bytes() -> &'static [u8] {
@@ -229,7 +233,7 @@ proptest! {
         counts in prop::collection::vec(prop_oneof![Just(0u64), 1u64..4, Just(u64::MAX)], 4),
         ibot in any::<bool>(),
     ) {
-        let mut c = TrainConfig::preset_for("tiny", if ibot { Method::Ibot } else { Method::Dino }, LossKind::Vmf).unwrap();
+        let mut c = common::tiny_config(if ibot { Method::Ibot } else { Method::Dino }, LossKind::Vmf);
         let m = &mut c.model;
         [m.img_size, m.patch, m.dim, m.depth, m.heads, m.mlp_ratio, m.head_hidden, m.bottleneck, m.prototypes] =
             [sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], sizes[6], sizes[7], sizes[8]];

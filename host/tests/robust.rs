@@ -5,8 +5,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use dinovmf::data::{Dataset, ImageFolder, OnError};
-use dinovmf::train::{self, state, ExistingRun, LossKind, RunOptions, TrainConfig};
+use dinovmf::train::{self, state, ExistingRun, LossKind, Method, RunOptions, TrainConfig};
 use rand::{Rng, SeedableRng};
+
+// The root suite's shared test helpers (host/tests is another crate's test folder).
+#[path = "../../tests/common/mod.rs"]
+mod common;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dinovmf"))
@@ -269,7 +273,7 @@ fn kill9_run(seed: u64) {
 // ---- item 3 ----------------------------------------------------------------------------------
 
 fn tiny_checkpoint(dir: &Path) -> PathBuf {
-    let cfg = TrainConfig::preset("tiny", LossKind::Vmf).unwrap();
+    let cfg = common::tiny_config(Method::Dino, LossKind::Vmf);
     let st = state::init_state(&cfg);
     let p = dir.join("c.safetensors");
     state::save_checkpoint(&p, &cfg, &st, 0, None).unwrap();
@@ -371,7 +375,7 @@ fn item4_held_out_labels_follow_class_names_and_unknown_classes_are_named() {
         train::open_data(&spec, 16, OnError::Skip).err().unwrap()
     );
     assert!(e.contains("c9"), "{e}");
-    let mut cfg = TrainConfig::preset("tiny", LossKind::Vmf).unwrap();
+    let mut cfg = common::tiny_config(Method::Dino, LossKind::Vmf);
     cfg.batch_size = 2;
     cfg.data = train::DataSpec::Folder {
         root: tr.display().to_string(),
@@ -430,7 +434,7 @@ fn item5_a_checkpoint_with_patch_0_is_an_error_in_every_command() {
 #[test]
 fn item6_an_all_nan_teacher_is_not_exported() {
     let d = tempfile::tempdir().unwrap();
-    let cfg = TrainConfig::preset("tiny", LossKind::Vmf).unwrap();
+    let cfg = common::tiny_config(Method::Dino, LossKind::Vmf);
     let mut st = state::init_state(&cfg);
     st.teacher.iter_mut().for_each(|x| *x = f32::NAN);
     let p = d.path().join("nan.safetensors");
@@ -445,7 +449,7 @@ fn item6_an_all_nan_teacher_is_not_exported() {
 
     // A hand-made model file with a NaN weight and a correct checksum: `assign` refuses to
     // print NaN features.
-    let cfg = TrainConfig::preset("tiny", LossKind::Vmf).unwrap();
+    let cfg = common::tiny_config(Method::Dino, LossKind::Vmf);
     let t = dinovmf::quant::Teacher::from_state(cfg.clone(), state::init_state(&cfg), 0);
     let mut m = t
         .write(dinovmf_core::quant::format::Dtype::F32, None)
@@ -494,7 +498,7 @@ fn item7_invalid_options_are_refused_before_training() {
 #[test]
 fn item7_a_nan_before_any_checkpoint_does_not_claim_one() {
     let d = tempfile::tempdir().unwrap();
-    let mut cfg = TrainConfig::preset("tiny", LossKind::Vmf).unwrap();
+    let mut cfg = common::tiny_config(Method::Dino, LossKind::Vmf);
     cfg.lr = 1e30;
     cfg.clip_grad = 0.0;
     cfg.warmup_epochs = 0;
@@ -541,7 +545,7 @@ fn item9_a_class_whose_files_all_fail_to_decode_does_not_stop_a_run() {
     for i in 0..f.len() {
         f.load(i).unwrap();
     }
-    let mut cfg = TrainConfig::preset("tiny", LossKind::Vmf).unwrap();
+    let mut cfg = common::tiny_config(Method::Dino, LossKind::Vmf);
     cfg.batch_size = 4;
     cfg.data = train::DataSpec::Folder {
         root: root.display().to_string(),
@@ -555,7 +559,7 @@ fn item9_a_class_whose_files_all_fail_to_decode_does_not_stop_a_run() {
 fn item9_resume_with_other_options_names_the_option() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("r");
-    let cfg = TrainConfig::preset("tiny", LossKind::Vmf).unwrap();
+    let cfg = common::tiny_config(Method::Dino, LossKind::Vmf);
     let s = train::train(&cfg, &quiet(&dir, Some(2))).unwrap();
     let mut other = cfg.clone();
     other.lr = 0.5;
@@ -586,7 +590,7 @@ fn item9_folder_with_an_empty_test_path_is_named() {
 fn resume_after_a_mid_run_checkpoint_truncates_metrics() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("r");
-    let cfg = TrainConfig::preset("tiny", LossKind::Vmf).unwrap();
+    let cfg = common::tiny_config(Method::Dino, LossKind::Vmf);
     let mut o = quiet(&dir, Some(3));
     o.checkpoint_every_steps = 1;
     let s = train::train(&cfg, &o).unwrap();

@@ -1,16 +1,81 @@
-//! What the backend tests share: step shapes, a random batch, a state away from
-//! initialisation, a normal draw and the relative error they assert on. Each test file includes
-//! it with `mod common;` and uses the parts it needs.
+//! What the tests share: the small test model, step shapes, a random batch, a state away from
+//! initialisation, a normal draw and the relative error they assert on; the tiny trainer
+//! config, a scratch folder and quiet run options. Each test file includes it with
+//! `mod common;` (`host/tests` by path) and uses the parts it needs.
 #![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
 
 use dinovmf::backend::{StepShapes, TrainState};
 use dinovmf::data::Batch;
+use dinovmf::train::{LossKind, Method, RunOptions, TrainConfig};
 use dinovmf_core::centering::{center_init, Centering};
 use dinovmf_core::loss::LossConfig;
-use dinovmf_core::model::{init_params, num_params, Layout, ModelConfig};
+use dinovmf_core::model::{
+    init_params, num_params, HeadConfig, IbotParts, Layout, ModelConfig, VitConfig,
+};
 use dinovmf_core::Real;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+/// The backend tests' model: small enough for the f64 reference to be quick, large enough that
+/// every path is exercised: 12 px images in a 3 x 3 grid (8 px local crops: 2 x 2, the position
+/// embedding resized), two blocks of two heads, p = 64 (the vMF f32 normaliser is at f32
+/// rounding from p = 64 on), K = 48.
+pub fn test_model(norm_last_layer: bool, drop_path: f32, ibot: IbotParts) -> ModelConfig {
+    ModelConfig {
+        vit: VitConfig {
+            img_size: 12,
+            patch: 4,
+            in_chans: 3,
+            dim: 16,
+            depth: 2,
+            heads: 2,
+            mlp_ratio: 4,
+            qkv_bias: true,
+            ln_eps: 1e-6,
+            drop_path,
+        },
+        head: HeadConfig {
+            hidden: 32,
+            bottleneck: 64,
+            n_layers: 3,
+            out_dim: 48,
+            norm_last_layer,
+        },
+        ibot,
+    }
+}
+
+/// The `tiny` preset for a method and a loss.
+pub fn tiny_config(method: Method, loss: LossKind) -> TrainConfig {
+    TrainConfig::preset_for("tiny", method, loss).unwrap()
+}
+
+/// [`tiny_config`] for a two-epoch run (a few steps: the trainer tests).
+pub fn tiny_run(method: Method, loss: LossKind) -> TrainConfig {
+    let mut c = tiny_config(method, loss);
+    c.epochs = 2;
+    c
+}
+
+/// A fresh (removed if present) folder `dinovmf-{suite}-{pid}-{name}` in the temp dir.
+pub fn scratch_dir(suite: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dinovmf-{suite}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Run options into `dir` without a progress bar or evaluations, two data workers.
+pub fn quiet_options(dir: &Path) -> RunOptions {
+    RunOptions {
+        out_dir: dir.to_path_buf(),
+        progress: false,
+        eval: false,
+        workers: 2,
+        ..Default::default()
+    }
+}
 
 /// Batches of `batch` images: two global crops of `global` px, `n_local` local crops of
 /// `local` px.
