@@ -1,8 +1,10 @@
-//! Every kernel of `dinovmf.ptx`, run on a device against `dinovmf-core` (or an f64 restatement
-//! of the kernel's documented formula where core has no per-kernel function): random inputs
-//! (never zeros), outputs poisoned (NaN) first, several sizes including ones that are not
-//! multiples of the block or tile, with the comparisons and tolerances of `ptx/tests` (which
-//! check the same bodies on the simulator). `dinovmf verify-kernels` prints the table.
+//! Every kernel of `dinovmf.ptx` against `dinovmf-core` (or an f64 restatement of the kernel's
+//! documented formula where core has no per-kernel function): random inputs (never zeros),
+//! outputs poisoned (NaN) first, several sizes including ones that are not multiples of the
+//! block or tile. This is the one table of kernel checks: one case function per kernel group
+//! (its sizes, inputs, launches through [`Gpu`]'s checked launcher, reference and tolerances),
+//! run on a GPU by `dinovmf verify-kernels` and on the simulator by `cargo test -p dinovmf
+//! --features gpu-sim` (`host/tests/gpu_sim.rs`); `large.rs` holds the production shapes.
 use anyhow::{anyhow, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -221,11 +223,12 @@ fn ref_gemm(a: &[f64], b: &[f64], g: &Gemm, z: (usize, usize)) -> Vec<f64> {
 }
 
 /// (m, n, k): below, at and above the 64 x 64 x 16 tile, and ragged.
-const SHAPES: [(usize, usize, usize); 5] = [
+const SHAPES: [(usize, usize, usize); 6] = [
     (1, 1, 1),
     (17, 33, 5),
     (64, 64, 16),
     (65, 130, 47),
+    (3, 200, 70),
     (100, 7, 129),
 ];
 
@@ -499,8 +502,22 @@ fn tokens<D: Device>(v: &mut V<'_, D>) -> Result<()> {
     Ok(())
 }
 
+/// Rows x width of the row kernels (LayerNorm, L2 norm): one element, below, at and above the
+/// 32-lane warp and the 128-thread block, and ViT-S's width.
+const ROW_SHAPES: [(usize, usize); 9] = [
+    (1, 1),
+    (1, 7),
+    (3, 31),
+    (3, 32),
+    (5, 33),
+    (5, 64),
+    (13, 100),
+    (9, 384),
+    (70, 33),
+];
+
 fn layernorm<D: Device>(v: &mut V<'_, D>) -> Result<()> {
-    for (n, d) in [(1, 1), (3, 31), (5, 64), (9, 384), (70, 33)] {
+    for (n, d) in ROW_SHAPES {
         let x = v.rv(n * d, -2.0, 2.0);
         let gamma = v.rv(d, 0.5, 1.5);
         let beta = v.rv(d, -0.5, 0.5);
@@ -562,11 +579,25 @@ fn layernorm<D: Device>(v: &mut V<'_, D>) -> Result<()> {
             1e-4,
             2e-5,
         );
-        let mut got = v.get(dgam)?;
-        got.extend(v.get(dbet)?);
-        let mut w = wdg;
-        w.extend(wdb);
-        v.check("layernorm_backward_params", size, &got, &w, 1e-4, 2e-5);
+        // dgamma sums dy * xhat (rtol 1e-4), dbeta sums dy alone (rtol 1e-5).
+        let got = v.get(dgam)?;
+        v.check(
+            "layernorm_backward_params",
+            format!("{size} dgamma"),
+            &got,
+            &wdg,
+            1e-4,
+            2e-5,
+        );
+        let got = v.get(dbet)?;
+        v.check(
+            "layernorm_backward_params",
+            format!("{size} dbeta"),
+            &got,
+            &wdb,
+            1e-5,
+            2e-6,
+        );
     }
     Ok(())
 }
@@ -612,42 +643,65 @@ fn softmax<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         let size = format!("{n_rows} rows x {t}");
         v.check("softmax_rows", size.clone(), &p, &want, 1e-5, 1e-7);
 
+        // Backward, unscaled (core's softmax_backward) and with an attention scale.
         let dp0 = v.rv(n_rows * t, -1.0, 1.0);
-        let dp = v.up(&dp0)?;
-        v.gpu.softmax_backward_rows(dp, s, n_rows, t, 1.0)?;
-        let got = v.get(dp)?;
-        let mut w = vec![0f64; n_rows * t];
-        ops::softmax_backward(&mut w, &f64s(&p), &f64s(&dp0), n_rows, t);
-        v.check("softmax_backward_rows", size, &got, &w, 1e-5, 1e-6);
+        for sc in [1.0f32, 0.25] {
+            let dp = v.up(&dp0)?;
+            v.gpu.softmax_backward_rows(dp, s, n_rows, t, sc)?;
+            let got = v.get(dp)?;
+            let mut w = vec![0f64; n_rows * t];
+            ops::softmax_backward(&mut w, &f64s(&p), &f64s(&dp0), n_rows, t);
+            w.iter_mut().for_each(|x| *x *= sc as f64);
+            let size = format!("{size} scale {sc}");
+            v.check("softmax_backward_rows", size, &got, &w, 1e-5, 1e-6);
+        }
     }
+    // No mask (a null pointer), one row per mask row.
+    let (n_rows, t) = (7, 45);
+    let s0 = v.rv(n_rows * t, -5.0, 5.0);
+    let s = v.up(&s0)?;
+    v.launch(
+        "softmax_rows",
+        &[s.into(), Arg::Null, u(n_rows), u(t), u(1), 1.0f32.into()],
+    )?;
+    let got = v.get(s)?;
+    let mut want = vec![0f64; n_rows * t];
+    ops::softmax_forward(&mut want, &f64s(&s0), n_rows, t);
+    let size = format!("{n_rows} rows x {t} no mask");
+    v.check("softmax_rows", size, &got, &want, 1e-5, 1e-7);
     Ok(())
 }
 
 fn l2norm<D: Device>(v: &mut V<'_, D>) -> Result<()> {
-    let eps = 1e-12f32;
-    for (n, d) in [(1, 1), (4, 31), (9, 256), (70, 40)] {
-        let x = v.rv(n * d, -1.0, 1.0);
-        let dx_ = v.up(&x)?;
-        let (y, norm) = (v.out(n * d)?, v.out(n)?);
-        v.gpu.l2norm_forward(y, norm, dx_, n, d, eps)?;
-        let mut got = v.get(y)?;
-        let nn = v.get(norm)?;
-        got.extend(&nn);
-        let (mut wy, mut wn) = (vec![0f64; n * d], vec![0f64; n]);
-        ops::l2norm_forward(&mut wy, &mut wn, &f64s(&x), n, d, eps as f64);
-        let mut w = wy.clone();
-        w.extend(&wn);
-        let size = format!("{n}x{d}");
-        v.check("l2norm_forward", size.clone(), &got, &w, 1e-5, 1e-7);
+    // eps 1e-12 (the head's) on plain rows; eps 1e-6 with one row far below it (the clamped
+    // branch) where there are more than two rows.
+    for (eps, clamp) in [(1e-12f32, false), (1e-6, true)] {
+        for (n, d) in ROW_SHAPES {
+            let mut x = v.rv(n * d, -1.0, 1.0);
+            if clamp && n > 2 {
+                x[2 * d..3 * d].iter_mut().for_each(|e| *e *= 1e-7);
+            }
+            let dx_ = v.up(&x)?;
+            let (y, norm) = (v.out(n * d)?, v.out(n)?);
+            v.gpu.l2norm_forward(y, norm, dx_, n, d, eps)?;
+            let (mut wy, mut wn) = (vec![0f64; n * d], vec![0f64; n]);
+            ops::l2norm_forward(&mut wy, &mut wn, &f64s(&x), n, d, eps as f64);
+            let size = format!("{n}x{d} eps {eps:e}");
+            let got = v.get(y)?;
+            v.check("l2norm_forward", size.clone(), &got, &wy, 1e-5, 1e-7);
+            let got = v.get(norm)?;
+            let what = format!("{size} norms");
+            v.check("l2norm_forward", what, &got, &wn, 1e-5, 1e-12);
 
-        let dy = v.rv(n * d, -1.0, 1.0);
-        let ddy = v.up(&dy)?;
-        let dx = v.out(n * d)?;
-        v.gpu.l2norm_backward(dx, ddy, y, norm, n, d, eps)?;
-        let got = v.get(dx)?;
-        let mut w = vec![0f64; n * d];
-        ops::l2norm_backward(&mut w, &f64s(&dy), &wy, &wn, n, d, eps as f64);
-        v.check("l2norm_backward", size, &got, &w, 1e-4, 1e-5);
+            let dy = v.rv(n * d, -1.0, 1.0);
+            let ddy = v.up(&dy)?;
+            let dx = v.out(n * d)?;
+            v.gpu.l2norm_backward(dx, ddy, y, norm, n, d, eps)?;
+            let got = v.get(dx)?;
+            let mut w = vec![0f64; n * d];
+            ops::l2norm_backward(&mut w, &f64s(&dy), &wy, &wn, n, d, eps as f64);
+            v.check("l2norm_backward", size, &got, &w, 1e-4, 1e-5);
+        }
     }
     Ok(())
 }
@@ -894,6 +948,24 @@ fn teacher<D: Device>(v: &mut V<'_, D>) -> Result<()> {
             center_update(&mut w, &st, 0.9f32);
             v.check("center_update", format!("k{k}"), &got, &f64s(&w), 0.0, 0.0);
         }
+    }
+    // Probability rows of their own (softmax of logits in [-6, 6)), one exact zero per row
+    // (0 ln 0 = 0): one value, below, at and above the 256-thread block, and wide.
+    for (rows, k) in [(1, 1), (3, 255), (5, 256), (2, 257), (4, 1000)] {
+        let mut p = v.rv(rows * k, -6.0, 6.0);
+        for row in p.chunks_exact_mut(k) {
+            let z = lse(row.iter().map(|&x| x as f64));
+            row.iter_mut()
+                .for_each(|x| *x = (*x as f64 - z).exp() as f32);
+            row[k / 3] = 0.0;
+        }
+        let dp = v.up(&p)?;
+        let ent = v.out(rows)?;
+        v.launch("row_entropy", &[ent.into(), dp.into(), u(rows), u(k)])?;
+        let got = v.get(ent)?;
+        let want: Vec<f64> = p.chunks_exact(k).map(|r| entropy(&f64s(r))).collect();
+        let size = format!("{rows} rows k{k}, a zero each");
+        v.check("row_entropy", size, &got, &want, 1e-5, 1e-6);
     }
     Ok(())
 }
@@ -1187,7 +1259,71 @@ fn reductions<D: Device>(v: &mut V<'_, D>) -> Result<()> {
                 }
             }
         }
-        v.check("scale_segments", size, &got, &f64s(&want), 0.0, 0.0);
+        v.check("scale_segments", size.clone(), &got, &f64s(&want), 0.0, 0.0);
+    }
+    // Per-tensor clipping as the step runs it (sums of squares, coefficients, scaling) against
+    // core's clip_grad_tensor per tensor; the gaps between tensors stay untouched.
+    {
+        let g0 = v.rv(total, -0.2, 0.2);
+        let clip = 3.0f64;
+        let g = v.up(&g0)?;
+        let part = v.out(lens.len() * parts)?;
+        let args = [
+            part.into(),
+            g.into(),
+            u(total),
+            sg.off.into(),
+            sg.len.into(),
+            RedOp::SumSq.code().into(),
+        ];
+        let extra = [("nseg", sg.n as u64), ("max seg_len", sg.max_len as u64)];
+        v.gpu.launch_with("reduce_segments_f32", &args, &extra)?;
+        let (coef, norm) = (v.out(sg.n)?, v.out(sg.n)?);
+        v.launch(
+            "clip_coef",
+            &[
+                coef.into(),
+                norm.into(),
+                part.into(),
+                u(parts),
+                u(sg.n),
+                clip.into(),
+            ],
+        )?;
+        v.gpu.launch_with(
+            "scale_segments",
+            &[
+                g.into(),
+                u(total),
+                sg.off.into(),
+                sg.len.into(),
+                coef.into(),
+            ],
+            &extra,
+        )?;
+        let mut wg = g0.clone();
+        let wnorm: Vec<f64> = segs
+            .iter()
+            .map(|&(o, l)| dinovmf_core::optim::clip_grad_tensor(&mut wg[o..o + l], clip))
+            .collect();
+        let coefs = v.get(coef)?;
+        let mut row = compare(
+            "clip_coef",
+            &format!("{size}: norms vs core clip_grad_tensor"),
+            &v.get(norm)?,
+            &wnorm,
+            1e-6,
+            0.0,
+        );
+        // The case must clip some tensors and leave others.
+        if !(coefs.iter().any(|&c| c < 1.0) && coefs.contains(&1.0)) {
+            row.ok = false;
+            row.note = format!("clips all or none: coefficients {coefs:?}");
+        }
+        v.rows.push(row);
+        let got = v.get(g)?;
+        let what = format!("{size}: clipped vs core clip_grad_tensor, gaps untouched");
+        v.check("scale_segments", what, &got, &f64s(&wg), 1e-6, 0.0);
     }
     for (rows, cols) in [(1, 1), (37, 300), (130, 257)] {
         let xs = v.rv(rows * cols, -1.0, 1.0);
