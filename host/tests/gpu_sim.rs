@@ -292,13 +292,12 @@ mod launcher {
             1.5f32.to_bits() as u64
         );
         assert_eq!(Arg::Null.word("fill", p(0).0, p(0).1).unwrap(), 0);
-        let h = manifest::kernel("gemm_nn_f16").unwrap();
-        assert!(ptr("H16")
-            .word("gemm_nn_f16", h.params[1].name, h.params[1].ty)
-            .is_ok());
-        assert!(ptr("f32")
-            .word("gemm_nn_f16", h.params[1].name, h.params[1].ty)
-            .is_err());
+        // A pointer of the other element type: `gather_rows`'s u64 row indices.
+        let g = manifest::kernel("gather_rows").unwrap();
+        let (name, ty) = (g.params[2].name, g.params[2].ty);
+        assert_eq!(name, "idx");
+        assert!(ptr("u64").word("gather_rows", name, ty).is_ok());
+        assert!(ptr("f32").word("gather_rows", name, ty).is_err());
     }
 }
 
