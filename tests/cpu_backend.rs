@@ -178,15 +178,32 @@ fn check_against<T: dinovmf_core::logits::VmfReal + dinovmf_core::loss::Stored<T
     drop_path: f32,
     tol: f64,
 ) {
+    check_centering::<T>(vmf, norm_last, drop_path, None, tol)
+}
+
+/// [`check_against`] with the loss's default centering replaced by `centering`.
+fn check_centering<T: dinovmf_core::logits::VmfReal + dinovmf_core::loss::Stored<T>>(
+    vmf: bool,
+    norm_last: bool,
+    drop_path: f32,
+    centering: Option<dinovmf_core::centering::Centering>,
+    tol: f64,
+) {
     let cfg = model(norm_last, drop_path);
-    let lc = loss_cfg(vmf, norm_last);
+    let mut lc = loss_cfg(vmf, norm_last);
+    if let Some(c) = centering {
+        lc.centering = c;
+    }
     let st = perturbed_state(&cfg, &lc, 7 + vmf as u64 + 2 * norm_last as u64);
     let bt = random_batch(&shapes(), 11);
     let hp = hyper(1234);
     let mut be = backend(&cfg, &lc, &st);
     let rep = be.compute_gradients(&bt, &hp).unwrap();
     let r = reference::<T>(&cfg, &lc, &st, &bt, &hp);
-    let what = format!("vmf={vmf} norm_last={norm_last} drop_path={drop_path}");
+    let what = format!(
+        "vmf={vmf} norm_last={norm_last} drop_path={drop_path} centering={:?}",
+        lc.centering
+    );
     let e = rel_err(be.student_z(), &r.z_s, 1e-6);
     assert!(e < tol, "{what}: z_s rel err {e:e} >= {tol:e}");
     let e = rel_err(be.teacher_z(), &r.z_t, 1e-6);
@@ -221,6 +238,33 @@ fn check_against<T: dinovmf_core::logits::VmfReal + dinovmf_core::loss::Stored<T
 fn gradients_match_f64_reference_dino_rel_2e5() {
     check_against::<f64>(false, true, 0.0, 2e-5);
     check_against::<f64>(false, false, 0.0, 2e-5);
+}
+
+/// Sinkhorn-Knopp teacher targets (DINO and vMF logits) against core's composite in f64.
+#[test]
+fn gradients_match_f64_reference_sinkhorn_rel_2e5() {
+    use dinovmf_core::centering::Centering;
+    check_centering::<f64>(
+        false,
+        true,
+        0.0,
+        Some(Centering::Sinkhorn { iters: 3 }),
+        2e-5,
+    );
+    check_centering::<f64>(
+        true,
+        false,
+        0.0,
+        Some(Centering::Sinkhorn { iters: 3 }),
+        2e-5,
+    );
+    check_centering::<f64>(
+        true,
+        false,
+        0.0,
+        Some(Centering::Sinkhorn { iters: 1 }),
+        2e-5,
+    );
 }
 
 #[test]

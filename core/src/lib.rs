@@ -24,6 +24,7 @@ pub mod real;
 #[cfg(feature = "alloc")]
 pub mod reference_model;
 pub mod schedule;
+pub mod sinkhorn;
 pub mod vmf;
 
 pub use real::Real;
