@@ -11,6 +11,7 @@ extern crate std;
 
 pub mod centering;
 pub mod collapse;
+pub mod koleo;
 pub mod logits;
 pub mod loss;
 pub mod masking;
