@@ -80,9 +80,9 @@ pub fn koleo_forward_backward<T: Real>(
         }
     }
     if let Some((df, weight)) = grad {
-        for i in 0..n {
+        for (i, &norm) in norms.iter().enumerate() {
             let r = i * d..(i + 1) * d;
-            l2norm_row_backward(row, &dx[r.clone()], &x[r.clone()], norms[i], norm_eps);
+            l2norm_row_backward(row, &dx[r.clone()], &x[r.clone()], norm, norm_eps);
             for (o, &g) in df[r].iter_mut().zip(row.iter()) {
                 *o += weight * g;
             }
