@@ -76,6 +76,7 @@ fn reference<T: dinovmf_core::logits::VmfReal + dinovmf_core::loss::Stored<T>>(
     st: &TrainState,
     bt: &Batch,
     hp: &StepHyper,
+    koleo: f32,
 ) -> Reference<T> {
     let cv = |x: &[f32]| -> Vec<T> {
         let mut o = vec![T::ZERO; x.len()];
@@ -134,7 +135,18 @@ fn reference<T: dinovmf_core::logits::VmfReal + dinovmf_core::loss::Stored<T>>(
         grads[lay.last_g..lay.last_g + k].copy_from_slice(&dg);
     }
     let ng = 2 * B * p;
-    reference_model::backward(cfg, &s, &ag, &dz[..ng], &mut grads).unwrap();
+    // KoLeo per global view on the student's [CLS] features (core's, in T).
+    let d = cfg.vit.dim;
+    let mut dcls = vec![T::ZERO; 2 * B * d];
+    if koleo > 0.0 {
+        let mut ks = vec![T::ZERO; dinovmf_core::koleo::koleo_scratch_len(B, d)];
+        for (f, df) in ag.cls.chunks(B * d).zip(dcls.chunks_mut(B * d)) {
+            let w = T::from_f64(koleo as f64);
+            dinovmf_core::koleo::koleo_forward_backward(f, B, d, &mut ks, Some((df, w)));
+        }
+    }
+    reference_model::backward_with_cls_grad(cfg, &s, &ag, &dz[..ng], Some(&dcls), &mut grads)
+        .unwrap();
     reference_model::backward(cfg, &s, &al, &dz[ng..], &mut grads).unwrap();
     Reference {
         z_s,
@@ -153,15 +165,34 @@ fn check_against<T: dinovmf_core::logits::VmfReal + dinovmf_core::loss::Stored<T
     drop_path: f32,
     tol: f64,
 ) {
+    check_centering::<T>(vmf, norm_last, drop_path, None, 0.0, tol)
+}
+
+/// [`check_against`] with the loss's default centering replaced by `centering`.
+fn check_centering<T: dinovmf_core::logits::VmfReal + dinovmf_core::loss::Stored<T>>(
+    vmf: bool,
+    norm_last: bool,
+    drop_path: f32,
+    centering: Option<dinovmf_core::centering::Centering>,
+    koleo: f32,
+    tol: f64,
+) {
     let cfg = model(norm_last, drop_path);
-    let lc = loss_cfg(vmf, norm_last);
+    let mut lc = loss_cfg(vmf, norm_last);
+    if let Some(c) = centering {
+        lc.centering = c;
+    }
     let st = perturbed_state(&cfg, &lc, 7 + vmf as u64 + 2 * norm_last as u64);
     let bt = random_batch(&shapes(), 11);
     let hp = hyper(1234);
     let mut be = backend(&cfg, &lc, &st);
+    be.set_koleo(koleo).unwrap();
     let rep = be.compute_gradients(&bt, &hp).unwrap();
-    let r = reference::<T>(&cfg, &lc, &st, &bt, &hp);
-    let what = format!("vmf={vmf} norm_last={norm_last} drop_path={drop_path}");
+    let r = reference::<T>(&cfg, &lc, &st, &bt, &hp, koleo);
+    let what = format!(
+        "vmf={vmf} norm_last={norm_last} drop_path={drop_path} centering={:?} koleo={koleo}",
+        lc.centering
+    );
     let e = rel_err(be.student_z(), &r.z_s, 1e-6);
     assert!(e < tol, "{what}: z_s rel err {e:e} >= {tol:e}");
     let e = rel_err(be.teacher_z(), &r.z_t, 1e-6);
@@ -196,6 +227,27 @@ fn check_against<T: dinovmf_core::logits::VmfReal + dinovmf_core::loss::Stored<T
 fn gradients_match_f64_reference_dino_rel_2e5() {
     check_against::<f64>(false, true, 0.0, 2e-5);
     check_against::<f64>(false, false, 0.0, 2e-5);
+}
+
+/// Sinkhorn-Knopp teacher targets (DINO and vMF logits) against core's composite in f64.
+#[test]
+fn gradients_match_f64_reference_sinkhorn_rel_2e5() {
+    use dinovmf_core::centering::Centering;
+    let sk = |iters| Some(Centering::Sinkhorn { iters });
+    check_centering::<f64>(false, true, 0.0, sk(3), 0.0, 2e-5);
+    check_centering::<f64>(true, false, 0.0, sk(3), 0.0, 2e-5);
+    check_centering::<f64>(true, false, 0.0, sk(1), 0.0, 2e-5);
+}
+
+/// KoLeo on the student's [CLS] features (each global view) against core's KoLeo added to the
+/// f64 reference's [CLS] gradient; with and without drop path, with Sinkhorn.
+#[test]
+fn gradients_match_f64_reference_with_koleo_rel_2e5() {
+    use dinovmf_core::centering::Centering;
+    let sk = Some(Centering::Sinkhorn { iters: 3 });
+    check_centering::<f64>(true, false, 0.0, None, 0.5, 2e-5);
+    check_centering::<f64>(false, true, 0.1, None, 0.1, 2e-5);
+    check_centering::<f64>(true, false, 0.0, sk, 0.3, 2e-5);
 }
 
 #[test]

@@ -232,6 +232,16 @@ fn reference(
 }
 
 fn check(vmf: bool, norm_last: bool, separate: bool) {
+    check_centering(vmf, norm_last, separate, None)
+}
+
+/// [`check`] with the loss's default centering (of [CLS] and patches) replaced by `centering`.
+fn check_centering(
+    vmf: bool,
+    norm_last: bool,
+    separate: bool,
+    centering: Option<dinovmf_core::centering::Centering>,
+) {
     let cfg = model(norm_last, separate);
     let mut lc = if vmf {
         LossConfig::vmf()
@@ -239,6 +249,9 @@ fn check(vmf: bool, norm_last: bool, separate: bool) {
         LossConfig::dino()
     };
     lc.norm_last_layer = norm_last;
+    if let Some(c) = centering {
+        lc.centering = c;
+    }
     let ib = ibot_cfg();
     let st = perturbed_state(&cfg, &lc, 3 + vmf as u64);
     let bt = random_batch(&shapes(), 5);
@@ -250,7 +263,10 @@ fn check(vmf: bool, norm_last: bool, separate: bool) {
     be.set_state(&st).unwrap();
     let rep = be.compute_gradients(&bt, &hp).unwrap();
     let r = reference(&cfg, &lc, &ib, &st, &bt, &hp);
-    let what = format!("vmf={vmf} norm_last={norm_last} separate={separate}");
+    let what = format!(
+        "vmf={vmf} norm_last={norm_last} separate={separate} centering={:?}",
+        lc.centering
+    );
     assert!(r.masked > 0, "{what}: the test needs masked patches");
     let tol = 2e-5;
     let e = (rep.loss as f64 - r.loss).abs() / r.loss.abs();
@@ -294,6 +310,14 @@ fn check(vmf: bool, norm_last: bool, separate: bool) {
 fn ibot_gradients_match_f64_reference_dino_logits_rel_2e5() {
     check(false, true, false);
     check(false, false, true);
+}
+
+/// Sinkhorn-Knopp on the [CLS] and on the patch teacher, DINO and vMF logits.
+#[test]
+fn ibot_gradients_match_f64_reference_sinkhorn_rel_2e5() {
+    use dinovmf_core::centering::Centering;
+    check_centering(false, true, false, Some(Centering::Sinkhorn { iters: 3 }));
+    check_centering(true, false, true, Some(Centering::Sinkhorn { iters: 3 }));
 }
 
 #[test]

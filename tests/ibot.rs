@@ -255,7 +255,7 @@ fn case(seed: u64, centering: Centering) -> Case {
         g_t: uniform(&mut rng, k, 0.5, 2.0),
         center: match centering {
             Centering::Logit => uniform(&mut rng, k, -0.3, 0.3),
-            Centering::Probability => uniform(&mut rng, k, 0.3, 1.7)
+            Centering::Probability | Centering::Sinkhorn { .. } => uniform(&mut rng, k, 0.3, 1.7)
                 .into_iter()
                 .map(|x| x / k as f64)
                 .collect(),
@@ -391,6 +391,9 @@ fn direct(cfg: &LossConfig, c: &Case) -> (f64, Vec<f64>) {
                         stat[kk] += pt[kk] / rows as f64;
                     }
                     (0..k).map(|kk| lt[kk] - c.center[kk].ln()).collect()
+                }
+                Centering::Sinkhorn { .. } => {
+                    unreachable!("the direct L_mim formula here is per row (Sinkhorn is checked in cpu_ibot)")
                 }
             };
             let target: Vec<f64> = log_softmax(&shifted).iter().map(|x| x.exp()).collect();

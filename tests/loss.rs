@@ -48,6 +48,8 @@ fn random_case(seed: u64, dims: LossDims, centering: Centering, g_range: (f64, f
             .into_iter()
             .map(|x| x / k as f64)
             .collect(),
+        // Sinkhorn does not read the center (it is still updated with the targets' mean).
+        Centering::Sinkhorn { .. } => vec![1.0 / k as f64; k],
     };
     Case {
         dims,
@@ -236,6 +238,15 @@ fn direct_targets(cfg: &LossConfig, c: &Case, center: &[f64]) -> (Vec<Vec<f64>>,
     let lt = direct_logits(cfg, &c.z_t, &c.v_t, &c.g_t, tau_t, p);
     let mut stat = vec![0.0; k];
     let rows = lt.len() as f64;
+    if let Centering::Sinkhorn { iters } = cfg.centering {
+        let pt = direct_sinkhorn(&lt, iters);
+        for row in &pt {
+            for kk in 0..k {
+                stat[kk] += row[kk] / rows;
+            }
+        }
+        return (pt, stat);
+    }
     let pt = lt
         .iter()
         .map(|l| {
@@ -253,11 +264,48 @@ fn direct_targets(cfg: &LossConfig, c: &Case, center: &[f64]) -> (Vec<Vec<f64>>,
                     }
                     (0..k).map(|kk| l[kk] - center[kk].ln()).collect()
                 }
+                Centering::Sinkhorn { .. } => unreachable!("handled above"),
             };
             log_softmax(&shifted).iter().map(|x| x.exp()).collect()
         })
         .collect();
     (pt, stat)
+}
+
+/// method.md's Sinkhorn-Knopp procedure as written, in f64: `Q = exp(l - max)` over the whole
+/// batch, `iters` rounds of (columns to total 1/K, rows to total 1/n), then rows times n.
+fn direct_sinkhorn(l: &[Vec<f64>], iters: u32) -> Vec<Vec<f64>> {
+    let n = l.len();
+    let k = l[0].len();
+    let max = l
+        .iter()
+        .flatten()
+        .cloned()
+        .fold(f64::NEG_INFINITY, f64::max);
+    let mut q: Vec<Vec<f64>> = l
+        .iter()
+        .map(|r| r.iter().map(|x| (x - max).exp()).collect())
+        .collect();
+    for _ in 0..iters {
+        for kk in 0..k {
+            let col: f64 = (0..n).map(|i| q[i][kk]).sum();
+            for row in q.iter_mut() {
+                row[kk] /= col * k as f64;
+            }
+        }
+        for row in q.iter_mut() {
+            let s: f64 = row.iter().sum();
+            for x in row.iter_mut() {
+                *x /= s * n as f64;
+            }
+        }
+    }
+    for row in q.iter_mut() {
+        for x in row.iter_mut() {
+            *x *= n as f64;
+        }
+    }
+    q
 }
 
 fn direct_loss(cfg: &LossConfig, c: &Case, center: &[f64]) -> f64 {
@@ -301,6 +349,22 @@ const COMBOS: [(LogitKind, Centering, bool); 8] = [
     (LogitKind::Vmf, Centering::Probability, false),
 ];
 
+/// [`COMBOS`] and Sinkhorn-Knopp targets (3 rounds, and 1) with both logit kinds.
+const ALL_COMBOS: [(LogitKind, Centering, bool); 12] = [
+    COMBOS[0],
+    COMBOS[1],
+    COMBOS[2],
+    COMBOS[3],
+    COMBOS[4],
+    COMBOS[5],
+    COMBOS[6],
+    COMBOS[7],
+    (LogitKind::Dino, Centering::Sinkhorn { iters: 3 }, true),
+    (LogitKind::Dino, Centering::Sinkhorn { iters: 1 }, false),
+    (LogitKind::Vmf, Centering::Sinkhorn { iters: 3 }, false),
+    (LogitKind::Vmf, Centering::Sinkhorn { iters: 3 }, true),
+];
+
 const SMALL: LossDims = LossDims {
     n_crops: 4,
     batch: 3,
@@ -314,7 +378,7 @@ fn rel_err(a: f64, b: f64) -> f64 {
 
 #[test]
 fn loss_matches_direct_double_loop_f64_rel_1e12() {
-    for (i, &(kind, centering, norm_last)) in COMBOS.iter().enumerate() {
+    for (i, &(kind, centering, norm_last)) in ALL_COMBOS.iter().enumerate() {
         let cfg = cfg_for(kind, centering, norm_last);
         let c = random_case(100 + i as u64, SMALL, centering, (0.5, 2.0));
         let got = loss_only(&cfg, &c);
@@ -368,7 +432,7 @@ fn center_update_follows_the_loss_and_uses_previous_center() {
 #[test]
 fn gradients_match_central_differences_f64() {
     let h = 1e-6;
-    for (i, &(kind, centering, norm_last)) in COMBOS.iter().enumerate() {
+    for (i, &(kind, centering, norm_last)) in ALL_COMBOS.iter().enumerate() {
         let cfg = cfg_for(kind, centering, norm_last);
         let c = random_case(300 + i as u64, SMALL, centering, (0.5, 2.0));
         let run = run_f64(&cfg, &c);
@@ -492,6 +556,7 @@ fn stage_pipeline(cfg: &LossConfig, c: &Case) -> Stages {
         &c.center,
         tau_t,
         cfg.centering,
+        &mut vec![0.0; 2 * k],
         nt,
         k,
     );
@@ -571,7 +636,7 @@ fn max_abs(a: &[f64]) -> f64 {
 
 #[test]
 fn stage_functions_compose_to_the_composite_f64_rel_1e12() {
-    for (i, &(kind, centering, norm_last)) in COMBOS.iter().enumerate() {
+    for (i, &(kind, centering, norm_last)) in ALL_COMBOS.iter().enumerate() {
         let cfg = cfg_for(kind, centering, norm_last);
         let c = random_case(400 + i as u64, SMALL, centering, (0.5, 2.0));
         let run = run_f64(&cfg, &c);
@@ -645,7 +710,7 @@ const MID: LossDims = LossDims {
 /// center <= 1e-6 (absolute).
 #[test]
 fn f32_composite_matches_f64() {
-    for (i, &(kind, centering, norm_last)) in COMBOS.iter().enumerate() {
+    for (i, &(kind, centering, norm_last)) in ALL_COMBOS.iter().enumerate() {
         let cfg = cfg_for(kind, centering, norm_last);
         let c = random_case(500 + i as u64, MID, centering, (0.5, 2.0));
         let r64 = run_f64(&cfg, &c);
@@ -733,7 +798,7 @@ fn run_f16(cfg: &LossConfig, c: &Case) -> F16Run {
 /// f32 gradient rounded to f16 (|error| <= 2^-11 |g| + 2^-24, half an f16 ulp incl. subnormals).
 #[test]
 fn f16_storage_matches_f32_within_f16_rounding() {
-    for (i, &(kind, centering, norm_last)) in COMBOS.iter().enumerate() {
+    for (i, &(kind, centering, norm_last)) in ALL_COMBOS.iter().enumerate() {
         let cfg = cfg_for(kind, centering, norm_last);
         let mut c = random_case(600 + i as u64, MID, centering, (0.5, 2.0));
         for x in [
@@ -983,4 +1048,172 @@ fn config_defaults_follow_the_spec() {
     assert_eq!(c, [0.25; 4]);
     centering::center_init(&mut c, Centering::Logit);
     assert_eq!(c, [0.0; 4]);
+}
+
+/// Core's Sinkhorn-Knopp (log domain, f32) against method.md's procedure written directly in f64,
+/// on random logits up to the 100-nat spans a teacher temperature of 0.02 gives. Tolerance:
+/// |f32 - f64| <= 2e-6 + 1e-4 * P (f32 rounding of logits of size 50 is ~4e-6 nats).
+#[test]
+fn sinkhorn_targets_f32_match_spec_procedure_f64() {
+    let mut rng = ChaCha8Rng::seed_from_u64(77);
+    for &(n, k, span, iters) in &[
+        (6usize, 5usize, 2.0f64, 3u32),
+        (16, 64, 50.0, 3),
+        (32, 256, 100.0, 3),
+        (8, 33, 10.0, 1),
+        (12, 17, 10.0, 7),
+    ] {
+        let l: Vec<f64> = uniform(&mut rng, n * k, -span / 2.0, span / 2.0);
+        let rows: Vec<Vec<f64>> = l.chunks(k).map(|r| r.to_vec()).collect();
+        let want = direct_sinkhorn(&rows, iters);
+        let l32 = to32(&l);
+        let mut got = vec![f32::NAN; n * k];
+        let (mut cm, mut cs) = (vec![f32::NAN; k], vec![f32::NAN; k]);
+        dinovmf_suite::core_math::sinkhorn::sinkhorn_targets_forward(
+            &mut got, &l32, &mut cm, &mut cs, n, k, iters,
+        );
+        let mut worst = 0.0f64;
+        for i in 0..n {
+            let row_sum: f64 = got[i * k..(i + 1) * k].iter().map(|&x| x as f64).sum();
+            assert!((row_sum - 1.0).abs() <= 1e-5, "row {i} sums to {row_sum}");
+            for kk in 0..k {
+                let (g, w) = (got[i * k + kk] as f64, want[i][kk]);
+                let tol = 2e-6 + 1e-4 * w;
+                worst = worst.max((g - w).abs() / tol);
+            }
+        }
+        println!("sinkhorn n{n} k{k} span{span} iters{iters}: worst |err| / tol = {worst:.3}");
+        assert!(
+            worst <= 1.0,
+            "n{n} k{k} span{span}: error {worst} x tolerance"
+        );
+        // The f64 instance of the same code agrees with the direct procedure to 1e-12.
+        let mut got64 = vec![f64::NAN; n * k];
+        let (mut cm, mut cs) = (vec![f64::NAN; k], vec![f64::NAN; k]);
+        dinovmf_suite::core_math::sinkhorn::sinkhorn_targets_forward(
+            &mut got64, &l, &mut cm, &mut cs, n, k, iters,
+        );
+        for i in 0..n {
+            for kk in 0..k {
+                let e = (got64[i * k + kk] - want[i][kk]).abs();
+                assert!(e <= 1e-12 * want[i][kk].max(1e-3), "f64 ({i},{kk}): {e:e}");
+            }
+        }
+    }
+}
+
+/// Many rounds balance the batch: every prototype's column of the targets totals n / K.
+#[test]
+fn sinkhorn_balances_prototypes_over_the_batch() {
+    let (n, k) = (40, 10);
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    // A strongly unbalanced teacher: prototype 0 is preferred by every row.
+    let mut l: Vec<f64> = uniform(&mut rng, n * k, -1.0, 1.0);
+    for i in 0..n {
+        l[i * k] += 4.0;
+    }
+    let mut q = l.clone();
+    let (mut cm, mut cs) = (vec![0.0; k], vec![0.0; k]);
+    let col = |q: &[f64], kk: usize| (0..n).map(|i| q[i * k + kk]).sum::<f64>();
+    dinovmf_suite::core_math::sinkhorn::sinkhorn_targets_inplace(&mut q, &mut cm, &mut cs, n, k, 1);
+    let one_round = col(&q, 0);
+    let mut q = l.clone();
+    dinovmf_suite::core_math::sinkhorn::sinkhorn_targets_inplace(
+        &mut q, &mut cm, &mut cs, n, k, 200,
+    );
+    for kk in 0..k {
+        let c = col(&q, kk);
+        assert!(
+            (c - n as f64 / k as f64).abs() <= 1e-9,
+            "column {kk} totals {c}"
+        );
+    }
+    // Plain softmax gives prototype 0 most of the mass; one round already cuts it to near n/K.
+    let mut soft = 0.0;
+    for i in 0..n {
+        soft += log_softmax(&l[i * k..(i + 1) * k])[0].exp();
+    }
+    assert!(soft > 0.5 * n as f64, "the case is not unbalanced ({soft})");
+    assert!(
+        one_round < 1.5 * n as f64 / k as f64,
+        "one round left {one_round}"
+    );
+}
+
+/// KoLeo on features, written from method.md in f64: rows normalised, every pairwise distance,
+/// the nearest, `-(1/n) sum ln(d_i + 1e-8)`.
+fn direct_koleo(f: &[f64], n: usize, d: usize) -> f64 {
+    let x: Vec<Vec<f64>> = f.chunks(d).take(n).map(normalize).collect();
+    let mut total = 0.0;
+    for i in 0..n {
+        let di = (0..n)
+            .filter(|&j| j != i)
+            .map(|j| {
+                (0..d)
+                    .map(|t| (x[i][t] - x[j][t]).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            })
+            .fold(f64::INFINITY, f64::min);
+        total -= (di + 1e-8).ln();
+    }
+    total / n as f64
+}
+
+fn koleo_of<T: dinovmf_suite::core_math::Real>(
+    f: &[T],
+    n: usize,
+    d: usize,
+    grad: Option<(&mut [T], T)>,
+) -> T {
+    use dinovmf_suite::core_math::koleo::{koleo_forward_backward, koleo_scratch_len};
+    let mut scratch = vec![T::from_f64(f64::NAN); koleo_scratch_len(n, d)];
+    koleo_forward_backward(f, n, d, &mut scratch, grad)
+}
+
+/// KoLeo's value against the direct formula (f64, rel 1e-12; f32, 1e-5 max(1, |L|)), and its gradient
+/// against central differences (f64, h = 1e-6: max |fd - analytic| <= 1e-6 max |grad|); the
+/// gradient is ADDED, scaled by the weight.
+#[test]
+fn koleo_features_match_direct_formula_and_finite_differences() {
+    let mut rng = ChaCha8Rng::seed_from_u64(91);
+    for &(n, d) in &[(2usize, 3usize), (7, 5), (16, 8)] {
+        let f = uniform(&mut rng, n * d, -1.0, 1.0);
+        let want = direct_koleo(&f, n, d);
+        let got = koleo_of(&f, n, d, None);
+        assert!(rel_err(got, want) <= 1e-12, "n{n} d{d}: {got} vs {want}");
+        let got32 = koleo_of(&to32(&f), n, d, None) as f64;
+        let e32 = (got32 - want).abs() / want.abs().max(1.0);
+        assert!(e32 <= 1e-5, "f32 n{n} d{d}: {got32} vs {want}");
+
+        let weight = 0.3;
+        let base = uniform(&mut rng, n * d, -1.0, 1.0);
+        let mut df = base.clone();
+        koleo_of(&f, n, d, Some((&mut df, weight)));
+        let h = 1e-6;
+        let (mut worst, mut gmax) = (0.0f64, 0.0f64);
+        for j in 0..n * d {
+            let (mut a, mut b) = (f.clone(), f.clone());
+            a[j] += h;
+            b[j] -= h;
+            let fd = weight * (direct_koleo(&a, n, d) - direct_koleo(&b, n, d)) / (2.0 * h);
+            let g = df[j] - base[j];
+            worst = worst.max((fd - g).abs());
+            gmax = gmax.max(g.abs());
+        }
+        println!(
+            "koleo n{n} d{d}: max |fd - analytic| / max |grad| = {:e}",
+            worst / gmax
+        );
+        assert!(
+            gmax > 0.0 && worst <= 1e-6 * gmax,
+            "n{n} d{d}: FD error {worst:e} (max {gmax:e})"
+        );
+    }
+    // A collapsed batch (every row the same) has the largest KoLeo: -ln(1e-8), no NaN.
+    let same: Vec<f64> = (0..4).flat_map(|_| [0.3, -0.2, 0.5]).collect();
+    let mut df = vec![0.0; 12];
+    let v = koleo_of(&same, 4, 3, Some((&mut df, 1.0)));
+    assert!((v + 1e-8f64.ln()).abs() < 1e-9, "collapsed: {v}");
+    assert!(df.iter().all(|x| x.is_finite()));
 }

@@ -12,6 +12,11 @@
 //!
 //! Either center moves as `c <- m c + (1 - m) batch_mean` *after* the loss: a batch is always
 //! centered with the previous center.
+//!
+//! A third choice, **Sinkhorn** (method.md, "Anti-collapse tools"), balances the whole batch's
+//! teacher logits instead (see [`crate::sinkhorn`]); it needs every row at once, so only the batch
+//! function [`teacher_targets_forward`] runs it. Its "statistic" is the batch mean of the targets;
+//! the center it updates is not read by it (kept so the state and checkpoints keep one layout).
 use crate::ops::softmax::{softmax_row, softmax_shifted_row};
 use crate::real::Real;
 
@@ -23,6 +28,8 @@ pub enum Centering {
     Logit,
     /// Divide by an EMA of the teacher probabilities (DINO-vMF).
     Probability,
+    /// Sinkhorn-Knopp balancing of the batch's teacher logits, `iters` rounds (>= 1).
+    Sinkhorn { iters: u32 },
 }
 
 impl Centering {
@@ -31,10 +38,12 @@ impl Centering {
         match self {
             Centering::Logit => 0,
             Centering::Probability => 1,
+            Centering::Sinkhorn { .. } => 2,
         }
     }
 
-    /// The centering of a launch code: 1 probability, anything else logit.
+    /// The per-row centering of a launch code: 1 probability, anything else logit (Sinkhorn, code
+    /// 2, has kernels of its own and never reaches a per-row kernel).
     #[inline(always)]
     pub const fn from_code(code: u32) -> Centering {
         if code == 1 {
@@ -42,6 +51,11 @@ impl Centering {
         } else {
             Centering::Logit
         }
+    }
+
+    /// Whether the targets come from Sinkhorn-Knopp (whole-batch) rather than a center.
+    pub const fn is_sinkhorn(self) -> bool {
+        matches!(self, Centering::Sinkhorn { .. })
     }
 }
 
@@ -54,25 +68,31 @@ pub const CENTER_FLOOR: f64 = 1e-30;
 pub fn center_init<T: Real>(center: &mut [T], centering: Centering) {
     let v = match centering {
         Centering::Logit => T::ZERO,
-        Centering::Probability => T::ONE / T::from_usize(center.len().max(1)),
+        Centering::Probability | Centering::Sinkhorn { .. } => {
+            T::ONE / T::from_usize(center.len().max(1))
+        }
     };
     center.fill(v);
 }
 
 /// The teacher's centering shift of prototype `i`, `P_t = softmax(l - shift)`: `c_i / tau_t`
 /// (as `c_i * inv_tau`) for logit centering, `ln max(c_i, CENTER_FLOOR)` for probability
-/// centering. The GPU kernels call this per element.
+/// centering (0 for Sinkhorn, whose balancing is not a per-row shift). The GPU kernels call this
+/// per element.
 #[inline(always)]
 pub fn teacher_shift<T: Real>(c: T, inv_tau: T, centering: Centering) -> T {
     match centering {
         Centering::Logit => c * inv_tau,
         Centering::Probability => c.max(T::from_f64(CENTER_FLOOR)).ln(),
+        Centering::Sinkhorn { .. } => T::ZERO,
     }
 }
 
 /// One teacher row: writes the target `p_t = P_t` and adds `weight *` this row's centering
 /// statistic (`tau_t l` or `softmax(l)`) into `stat` (with `weight = 1 / rows` it builds the batch
-/// mean the center update needs). `center` is the previous center.
+/// mean the center update needs). `center` is the previous center. With Sinkhorn centering a
+/// single row cannot be balanced: this writes the row's plain softmax (the input of the batch's
+/// Sinkhorn rounds) and adds it to `stat`; use [`teacher_targets_forward`] for the targets.
 pub fn teacher_targets_row<T: Real>(
     p_t: &mut [T],
     stat: &mut [T],
@@ -100,11 +120,19 @@ pub fn teacher_targets_row<T: Real>(
             }
             softmax_shifted_row(p_t, l, |i| teacher_shift(center[i], T::ZERO, centering));
         }
+        Centering::Sinkhorn { .. } => {
+            softmax_row(p_t, l);
+            for (s, &x) in stat.iter_mut().zip(p_t.iter()) {
+                *s += weight * x;
+            }
+        }
     }
 }
 
 /// Teacher targets for a whole batch `l_t[n, k]`: writes `p_t[n, k]` and `batch_stat[k]` (the
-/// batch mean the center update uses).
+/// batch mean the center update uses). With Sinkhorn centering `batch_stat` is the batch mean
+/// of the balanced targets, and `col_scratch[2k]` is its scratch (unused otherwise; may be
+/// empty then).
 #[allow(clippy::too_many_arguments)]
 pub fn teacher_targets_forward<T: Real>(
     p_t: &mut [T],
@@ -113,13 +141,30 @@ pub fn teacher_targets_forward<T: Real>(
     center: &[T],
     tau_t: T,
     centering: Centering,
+    col_scratch: &mut [T],
     n: usize,
     k: usize,
 ) {
     batch_stat[..k].fill(T::ZERO);
     let w = T::ONE / T::from_usize(n.max(1));
+    if let Centering::Sinkhorn { iters } = centering {
+        let (col_max, col_sum) = col_scratch[..2 * k].split_at_mut(k);
+        crate::sinkhorn::sinkhorn_targets_forward(p_t, l_t, col_max, col_sum, n, k, iters);
+        add_row_mean(batch_stat, p_t, n, k);
+        return;
+    }
     for (pr, lr) in p_t.chunks_exact_mut(k).zip(l_t.chunks_exact(k)).take(n) {
         teacher_targets_row(pr, batch_stat, lr, center, tau_t, centering, w);
+    }
+}
+
+/// `stat[k] += mean over the n rows of rows[n, k]`.
+pub fn add_row_mean<T: Real>(stat: &mut [T], rows: &[T], n: usize, k: usize) {
+    let w = T::ONE / T::from_usize(n.max(1));
+    for row in rows.chunks_exact(k).take(n) {
+        for (s, &x) in stat[..k].iter_mut().zip(row) {
+            *s += w * x;
+        }
     }
 }
 

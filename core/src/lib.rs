@@ -11,6 +11,7 @@ extern crate std;
 
 pub mod centering;
 pub mod collapse;
+pub mod koleo;
 pub mod logits;
 pub mod loss;
 pub mod masking;
@@ -24,6 +25,7 @@ pub mod real;
 #[cfg(feature = "alloc")]
 pub mod reference_model;
 pub mod schedule;
+pub mod sinkhorn;
 pub mod vmf;
 
 pub use real::Real;

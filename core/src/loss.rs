@@ -429,16 +429,19 @@ pub fn multicrop_loss_forward_backward_stored<S: Stored<T>, T: VmfReal>(
     let w_t = T::ONE / T::from_usize(nt);
     for j in 0..nt {
         logits::dots_row_forward(dots, &y_t[j * p..(j + 1) * p], mu, k, p);
-        logits::logits_row_forward(lrow, dots, scale, bias);
-        centering::teacher_targets_row(
-            &mut p_t[j * k..(j + 1) * k],
-            stat,
-            lrow,
-            center,
-            tau_t,
-            cfg.centering,
-            w_t,
-        );
+        let pr = &mut p_t[j * k..(j + 1) * k];
+        if cfg.centering.is_sinkhorn() {
+            // The logits wait in `p_t` for the batch's balancing below.
+            logits::logits_row_forward(pr, dots, scale, bias);
+        } else {
+            logits::logits_row_forward(lrow, dots, scale, bias);
+            centering::teacher_targets_row(pr, stat, lrow, center, tau_t, cfg.centering, w_t);
+        }
+    }
+    if let Centering::Sinkhorn { iters } = cfg.centering {
+        // `dots` and `lrow` are free until the student's rows.
+        crate::sinkhorn::sinkhorn_targets_inplace(p_t, dots, lrow, nt, k, iters);
+        centering::add_row_mean(stat, p_t, nt, k);
     }
 
     // Student: logits row by row, loss, and the chain back to z, v, g.

@@ -12,7 +12,7 @@
 //!
 //! Layouts: view-major rows `(v, b, j)` at `(v * batch + b) * n + j` for student and teacher
 //! patch features `[views * batch * n, p]` and the 0/1 mask `[views * batch * n]`.
-use crate::centering::{center_update, teacher_targets_row};
+use crate::centering::{add_row_mean, center_update, teacher_targets_row, Centering};
 use crate::collapse::entropy;
 use crate::logits::{self, VmfReal, NORMALIZE_EPS};
 use crate::loss::{xent_row_forward_backward_inplace, LossConfig, LossError};
@@ -89,9 +89,10 @@ pub fn masked_count<T: crate::Real>(mask: &[T], img: usize, n: usize) -> usize {
         .count()
 }
 
-/// Scratch elements the composite needs: `3 K p + 12 K + 3 p`.
+/// Scratch elements the composite needs: `3 K p + 12 K + 3 p + rows K` (the last part holds
+/// the whole batch's targets, which Sinkhorn-Knopp balancing needs before any row's loss).
 pub fn mim_scratch_len(dims: MimDims) -> usize {
-    3 * dims.k * dims.p + 12 * dims.k + 3 * dims.p
+    3 * dims.k * dims.p + 12 * dims.k + 3 * dims.p + dims.rows() * dims.k
 }
 
 fn check<T>(
@@ -177,7 +178,8 @@ pub fn mim_loss_forward_backward<T: VmfReal>(
     let (lrow, rest) = rest.split_at_mut(k);
     let (yrow, rest) = rest.split_at_mut(p);
     let (dyrow, rest) = rest.split_at_mut(p);
-    let (dzrow, _) = rest.split_at_mut(p);
+    let (dzrow, rest) = rest.split_at_mut(p);
+    let (all_targets, _) = rest.split_at_mut(rows * k);
 
     logits::weight_norm_forward(
         mu_t,
@@ -207,6 +209,19 @@ pub fn mim_loss_forward_backward<T: VmfReal>(
     gr.dz_s[..rows * p].fill(T::ZERO);
 
     let w_stat = T::ONE / T::from_usize(rows);
+    if let Centering::Sinkhorn { iters } = cfg.centering {
+        // Every patch row's logits first, balanced together (`dots`, `lrow` are free scratch
+        // until the row loop).
+        for row in 0..rows {
+            yrow.copy_from_slice(&inp.z_t[row * p..(row + 1) * p]);
+            l2norm_row_inplace(yrow, eps);
+            logits::dots_row_forward(dots, yrow, mu_t, k, p);
+            let l = &mut all_targets[row * k..(row + 1) * k];
+            logits::logits_row_forward(l, dots, scale_t, bias_t);
+        }
+        crate::sinkhorn::sinkhorn_targets_inplace(all_targets, dots, lrow, rows, k, iters);
+        add_row_mean(stat, all_targets, rows, k);
+    }
     let mut total = T::ZERO;
     let mut ent = T::ZERO;
     let mut masked = 0usize;
@@ -217,11 +232,15 @@ pub fn mim_loss_forward_backward<T: VmfReal>(
         for j in 0..n {
             let row = img * n + j;
             // Teacher target at this position (every row: the center needs all of them).
-            yrow.copy_from_slice(&inp.z_t[row * p..(row + 1) * p]);
-            l2norm_row_inplace(yrow, eps);
-            logits::dots_row_forward(dots, yrow, mu_t, k, p);
-            logits::logits_row_forward(lrow, dots, scale_t, bias_t);
-            teacher_targets_row(tgt, stat, lrow, center, tau_t, cfg.centering, w_stat);
+            if cfg.centering.is_sinkhorn() {
+                tgt[..k].copy_from_slice(&all_targets[row * k..(row + 1) * k]);
+            } else {
+                yrow.copy_from_slice(&inp.z_t[row * p..(row + 1) * p]);
+                l2norm_row_inplace(yrow, eps);
+                logits::dots_row_forward(dots, yrow, mu_t, k, p);
+                logits::logits_row_forward(lrow, dots, scale_t, bias_t);
+                teacher_targets_row(tgt, stat, lrow, center, tau_t, cfg.centering, w_stat);
+            }
             ent += entropy(&tgt[..k]);
             if inp.mask[row] == T::ZERO {
                 continue;

@@ -439,6 +439,19 @@ pub fn backward<T: Real>(
     dz: &[T],
     grads: &mut [T],
 ) -> Result<(), ShapeError> {
+    backward_with_cls_grad(cfg, params, acts, dz, None, grads)
+}
+
+/// [`backward`] with `dcls_extra` (`[B, D]`, a loss on the `[CLS]` backbone features such as
+/// KoLeo) added to the gradient the head sends down to `[CLS]`.
+pub fn backward_with_cls_grad<T: Real>(
+    cfg: &ModelConfig,
+    params: &[T],
+    acts: &Activations<T>,
+    dz: &[T],
+    dcls_extra: Option<&[T]>,
+    grads: &mut [T],
+) -> Result<(), ShapeError> {
     let lay = check(cfg, params.len(), acts.img_size)?;
     need(grads.len() >= lay.total, "grads")?;
     let v = &cfg.vit;
@@ -480,6 +493,13 @@ pub fn backward<T: Real>(
             dcur = dpre;
         } else {
             dcls = dinput;
+        }
+    }
+
+    if let Some(extra) = dcls_extra {
+        need(!acts.all_tokens && extra.len() >= b * d, "dcls_extra")?;
+        for (g, &e) in dcls.iter_mut().zip(extra) {
+            *g += e;
         }
     }
 

@@ -55,7 +55,7 @@ pub fn loss_config(cfg: &TrainConfig) -> LossConfig {
         LossKind::Dino => LossConfig::dino(),
         LossKind::Vmf => LossConfig::vmf(),
     };
-    l.centering = centering(cfg.centering);
+    l.centering = centering(cfg);
     l.norm_last_layer = cfg.norm_last_layer;
     l.student_temp = cfg.student_temp;
     l.teacher_temp = cfg.warmup_teacher_temp;
@@ -63,10 +63,14 @@ pub fn loss_config(cfg: &TrainConfig) -> LossConfig {
     l
 }
 
-pub fn centering(c: CenteringKind) -> Centering {
-    match c {
+/// Core's centering for a run (Sinkhorn with the run's number of rounds).
+pub fn centering(cfg: &TrainConfig) -> Centering {
+    match cfg.centering {
         CenteringKind::Logit => Centering::Logit,
         CenteringKind::Probability => Centering::Probability,
+        CenteringKind::Sinkhorn => Centering::Sinkhorn {
+            iters: cfg.sinkhorn_iters,
+        },
     }
 }
 

@@ -82,6 +82,27 @@ fn dino_step_on_the_simulator_matches_cpu_rel_1e4() {
     check(&c, "dino, fixed radii, no local crops");
 }
 
+/// Sinkhorn-Knopp teacher targets (3 rounds) with vMF and with DINO logits.
+#[test]
+fn sinkhorn_steps_on_the_simulator_match_cpu_rel_1e4() {
+    use dinovmf_core::centering::Centering;
+    let sinkhorn = Centering::Sinkhorn { iters: 3 };
+    let model = ModelConfig::tiny_test();
+    let loss = LossConfig {
+        centering: sinkhorn,
+        ..LossConfig::vmf()
+    };
+    let c = compare_with_cpu(SimDevice::new(), model, loss, shapes(2, 2), 2, 13).unwrap();
+    check(&c, "vmf, Sinkhorn, learned radii, 2 local crops");
+    let model = ModelConfig::tiny_test().with_norm_last_layer(true);
+    let loss = LossConfig {
+        centering: sinkhorn,
+        ..LossConfig::dino()
+    };
+    let c = compare_with_cpu(SimDevice::new(), model, loss, shapes(3, 1), 2, 14).unwrap();
+    check(&c, "dino, Sinkhorn, fixed radii, 1 local crop");
+}
+
 /// iBOT's tiny model: the test model with the mask token (and a separate patch head when
 /// asked), `norm_last_layer` as given.
 fn ibot_model(norm_last: bool, separate: bool) -> ModelConfig {
@@ -185,6 +206,26 @@ fn ibot_vmf_step_on_the_simulator_matches_cpu_rel_1e4() {
         &c,
         "iBOT-vMF, learned radii, shared patch head, 2 local crops",
     );
+}
+
+/// iBOT-vMF with Sinkhorn-Knopp on the [CLS] and on the patch teacher.
+#[test]
+fn ibot_sinkhorn_step_on_the_simulator_matches_cpu_rel_1e4() {
+    let loss = LossConfig {
+        centering: dinovmf_core::centering::Centering::Sinkhorn { iters: 3 },
+        ..LossConfig::vmf()
+    };
+    let c = compare_with_cpu_ext(
+        SimDevice::new(),
+        ibot_model(false, false),
+        loss,
+        Some(ibot_cfg()),
+        shapes(2, 1),
+        2,
+        23,
+    )
+    .unwrap();
+    check_ibot(&c, "iBOT-vMF, Sinkhorn on [CLS] and patches");
 }
 
 #[test]
@@ -337,6 +378,15 @@ fn train_device_cuda_on_the_simulator_matches_the_cpu_run() {
     train_matches(&[], &["loss"]);
 }
 
+/// The trainer with `--centering sinkhorn`: `loss` per step within rel 1e-4.
+#[test]
+fn train_sinkhorn_device_cuda_on_the_simulator_matches_the_cpu_run() {
+    train_matches(
+        &["--centering", "sinkhorn", "--sinkhorn-iters", "2"],
+        &["loss"],
+    );
+}
+
 /// The same with `--method ibot --loss vmf` (iBOT-vMF): `loss`, `loss_cls` and `loss_mim` per
 /// step within rel 1e-4.
 #[test]
@@ -352,7 +402,7 @@ fn train_matches(extra: &[&str], keys: &[&str]) {
     let base = std::env::temp_dir().join(format!(
         "dinovmf-gpu-sim-{}-{}",
         std::process::id(),
-        extra.len()
+        extra.join("").replace('-', "")
     ));
     let run = |device: &str, sim: bool| -> Vec<serde_json::Value> {
         let out = base.join(device);

@@ -11,7 +11,7 @@
 //! against the buffer it passes, and the grid against the launch limits, before launching.
 use crate::kernels::gemm::GEMM_BLOCK;
 #[allow(unused_imports)]
-use crate::kernels::{elementwise, gemm, head, ibot, optim, reduce, rows, tokens};
+use crate::kernels::{elementwise, gemm, head, ibot, optim, reduce, rows, sinkhorn, tokens};
 use crate::kernels::{EW_BLOCK, ROW_BLOCK, SMEM_GEMM_WORDS, SMEM_SMALL_WORDS, WIDE_BLOCK};
 #[allow(unused_imports)]
 use dinovmf_core::{centering::Centering, logits::LogitKind, vmf::BesselApprox};
@@ -327,6 +327,18 @@ kernels! { OTHER_KERNELS, other_entries, other_sim;
     /// `ent[r] = -Σ_j p[r, j] ln p[r, j]` (the teacher's collapse signals).
     row_entropy [WIDE_BLOCK, Small, "rows", "ent: rows; p: rows*k"] (ent: *mut f32, p: *const f32, rows: u32, k: u32) |b| {
         head::row_entropy(b, sl_mut(ent, us(rows)), sl(p, us(rows) * us(k)), rows as usize, k as usize)
+    }
+    /// Sinkhorn-Knopp: the teacher logits `q[n, k] = scale dots + bias`.
+    sinkhorn_logits [EW_BLOCK, None, "ceil(n*k/256)", "q: n*k; dots: n*k; scale: k; bias: k"] (q: *mut f32, dots: *const f32, scale: *const f32, bias: *const f32, n: u32, k: u32) |b| {
+        sinkhorn::sinkhorn_logits(b, sl_mut(q, us(n) * us(k)), sl(dots, us(n) * us(k)), sl(scale, us(k)), sl(bias, us(k)), n as usize, k as usize)
+    }
+    /// Sinkhorn-Knopp column round on `ln Q[n, k]` (columns to total 1/k), one thread per column.
+    sinkhorn_columns [EW_BLOCK, None, "ceil(k/256)", "q: n*k"] (q: *mut f32, n: u32, k: u32) |b| {
+        sinkhorn::sinkhorn_columns(b, sl_mut(q, us(n) * us(k)), n as usize, k as usize)
+    }
+    /// Sinkhorn-Knopp row round (rows to total 1/n; `last != 0`: the rows' softmax, the targets).
+    sinkhorn_rows [WIDE_BLOCK, Small, "n", "q: n*k"] (q: *mut f32, n: u32, k: u32, last: u32) |b| {
+        sinkhorn::sinkhorn_rows(b, sl_mut(q, us(n) * us(k)), n as usize, k as usize, last != 0)
     }
     /// `c <- m c + (1 - m) stat`.
     center_update [EW_BLOCK, None, "ceil(k/256)", "center: k; stat: k"] (center: *mut f32, stat: *const f32, momentum: f32, k: u32) |b| {

@@ -153,7 +153,7 @@ pub fn perturbed_state(cfg: &ModelConfig, loss: &LossConfig, seed: u64) -> Train
     for c in center.iter_mut().chain(patch_center.iter_mut()) {
         match loss.centering {
             Centering::Logit => *c = 0.1 * normal(&mut rng) as f32,
-            Centering::Probability => *c *= 0.5 + rng.gen::<f32>(),
+            Centering::Probability | Centering::Sinkhorn { .. } => *c *= 0.5 + rng.gen::<f32>(),
         }
     }
     TrainState {

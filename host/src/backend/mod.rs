@@ -193,6 +193,17 @@ pub trait Backend: Send {
             self.name()
         )
     }
+    /// Turns on KoLeo on the student's [CLS] backbone features of each global view with this
+    /// weight (0 = off; method.md): its gradient joins the head backward's input gradient.
+    fn set_koleo(&mut self, weight: f32) -> Result<()> {
+        if weight == 0.0 {
+            return Ok(());
+        }
+        anyhow::bail!(
+            "--koleo is implemented on the CPU backend only (this run uses {})",
+            self.name()
+        )
+    }
     /// The KoLeo-proto value of the last step, when the regulariser is on.
     fn koleo_proto_loss(&self) -> Option<f32> {
         None

@@ -57,9 +57,18 @@ pub struct TrainArgs {
     /// iBOT: aspect ratio range of the mask blocks, log-uniform in `MIN,MAX` (0.3,3.33).
     #[arg(long, value_parser = parse_pair)]
     pub mask_aspect: Option<(f64, f64)>,
-    /// Teacher centering; default: logit for dino, probability for vmf.
+    /// Teacher centering; default: logit for dino, probability for vmf. sinkhorn: balance the
+    /// batch's teacher assignments with Sinkhorn-Knopp (SwAV / DINOv2) instead of a running center.
     #[arg(long, value_enum)]
     pub centering: Option<CenteringKind>,
+    /// KoLeo weight on the student's L2-normalised [CLS] backbone features of each global view,
+    /// -(1/B) sum_i ln(d_i + 1e-8), d_i the distance to the nearest other image (DINOv2: 0.1;
+    /// 0 = off; CPU backend).
+    #[arg(long)]
+    pub koleo: Option<f64>,
+    /// Rounds of Sinkhorn-Knopp balancing with --centering sinkhorn (default 3).
+    #[arg(long)]
+    pub sinkhorn_iters: Option<u32>,
     /// Fix the prototype norms g = 1 (default: on for dino, off for vmf).
     #[arg(long)]
     pub norm_last_layer: Option<bool>,
@@ -250,6 +259,12 @@ impl TrainArgs {
         }
         if let Some(v) = self.koleo_proto {
             c.koleo_proto = v;
+        }
+        if let Some(v) = self.koleo {
+            c.koleo = v;
+        }
+        if let Some(v) = self.sinkhorn_iters {
+            c.sinkhorn_iters = v;
         }
         c.validate()?;
         Ok(c)

@@ -79,6 +79,8 @@ impl IbotSpec {
 pub enum CenteringKind {
     Logit,
     Probability,
+    /// Sinkhorn-Knopp balancing of the batch's teacher logits (`--sinkhorn-iters` rounds).
+    Sinkhorn,
 }
 
 /// The network's shape.
@@ -155,6 +157,16 @@ pub struct TrainConfig {
     /// Weight of the KoLeo-proto regulariser on the student's prototypes (0 = off).
     #[serde(default)]
     pub koleo_proto: f64,
+    /// Rounds of Sinkhorn-Knopp balancing with `centering = sinkhorn` (method.md: 3).
+    #[serde(default = "sinkhorn_default_iters")]
+    pub sinkhorn_iters: u32,
+    /// Weight of KoLeo on the student's [CLS] backbone features (0 = off).
+    #[serde(default)]
+    pub koleo: f64,
+}
+
+fn sinkhorn_default_iters() -> u32 {
+    dinovmf_core::sinkhorn::SINKHORN_DEFAULT_ITERS
 }
 
 fn one() -> f32 {
@@ -230,6 +242,8 @@ impl TrainConfig {
             seed: 0,
             data: builtin.clone(),
             koleo_proto: 0.0,
+            sinkhorn_iters: sinkhorn_default_iters(),
+            koleo: 0.0,
         };
         // The paper's ImageNet recipe, for the 224 px backbones.
         let big = |model: ModelSpec| TrainConfig {

@@ -423,6 +423,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     if cfg.koleo_proto > 0.0 {
         backend.set_koleo_proto(cfg.koleo_proto as f32)?;
     }
+    if cfg.koleo > 0.0 {
+        backend.set_koleo(cfg.koleo as f32)?;
+    }
     if opts.resume.is_some() {
         // A run killed after its last save wrote steps that the resumed run writes again.
         run_dir::truncate_jsonl(&out_dir.join("metrics.jsonl"), |s| s < start)?;

@@ -11,11 +11,7 @@ use crate::config::{centering, model_config};
 
 /// Fresh parameters (teacher = student), zero optimiser moments, the initial center.
 pub fn init_state(cfg: &TrainConfig) -> TrainState {
-    TrainState::initial(
-        &model_config(cfg),
-        centering(cfg.centering),
-        cfg.seed ^ 0x1417_5eed,
-    )
+    TrainState::initial(&model_config(cfg), centering(cfg), cfg.seed ^ 0x1417_5eed)
 }
 
 const GROUPS: [&str; 4] = ["student", "teacher", "optim.m", "optim.v"];

@@ -163,6 +163,8 @@ pub fn validate_config(cfg: &TrainConfig) -> Result<()> {
     opt("--local-scale", "local_scale").pair(f(cfg.local_scale), 0.0, 1.0, true)?;
     opt("--color-aug", "color_aug").finite_in(cfg.color_aug as f64, 0.0, 1.0, false, false)?;
     opt("--koleo-proto", "koleo_proto").non_negative(cfg.koleo_proto)?;
+    opt("--koleo", "koleo").non_negative(cfg.koleo)?;
+    opt("--sinkhorn-iters", "sinkhorn_iters").count(cfg.sinkhorn_iters as u64, 1, 1000)?;
     let local = crate::data::CropConfig::for_image_size(m.img_size, cfg.n_local).local_size;
     if !local.is_multiple_of(m.patch) {
         bail!(

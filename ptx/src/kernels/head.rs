@@ -160,7 +160,8 @@ pub fn teacher_stat<B: Block>(
             let x = scale[j] * dots[row * k + j] + bias[j];
             acc += w * match centering {
                 Centering::Logit => tau_t * x,
-                Centering::Probability => m::exp(x - lse_raw[row]),
+                // Sinkhorn never reaches this kernel (`Centering::from_code` has no code for it).
+                Centering::Probability | Centering::Sinkhorn { .. } => m::exp(x - lse_raw[row]),
             };
         }
         stat[j] = acc;

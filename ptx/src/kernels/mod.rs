@@ -7,6 +7,7 @@ pub mod ibot;
 pub mod optim;
 pub mod reduce;
 pub mod rows;
+pub mod sinkhorn;
 pub mod tokens;
 
 use crate::block::Block;

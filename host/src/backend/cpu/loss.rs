@@ -6,12 +6,13 @@
 //! rows into chunks, each with its own partial buffer, added in chunk order: deterministic.
 use rayon::prelude::*;
 
-use dinovmf_core::centering::{center_update, teacher_targets_row};
+use dinovmf_core::centering::{add_row_mean, center_update, teacher_targets_row, Centering};
 use dinovmf_core::collapse::{collapse_stats_given_row_entropy, entropy, CollapseStats};
 use dinovmf_core::logits::{branch_terms_forward, logits_row_backward};
 use dinovmf_core::loss::{
     multicrop_target_sum, n_pairs, xent_row_forward_backward_inplace, LossConfig,
 };
+use dinovmf_core::sinkhorn::sinkhorn_targets_inplace;
 
 use dinovmf_core::logits::NORMALIZE_EPS;
 use dinovmf_core::ops::{l2norm_row_backward, l2norm_row_inplace};
@@ -60,6 +61,9 @@ pub struct LossBufs {
     /// `dL/dz_s[n_crops B, p]`.
     pub dz: Vec<f32>,
     mean_p: Vec<f32>,
+    /// Sinkhorn-Knopp's per-prototype scratch.
+    col_max: Vec<f32>,
+    col_sum: Vec<f32>,
 }
 
 impl LossBufs {
@@ -100,6 +104,8 @@ impl LossBufs {
             dmu: z(k * p),
             dz: z(ns * p),
             mean_p: z(k),
+            col_max: z(k),
+            col_sum: z(k),
         }
     }
 }
@@ -177,7 +183,9 @@ pub fn forward_backward(
         &mut lb.l_t,
         false,
     );
-    {
+    if let Centering::Sinkhorn { iters } = cfg.centering {
+        sinkhorn_targets(lb, nt, k, iters);
+    } else {
         let w_t = 1.0 / nt as f32;
         let (scale, bias) = (&lb.scale_t, &lb.bias_t);
         let nc = nt.div_ceil(LOSS_CHUNK);
@@ -352,6 +360,35 @@ pub fn forward_backward(
     let mut collapse = collapse;
     collapse.mean_kl = loss - collapse.mean_row_entropy;
     LossReport { loss, collapse }
+}
+
+/// Sinkhorn-Knopp targets of the teacher logits: the logits (`scale dots + bias`, rows in
+/// parallel) go into `p_t`, core balances the whole batch there, then the batch statistic (the
+/// targets' mean) and the row entropies.
+fn sinkhorn_targets(lb: &mut LossBufs, nt: usize, k: usize, iters: u32) {
+    let (scale, bias) = (&lb.scale_t, &lb.bias_t);
+    lb.p_t[..nt * k]
+        .par_chunks_mut(k)
+        .zip(lb.l_t.par_chunks(k))
+        .for_each(|(pt, dots)| {
+            for (((x, &d), &s), &b) in pt.iter_mut().zip(dots).zip(scale).zip(bias) {
+                *x = s * d + b;
+            }
+        });
+    sinkhorn_targets_inplace(
+        &mut lb.p_t[..nt * k],
+        &mut lb.col_max,
+        &mut lb.col_sum,
+        nt,
+        k,
+        iters,
+    );
+    lb.stat.fill(0.0);
+    add_row_mean(&mut lb.stat, &lb.p_t, nt, k);
+    lb.row_ent[..nt]
+        .par_iter_mut()
+        .zip(lb.p_t.par_chunks(k))
+        .for_each(|(e, pt)| *e = entropy(pt));
 }
 
 /// Core's collapse statistics, with the row entropies computed in parallel (`row_ent`).

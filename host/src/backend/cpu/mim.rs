@@ -7,11 +7,13 @@
 //! partition of the rows: deterministic.
 use rayon::prelude::*;
 
-use dinovmf_core::centering::{center_update, Centering, CENTER_FLOOR};
+use dinovmf_core::centering::{add_row_mean, center_update, Centering, CENTER_FLOOR};
+use dinovmf_core::collapse::entropy;
 use dinovmf_core::logits::{branch_terms_forward, logits_row_backward, NORMALIZE_EPS};
 use dinovmf_core::loss::{xent_row_forward_backward_inplace, LossConfig};
 use dinovmf_core::mim_loss::mim_row_weight;
 use dinovmf_core::ops::{l2norm_row_backward, l2norm_row_inplace};
+use dinovmf_core::sinkhorn::sinkhorn_targets_inplace;
 
 use super::fastmath;
 use super::gemm::{matmul, Op};
@@ -44,6 +46,9 @@ pub struct MimBufs {
     l_s: Vec<f32>,
     ddots: Vec<f32>,
     part: Vec<f32>,
+    /// Sinkhorn-Knopp's per-prototype scratch.
+    col_max: Vec<f32>,
+    col_sum: Vec<f32>,
     row_loss: Vec<f32>,
     row_ent: Vec<f32>,
     dy: Vec<f32>,
@@ -80,6 +85,8 @@ impl MimBufs {
             l_s: z(rows * k),
             ddots: z(rows * k),
             part: z(rows.div_ceil(CHUNK) * k),
+            col_max: z(k),
+            col_sum: z(k),
             row_loss: z(rows),
             row_ent: z(rows),
             dy: z(rows * p),
@@ -120,6 +127,7 @@ fn targets_row(
                 *s += w * (tau_t * x);
             }
         }
+        Centering::Sinkhorn { .. } => {}
         Centering::Probability => {
             let m = l.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
             let mut z = 0.0f32;
@@ -149,6 +157,36 @@ fn targets_row(
         px += *o * (x - c - m);
     }
     z.ln() - px
+}
+
+/// Sinkhorn-Knopp targets over every teacher patch row of the batch (the logits
+/// `scale dots + bias` in parallel, then core's balancing in place in `p_t`), the statistic
+/// (the targets' mean) and the row entropies.
+fn sinkhorn_patch_targets(mb: &mut MimBufs, rows: usize, iters: u32) {
+    let k = mb.k;
+    let (scale, bias) = (&mb.scale_t, &mb.bias_t);
+    mb.p_t[..rows * k]
+        .par_chunks_mut(k)
+        .zip(mb.l_t[..rows * k].par_chunks(k))
+        .for_each(|(pt, dots)| {
+            for (((x, &d), &s), &b) in pt.iter_mut().zip(dots).zip(scale).zip(bias) {
+                *x = s * d + b;
+            }
+        });
+    sinkhorn_targets_inplace(
+        &mut mb.p_t[..rows * k],
+        &mut mb.col_max,
+        &mut mb.col_sum,
+        rows,
+        k,
+        iters,
+    );
+    mb.stat.fill(0.0);
+    add_row_mean(&mut mb.stat, &mb.p_t, rows, k);
+    mb.row_ent[..rows]
+        .par_iter_mut()
+        .zip(mb.p_t.par_chunks(k))
+        .for_each(|(e, pt)| *e = entropy(pt));
 }
 
 fn normalize_rows(out: &mut [f32], norms: &mut [f32], x: &[f32], p: usize) {
@@ -240,9 +278,12 @@ pub fn forward_backward(
         *sh = match cfg.centering {
             Centering::Logit => c / tau_t,
             Centering::Probability => c.max(CENTER_FLOOR as f32).ln(),
+            Centering::Sinkhorn { .. } => 0.0,
         };
     }
-    {
+    if let Centering::Sinkhorn { iters } = cfg.centering {
+        sinkhorn_patch_targets(mb, rows, iters);
+    } else {
         let w_t = 1.0 / rows as f32;
         let (scale, bias, shift) = (&mb.scale_t, &mb.bias_t, &mb.shift);
         mb.part[..nc * k]

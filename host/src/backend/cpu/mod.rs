@@ -103,6 +103,9 @@ pub struct CpuBackend {
     /// KoLeo-proto weight (0 = off) and the last step's value.
     koleo_proto: f32,
     koleo_loss: Option<f32>,
+    /// KoLeo-on-features weight (0 = off) and its scratch.
+    koleo: f32,
+    koleo_scratch: Vec<f32>,
     /// iBOT's buffers and patch center (see [`CpuBackend::with_ibot`]); `None` for DINO.
     ibot: Option<ibot::IbotCpu>,
 }
@@ -193,6 +196,8 @@ impl CpuBackend {
             clock: Instant::now(),
             koleo_proto: 0.0,
             koleo_loss: None,
+            koleo: 0.0,
+            koleo_scratch: Vec::new(),
             ibot: None,
             cx,
         })
@@ -466,5 +471,16 @@ impl Backend for CpuBackend {
 
     fn koleo_proto_loss(&self) -> Option<f32> {
         self.koleo_loss
+    }
+
+    fn set_koleo(&mut self, weight: f32) -> Result<()> {
+        ensure!(
+            weight.is_finite() && weight >= 0.0,
+            "--koleo must be a finite weight >= 0, got {weight}"
+        );
+        self.koleo = weight;
+        let (b, d) = (self.shapes.batch, self.cx.d);
+        self.koleo_scratch = vec![0.0; dinovmf_core::koleo::koleo_scratch_len(b, d)];
+        Ok(())
     }
 }

@@ -3,6 +3,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+use dinovmf_core::koleo::koleo_forward_backward;
 use dinovmf_core::mim_loss::IbotConfig;
 use dinovmf_core::model::ModelConfig;
 
@@ -247,6 +248,21 @@ impl Passes for CpuBackend {
             &mut self.hs1,
             &mut self.partials,
         );
+        if self.koleo > 0.0 {
+            // KoLeo per global view on the student's [CLS] backbone features (the head's
+            // input rows 0..2B), its gradient added to theirs.
+            let (b, d) = (self.shapes.batch, cx.d);
+            for v in 0..2 {
+                let r = v * b * d..(v + 1) * b * d;
+                koleo_forward_backward(
+                    &self.x_s[r.clone()],
+                    b,
+                    d,
+                    &mut self.koleo_scratch,
+                    Some((&mut self.dx_s[r], self.koleo)),
+                );
+            }
+        }
         Ok(())
     }
 

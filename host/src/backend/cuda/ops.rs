@@ -3,6 +3,7 @@
 //! which become the kernels' slice lengths (so the device-side bounds checks see the real
 //! extents).
 use anyhow::Result;
+use dinovmf_core::centering::Centering;
 
 use super::device::{u32_of as u, Arg, Buf, Device, Gpu};
 use dinovmf_ptx::kernels::reduce::RedOp;
@@ -330,8 +331,10 @@ impl<D: Device> Gpu<D> {
     }
 
     /// Teacher targets of the unit rows `y[n, p]`: raw dots `y mu^T`, then `p_t` (centered with
-    /// `center` by `centering`, 0 logit / 1 probability) with its log-sum-exp, and the batch
-    /// statistic `stat[k]` the center update reads. The [CLS] and the iBOT patch teachers share it.
+    /// `center` by `centering`) with its log-sum-exp, and the batch statistic `stat[k]` the center
+    /// update reads. The [CLS] and the iBOT patch teachers share it. With Sinkhorn-Knopp the
+    /// targets are the balanced batch ([`Self::sinkhorn_targets`]), `stat` their mean, and
+    /// `lse_raw` is not written.
     #[allow(clippy::too_many_arguments)]
     pub fn teacher_targets(
         &mut self,
@@ -342,12 +345,21 @@ impl<D: Device> Gpu<D> {
         bias: Buf<f32>,
         center: Buf<f32>,
         tau_t: f32,
-        centering: u32,
+        centering: Centering,
         n: usize,
         k: usize,
         p: usize,
     ) -> Result<()> {
         self.gemm(&Gemm::plain(false, true, n, k, p), dots, y, mu, None)?;
+        if let Centering::Sinkhorn { iters } = centering {
+            self.sinkhorn_targets(p_t, dots, scale, bias, iters, n, k)?;
+            // `dots` is free once the logits are in `p_t`: its first row takes the column sums.
+            let sums = dots.sub(0, k);
+            self.column_sum(sums, p_t, n, k, false)?;
+            self.fill(stat, 0.0)?;
+            return self.axpy(stat, sums, 1.0 / n.max(1) as f32, k);
+        }
+        let code = centering.code();
         self.launch(
             "teacher_targets",
             &[
@@ -358,7 +370,7 @@ impl<D: Device> Gpu<D> {
                 bias.into(),
                 center.into(),
                 tau_t.into(),
-                centering.into(),
+                code.into(),
                 u(n),
                 u(k),
             ],
@@ -372,11 +384,44 @@ impl<D: Device> Gpu<D> {
                 bias.into(),
                 lse_raw.into(),
                 tau_t.into(),
-                centering.into(),
+                code.into(),
                 u(n),
                 u(k),
             ],
         )
+    }
+
+    /// Sinkhorn-Knopp targets `p_t[n, k]` of the logits `scale dots + bias` (`dots[n, k]`):
+    /// `iters` rounds of a column and a row launch, the last row launch writing the softmax.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sinkhorn_targets(
+        &mut self,
+        p_t: Buf<f32>,
+        dots: Buf<f32>,
+        scale: Buf<f32>,
+        bias: Buf<f32>,
+        iters: u32,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        self.launch(
+            "sinkhorn_logits",
+            &[
+                p_t.into(),
+                dots.into(),
+                scale.into(),
+                bias.into(),
+                u(n),
+                u(k),
+            ],
+        )?;
+        let rounds = iters.max(1);
+        for r in 0..rounds {
+            self.launch("sinkhorn_columns", &[p_t.into(), u(n), u(k)])?;
+            let last = u32::from(r + 1 == rounds);
+            self.launch("sinkhorn_rows", &[p_t.into(), u(n), u(k), last.into()])?;
+        }
+        Ok(())
     }
 
     /// Logits `dots[n, k]` of the unit rows `y[n, p]` against the prototypes `mu[k, p]`

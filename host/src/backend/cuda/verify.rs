@@ -22,6 +22,7 @@ use super::ops::{Gemm, Segments};
 
 mod ibot;
 pub mod large;
+mod sinkhorn;
 
 /// One line of the report.
 #[derive(Clone, Debug)]
@@ -184,6 +185,7 @@ pub fn run_all<D: Device>(gpu: &mut Gpu<D>, seed: u64) -> Vec<Row> {
         ("teacher", teacher),
         ("xent_columns", xent_columns),
         ("ibot", ibot::ibot),
+        ("sinkhorn", sinkhorn::sinkhorn),
         ("optimiser", optimiser),
         ("reductions", reductions),
     ];
@@ -853,6 +855,8 @@ fn logits<D: Device>(v: &mut V<'_, D>) -> Result<()> {
 }
 
 fn teacher<D: Device>(v: &mut V<'_, D>) -> Result<()> {
+    // Per-row centerings only (Sinkhorn has kernels of its own, checked in `sinkhorn.rs`): the
+    // matches below treat anything but logit as probability, as `Centering::from_code` does.
     for centering in [Centering::Logit, Centering::Probability] {
         let code = centering.code();
         for (nt, k) in [(2, 1), (4, 255), (6, 300), (3, 1030)] {
@@ -861,7 +865,7 @@ fn teacher<D: Device>(v: &mut V<'_, D>) -> Result<()> {
             let bias = v.rv(k, -1.0, 1.0);
             let center: Vec<f32> = match centering {
                 Centering::Logit => v.rv(k, -2.0, 2.0),
-                Centering::Probability => v.rv(k, 0.0, 2.0 / k as f32),
+                Centering::Probability | Centering::Sinkhorn { .. } => v.rv(k, 0.0, 2.0 / k as f32),
             };
             let tau_t = 0.04f32;
             let (dd, ds, db, dc) = (v.up(&dots)?, v.up(&scale)?, v.up(&bias)?, v.up(&center)?);
@@ -886,7 +890,9 @@ fn teacher<D: Device>(v: &mut V<'_, D>) -> Result<()> {
             let l = |r: usize, j: usize| scale[j] as f64 * dots[r * k + j] as f64 + bias[j] as f64;
             let shift = |j: usize| match centering {
                 Centering::Logit => center[j] as f64 / tau_t as f64,
-                Centering::Probability => (center[j].max(CENTER_FLOOR as f32) as f64).ln(),
+                Centering::Probability | Centering::Sinkhorn { .. } => {
+                    (center[j].max(CENTER_FLOOR as f32) as f64).ln()
+                }
             };
             let mut want = Vec::new();
             let mut lse_w = Vec::new();
@@ -920,7 +926,9 @@ fn teacher<D: Device>(v: &mut V<'_, D>) -> Result<()> {
                     (0..nt)
                         .map(|r| match centering {
                             Centering::Logit => tau_t as f64 * l(r, j),
-                            Centering::Probability => (l(r, j) - lse_w[r]).exp(),
+                            Centering::Probability | Centering::Sinkhorn { .. } => {
+                                (l(r, j) - lse_w[r]).exp()
+                            }
                         })
                         .sum::<f64>()
                         / nt as f64

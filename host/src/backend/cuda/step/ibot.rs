@@ -207,7 +207,7 @@ impl<D: Device> GpuBackend<D> {
         )?;
         let lb = &self.lb;
         let gpu = &mut self.gpu;
-        let cent = cfg.centering.code();
+        let cent = cfg.centering;
         let mt = self.metrics;
 
         // Teacher: every patch row (after the 2B `[CLS]` rows of the head output).

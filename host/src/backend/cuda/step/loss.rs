@@ -169,7 +169,7 @@ impl<D: Device> GpuBackend<D> {
         self.branch(student, mu_s, vn_s, terms_s, tau_s)?;
         let lb = &self.lb;
         let gpu = &mut self.gpu;
-        let cent = cfg.centering.code();
+        let cent = cfg.centering;
         gpu.l2norm_forward(lb.y_t, lb.zn_t, self.head_t.z(), nt, p, eps)?;
         gpu.teacher_targets(
             [lb.p_t, lb.lse_raw, lb.dots_t, lb.stat],
