@@ -4,6 +4,7 @@ pub mod collapse_watch;
 pub mod config;
 pub mod periodic;
 pub mod run_dir;
+pub mod run_length;
 pub mod state;
 pub mod validate;
 
