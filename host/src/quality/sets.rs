@@ -2,7 +2,7 @@
 //! statistics, so that the default recipe is measured on data it was not tuned on.
 //!
 //! Every image is a pure function of (set, split, index): a ChaCha8 stream seeded through
-//! [`derive_seed`]. The sets are written once as PNG folders (`<cache>/<name>-v1-<n>/{train,
+//! [`derive_seed`]. The sets are written once as PNG folders (`<cache>/<name>-v<version>-<n>/{train,
 //! test}/<class>/<i>.png`, the `folder:TRAIN,TEST` layout) so that training reads them like a
 //! user's own folder.
 //!
@@ -45,8 +45,10 @@ pub const GEN_SETS: [GenSet; 6] = [
     },
     GenSet {
         name: "colours",
-        about: "32 px: one shape (disc or square, random pose) on a noisy grey background; the \
-                6 classes differ only in the shape's hue (red, yellow, green, cyan, blue, magenta)",
+        about: "32 px: a disc or square at a random pose on a noisy background of random \
+                (desaturated) colour, with two smaller distractors of any hue; the 6 classes \
+                differ only in the hue of the largest shape (red, yellow, green, cyan, blue, \
+                magenta)",
         size: 32,
         classes: 6,
         train_per_class: 250,
@@ -347,12 +349,23 @@ impl GenSet {
                 cv.image()
             }
             2 => {
-                let g = rng.gen_range(0.35..0.65f32);
-                let mut cv = Canvas::new(s, [g, g, g]);
+                // A random (desaturated) background colour and two smaller distractors of any
+                // hue: the label is the hue of the largest shape only.
+                let bg = hsv(rng.gen(), rng.gen_range(0.0..0.5), rng.gen_range(0.3..0.8));
+                let mut cv = Canvas::new(s, bg);
                 cv.noise(rng, 0.08);
+                for _ in 0..2 {
+                    let pose = Pose::random(rng, (0.08, 0.14));
+                    let kind = rng.gen_range(0..2usize);
+                    let col = hsv(rng.gen(), rng.gen_range(0.7..1.0), rng.gen_range(0.7..1.0));
+                    cv.paint(col, |x, y| {
+                        let (u, v) = pose.local(x, y);
+                        filled(kind, u, v)
+                    });
+                }
                 let hue = c as f32 / 6.0 + rng.gen_range(-0.03..0.03f32);
                 let col = hsv(hue, rng.gen_range(0.7..1.0), rng.gen_range(0.7..1.0));
-                let pose = Pose::random(rng, (0.18, 0.35));
+                let pose = Pose::random(rng, (0.2, 0.32));
                 let kind = rng.gen_range(0..2usize);
                 cv.paint(col, |x, y| {
                     let (u, v) = pose.local(x, y);
@@ -469,7 +482,21 @@ impl GenSet {
     /// The folder this set is written to under `cache` (the count is part of the name, so a
     /// resized set never mixes with another).
     pub fn folder(&self, cache: &Path) -> PathBuf {
-        cache.join(format!("{}-v1-{}", self.name, self.len(false)))
+        cache.join(format!(
+            "{}-v{}-{}",
+            self.name,
+            self.version(),
+            self.len(false)
+        ))
+    }
+
+    /// The generator's version (bumped when its images change, so a cache never serves old ones).
+    fn version(&self) -> u32 {
+        if self.id == 2 {
+            2
+        } else {
+            1
+        }
     }
 
     /// With the per-class counts scaled by `scale` (at least 4 train / 2 test per class).
