@@ -8,6 +8,7 @@ pub mod eval;
 pub mod interop;
 pub mod output;
 pub mod plot;
+pub mod quality;
 pub mod quant;
 pub mod report;
 pub mod train;

@@ -22,6 +22,10 @@ pub struct StepRecord {
     pub lr: f64,
     pub teacher_temp: f64,
     pub koleo_proto: Option<f64>,
+    /// The teacher's mean per-image entropy and the entropy of its batch mean (NaN in runs
+    /// written before they were logged).
+    pub teacher_entropy: f64,
+    pub mean_entropy: f64,
 }
 
 /// Reads `metrics.jsonl` of a run folder; a clear error when there is none.
@@ -56,6 +60,8 @@ pub fn read_metrics(dir: &Path) -> Result<Vec<StepRecord>> {
             lr: f("lr").unwrap_or(f64::NAN),
             teacher_temp: f("teacher_temp").unwrap_or(f64::NAN),
             koleo_proto: f("koleo_proto"),
+            teacher_entropy: f("teacher_entropy").unwrap_or(f64::NAN),
+            mean_entropy: f("mean_entropy").unwrap_or(f64::NAN),
         });
     }
     if out.is_empty() {
@@ -103,11 +109,12 @@ fn diag_series(evals: &[EvalLine], name: &str, f: impl Fn(&ProtoDiag) -> f64) ->
 }
 
 /// The figure files of a run folder.
-pub const FIGURES: [&str; 4] = [
+pub const FIGURES: [&str; 5] = [
     "loss_knn.png",
     "schedules.png",
     "utilisation.png",
     "kappa_hist.png",
+    "signals.png",
 ];
 
 /// Draws the run's figures into its folder; returns the files written. The kappa histogram
@@ -229,6 +236,62 @@ pub fn write_figures(dir: &Path) -> Result<Vec<String>> {
             ],
         )?;
         written.push(FIGURES[2].to_string());
+    }
+
+    // The label-free signals: per step the teacher's entropies, per diagnostics pass RankMe
+    // (and NMI when the data has labels).
+    let h = step(&|r| r.teacher_entropy);
+    if h.iter().any(|p| p.1.is_finite()) {
+        let hm = step(&|r| r.mean_entropy);
+        let kl: Vec<(f64, f64)> = h.iter().zip(&hm).map(|(a, b)| (a.0, b.1 - a.1)).collect();
+        let mut quality = vec![diag_series(&evals, "RankMe", |d| d.rankme)];
+        let nmi = Series {
+            name: "NMI x 100".into(),
+            points: evals
+                .iter()
+                .filter_map(|e| {
+                    let d = e.diag.as_ref()?;
+                    Some((e.step as f64, 100.0 * d.agreement?.nmi))
+                })
+                .collect(),
+        };
+        if !nmi.points.is_empty() {
+            quality.push(nmi);
+        }
+        let p = dir.join(FIGURES[4]);
+        line_panels(
+            &p,
+            &[
+                Panel {
+                    title: "teacher: per-image entropy vs entropy of the batch mean".into(),
+                    x_label: "step".into(),
+                    y_label: "nats".into(),
+                    series: vec![
+                        Series {
+                            name: "per image".into(),
+                            points: smooth(&h, w),
+                        },
+                        Series {
+                            name: "batch mean".into(),
+                            points: smooth(&hm, w),
+                        },
+                        Series {
+                            name: "KL to the mean".into(),
+                            points: smooth(&kl, w),
+                        },
+                    ],
+                    markers: false,
+                },
+                Panel {
+                    title: "RankMe of the teacher's features".into(),
+                    x_label: "step".into(),
+                    y_label: "effective rank".into(),
+                    series: quality,
+                    markers: true,
+                },
+            ],
+        )?;
+        written.push(FIGURES[4].to_string());
     }
 
     let ck = checkpoint_in(dir);
@@ -370,6 +433,37 @@ pub fn write_report(dir: &Path, extras: &Extras) -> Result<PathBuf> {
             "| KoLeo-proto of the teacher prototypes | {:.4} |",
             d.koleo
         );
+        let _ = writeln!(
+            r,
+            "| RankMe of the teacher's [CLS] features | {:.1} (1 = collapsed) |",
+            d.rankme
+        );
+        let _ = writeln!(
+            r,
+            "| teacher entropy per image / of the mean (KL to the mean) | {:.3} / {:.3} ({:.3}) nats |",
+            d.teacher_entropy,
+            d.teacher_mean_entropy,
+            d.kl_to_mean()
+        );
+        if let Some(a) = &d.agreement {
+            let _ = writeln!(
+                r,
+                "| teacher argmax prototype vs labels: NMI / purity | {:.3} / {} |",
+                a.nmi,
+                pct(a.purity)
+            );
+        }
+    }
+    if let Some(ws) = summary
+        .as_ref()
+        .and_then(|s| s.get("warnings"))
+        .and_then(Value::as_array)
+        .filter(|w| !w.is_empty())
+    {
+        let _ = writeln!(r, "\n## Warnings\n");
+        for w in ws.iter().filter_map(Value::as_str) {
+            let _ = writeln!(r, "- {w}");
+        }
     }
     let _ = writeln!(r, "\n## Figures\n");
     let captions = [
@@ -377,6 +471,7 @@ pub fn write_report(dir: &Path, extras: &Extras) -> Result<PathBuf> {
         "Learning-rate and teacher-temperature schedules.",
         "Prototype utilisation: prototypes that win the teacher argmax on held-out images, unique prototypes, and entropies.",
         "Distribution of kappa = |g| / tau over the teacher's prototypes at the end.",
+        "Label-free signals: the teacher's per-image entropy against the entropy of its batch mean (equal = the teacher ignores its input), and RankMe of its features (near 1 = collapse), with NMI against the labels where there are any.",
     ];
     for (f, c) in crate::report::FIGURES.iter().zip(captions) {
         if figs.iter().any(|x| x == f) {

@@ -22,7 +22,8 @@ pub enum EvalCommand {
     /// held-out split.
     Linear(LinearArgs),
     /// Prototype diagnostics: utilisation over a data pass, kappa quartiles, unique prototypes
-    /// (partial collapse), teacher / student entropies, KoLeo-proto.
+    /// (partial collapse), teacher / student entropies, KoLeo-proto, RankMe, and the NMI /
+    /// purity of the teacher's argmax prototype against the labels.
     Prototypes(ProtoArgs),
 }
 
@@ -205,15 +206,14 @@ fn linear(a: &LinearArgs) -> Result<()> {
 pub fn proto_diag(l: &mut Loaded, images: usize, teacher_temp: Option<f64>) -> Result<ProtoDiag> {
     let size = l.cfg.model.img_size;
     let ds = l.data.test.clone().unwrap_or_else(|| l.data.train.clone());
-    let (imgs, n) = first_images(&ds, size, images.max(1))?;
+    let sample = first_images(&ds, size, images.max(1))?;
     let tau = teacher_temp.unwrap_or(l.cfg.teacher_temp);
     anyhow::ensure!(tau > 0.0, "--teacher-temp must be positive, got {tau}");
     diagnose_backend(
         l.backend.as_mut(),
         &model_config(&l.cfg),
         &loss_config(&l.cfg),
-        &imgs,
-        n,
+        &sample,
         tau,
     )
 }
@@ -237,6 +237,14 @@ pub fn print_diag(d: &ProtoDiag) {
         d.assign_entropy_centered,
         d.assign_entropy_centered.exp()
     );
+    match &d.agreement {
+        Some(a) => println!(
+            "assignment vs labels: NMI {:.3}, purity {:.1}% (teacher argmax prototype)",
+            a.nmi,
+            100.0 * a.purity
+        ),
+        None => println!("assignment vs labels: no labels (fewer than two classes)"),
+    }
     println!(
         "unique prototypes: {} of {k} (angular threshold {} rad)",
         d.unique, d.unique_eps
@@ -247,8 +255,17 @@ pub fn print_diag(d: &ProtoDiag) {
         d.kappa_tau, q[0], q[1], q[2], q[3], q[4]
     );
     println!(
-        "entropies: teacher {:.3}, student {:.3} nats per image; KoLeo-proto {:.4}",
-        d.teacher_entropy, d.student_entropy, d.koleo
+        "entropies: teacher {:.3}, student {:.3} nats per image; teacher batch mean {:.3} \
+         (KL to the mean {:.3}; 0 = input-independent teacher); KoLeo-proto {:.4}",
+        d.teacher_entropy,
+        d.student_entropy,
+        d.teacher_mean_entropy,
+        d.kl_to_mean(),
+        d.koleo
+    );
+    println!(
+        "RankMe of the teacher's [CLS] features: {:.1} (1 = collapsed, at most the width)",
+        d.rankme
     );
 }
 

@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 
 pub mod assign;
 pub mod attention;
+pub mod bench;
 pub mod eval;
 pub mod export;
 pub mod import;
@@ -49,6 +50,9 @@ pub enum Command {
     Attention(attention::AttentionArgs),
     /// Write RUN_DIR/report.md with the run's figures and final numbers.
     Report(report::ReportArgs),
+    /// Benchmarks: `bench quality` trains with the defaults on a suite of data sets.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Runs one parsed command.
@@ -63,6 +67,7 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         Command::Assign(a) => assign::run(a),
         Command::Attention(a) => attention::run(a),
         Command::Report(a) => report::run(a),
+        Command::Bench(c) => bench::run(c),
     }
 }
 

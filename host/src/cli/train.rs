@@ -101,6 +101,8 @@ pub struct TrainArgs {
     pub skip_checksum: bool,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Device,
+    /// Epochs to train (default: small32 fits the run to about 10 minutes on a 2-core CPU from
+    /// the number of training images; the other presets use their own).
     #[arg(long)]
     pub epochs: Option<u64>,
     #[arg(long)]
@@ -364,8 +366,32 @@ pub fn parse_data(s: &str, builtin: &DataSpec) -> Result<DataSpec> {
     anyhow::bail!("--data '{s}': expected builtin, folder:PATH[,TEST_PATH] or cifar:PATH")
 }
 
+/// The config with the data-sized default run length applied when `--epochs` is not given
+/// (see [`train::run_length`]); returns the choice for the banner.
+pub fn sized_config(
+    args: &TrainArgs,
+) -> Result<(TrainConfig, Option<train::run_length::RunLength>)> {
+    let mut cfg = args.config()?;
+    if args.epochs.is_some() || !train::run_length::sized_by_data(&cfg.preset) {
+        return Ok((cfg, None));
+    }
+    let on_error = if args.strict_data {
+        OnError::Stop
+    } else {
+        OnError::Skip
+    };
+    let data = train::open_data(&cfg.data, cfg.model.img_size, on_error)?;
+    let len = train::run_length::data_sized(&cfg, data.train.len())?;
+    cfg.epochs = len.epochs;
+    if args.warmup_epochs.is_none() {
+        cfg.warmup_epochs = len.warmup_epochs;
+    }
+    cfg.validate()?;
+    Ok((cfg, Some(len)))
+}
+
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let cfg = args.config()?;
+    let (cfg, length) = sized_config(args)?;
     let mut opts = args.options();
     // First SIGINT / SIGTERM: finish the step, save, write the summary, exit 130. A second one
     // exits at once.
@@ -380,6 +406,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         cfg.preset, cfg.method, cfg.loss, cfg.centering, cfg.norm_last_layer, cfg.model.prototypes, cfg.epochs,
         cfg.batch_size, opts.device
     );
+    if let Some(l) = &length {
+        eprintln!("{}", l.describe());
+    }
     let s = train::train(&cfg, &opts)?;
     eprintln!(
         "trained {} steps at {:.0} images/s; final loss {:.4}; checkpoint {} (run folder {})",

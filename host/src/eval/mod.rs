@@ -3,3 +3,4 @@ pub mod data_pass;
 pub mod knn;
 pub mod linear;
 pub mod prototypes;
+pub mod signals;

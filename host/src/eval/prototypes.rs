@@ -26,6 +26,8 @@ use dinovmf_core::prototypes::{
 use crate::backend::cpu::gemm::{matmul, Op};
 use crate::backend::cpu::koleo::nearest_prototypes;
 
+use super::signals::{cluster_agreement, rankme, teacher_spread, ClusterAgreement};
+
 /// Everything the diagnostics report.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProtoDiag {
@@ -56,6 +58,23 @@ pub struct ProtoDiag {
     pub student_entropy: f64,
     /// KoLeo-proto of the teacher prototypes.
     pub koleo: f64,
+    /// RankMe of the teacher's [CLS] features (not normalised) over the pass.
+    #[serde(default)]
+    pub rankme: f64,
+    /// Entropy of the mean of the teacher's softmax rows (no center) over the pass; minus
+    /// `teacher_entropy` it is the mean KL of a row to the mean (0: an input-independent teacher).
+    #[serde(default)]
+    pub teacher_mean_entropy: f64,
+    /// NMI / purity of the teacher's argmax prototype against the labels (when labelled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<ClusterAgreement>,
+}
+
+impl ProtoDiag {
+    /// `teacher_mean_entropy - teacher_entropy`: the mean KL of the teacher's rows to their mean.
+    pub fn kl_to_mean(&self) -> f64 {
+        self.teacher_mean_entropy - self.teacher_entropy
+    }
 }
 
 /// The head MLP up to the bottleneck: `z[n, p]` from `cls[n, d]`.
@@ -153,7 +172,7 @@ pub fn logits(
     l
 }
 
-/// Argmax prototype and softmax entropy of every logit row.
+/// Argmax prototype and softmax entropy of every logit row (`l` is left holding the softmax).
 fn assign_and_entropy(l: &mut [f32], k: usize) -> (Vec<u32>, f64) {
     let rows: Vec<(u32, f64)> = l
         .par_chunks_mut(k)
@@ -169,7 +188,8 @@ fn assign_and_entropy(l: &mut [f32], k: usize) -> (Vec<u32>, f64) {
 }
 
 /// The diagnostics of the weight-only quantities (kappa, unique, KoLeo) plus a data pass given
-/// as [CLS] features of the same images through the teacher (`cls_t`) and student (`cls_s`).
+/// as [CLS] features of the same images through the teacher (`cls_t`) and student (`cls_s`),
+/// and, given the images' `labels`, the NMI / purity of the teacher's assignment.
 #[allow(clippy::too_many_arguments)]
 pub fn diagnose(
     model: &ModelConfig,
@@ -181,6 +201,7 @@ pub fn diagnose(
     n: usize,
     teacher_temp: f64,
     center: &[f32],
+    labels: Option<&[u32]>,
 ) -> Result<ProtoDiag> {
     let (k, p) = (model.head.out_dim, model.head.bottleneck);
     ensure!(k >= 2, "prototype diagnostics need at least 2 prototypes");
@@ -225,6 +246,12 @@ pub fn diagnose(
         })
         .collect();
     let (assign, teacher_entropy) = assign_and_entropy(&mut lt, k);
+    let spread = teacher_spread(&lt, n, k);
+    let rankme = rankme(cls_t, n, d)?;
+    let agreement = match labels {
+        Some(y) => Some(cluster_agreement(&assign, &y[..n.min(y.len())])?),
+        None => None,
+    };
     let zs = head_z(model, student, cls_s, n);
     let mut ls = logits(model, loss, student, &zs, n, loss.student_temp);
     let (_, student_entropy) = assign_and_entropy(&mut ls, k);
@@ -252,6 +279,9 @@ pub fn diagnose(
         teacher_entropy,
         student_entropy,
         koleo,
+        rankme,
+        teacher_mean_entropy: spread.mean_entropy,
+        agreement,
     })
 }
 

@@ -1,8 +1,10 @@
 //! The training loop: data -> backend step -> schedules, metrics, checkpoints, collapse watch,
 //! k-NN evaluation at the start and the end.
+pub mod collapse_watch;
 pub mod config;
 pub mod periodic;
 pub mod run_dir;
+pub mod run_length;
 pub mod state;
 pub mod validate;
 
@@ -19,11 +21,12 @@ use serde::Serialize;
 
 use dinovmf_core::schedule::Recipe;
 
-use crate::backend::{self, Backend, Device, Net, StepHyper, StepMetrics};
+use crate::backend::{self, Backend, Device, Net, StepHyper};
 use crate::checkpoint::{write_atomic, LoadOptions};
 use crate::config::{backend_config, crop_config};
 use crate::data::{self, Dataset, Loader, OnError};
 use crate::eval::knn::{knn_accuracy, KnnScore, KNN_KS, KNN_TEMPERATURE};
+use collapse_watch::{below_init_warning, CollapseWatch};
 pub use config::{CenteringKind, DataSpec, IbotSpec, LossKind, Method, ModelSpec, TrainConfig};
 pub use run_dir::ExistingRun;
 
@@ -119,6 +122,8 @@ pub struct TrainSummary {
     pub run_dir: PathBuf,
     /// Stopped by a signal before the end.
     pub interrupted: bool,
+    /// The collapse warnings of the run (each kind once) and the end-of-run verdict.
+    pub warnings: Vec<String>,
 }
 
 /// Training and held-out datasets of a run.
@@ -293,6 +298,9 @@ struct MetricsLine<'a> {
     teacher_entropy: f32,
     mean_entropy: f32,
     max_mass: f32,
+    /// `mean_entropy - teacher_entropy`: the teacher's mean KL to its batch mean (0 = the
+    /// teacher ignores its input).
+    kl_to_mean: f32,
     kl: f32,
     grad_norm: f32,
     images_per_sec: f64,
@@ -306,44 +314,6 @@ struct MetricsLine<'a> {
     loss_mim: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     patch_teacher_entropy: Option<f32>,
-}
-
-/// Watches the metrics for the signatures of collapse and prints one warning per kind.
-struct CollapseWatch {
-    ln_k: f32,
-    warned_uniform: bool,
-    warned_single: bool,
-}
-
-impl CollapseWatch {
-    fn check(&mut self, step: u64, steps_per_epoch: u64, m: &StepMetrics) -> Option<String> {
-        // The first epoch is allowed to sit near the uniform solution.
-        if step < steps_per_epoch {
-            return None;
-        }
-        // The [CLS] loss: iBOT's total adds L_mim, which has its own scale.
-        if !self.warned_uniform
-            && (m.cls_loss > 0.98 * self.ln_k || m.teacher_entropy > 0.98 * self.ln_k)
-        {
-            self.warned_uniform = true;
-            return Some(format!(
-                "warning: step {step}: loss {:.3} / teacher entropy {:.3} near ln K = {:.3}: the teacher is \
-                 close to uniform (collapse to the uniform solution: sharpening loses to centering). \
-                 Hint: lower --teacher-temp (sharper targets), or use fewer --prototypes.",
-                m.cls_loss, m.teacher_entropy, self.ln_k
-            ));
-        }
-        if !self.warned_single && m.max_mass > 0.5 {
-            self.warned_single = true;
-            return Some(format!(
-                "warning: step {step}: one prototype holds {:.0}% of the batch's teacher mass (a sign of \
-                 partial collapse to one prototype: centering loses to sharpening). Hint: lower \
-                 --center-momentum (a faster center), or raise --teacher-temp.",
-                100.0 * m.max_mass
-            ));
-        }
-        None
-    }
 }
 
 /// Runs training as configured; returns the summary, or an error that names the problem.
@@ -480,11 +450,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         .progress_chars("=> "),
     );
     bar.set_position(start);
-    let mut watch = CollapseWatch {
-        ln_k: (cfg.model.prototypes as f32).ln(),
-        warned_uniform: false,
-        warned_single: false,
-    };
+    let mut watch = CollapseWatch::new(cfg.model.prototypes, spe);
+    let mut warnings = Vec::new();
     let device = backend.name();
     let ibot = cfg.method == Method::Ibot;
     let mut losses = Vec::new();
@@ -554,6 +521,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                     teacher_entropy: m.teacher_entropy,
                     mean_entropy: m.mean_entropy,
                     max_mass: m.max_mass,
+                    kl_to_mean: m.mean_entropy - m.teacher_entropy,
                     kl: m.kl,
                     grad_norm: m.grad_norm,
                     images_per_sec: ips,
@@ -567,11 +535,12 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             metrics.write_all(b"\n")?;
             // Whole lines only, so `tail -f metrics.jsonl` and plotting tools never see half a record.
             metrics.flush()?;
-            if let Some(w) = watch.check(step, spe, &m) {
+            if let Some(w) = watch.step(step, &m) {
                 bar.suspend(|| eprintln!("{w}"));
+                warnings.push(w);
             }
             step += 1;
-            periodic.after_step(
+            let diag = periodic.after_step(
                 backend.as_mut(),
                 cfg,
                 &data,
@@ -580,6 +549,10 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                 end,
                 sv.teacher_temp,
             )?;
+            if let Some(w) = diag.and_then(|d| watch.diag(step, &d)) {
+                bar.suspend(|| eprintln!("{w}"));
+                warnings.push(w);
+            }
             bar.set_position(step);
             bar.set_message(if ibot {
                 format!(
@@ -589,8 +562,9 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                 )
             } else {
                 format!(
-                    "ep {epoch} loss {:.3} H(t) {:.2} H(mean) {:.2} max {:.2} | {:.0} img/s {}",
-                    m.loss, m.teacher_entropy, m.mean_entropy, m.max_mass, ips, periodic.status
+                    "ep {epoch} loss {:.3} H(t) {:.2} H(mean) {:.2} KL(t|mean) {:.2} max {:.2} | {:.0} img/s {}",
+                    m.loss, m.teacher_entropy, m.mean_entropy, m.mean_entropy - m.teacher_entropy,
+                    m.max_mass, ips, periodic.status
                 )
             });
             let epoch_done = step % spe == 0;
@@ -650,6 +624,16 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
             knn: knn_final.clone(),
             diag: None,
         })?;
+        let at20 = |v: &Option<Vec<(usize, f64)>>| {
+            v.as_ref()
+                .and_then(|v| v.iter().find(|x| x.0 == 20).or(v.first()).copied())
+        };
+        if let (Some((k, fin)), Some((_, init))) = (at20(&knn_final), at20(&knn_init)) {
+            if let Some(w) = below_init_warning(k, fin, init) {
+                eprintln!("{w}");
+                warnings.push(w);
+            }
+        }
     }
     let summary = TrainSummary {
         steps: step,
@@ -661,6 +645,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         checkpoint: ckpt_path,
         run_dir: out_dir.clone(),
         interrupted,
+        warnings,
     };
     write_atomic(
         &out_dir.join("summary.json"),

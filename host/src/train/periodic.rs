@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
 use crate::config::{loss_config, model_config};
-use crate::eval::data_pass::{diagnose_backend, first_images};
+use crate::eval::data_pass::{diagnose_backend, first_images, ImageSample};
 use crate::eval::prototypes::ProtoDiag;
 
 use super::{knn_eval, pairs, Datasets, TrainConfig};
@@ -55,7 +55,7 @@ pub struct Periodic {
     out: BufWriter<File>,
     knn_every_steps: u64,
     diag_every: u64,
-    diag_images: Option<(Vec<f32>, usize)>,
+    diag_images: Option<ImageSample>,
     /// Short text for the progress bar.
     pub status: String,
 }
@@ -101,7 +101,8 @@ impl Periodic {
     }
 
     /// Runs what is due after `step` steps (`end`: the last step, whose k-NN the trainer's final
-    /// evaluation does); `teacher_temp` is the schedule's current value.
+    /// evaluation does); `teacher_temp` is the schedule's current value. Returns the
+    /// diagnostics when they ran.
     #[allow(clippy::too_many_arguments)]
     pub fn after_step(
         &mut self,
@@ -112,7 +113,7 @@ impl Periodic {
         epoch: u64,
         end: u64,
         teacher_temp: f64,
-    ) -> Result<()> {
+    ) -> Result<Option<ProtoDiag>> {
         let mut line = EvalLine {
             step,
             epoch,
@@ -133,7 +134,7 @@ impl Periodic {
             self.update_status(&line);
             self.write(&line)?;
         }
-        Ok(())
+        Ok(line.diag)
     }
 
     pub fn diagnose(
@@ -142,15 +143,14 @@ impl Periodic {
         cfg: &TrainConfig,
         teacher_temp: f64,
     ) -> Result<ProtoDiag> {
-        let Some((imgs, n)) = &self.diag_images else {
+        let Some(sample) = &self.diag_images else {
             anyhow::bail!("diagnostics are off");
         };
         diagnose_backend(
             backend,
             &model_config(cfg),
             &loss_config(cfg),
-            imgs,
-            *n,
+            sample,
             teacher_temp,
         )
     }
@@ -162,9 +162,12 @@ impl Periodic {
         }
         if let Some(d) = &line.diag {
             parts.push(format!(
-                "used {}/{} ({} centered) uniq {}",
-                d.used, d.prototypes, d.used_centered, d.unique
+                "used {}/{} ({} centered) uniq {} RankMe {:.1}",
+                d.used, d.prototypes, d.used_centered, d.unique, d.rankme
             ));
+            if let Some(a) = &d.agreement {
+                parts.push(format!("NMI {:.2}", a.nmi));
+            }
         }
         if !parts.is_empty() {
             self.status = parts.join(" ");
