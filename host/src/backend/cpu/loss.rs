@@ -59,7 +59,8 @@ pub struct LossBufs {
     dmu: Vec<f32>,
     /// `dL/dz_s[n_crops B, p]`.
     pub dz: Vec<f32>,
-    mean_p: Vec<f32>,
+    /// The batch mean of the teacher targets `[K]` (the collapse signals' input).
+    pub mean_p: Vec<f32>,
 }
 
 impl LossBufs {
