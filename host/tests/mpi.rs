@@ -120,7 +120,10 @@ fn two_mpi_ranks_match_two_in_process_shards_bit_for_bit_and_resume_exactly() {
     let (ok, text) = mpirun(2, &args(&part, 3));
     assert!(ok, "{text}");
     let mut resume = args(&part, 6);
-    resume.extend(["--resume".into(), checkpoint_in(&part).to_string_lossy().into()]);
+    resume.extend([
+        "--resume".into(),
+        checkpoint_in(&part).to_string_lossy().into(),
+    ]);
     let (ok, text) = mpirun(2, &resume);
     assert!(ok, "{text}");
     assert_eq!(losses(&part), want);
@@ -131,7 +134,10 @@ fn two_mpi_ranks_match_two_in_process_shards_bit_for_bit_and_resume_exactly() {
     let first: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
     let n = a.student.len() as u64;
     let bytes = first["reduce_bytes"].as_u64().unwrap();
-    assert!(bytes >= 4 * n && bytes < 4 * n + 4096, "{bytes} bytes for {n} params");
+    assert!(
+        bytes >= 4 * n && bytes < 4 * n + 4096,
+        "{bytes} bytes for {n} params"
+    );
     for d in [mpi, shards, part] {
         let _ = std::fs::remove_dir_all(d);
     }
@@ -151,7 +157,10 @@ fn mpi_errors_are_clear_and_end_every_rank() {
         "{text}"
     );
     assert!(!text.contains("panicked"), "{text}");
-    let (ok, text) = mpirun(2, &[args(&dir, 2), vec!["--shards".into(), "2".into()]].concat());
+    let (ok, text) = mpirun(
+        2,
+        &[args(&dir, 2), vec!["--shards".into(), "2".into()]].concat(),
+    );
     assert!(!ok);
     assert!(text.contains("use one or the other"), "{text}");
     let _ = std::fs::remove_dir_all(dir);
