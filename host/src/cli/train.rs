@@ -357,37 +357,40 @@ pub fn parse_data(s: &str, builtin: &DataSpec) -> Result<DataSpec> {
     anyhow::bail!("--data '{s}': expected builtin, folder:PATH[,TEST_PATH] or cifar:PATH")
 }
 
-/// Processes an MPI launcher (`mpirun`, `mpiexec`, `srun --mpi`) says this job has, from the
-/// environment it gives every rank; `None` when not started by one.
+/// Processes an MPI launcher (`mpirun` / `mpiexec` of Open MPI or MPICH) says this job has,
+/// from the environment it gives every rank; `None` when it says nothing.
 pub fn launcher_ranks() -> Option<usize> {
-    [
-        "OMPI_COMM_WORLD_SIZE",
-        "PMI_SIZE",
-        "PMIX_SIZE",
-        "MPI_LOCALNRANKS",
-    ]
-    .iter()
-    .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
+
+/// Whether an MPI launcher started this process: a size, or only a rank (a direct launch by
+/// `srun --mpi=pmix` announces the rank but not the size).
+fn under_launcher() -> bool {
+    launcher_ranks().is_some()
+        || ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some())
 }
 
 /// Where this process stands in a data-parallel run: under an MPI launcher with more than one
 /// process, one rank of it (feature `mpi`), or a clear refusal without the feature.
 fn parallel_for(args: &TrainArgs, opts: RunOptions) -> Result<RunOptions> {
-    let Some(n) = launcher_ranks().filter(|&n| n > 1) else {
+    if !under_launcher() || launcher_ranks() == Some(1) {
         return Ok(opts);
-    };
-    anyhow::ensure!(
-        args.shards <= 1,
-        "--shards {} under an MPI launcher with {n} processes: use one or the other",
-        args.shards
-    );
+    }
     #[cfg(feature = "mpi")]
     {
         let world = crate::backend::mpi::MpiWorld::init()?;
+        let n = world.size();
+        if n == 1 {
+            return Ok(opts);
+        }
         anyhow::ensure!(
-            world.size() == n,
-            "the launcher announced {n} processes, MPI reports {}",
-            world.size()
+            args.shards <= 1,
+            "--shards {} under an MPI launcher with {n} processes: use one or the other",
+            args.shards
         );
         let lead = world.rank() == 0;
         Ok(RunOptions {
@@ -398,7 +401,8 @@ fn parallel_for(args: &TrainArgs, opts: RunOptions) -> Result<RunOptions> {
     }
     #[cfg(not(feature = "mpi"))]
     {
-        let _ = opts;
+        let _ = (args, opts);
+        let n = launcher_ranks().map_or_else(|| "several".to_string(), |n| n.to_string());
         anyhow::bail!(
             "started by an MPI launcher with {n} processes, but this dinovmf was built without \
              MPI: each process would train alone on the whole batch. Build with \
