@@ -22,11 +22,13 @@ use crate::data::Batch;
 
 pub mod cpu;
 pub mod cuda;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod reduce;
 pub mod shapes;
 pub mod step;
 
-pub use reduce::{GradReducer, SingleProcess};
+pub use reduce::{Collective, SingleProcess, ThreadCollective};
 pub use shapes::StepShapes;
 
 /// Where the training step runs.
@@ -52,6 +54,37 @@ pub fn open(cfg: &BackendConfig, device: Device) -> Result<Box<dyn Backend>> {
     match device {
         Device::Cpu => Ok(Box::new(cpu::CpuBackend::open(cfg)?)),
         Device::Cuda => cuda::open(cfg),
+    }
+}
+
+/// The backend of one rank of a data-parallel run (the batch `cfg` describes is split over
+/// the collective's ranks), or why there is none.
+pub fn open_rank(
+    cfg: &BackendConfig,
+    device: Device,
+    collective: Box<dyn Collective>,
+) -> Result<Box<dyn Backend>> {
+    if collective.world_size() == 1 {
+        return open(cfg, device);
+    }
+    match device {
+        Device::Cpu => Ok(Box::new(cpu::CpuBackend::open_rank(cfg, collective)?)),
+        Device::Cuda => anyhow::bail!(
+            "data-parallel training ({} ranks) runs on the CPU backend only for now: the CUDA \
+             backend has no device-side all-reduce yet",
+            collective.world_size()
+        ),
+    }
+}
+
+/// One process running `shards` data-parallel ranks on threads (`--shards`; 1 = [`open`]).
+pub fn open_shards(cfg: &BackendConfig, device: Device, shards: usize) -> Result<Box<dyn Backend>> {
+    if shards <= 1 {
+        return open(cfg, device);
+    }
+    match device {
+        Device::Cpu => Ok(Box::new(cpu::ShardedCpu::open(cfg, shards)?)),
+        Device::Cuda => anyhow::bail!("--shards runs on the CPU backend only"),
     }
 }
 
@@ -206,6 +239,11 @@ pub trait Backend: Send {
     }
     /// The KoLeo-proto value of the last step, when the regulariser is on.
     fn koleo_proto_loss(&self) -> Option<f32> {
+        None
+    }
+    /// Data-parallel runs: bytes sent and seconds spent in collectives so far (`None` on one
+    /// rank).
+    fn traffic(&self) -> Option<(u64, f64)> {
         None
     }
 }

@@ -1,22 +1,267 @@
-//! The one seam for gradient reduction across processes. A data-parallel backend (NCCL) slots
-//! in here; the ops never know about it.
-use anyhow::Result;
+//! The one seam for reductions across data-parallel workers (ranks). The step's `reduce` phase
+//! and any statistic over the global batch go through a [`Collective`]; the ops never know how
+//! many ranks there are.
+//!
+//! Every sum over ranks is taken in rank order, `((x_0 + x_1) + x_2) + ...` element by element
+//! ([`ordered_sum_into`]), whatever the engine underneath: the result is the same bits on every
+//! rank and in every run, and the same bits whether the ranks are threads of one process
+//! ([`ThreadCollective`], `--shards N`) or processes under `mpirun` (`MpiCollective`, feature
+//! `mpi`).
+use std::sync::{Arc, Barrier, Mutex};
 
-pub trait GradReducer: Send {
-    /// Replaces `grads` by their mean over every worker.
-    fn all_reduce_mean(&mut self, grads: &mut [f32]) -> Result<()>;
+use anyhow::{ensure, Result};
+
+/// Collective operations over the ranks of one data-parallel run. Every rank must make the same
+/// calls in the same order with the same lengths (as MPI requires).
+pub trait Collective: Send {
+    /// This worker's rank, `0..world_size()`.
+    fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
+    /// Replaces `buf` on every rank by the element-wise sum over ranks, in rank order.
+    fn sum_f32(&mut self, buf: &mut [f32]) -> Result<()>;
+    /// As [`Collective::sum_f32`], in f64.
+    fn sum_f64(&mut self, buf: &mut [f64]) -> Result<()>;
+    /// Every rank's `local` (all of the same length), concatenated in rank order into `all`
+    /// (`world_size() * local.len()` values).
+    fn all_gather_f32(&mut self, local: &[f32], all: &mut [f32]) -> Result<()>;
+
+    /// Bytes this rank has sent and seconds it has spent in collectives so far (0 where the
+    /// engine does not count them).
+    fn traffic(&self) -> (u64, f64) {
+        (0, 0.0)
+    }
+
+    /// The element-wise mean over ranks: the rank-ordered sum divided by the world size.
+    fn mean_f32(&mut self, buf: &mut [f32]) -> Result<()> {
+        let n = self.world_size();
+        if n > 1 {
+            self.sum_f32(buf)?;
+            let w = n as f32;
+            buf.iter_mut().for_each(|x| *x /= w);
+        }
+        Ok(())
+    }
 }
 
-/// One process: the local gradient is already the mean.
+/// The sum over ranks of one element range: `out = parts[0] + parts[1] + ...`, added in that
+/// order. Both engines call this, so they give the same bits.
+pub fn ordered_sum_into<T: Copy + std::ops::AddAssign>(out: &mut [T], parts: &[&[T]]) {
+    let Some((first, rest)) = parts.split_first() else {
+        return;
+    };
+    out.copy_from_slice(first);
+    for p in rest {
+        for (o, &x) in out.iter_mut().zip(p.iter()) {
+            *o += x;
+        }
+    }
+}
+
+/// One process, one rank: every collective is the identity.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SingleProcess;
 
-impl GradReducer for SingleProcess {
-    fn all_reduce_mean(&mut self, _grads: &mut [f32]) -> Result<()> {
-        Ok(())
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
     }
     fn world_size(&self) -> usize {
         1
+    }
+    fn sum_f32(&mut self, _buf: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn sum_f64(&mut self, _buf: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+    fn all_gather_f32(&mut self, local: &[f32], all: &mut [f32]) -> Result<()> {
+        ensure!(
+            all.len() == local.len(),
+            "all_gather: output holds {} values, expected {}",
+            all.len(),
+            local.len()
+        );
+        all.copy_from_slice(local);
+        Ok(())
+    }
+}
+
+/// What the threads of a [`ThreadCollective`] share: one posted buffer per rank.
+struct Board {
+    f32s: Mutex<Vec<Vec<f32>>>,
+    f64s: Mutex<Vec<Vec<f64>>>,
+    barrier: Barrier,
+}
+
+/// Ranks that are threads of one process (the in-process reference of a data-parallel run,
+/// `--shards N`): each rank posts its buffer, waits for the others, and sums the posted
+/// buffers in rank order. Every rank must run on its own thread.
+pub struct ThreadCollective {
+    rank: usize,
+    world: usize,
+    board: Arc<Board>,
+}
+
+impl ThreadCollective {
+    /// The `world` ranks of one group, rank 0 first.
+    pub fn group(world: usize) -> Vec<ThreadCollective> {
+        let board = Arc::new(Board {
+            f32s: Mutex::new(vec![Vec::new(); world]),
+            f64s: Mutex::new(vec![Vec::new(); world]),
+            barrier: Barrier::new(world.max(1)),
+        });
+        (0..world)
+            .map(|rank| ThreadCollective {
+                rank,
+                world,
+                board: Arc::clone(&board),
+            })
+            .collect()
+    }
+
+    /// Posts `local`, waits for every rank, hands all posted buffers (rank order) to `read`,
+    /// and waits again so that no rank overwrites its post before all have read.
+    fn exchange<T: Clone>(
+        &self,
+        slots: &Mutex<Vec<Vec<T>>>,
+        local: &[T],
+        read: impl FnOnce(&[&[T]]),
+    ) -> Result<()> {
+        {
+            let mut s = slots
+                .lock()
+                .map_err(|_| anyhow::anyhow!("a rank thread panicked"))?;
+            s[self.rank].clear();
+            s[self.rank].extend_from_slice(local);
+        }
+        self.board.barrier.wait();
+        {
+            let s = slots
+                .lock()
+                .map_err(|_| anyhow::anyhow!("a rank thread panicked"))?;
+            ensure!(
+                s.iter().all(|p| p.len() == local.len()),
+                "collective: the ranks posted buffers of different lengths"
+            );
+            let parts: Vec<&[T]> = s.iter().map(|p| &p[..]).collect();
+            read(&parts);
+        }
+        self.board.barrier.wait();
+        Ok(())
+    }
+}
+
+impl Collective for ThreadCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn sum_f32(&mut self, buf: &mut [f32]) -> Result<()> {
+        let local = buf.to_vec();
+        self.exchange(&self.board.f32s, &local, |parts| {
+            ordered_sum_into(buf, parts)
+        })
+    }
+    fn sum_f64(&mut self, buf: &mut [f64]) -> Result<()> {
+        let local = buf.to_vec();
+        self.exchange(&self.board.f64s, &local, |parts| {
+            ordered_sum_into(buf, parts)
+        })
+    }
+    fn all_gather_f32(&mut self, local: &[f32], all: &mut [f32]) -> Result<()> {
+        ensure!(
+            all.len() == self.world * local.len(),
+            "all_gather: output holds {} values, expected {} x {}",
+            all.len(),
+            self.world,
+            local.len()
+        );
+        self.exchange(&self.board.f32s, local, |parts| {
+            for (o, p) in all.chunks_exact_mut(local.len().max(1)).zip(parts) {
+                o.copy_from_slice(p);
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values whose sum depends on the order of addition in f32.
+    fn rank_values(rank: usize, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                ((rank * 7919 + i * 104_729) % 1000) as f32 * 1e-3 + [1e8, -1e8, 1.0][rank % 3]
+            })
+            .collect()
+    }
+
+    fn on_threads<R: Send>(world: usize, f: impl Fn(ThreadCollective) -> R + Sync) -> Vec<R> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = ThreadCollective::group(world)
+                .into_iter()
+                .map(|c| s.spawn(|| f(c)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn thread_sum_is_the_rank_ordered_sum_on_every_rank() {
+        let (world, n) = (3, 37);
+        let mut want = vec![0.0f32; n];
+        let vals: Vec<Vec<f32>> = (0..world).map(|r| rank_values(r, n)).collect();
+        let parts: Vec<&[f32]> = vals.iter().map(|v| &v[..]).collect();
+        ordered_sum_into(&mut want, &parts);
+        // The reference in f64 (what the ordered f32 sum approximates): within one f32 rounding
+        // per addition of the largest term.
+        for i in 0..n {
+            let exact: f64 = (0..world).map(|r| vals[r][i] as f64).sum();
+            assert!((want[i] as f64 - exact).abs() <= 2.0 * 1e8 * f32::EPSILON as f64);
+        }
+        let got = on_threads(world, |mut c| {
+            let mut b = rank_values(c.rank(), n);
+            c.sum_f32(&mut b).unwrap();
+            b
+        });
+        for g in got {
+            assert_eq!(
+                g.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn thread_mean_f64_and_gather() {
+        let got = on_threads(2, |mut c| {
+            let r = c.rank() as f64;
+            let mut d = vec![r, 10.0 + r];
+            c.sum_f64(&mut d).unwrap();
+            let mut m = vec![2.0 * r as f32 + 1.0];
+            c.mean_f32(&mut m).unwrap();
+            let mut all = vec![f32::NAN; 4];
+            c.all_gather_f32(&[r as f32, -(r as f32)], &mut all)
+                .unwrap();
+            (d, m, all)
+        });
+        for (d, m, all) in got {
+            assert_eq!(d, vec![1.0, 21.0]);
+            assert_eq!(m, vec![2.0]);
+            assert_eq!(all, vec![0.0, -0.0, 1.0, -1.0]);
+        }
+    }
+
+    #[test]
+    fn single_process_is_the_identity() {
+        let mut c = SingleProcess;
+        let mut b = vec![1.5f32, -2.0];
+        c.mean_f32(&mut b).unwrap();
+        assert_eq!(b, vec![1.5, -2.0]);
+        let mut all = vec![0.0; 3];
+        assert!(c.all_gather_f32(&b, &mut all).is_err());
     }
 }

@@ -185,6 +185,35 @@ impl StepMasks {
         }
     }
 
+    /// Draws the step's masks from `seed` for rank `rank` of `ranks`: its images' rows of the
+    /// masks one process draws for the whole batch (`ranks` shards of `shapes.batch` images),
+    /// so an image gets the same drop path whichever rank runs it.
+    pub fn draw_shard(
+        &mut self,
+        model: &ModelConfig,
+        shapes: &StepShapes,
+        seed: u64,
+        (rank, ranks): (usize, usize),
+    ) {
+        let b = shapes.batch;
+        let whole = b * ranks;
+        let (n_g, n_l) = (2 * whole, shapes.n_local * whole);
+        let depth = model.vit.depth;
+        let mut global = vec![0.0; depth * 2 * n_g];
+        let mut local = vec![0.0; depth * 2 * n_l];
+        draw_drop_masks(model, seed, n_g, n_l, &mut global, &mut local);
+        for (mine, all, crops) in [
+            (&mut self.drop_global, &global, 2),
+            (&mut self.drop_local, &local, shapes.n_local),
+        ] {
+            // `[depth][2][crops][whole]` -> `[depth][2][crops][b]`: this rank's rows of each crop.
+            for (o, a) in mine.chunks_exact_mut(b).zip(all.chunks_exact(whole)) {
+                o.copy_from_slice(&a[rank * b..(rank + 1) * b]);
+            }
+            debug_assert_eq!(mine.len(), depth * 2 * crops * b);
+        }
+    }
+
     /// Draws the step's masks from `seed`.
     pub fn draw(
         &mut self,
@@ -272,7 +301,13 @@ pub trait Passes {
     fn backward(&mut self, crops: Crops, opts: Backward) -> Result<()>;
     /// Regularisers whose gradient joins the loss gradient before reduction (KoLeo-proto).
     fn regularisers(&mut self) -> Result<()>;
-    /// Mean of the gradients over processes (the seam of a multi-device backend).
+    /// `(rank, ranks)` of a data-parallel run (the batch the step gets is that rank's shard
+    /// of the global batch); `(0, 1)` for one process.
+    fn shard(&self) -> (usize, usize) {
+        (0, 1)
+    }
+    /// The seam of data parallelism: the mean over ranks of the gradients and of every
+    /// statistic over the batch, so that the next phases see the global batch's.
     fn reduce(&mut self) -> Result<()>;
     /// Per-tensor gradient clipping at `clip` (0 only measures the global norm).
     fn clip(&mut self, clip: f32) -> Result<()>;
@@ -308,7 +343,13 @@ pub fn gradients<P: Passes>(p: &mut P, batch: &Batch, hp: &StepHyper) -> Result<
     let patches = ibot.is_some();
     check_hyper(hp, patches)?;
     let (model, shapes) = (*p.model(), *p.shapes());
-    p.masks_mut().draw(&model, &shapes, ibot.as_ref(), hp.seed);
+    match p.shard() {
+        (_, 1) => p.masks_mut().draw(&model, &shapes, ibot.as_ref(), hp.seed),
+        shard => {
+            ensure!(ibot.is_none(), "iBOT runs on one rank only");
+            p.masks_mut().draw_shard(&model, &shapes, hp.seed, shard)
+        }
+    }
     p.upload(batch)?;
     let has_local = shapes.n_local > 0;
 

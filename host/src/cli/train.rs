@@ -11,7 +11,7 @@ use crate::backend::Device;
 use crate::checkpoint::LoadOptions;
 use crate::data::OnError;
 use crate::train::{
-    self, CenteringKind, DataSpec, ExistingRun, LossKind, Method, RunOptions, TrainConfig,
+    self, CenteringKind, DataSpec, ExistingRun, LossKind, Method, Parallel, RunOptions, TrainConfig,
 };
 
 /// The run folder link new runs update when no -o is given.
@@ -203,6 +203,10 @@ pub struct TrainArgs {
     /// Do not draw the figures (PNG) into the run folder at the end.
     #[arg(long)]
     pub no_figures: bool,
+    /// Data-parallel ranks as threads of this process, each with batch/N images of every
+    /// batch: the same numbers as `mpirun -np N` (CPU backend; 1 = the plain single process).
+    #[arg(long, default_value_t = 1)]
+    pub shards: usize,
 }
 
 impl TrainArgs {
@@ -309,6 +313,10 @@ impl TrainArgs {
             knn_every: self.knn_every,
             diag_every: self.diag_every,
             figures: !self.no_figures,
+            parallel: match self.shards {
+                0 | 1 => Parallel::Single,
+                n => Parallel::Shards(n),
+            },
         }
     }
 }
@@ -390,9 +398,83 @@ pub fn sized_config(
     Ok((cfg, Some(len)))
 }
 
+/// Processes an MPI launcher (`mpirun` / `mpiexec` of Open MPI or MPICH) says this job has,
+/// from the environment it gives every rank; `None` when it says nothing.
+pub fn launcher_ranks() -> Option<usize> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
+
+/// Whether an MPI launcher started this process: a size, or only a rank (a direct launch by
+/// `srun --mpi=pmix` announces the rank but not the size).
+fn under_launcher() -> bool {
+    launcher_ranks().is_some()
+        || ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some())
+}
+
+/// Where this process stands in a data-parallel run: under an MPI launcher with more than one
+/// process, one rank of it (feature `mpi`), or a clear refusal without the feature.
+fn parallel_for(args: &TrainArgs, opts: RunOptions) -> Result<RunOptions> {
+    if !under_launcher() || launcher_ranks() == Some(1) {
+        return Ok(opts);
+    }
+    #[cfg(feature = "mpi")]
+    {
+        let world = crate::backend::mpi::MpiWorld::init()?;
+        let n = world.size();
+        if n == 1 {
+            return Ok(opts);
+        }
+        anyhow::ensure!(
+            args.shards <= 1,
+            "--shards {} under an MPI launcher with {n} processes: use one or the other",
+            args.shards
+        );
+        let lead = world.rank() == 0;
+        Ok(RunOptions {
+            parallel: Parallel::Mpi(Arc::new(world)),
+            progress: opts.progress && lead,
+            ..opts
+        })
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        let _ = (args, opts);
+        let n = launcher_ranks().map_or_else(|| "several".to_string(), |n| n.to_string());
+        anyhow::bail!(
+            "started by an MPI launcher with {n} processes, but this dinovmf was built without \
+             MPI: each process would train alone on the whole batch. Build with \
+             `cargo build --release --features mpi` (scripts/mpi-deps.sh installs Open MPI)"
+        )
+    }
+}
+
 pub fn run(args: &TrainArgs) -> Result<()> {
     let (cfg, length) = sized_config(args)?;
-    let mut opts = args.options();
+    let mut opts = parallel_for(args, args.options())?;
+    let (rank, _) = opts.parallel.process_rank();
+    let result = run_with(&cfg, length.as_ref(), &mut opts, rank == 0);
+    #[cfg(feature = "mpi")]
+    if let (Err(e), Parallel::Mpi(world)) = (&result, &opts.parallel) {
+        // An error on one rank would leave the others waiting in a collective: end them all
+        // (a signal's orderly stop is the same on every rank and ends normally).
+        if !e.is::<train::Interrupted>() {
+            eprintln!("error on rank {rank}: {e:#}");
+            world.abort(1);
+        }
+    }
+    result
+}
+
+fn run_with(
+    cfg: &TrainConfig,
+    length: Option<&train::run_length::RunLength>,
+    opts: &mut RunOptions,
+    lead: bool,
+) -> Result<()> {
     // First SIGINT / SIGTERM: finish the step, save, write the summary, exit 130. A second one
     // exits at once.
     let stop = Arc::new(AtomicBool::new(false));
@@ -401,15 +483,20 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
     opts.stop = Some(stop);
-    eprintln!(
-        "dinovmf train: preset {} | method {:?} | loss {:?} | centering {:?} | norm_last_layer {} | K {} | {} epochs x batch {} | device {:?}",
-        cfg.preset, cfg.method, cfg.loss, cfg.centering, cfg.norm_last_layer, cfg.model.prototypes, cfg.epochs,
-        cfg.batch_size, opts.device
-    );
-    if let Some(l) = &length {
-        eprintln!("{}", l.describe());
+    if lead {
+        eprintln!(
+            "dinovmf train: preset {} | method {:?} | loss {:?} | centering {:?} | norm_last_layer {} | K {} | {} epochs x batch {} | device {:?} | {}",
+            cfg.preset, cfg.method, cfg.loss, cfg.centering, cfg.norm_last_layer, cfg.model.prototypes, cfg.epochs,
+            cfg.batch_size, opts.device, opts.parallel.describe()
+        );
+        if let Some(l) = length {
+            eprintln!("{}", l.describe());
+        }
     }
-    let s = train::train(&cfg, &opts)?;
+    let s = train::train(cfg, opts)?;
+    if !lead {
+        return Ok(());
+    }
     eprintln!(
         "trained {} steps at {:.0} images/s; final loss {:.4}; checkpoint {} (run folder {})",
         s.steps,

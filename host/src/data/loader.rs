@@ -56,6 +56,35 @@ impl Batch {
         let n = self.batch_size * 3 * self.local_size * self.local_size;
         &self.local[l * n..(l + 1) * n]
     }
+
+    /// Shard `rank` of `ranks` equal shards: samples `rank * b..(rank + 1) * b` of every crop,
+    /// `b = batch_size / ranks` (what rank `rank` of a data-parallel run trains on).
+    pub fn shard(&self, rank: usize, ranks: usize) -> Result<Batch, DataError> {
+        if ranks == 0 || rank >= ranks || !self.batch_size.is_multiple_of(ranks) {
+            return Err(DataError::Config(format!(
+                "a batch of {} cannot be split into {ranks} equal shards (shard {rank} asked)",
+                self.batch_size
+            )));
+        }
+        let b = self.batch_size / ranks;
+        let take = |buf: &[f32], crops: usize| -> Vec<f32> {
+            let per = buf.len() / (crops * self.batch_size).max(1);
+            let mut out = Vec::with_capacity(crops * b * per);
+            for c in 0..crops {
+                let start = (c * self.batch_size + rank * b) * per;
+                out.extend_from_slice(&buf[start..start + b * per]);
+            }
+            out
+        };
+        Ok(Batch {
+            global: take(&self.global, self.n_global),
+            local: take(&self.local, self.n_local),
+            labels: self.labels[rank * b..(rank + 1) * b].to_vec(),
+            indices: self.indices[rank * b..(rank + 1) * b].to_vec(),
+            batch_size: b,
+            ..*self
+        })
+    }
 }
 
 /// Everything a producer needs to build the batches of one epoch.
@@ -67,12 +96,16 @@ struct EpochJob {
     epoch: u64,
     order: Vec<usize>,
     pool: Option<Arc<rayon::ThreadPool>>,
+    /// `(rank, ranks)`: build only this rank's shard of each batch.
+    shard: (usize, usize),
 }
 
 impl EpochJob {
     fn build(&self, i: usize, stop: &AtomicBool) -> Result<Batch, DataError> {
-        let b = self.batch_size;
-        let indices = &self.order[i * b..(i + 1) * b];
+        let (rank, ranks) = self.shard;
+        let b = self.batch_size / ranks;
+        let first = i * self.batch_size + rank * b;
+        let indices = &self.order[first..first + b];
         let c = &self.crops;
         let (gl, ll) = (c.global_len(), c.local_len());
         let mut global = vec![0.0f32; c.n_global * b * gl];
@@ -141,6 +174,7 @@ pub struct Loader {
     workers: usize,
     prefetch: usize,
     pool: Option<Arc<rayon::ThreadPool>>,
+    shard: (usize, usize),
 }
 
 impl Loader {
@@ -173,7 +207,22 @@ impl Loader {
             workers,
             prefetch,
             pool,
+            shard: (0, 1),
         }
+    }
+
+    /// Builds only shard `rank` of `ranks` of every batch ([`Batch::shard`] of the whole one,
+    /// decoding only its images): rank `rank` of a data-parallel run. The batch size stays the
+    /// global one, so the epochs have the same batches.
+    pub fn sharded(mut self, rank: usize, ranks: usize) -> Result<Self, DataError> {
+        if ranks == 0 || rank >= ranks || !self.batch_size.is_multiple_of(ranks) {
+            return Err(DataError::Config(format!(
+                "a batch of {} cannot be split into {ranks} equal shards (rank {rank})",
+                self.batch_size
+            )));
+        }
+        self.shard = (rank, ranks);
+        Ok(self)
     }
 
     pub fn batches_per_epoch(&self) -> usize {
@@ -213,6 +262,7 @@ impl Loader {
             epoch,
             order: self.permutation(epoch),
             pool: self.pool.clone(),
+            shard: self.shard,
         }
     }
 

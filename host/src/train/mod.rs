@@ -64,6 +64,85 @@ pub struct RunOptions {
     pub diag_every: Option<u64>,
     /// Write the run's figures (PNG) at the end.
     pub figures: bool,
+    /// How the batches are split over data-parallel ranks (never changes the config).
+    pub parallel: Parallel,
+}
+
+/// How a run splits each global batch over data-parallel ranks. With N ranks every rank trains
+/// on `batch_size / N` images of each batch and the reduce phase makes the gradients and the
+/// batch statistics global; the numbers depend on N only through the order of the sums
+/// (`Shards(N)` and N MPI ranks give the same bits).
+#[derive(Clone, Default)]
+pub enum Parallel {
+    /// One process, one rank (the default numbers).
+    #[default]
+    Single,
+    /// N ranks as threads of this process (`--shards N`).
+    Shards(usize),
+    /// This process is one rank of an MPI job (`mpirun -np N dinovmf train ...`).
+    #[cfg(feature = "mpi")]
+    Mpi(Arc<crate::backend::mpi::MpiWorld>),
+}
+
+impl Parallel {
+    /// `(rank, ranks)` of this process: the one that writes files is rank 0. In-process shards
+    /// are one process: rank 0 of 1.
+    pub fn process_rank(&self) -> (usize, usize) {
+        match self {
+            Parallel::Single | Parallel::Shards(_) => (0, 1),
+            #[cfg(feature = "mpi")]
+            Parallel::Mpi(w) => (w.rank(), w.size()),
+        }
+    }
+
+    /// Data-parallel ranks in all.
+    pub fn ranks(&self) -> usize {
+        match self {
+            Parallel::Single => 1,
+            Parallel::Shards(n) => (*n).max(1),
+            #[cfg(feature = "mpi")]
+            Parallel::Mpi(w) => w.size(),
+        }
+    }
+
+    /// A collective over the processes of the run (for the trainer's own agreements).
+    fn process_collective(&self) -> Box<dyn backend::Collective> {
+        match self {
+            Parallel::Single | Parallel::Shards(_) => Box::new(backend::SingleProcess),
+            #[cfg(feature = "mpi")]
+            Parallel::Mpi(w) => Box::new(w.collective()),
+        }
+    }
+
+    /// The backend of this process.
+    fn open_backend(
+        &self,
+        cfg: &backend::BackendConfig,
+        device: Device,
+    ) -> Result<Box<dyn Backend>> {
+        match self {
+            Parallel::Single => backend::open(cfg, device),
+            Parallel::Shards(n) => backend::open_shards(cfg, device, *n),
+            #[cfg(feature = "mpi")]
+            Parallel::Mpi(w) => backend::open_rank(cfg, device, Box::new(w.collective())),
+        }
+    }
+
+    /// What the banner says.
+    pub fn describe(&self) -> String {
+        match self {
+            Parallel::Single => "1 rank".into(),
+            Parallel::Shards(n) => format!("{n} ranks (in-process shards)"),
+            #[cfg(feature = "mpi")]
+            Parallel::Mpi(w) => format!("{} ranks (MPI)", w.size()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Parallel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
 }
 
 impl Default for RunOptions {
@@ -86,6 +165,7 @@ impl Default for RunOptions {
             knn_every: 1,
             diag_every: None,
             figures: true,
+            parallel: Parallel::Single,
         }
     }
 }
@@ -314,6 +394,12 @@ struct MetricsLine<'a> {
     loss_mim: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     patch_teacher_entropy: Option<f32>,
+    /// Data-parallel runs: bytes rank 0 sent in the step's collectives and the seconds they
+    /// took (waiting for the slowest rank included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reduce_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reduce_seconds: Option<f64>,
 }
 
 /// Runs training as configured; returns the summary, or an error that names the problem.
@@ -321,6 +407,11 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     cfg.validate()?;
     let data = open_data(&cfg.data, cfg.model.img_size, opts.on_error)?;
     let crops = crop_config(cfg);
+    let (rank, processes) = opts.parallel.process_rank();
+    // Rank 0 writes every file (run folder, metrics, checkpoints, evaluations, figures); the
+    // other ranks only train.
+    let lead = rank == 0;
+    let mut agree = opts.parallel.process_collective();
     let loader = Loader::new(
         data.train.clone(),
         crops.clone(),
@@ -328,7 +419,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         cfg.seed,
         opts.workers,
         4,
-    );
+    )
+    .sharded(rank, processes)?;
     let spe = loader.batches_per_epoch() as u64;
     if spe == 0 {
         bail!(
@@ -352,15 +444,28 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         .map(|c| data.train.class_name(c))
         .collect();
     // Held until this function returns: a second live run into the same folder is refused.
-    let folder = run_dir::open_run_folder(&opts.out_dir, opts.existing, opts.resume.as_deref())?;
-    let out_dir = folder.dir.clone();
+    let folder = match lead {
+        true => Some(run_dir::open_run_folder(
+            &opts.out_dir,
+            opts.existing,
+            opts.resume.as_deref(),
+        )?),
+        false => None,
+    };
+    let out_dir = folder
+        .as_ref()
+        .map_or_else(|| opts.out_dir.clone(), |f| f.dir.clone());
     let ckpt_path = checkpoint_in(&out_dir);
-    write_atomic(
-        &out_dir.join("config.json"),
-        serde_json::to_string_pretty(cfg)?.as_bytes(),
-    )?;
+    if lead {
+        write_atomic(
+            &out_dir.join("config.json"),
+            serde_json::to_string_pretty(cfg)?.as_bytes(),
+        )?;
+    }
 
-    let mut backend = backend::open(&backend_config(cfg), opts.device)?;
+    let mut backend = opts
+        .parallel
+        .open_backend(&backend_config(cfg), opts.device)?;
     let (start, mut knn_init) = match &opts.resume {
         Some(path) => {
             let (st, step, saved_cfg, knn) = state::load_checkpoint_with(path, opts.load)?;
@@ -385,7 +490,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         bail!("nothing to do: the run is at step {start} of {end}");
     }
     let size = cfg.model.img_size;
-    if opts.eval && knn_init.is_none() && data.test.is_some() {
+    if lead && opts.eval && knn_init.is_none() && data.test.is_some() {
         eprintln!("evaluating the network at initialisation (k-NN on the held-out split)...");
         knn_init = Some(pairs(&knn_eval(backend.as_mut(), &data, size)?));
     }
@@ -396,21 +501,24 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     if cfg.koleo > 0.0 {
         backend.set_koleo(cfg.koleo as f32)?;
     }
-    if opts.resume.is_some() {
+    if lead && opts.resume.is_some() {
         // A run killed after its last save wrote steps that the resumed run writes again.
         run_dir::truncate_jsonl(&out_dir.join("metrics.jsonl"), |s| s < start)?;
         run_dir::truncate_jsonl(&periodic::evals_in(&out_dir), |s| s <= start)?;
     }
-    let mut periodic = periodic::Periodic::new(
-        &out_dir,
-        opts.resume.is_some(),
-        &data,
-        size,
-        spe,
-        if opts.eval { opts.knn_every } else { 0 },
-        opts.diag_every.unwrap_or(spe),
-    )?;
-    if opts.resume.is_none() {
+    let mut periodic = match lead {
+        true => Some(periodic::Periodic::new(
+            &out_dir,
+            opts.resume.is_some(),
+            &data,
+            size,
+            spe,
+            if opts.eval { opts.knn_every } else { 0 },
+            opts.diag_every.unwrap_or(spe),
+        )?),
+        false => None,
+    };
+    if let (Some(periodic), None) = (periodic.as_mut(), &opts.resume) {
         let mut line = periodic::EvalLine {
             knn: knn_init.clone(),
             ..Default::default()
@@ -426,18 +534,23 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     }
 
     let metrics_path = out_dir.join("metrics.jsonl");
-    let metrics_file = if opts.resume.is_some() {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-    } else {
-        File::create(&metrics_path)
-    }
-    .with_context(|| format!("opening {}", metrics_path.display()))?;
+    let metrics_file: Box<dyn Write> = match (lead, opts.resume.is_some()) {
+        (false, _) => Box::new(std::io::sink()),
+        (true, true) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .with_context(|| format!("opening {}", metrics_path.display()))?,
+        ),
+        (true, false) => Box::new(
+            File::create(&metrics_path)
+                .with_context(|| format!("opening {}", metrics_path.display()))?,
+        ),
+    };
     let mut metrics = BufWriter::new(metrics_file);
 
-    let bar = if opts.progress {
+    let bar = if opts.progress && lead {
         ProgressBar::with_draw_target(Some(end), ProgressDrawTarget::stderr_with_hz(4))
     } else {
         ProgressBar::hidden()
@@ -459,7 +572,14 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let mut last_save = opts.resume.is_some().then_some(start);
     let mut last_save_time = Instant::now();
     let save_period = Duration::from_secs_f64(60.0 * opts.checkpoint_every_minutes);
-    let stopped = || opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+    let signalled = || opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+    // Every rank stops after the same step: a signal seen by any rank stops them all.
+    let mut stopped = || -> Result<bool> {
+        let mut flag = [if signalled() { 1.0f32 } else { 0.0 }];
+        agree.sum_f32(&mut flag)?;
+        Ok(flag[0] > 0.0)
+    };
+    let mut traffic = backend.traffic();
     let mut step = start;
     let mut ips = 0.0;
     let mut interrupted = false;
@@ -467,7 +587,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         let epoch = step / spe;
         let first = (step % spe) as usize;
         for batch in loader.epoch(epoch, first) {
-            if stopped() {
+            if stopped()? {
                 interrupted = true;
                 break 'epochs;
             }
@@ -502,6 +622,12 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                 );
             }
             let dt = t.elapsed().as_secs_f64();
+            // Bytes this rank sent and seconds it spent in the step's collectives.
+            let reduce = backend
+                .traffic()
+                .zip(traffic)
+                .map(|((b1, s1), (b0, s0))| (b1 - b0, s1 - s0));
+            traffic = backend.traffic();
             ips = if ips == 0.0 {
                 cfg.batch_size as f64 / dt
             } else {
@@ -530,6 +656,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                     loss_cls: ibot.then_some(m.cls_loss),
                     loss_mim: ibot.then_some(m.mim_loss),
                     patch_teacher_entropy: ibot.then_some(m.patch_teacher_entropy),
+                    reduce_bytes: reduce.map(|r| r.0),
+                    reduce_seconds: reduce.map(|r| r.1),
                 },
             )?;
             metrics.write_all(b"\n")?;
@@ -540,31 +668,35 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                 warnings.push(w);
             }
             step += 1;
-            let diag = periodic.after_step(
-                backend.as_mut(),
-                cfg,
-                &data,
-                step,
-                step / spe,
-                end,
-                sv.teacher_temp,
-            )?;
+            let diag = match periodic.as_mut() {
+                Some(periodic) => periodic.after_step(
+                    backend.as_mut(),
+                    cfg,
+                    &data,
+                    step,
+                    step / spe,
+                    end,
+                    sv.teacher_temp,
+                )?,
+                None => None,
+            };
             if let Some(w) = diag.and_then(|d| watch.diag(step, &d)) {
                 bar.suspend(|| eprintln!("{w}"));
                 warnings.push(w);
             }
+            let status = periodic.as_ref().map_or("", |p| &p.status[..]);
             bar.set_position(step);
             bar.set_message(if ibot {
                 format!(
                     "ep {epoch} cls {:.3} mim {:.3} H(t) {:.2} H(patch) {:.2} max {:.2} | {:.0} img/s {}",
                     m.cls_loss, m.mim_loss, m.teacher_entropy, m.patch_teacher_entropy, m.max_mass, ips,
-                    periodic.status
+                    status
                 )
             } else {
                 format!(
                     "ep {epoch} loss {:.3} H(t) {:.2} H(mean) {:.2} KL(t|mean) {:.2} max {:.2} | {:.0} img/s {}",
                     m.loss, m.teacher_entropy, m.mean_entropy, m.mean_entropy - m.teacher_entropy,
-                    m.max_mass, ips, periodic.status
+                    m.max_mass, ips, status
                 )
             });
             let epoch_done = step % spe == 0;
@@ -573,8 +705,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                 || (opts.checkpoint_every_steps > 0
                     && step.is_multiple_of(opts.checkpoint_every_steps))
                 || (opts.checkpoint_every_minutes > 0.0 && last_save_time.elapsed() >= save_period)
-                || stopped();
-            if due {
+                || signalled();
+            if due && lead {
                 metrics.flush()?;
                 let st = backend.state()?;
                 state::save_checkpoint_meta(
@@ -596,7 +728,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     metrics.flush()?;
     if interrupted {
         bar.abandon();
-        if last_save != Some(step) {
+        if lead && last_save != Some(step) {
             let st = backend.state()?;
             state::save_checkpoint_meta(
                 &ckpt_path,
@@ -614,7 +746,10 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
     let images_per_sec = (step - start) as f64 * cfg.batch_size as f64 / elapsed.max(1e-9);
 
     let (mut knn_final, mut knn_px) = (None, None);
-    if opts.eval && data.test.is_some() && !interrupted {
+    if let Some(periodic) = periodic
+        .as_mut()
+        .filter(|_| opts.eval && data.test.is_some() && !interrupted)
+    {
         eprintln!("evaluating the trained teacher (k-NN on the held-out split)...");
         knn_final = Some(pairs(&knn_eval(backend.as_mut(), &data, size)?));
         knn_px = Some(pairs(&knn_pixels(&data, size)?));
@@ -647,10 +782,12 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         interrupted,
         warnings,
     };
-    write_atomic(
-        &out_dir.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
+    if lead {
+        write_atomic(
+            &out_dir.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
+    }
     if interrupted {
         return Err(Interrupted {
             step,
@@ -658,7 +795,7 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         }
         .into());
     }
-    if opts.figures {
+    if opts.figures && lead {
         // Figures are a view of what is already saved: a failure costs the pictures only.
         match crate::report::write_figures(&out_dir) {
             Ok(files) => eprintln!("figures: {}", files.join(", ")),

@@ -60,7 +60,8 @@ pub struct LossBufs {
     dmu: Vec<f32>,
     /// `dL/dz_s[n_crops B, p]`.
     pub dz: Vec<f32>,
-    mean_p: Vec<f32>,
+    /// The batch mean of the teacher targets `[K]` (the collapse signals' input).
+    pub mean_p: Vec<f32>,
     /// Sinkhorn-Knopp's per-prototype scratch.
     col_max: Vec<f32>,
     col_sum: Vec<f32>,

@@ -18,7 +18,7 @@ use dinovmf_core::optim::{adamw_step, ema_update, l2_norm, AdamW};
 
 use super::step::{self, check_state, StepMasks, PHASES};
 use super::{
-    Backend, BackendConfig, GradReducer, Net, SingleProcess, StepHyper, StepMetrics, StepShapes,
+    Backend, BackendConfig, Collective, Net, SingleProcess, StepHyper, StepMetrics, StepShapes,
     TrainState,
 };
 use crate::data::Batch;
@@ -34,7 +34,10 @@ mod mim;
 mod passes;
 mod probe;
 mod rows;
+mod shards;
 mod vit;
+
+pub use shards::ShardedCpu;
 
 use head::HeadBufs;
 use loss::LossBufs;
@@ -59,7 +62,7 @@ pub struct CpuBackend {
     cx: Cx,
     loss_cfg: LossConfig,
     shapes: StepShapes,
-    reducer: Box<dyn GradReducer>,
+    reducer: Box<dyn Collective>,
     tensors: Vec<Tensor>,
     norms: Vec<f64>,
     student: Vec<f32>,
@@ -127,7 +130,7 @@ impl CpuBackend {
         model: ModelConfig,
         loss: LossConfig,
         shapes: StepShapes,
-        reducer: Box<dyn GradReducer>,
+        reducer: Box<dyn Collective>,
     ) -> Result<Self> {
         shapes.validate(&model, &loss)?;
         let cx = Cx::new(&model);
@@ -205,7 +208,22 @@ impl CpuBackend {
 
     /// The backend of `cfg` (iBOT's when it has iBOT settings), single process.
     pub fn open(cfg: &BackendConfig) -> Result<Self> {
-        let be = Self::new(cfg.model, cfg.loss, cfg.shapes, Box::new(SingleProcess))?;
+        Self::open_rank(cfg, Box::new(SingleProcess))
+    }
+
+    /// The backend of one rank of a data-parallel run over `collective`: `cfg` describes the
+    /// whole batch, this backend runs `cfg.shapes.batch / ranks` of it.
+    pub fn open_rank(cfg: &BackendConfig, collective: Box<dyn Collective>) -> Result<Self> {
+        let ranks = collective.world_size();
+        let mut shapes = cfg.shapes;
+        ensure!(
+            shapes.batch.is_multiple_of(ranks) && shapes.batch >= ranks,
+            "a batch of {} cannot be split over {ranks} ranks: use a --batch-size that is a \
+             multiple of {ranks}",
+            shapes.batch
+        );
+        shapes.batch /= ranks;
+        let be = Self::new(cfg.model, cfg.loss, shapes, collective)?;
         match cfg.ibot {
             Some(ib) => be.with_ibot(ib),
             None => Ok(be),
@@ -482,5 +500,9 @@ impl Backend for CpuBackend {
         let (b, d) = (self.shapes.batch, self.cx.d);
         self.koleo_scratch = vec![0.0; dinovmf_core::koleo::koleo_scratch_len(b, d)];
         Ok(())
+    }
+
+    fn traffic(&self) -> Option<(u64, f64)> {
+        (self.reducer.world_size() > 1).then(|| self.reducer.traffic())
     }
 }

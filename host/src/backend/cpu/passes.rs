@@ -3,6 +3,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
+use dinovmf_core::centering::center_update;
+use dinovmf_core::collapse::entropy;
 use dinovmf_core::koleo::koleo_forward_backward;
 use dinovmf_core::mim_loss::IbotConfig;
 use dinovmf_core::model::ModelConfig;
@@ -344,8 +346,41 @@ impl Passes for CpuBackend {
         Ok(())
     }
 
+    fn shard(&self) -> (usize, usize) {
+        (self.reducer.rank(), self.reducer.world_size())
+    }
+
+    /// One rank: nothing. Several: the mean over ranks of the gradients, then of the batch
+    /// statistics (the center's, the mean teacher distribution, the loss and the mean row
+    /// entropy; equal shards, so the mean of the shard means is the global batch mean), from
+    /// which the next center and the collapse signals are computed again as one process would.
     fn reduce(&mut self) -> Result<()> {
-        self.reducer.all_reduce_mean(&mut self.grads)
+        if self.reducer.world_size() == 1 {
+            return Ok(());
+        }
+        self.reducer.mean_f32(&mut self.grads)?;
+        let k = self.center.len();
+        let lb = &self.lossb;
+        let mut stats = Vec::with_capacity(2 * k + 2);
+        stats.extend_from_slice(&lb.stat[..k]);
+        stats.extend_from_slice(&lb.mean_p[..k]);
+        stats.extend_from_slice(&[self.report.loss, self.report.teacher_entropy]);
+        self.reducer.mean_f32(&mut stats)?;
+        let (stat, rest) = stats.split_at(k);
+        let (mean_p, scalars) = rest.split_at(k);
+        self.next_center.copy_from_slice(&self.center);
+        center_update(
+            &mut self.next_center,
+            stat,
+            self.loss_cfg.center_momentum as f32,
+        );
+        let r = &mut self.report;
+        (r.loss, r.teacher_entropy) = (scalars[0], scalars[1]);
+        r.cls_loss = r.loss;
+        r.kl = r.loss - r.teacher_entropy;
+        r.mean_entropy = entropy(mean_p);
+        r.max_mass = mean_p.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        Ok(())
     }
 
     fn clip(&mut self, clip: f32) -> Result<()> {

@@ -10,8 +10,9 @@
 //!
 //! Collapse signals stay on the device too: `row_entropy` (mean row entropy of `P_t` and the
 //! entropy of its batch mean), a column sum (the batch mean), a max reduction (its largest
-//! mass). A multi-process [`GradReducer`] gets the gradients on the host (download, reduce,
-//! upload); the single-process one costs nothing.
+//! mass). Data parallelism (a [`Collective`] of more than one rank) is refused here for now:
+//! its reduce phase would make the gradients global but not the centers and the collapse
+//! signals (the CPU backend does both; NCCL on device buffers is the missing piece).
 use anyhow::{ensure, Result};
 
 use dinovmf_core::centering::center_init;
@@ -23,7 +24,7 @@ use super::head::{self, HeadBufs};
 use super::ops::Segments;
 use super::vit::{self, BackScratch, Cx, Group};
 use crate::backend::step::{self, check_state, StepMasks};
-use crate::backend::{Backend, GradReducer, Net, StepHyper, StepMetrics, StepShapes, TrainState};
+use crate::backend::{Backend, Collective, Net, StepHyper, StepMetrics, StepShapes, TrainState};
 use crate::data::Batch;
 
 mod ibot;
@@ -54,7 +55,7 @@ pub struct GpuBackend<D: Device> {
     cx: Cx,
     loss_cfg: LossConfig,
     shapes: StepShapes,
-    reducer: Box<dyn GradReducer>,
+    reducer: Box<dyn Collective>,
     n_params: usize,
     runs: Vec<Run>,
     clip_segs: Segments,
@@ -96,9 +97,15 @@ impl<D: Device> GpuBackend<D> {
         model: ModelConfig,
         loss: LossConfig,
         shapes: StepShapes,
-        reducer: Box<dyn GradReducer>,
+        reducer: Box<dyn Collective>,
     ) -> Result<Self> {
         shapes.validate(&model, &loss)?;
+        ensure!(
+            reducer.world_size() == 1,
+            "data-parallel training ({} ranks) runs on the CPU backend only; the CUDA backend \
+             has no device-side all-reduce yet",
+            reducer.world_size()
+        );
         let mut gpu = Gpu::new(dev);
         gpu.dev.bind()?;
         let cx = Cx::new(&model);

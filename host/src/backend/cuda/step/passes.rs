@@ -236,7 +236,7 @@ impl<D: Device> Passes for GpuBackend<D> {
     fn reduce(&mut self) -> Result<()> {
         if self.reducer.world_size() > 1 {
             let mut g = self.gpu.to_vec(self.grads)?;
-            self.reducer.all_reduce_mean(&mut g)?;
+            self.reducer.mean_f32(&mut g)?;
             self.gpu.upload(self.grads, &g)?;
         }
         Ok(())
