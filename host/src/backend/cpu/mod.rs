@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
+use dinovmf_core::centering::Centering;
 use dinovmf_core::loss::LossConfig;
 use dinovmf_core::model::{for_each_param, num_params, ModelConfig};
 use dinovmf_core::optim::{adamw_step, ema_update, l2_norm, AdamW};
@@ -221,6 +222,11 @@ impl CpuBackend {
             "a batch of {} cannot be split over {ranks} ranks: use a --batch-size that is a \
              multiple of {ranks}",
             shapes.batch
+        );
+        ensure!(
+            ranks == 1 || !matches!(cfg.loss.centering, Centering::Sinkhorn { .. }),
+            "--centering sinkhorn is not data-parallel yet ({ranks} ranks): its column sums are \
+             over one rank's rows; run it on one rank"
         );
         shapes.batch /= ranks;
         let be = Self::new(cfg.model, cfg.loss, shapes, collective)?;
@@ -495,6 +501,12 @@ impl Backend for CpuBackend {
         ensure!(
             weight.is_finite() && weight >= 0.0,
             "--koleo must be a finite weight >= 0, got {weight}"
+        );
+        ensure!(
+            weight == 0.0 || self.reducer.world_size() == 1,
+            "--koleo is not data-parallel yet ({} ranks): its nearest neighbours are over one \
+             rank's rows; run it on one rank",
+            self.reducer.world_size()
         );
         self.koleo = weight;
         let (b, d) = (self.shapes.batch, self.cx.d);
