@@ -196,7 +196,7 @@ def dinovmf_run(p, args, loss, steps):
     cmd = [args.dinovmf, "train", "--device", args.device, "--preset", p["dinovmf"],
            "--loss", loss, "--prototypes", str(p["k"]),
            "--batch-size", str(args.batch), "--n-local", str(args.n_local),
-           "--data", f"folder:{args.data}", "--max-steps", str(steps), "--no-eval",
+           "--data", f"folder:{args.data}" if args.data else "builtin", "--max-steps", str(steps), "--no-eval",
            "--no-figures", "-q", "--diag-every", "0", "--checkpoint-minutes", "0",
            "--workers", str(args.dinovmf_workers), "--out", out] + args.dinovmf_arg
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
@@ -213,18 +213,21 @@ def dinovmf_run(p, args, loss, steps):
 def dinovmf_measure(p, args, loss):
     """(images/s of the step alone, images/s with data loading) from a short and a long run."""
     short, long = args.warmup + 2, args.warmup + 2 + args.dinovmf_steps
-    w1, _ = dinovmf_run(p, args, loss, short)
     w2, times = dinovmf_run(p, args, loss, long)
     step_only = args.batch * (len(times) - args.warmup) / sum(times[args.warmup:])
-    with_data = args.batch * (long - short) / (w2 - w1)
-    return step_only, with_data
+    if args.data is None:
+        return step_only, None
+    w1, _ = dinovmf_run(p, args, loss, short)
+    return step_only, args.batch * (long - short) / (w2 - w1)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small32")
-    ap.add_argument("--data", required=True, help="image folder (<class>/<image>), both sides")
+    ap.add_argument("--data", default=None,
+                    help="image folder (<class>/<image>) for both sides; without it only the "
+                         "step is compared (dinovmf trains on its built-in set)")
     ap.add_argument("--prototypes", type=int, default=None, help="K (default: the preset's)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--n-local", type=int, default=4)
@@ -235,7 +238,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (medians reported)")
     ap.add_argument("--workers-list", default="0,1,2",
                     help="DataLoader num_workers values tried; the best is used")
-    ap.add_argument("--dinovmf-workers", type=int, default=1, help="dinovmf's --workers")
+    ap.add_argument("--dinovmf-workers", "--workers", type=int, default=1,
+                    help="dinovmf's --workers (data threads)")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false",
                     help="skip the autocast runs of DINO")
     ap.add_argument("--vmf", action="store_true", help="also dinovmf --loss vmf (DINO-vMF)")
@@ -250,7 +254,7 @@ def main():
     args = ap.parse_args()
     if not os.path.exists(os.path.join(args.dino, "main_dino.py")):
         sys.exit(f"side_by_side: {args.dino}/main_dino.py not found: run scripts/fetch-dino.sh")
-    if not os.path.isdir(args.data):
+    if args.data is not None and not os.path.isdir(args.data):
         sys.exit(f"side_by_side: --data {args.data} is not a folder")
     cores = os.cpu_count() or 1
     if args.threads is None:
@@ -275,13 +279,15 @@ def main():
     dino = Dino(p, args)
     workers = [int(w) for w in args.workers_list.split(",")]
     # PyTorch's best num_workers, from one pass over the candidates.
-    args_steps = args.steps
-    args.steps = max(4, args.steps // 2)
-    trial = {w: dino.run(False, w) for w in workers}
-    args.steps = args_steps
-    best_w = max(trial, key=trial.get)
-    print("DINO fp32 with data, num_workers -> images/s:",
-          ", ".join(f"{w}: {v:.1f}" for w, v in trial.items()), f"(best {best_w})", flush=True)
+    best_w = None
+    if args.data:
+        args_steps = args.steps
+        args.steps = max(4, args.steps // 2)
+        trial = {w: dino.run(False, w) for w in workers}
+        args.steps = args_steps
+        best_w = max(trial, key=trial.get)
+        print("DINO fp32 with data, num_workers -> images/s:",
+              ", ".join(f"{w}: {v:.1f}" for w, v in trial.items()), f"(best {best_w})", flush=True)
 
     rows = {}
 
@@ -295,15 +301,18 @@ def main():
         add("DINO fp32, step only", dino.run(False))
         s, d = dinovmf_measure(p, args, "dino")
         add("dinovmf dino, step only", s)
-        add(f"DINO fp32, data ({best_w} workers)", dino.run(False, best_w))
-        add("dinovmf dino, data", d)
+        if args.data:
+            add(f"DINO fp32, data ({best_w} workers)", dino.run(False, best_w))
+            add("dinovmf dino, data", d)
         if args.bf16:
             add(f"DINO {amp_name}, step only", dino.run(True))
-            add(f"DINO {amp_name}, data ({best_w} workers)", dino.run(True, best_w))
+            if args.data:
+                add(f"DINO {amp_name}, data ({best_w} workers)", dino.run(True, best_w))
         if "vmf" in losses:
             s, d = dinovmf_measure(p, args, "vmf")
             add("dinovmf vmf, step only", s)
-            add("dinovmf vmf, data", d)
+            if args.data:
+                add("dinovmf vmf, data", d)
 
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(f"\nmedians over {args.rounds} rounds ({time.perf_counter() - t_start:.0f} s in all, "
@@ -312,7 +321,8 @@ def main():
         print(f"  {k:<34} {v:8.1f} images/s")
     print("ratios (dinovmf / DINO, same kind of measurement):")
     for loss in losses:
-        for kind, key in (("step only", "step only"), ("data", f"data ({best_w} workers)")):
+        kinds = [("step only", "step only")] + ([("data", f"data ({best_w} workers)")] if args.data else [])
+        for kind, key in kinds:
             ours = med[f"dinovmf {loss}, {kind}"]
             line = f"  dinovmf {loss:<4} {kind:<10} / DINO fp32: {ours / med[f'DINO fp32, {key}']:.2f}"
             if args.bf16:
