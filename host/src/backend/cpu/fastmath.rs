@@ -154,7 +154,8 @@ macro_rules! multiversion {
             $name_at(simd_level(), $($a),*)
         }
 
-        /// [`Self`]'s kernel at `level` (or the best below it that the CPU has).
+        /// The same kernel at `level` (or the best level below it that the CPU has).
+        #[allow(clippy::too_many_arguments)]
         pub fn $name_at(level: SimdLevel, $($a: $t),*) {
             #[inline(always)]
             fn body($($a: $t),*) $body
