@@ -72,13 +72,13 @@ sim=""
 # size is not what is being checked, so that every step finishes and its logic is exercised.
 cmp_dino="--preset small32"
 train_args="--preset vit-s16 --batch-size 64 --max-steps 8"
-sbs_args="--preset vit-s16 --steps 8"
+sbs_args="--preset vit-s16 --n-local 8 --steps 8 --rounds 1 --dinovmf-steps 8"
 if [ "$dry" = 1 ]; then
     sim="--sim"
     export DINOVMF_CUDA_SIM=1
     cmp_dino="--preset tiny"
     train_args="--preset tiny --batch-size 8 --max-steps 2"
-    sbs_args="--preset small32 --batch 8 --n-local 2 --steps 1"
+    sbs_args="--preset small32 --batch 8 --n-local 2 --steps 1 --warmup 1 --rounds 1"
 fi
 rows=()
 

@@ -1,142 +1,185 @@
 #!/usr/bin/env python3
 """Training throughput of the official DINO step (facebookresearch/dino, fetched into
-third_party/dino/ by scripts/fetch-dino.sh, never committed) next to a `dinovmf train` run on the
-same model, crops, batch and precision, from one invocation: prints both images/s and the ratio.
+third_party/dino/ by scripts/fetch-dino.sh, never committed) next to `dinovmf train` on the same
+model, crops, batch, threads and data, interleaved, from one invocation: prints both images/s
+and the ratios, with and without data loading, for PyTorch fp32 and bf16 autocast.
 
-    python3 scripts/side_by_side.py --device cpu --preset small32 --steps 3 --dinovmf target/release/dinovmf
-    python3 side_by_side.py --device cuda --preset vit-s16 --steps 8 --dinovmf ./dinovmf   # GPU machine
+    # the issue 16 comparison (2 CPU cores, K = 4096, batch 64, 2 x 32 px + 4 x 16 px), ~8 min:
+    .venv-torch/bin/python scripts/side_by_side.py --dinovmf target/release/dinovmf \\
+        --data /path/to/png-folder --prototypes 4096 --n-local 4 --batch 64
+    # a GPU machine: --device cuda --preset vit-s16 (dinovmf's CUDA step is f32)
 
-The DINO side builds the official modules (vision_transformer.vit_small / vit_base, DINOHead,
-utils.MultiCropWrapper, utils.get_params_groups, utils.clip_gradients and main_dino.DINOLoss) and
-runs their training step: teacher on the 2 global crops, student on all crops, DINO loss,
-backward, gradient clipping, AdamW, teacher EMA. Inputs are random crops of the right sizes (the
-throughput of the step, not of a data loader). Precision: f32 on both sides (`--amp` runs DINO
-with autocast fp16 instead; dinovmf's CUDA step is f32). Not run by CI.
+What each side runs
+- DINO: the official modules (vision_transformer.VisionTransformer / vit_small / vit_base,
+  DINOHead, utils.MultiCropWrapper, utils.get_params_groups, utils.clip_gradients,
+  main_dino.DINOLoss) and main_dino's training step: teacher on the 2 global crops, student on
+  all crops, DINO loss, backward, gradient clipping, AdamW, teacher EMA. Data: main_dino's
+  DataAugmentationDINO (its crop sizes set to the preset's) on a torchvision ImageFolder, through
+  a torch DataLoader; every `--workers-list` value is tried and the best is used (0 = in the
+  main process). `--bf16` also runs the step under `torch.autocast(device, torch.bfloat16)`
+  (CPU) / fp16 (CUDA), the official code's mixed precision.
+- dinovmf: `dinovmf train --loss dino` (and `--loss vmf` with `--vmf`) on the same folder.
+  Without data: each step's `train_step` time from metrics.jsonl (its per-step images/s is an
+  exponential average, `ips_n = 0.9 ips_(n-1) + 0.1 batch/dt_n`, inverted exactly here). With
+  data: the wall time of a short and a long run, differenced, so start-up, decoding the folder,
+  the first step and the final checkpoint cancel: `batch (n_long - n_short) / (t_long - t_short)`.
+- DINO without data: the same step on fixed random crops. With data: the steps after the
+  warm-up, timed end to end including `next(loader)`.
 
-Like for like: both sides measure the training step alone, after the same `--warmup` steps. The
-DINO side times each step (synchronised on a GPU); the dinovmf side reads each step's time of
-`train_step` from its metrics.jsonl (the per-step images/s there is an exponential average,
-`ips_n = 0.9 ips_(n-1) + 0.1 batch/dt_n`, which this script inverts exactly), so data loading and
-augmentation, which dinovmf does in its worker threads and DINO here not at all, count on
-neither side. On a CPU both use `--threads` compute threads (torch.set_num_threads; dinovmf's
-compute pool is rayon's, RAYON_NUM_THREADS). dinovmf's end-to-end figure (`summary.json`, every
-step and the data pipeline included) is printed beside it for information.
+Both sides use `--threads` compute threads (torch.set_num_threads; RAYON_NUM_THREADS), and the
+measurements alternate (DINO, dinovmf, DINO, ...) for `--rounds` rounds, so a change of the
+machine's load hits both; the medians over rounds are reported, with the load average. Not run
+by CI; needs torch, torchvision and Pillow (e.g. in .venv-torch).
 """
 import argparse
+import warnings
 import ast
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-# Model presets: (dinovmf preset or None, dims). "tiny-vit" is a small ViT for a quick CPU check.
 PRESETS = {
     "vit-s16": dict(arch="vit_small", img=224, local=96, patch=16, dim=384, depth=12, heads=6,
                     k=65536, hidden=2048, bottleneck=256, dinovmf="vit-s16"),
     "vit-b16": dict(arch="vit_base", img=224, local=96, patch=16, dim=768, depth=12, heads=12,
                     k=65536, hidden=2048, bottleneck=256, dinovmf="vit-b16"),
-    # dinovmf's small32 model (32 px, patch 4, 4 blocks of width 96): a quick check on a CPU.
+    # dinovmf's default model (32 px, patch 4, 4 blocks of width 96, 3 heads).
     "small32": dict(arch=None, img=32, local=16, patch=4, dim=96, depth=4, heads=3,
                     k=1024, hidden=512, bottleneck=128, dinovmf="small32"),
 }
 
 
 def load_dino(dino_dir):
-    """The official modules; DINOLoss is taken from main_dino.py by its class source alone, so
-    torchvision (imported at main_dino.py's top for its data pipeline) is not needed."""
+    """The official modules; DINOLoss and DataAugmentationDINO are taken from main_dino.py by
+    their class sources alone (its top-level imports pull in its whole training script)."""
     sys.path.insert(0, dino_dir)
+    import numpy as np
     import torch
+    import torch.distributed as dist
     import torch.nn as nn
     import torch.nn.functional as F
-    import numpy as np
-    import torch.distributed as dist
-    import vision_transformer as vits
+    from PIL import Image
+    from torchvision import transforms
+
     import utils
+    import vision_transformer as vits
 
-    src = open(os.path.join(dino_dir, "main_dino.py")).read()
-    tree = ast.parse(src)
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "DINOLoss")
-    ns = dict(torch=torch, nn=nn, F=F, np=np, dist=dist)
-    exec(compile(ast.Module(body=[cls], type_ignores=[]), "main_dino.py", "exec"), ns)
-    return vits, utils, ns["DINOLoss"]
+    tree = ast.parse(open(os.path.join(dino_dir, "main_dino.py")).read())
+    wanted = {"DINOLoss", "DataAugmentationDINO"}
+    classes = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in wanted]
+    ns = dict(torch=torch, nn=nn, F=F, np=np, dist=dist, transforms=transforms, Image=Image,
+              utils=utils)
+    exec(compile(ast.Module(body=classes, type_ignores=[]), "main_dino.py", "exec"), ns)
+    return vits, utils, ns["DINOLoss"], ns["DataAugmentationDINO"]
 
 
-def dino_images_per_s(p, args):
-    import torch
-    import torch.distributed as dist
+class Dino:
+    """The official DINO model, loss and optimiser, built once; `run` times steps."""
 
-    vits, utils, DINOLoss = load_dino(args.dino)
-    dev = torch.device(args.device)
-    if not dist.is_initialized():
-        # DINOLoss.update_center all-reduces: one process group of one.
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                init_method=f"tcp://127.0.0.1:{args.port}", rank=0, world_size=1)
-    torch.manual_seed(0)
+    def __init__(self, p, args):
+        import torch
+        import torch.distributed as dist
 
-    def backbone(drop):
+        self.p, self.args = p, args
+        self.vits, self.utils, DINOLoss, self.Aug = load_dino(args.dino)
+        self.dev = torch.device(args.device)
+        if not dist.is_initialized():
+            # DINOLoss.update_center all-reduces: one process group of one.
+            backend = "nccl" if self.dev.type == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{args.port}",
+                                    rank=0, world_size=1)
+        torch.manual_seed(0)
+        self.student = self.utils.MultiCropWrapper(self.backbone(0.1), self.head()).to(self.dev)
+        self.teacher = self.utils.MultiCropWrapper(self.backbone(0.0), self.head()).to(self.dev)
+        self.teacher.load_state_dict(self.student.state_dict())
+        for q in self.teacher.parameters():
+            q.requires_grad = False
+        self.loss_fn = DINOLoss(p["k"], 2 + args.n_local, 0.04, 0.04, 1, 1000).to(self.dev)
+        params = self.utils.get_params_groups(self.student)
+        self.opt = torch.optim.AdamW(params, lr=5e-4 * args.batch / 256)
+        g = torch.Generator(device="cpu").manual_seed(1)
+        crops = [torch.randn(args.batch, 3, p["img"], p["img"], generator=g) for _ in range(2)]
+        crops += [torch.randn(args.batch, 3, p["local"], p["local"], generator=g)
+                  for _ in range(args.n_local)]
+        self.random_crops = [c.to(self.dev) for c in crops]
+
+    def backbone(self, drop):
+        p = self.p
         if p["arch"]:
-            return vits.__dict__[p["arch"]](patch_size=p["patch"], drop_path_rate=drop)
-        return vits.VisionTransformer(img_size=[p["img"]], patch_size=p["patch"], embed_dim=p["dim"], depth=p["depth"],
-                                      num_heads=p["heads"], mlp_ratio=4, qkv_bias=True,
-                                      drop_path_rate=drop)
+            return self.vits.__dict__[p["arch"]](patch_size=p["patch"], drop_path_rate=drop)
+        return self.vits.VisionTransformer(img_size=[p["img"]], patch_size=p["patch"],
+                                           embed_dim=p["dim"], depth=p["depth"],
+                                           num_heads=p["heads"], mlp_ratio=4, qkv_bias=True,
+                                           drop_path_rate=drop)
 
-    def head(norm_last):
-        return vits.DINOHead(p["dim"], p["k"], use_bn=False, norm_last_layer=norm_last,
-                             hidden_dim=p["hidden"], bottleneck_dim=p["bottleneck"])
+    def head(self):
+        p = self.p
+        return self.vits.DINOHead(p["dim"], p["k"], use_bn=False, norm_last_layer=True,
+                                  hidden_dim=p["hidden"], bottleneck_dim=p["bottleneck"])
 
-    student = utils.MultiCropWrapper(backbone(0.1), head(True)).to(dev)
-    teacher = utils.MultiCropWrapper(backbone(0.0), head(True)).to(dev)
-    teacher.load_state_dict(student.state_dict())
-    for q in teacher.parameters():
-        q.requires_grad = False
-    n_crops = 2 + args.n_local
-    loss_fn = DINOLoss(p["k"], n_crops, 0.04, 0.04, 1, 1000).to(dev)
-    opt = torch.optim.AdamW(utils.get_params_groups(student), lr=5e-4 * args.batch / 256)
-    scaler = torch.amp.GradScaler("cuda") if args.amp else None
-    g = torch.Generator(device="cpu").manual_seed(1)
-    crops = [torch.randn(args.batch, 3, p["img"], p["img"], generator=g) for _ in range(2)]
-    crops += [torch.randn(args.batch, 3, p["local"], p["local"], generator=g)
-              for _ in range(args.n_local)]
-    crops = [c.to(dev) for c in crops]
+    def loader(self, workers):
+        import torch
+        from torchvision import datasets
 
-    def step():
-        with torch.autocast(dev.type, enabled=args.amp):
-            t_out = teacher(crops[:2])
-            s_out = student(crops)
-            loss = loss_fn(s_out, t_out, 0)
-        opt.zero_grad()
-        if scaler is None:
-            loss.backward()
-            utils.clip_gradients(student, 3.0)
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            utils.clip_gradients(student, 3.0)
-            scaler.step(opt)
-            scaler.update()
+        aug = self.Aug((0.4, 1.0), (0.05, 0.4), self.args.n_local)
+        # main_dino's crops are 224 / 96 px: the preset's sizes instead, nothing else changed.
+        for t, size in ((aug.global_transfo1, self.p["img"]), (aug.global_transfo2, self.p["img"]),
+                        (aug.local_transfo, self.p["local"])):
+            t.transforms[0].size = (size, size)
+        ds = datasets.ImageFolder(self.args.data, transform=aug)
+        return torch.utils.data.DataLoader(ds, batch_size=self.args.batch, shuffle=True,
+                                           num_workers=workers, drop_last=True,
+                                           pin_memory=self.dev.type == "cuda")
+
+    def step(self, crops, amp):
+        import torch
+
+        dtype = torch.bfloat16 if self.dev.type == "cpu" else torch.float16
+        with torch.autocast(self.dev.type, dtype=dtype, enabled=amp):
+            t_out = self.teacher(crops[:2])
+            s_out = self.student(crops)
+            loss = self.loss_fn(s_out, t_out, 0)
+        self.opt.zero_grad()
+        loss.backward()
+        self.utils.clip_gradients(self.student, 3.0)
+        self.opt.step()
         with torch.no_grad():
-            for ps, pt in zip(student.parameters(), teacher.parameters()):
+            for ps, pt in zip(self.student.parameters(), self.teacher.parameters()):
                 pt.mul_(0.996).add_(ps.detach(), alpha=0.004)
         return loss
 
-    def sync():
-        if dev.type == "cuda":
+    def sync(self):
+        import torch
+
+        if self.dev.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(args.warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        loss = step()
-        sync()
-        times.append(time.perf_counter() - t)
-    print("official DINO step times (s):", " ".join(f"{x:.3f}" for x in times), flush=True)
-    return args.batch * args.steps / sum(times), float(loss.detach())
+    def run(self, amp, workers=None):
+        """Images/s over `--steps` steps after `--warmup`: on the fixed random crops when
+        `workers` is None, else from a DataLoader with that many workers (loading included)."""
+        args = self.args
+        n = args.warmup + args.steps
+        if workers is None:
+            batches = iter([self.random_crops] * n)
+        else:
+            loader = self.loader(workers)
+            batches = iter(loader)
+        t0 = None
+        for i in range(n):
+            if i == args.warmup:
+                self.sync()
+                t0 = time.perf_counter()
+            crops, _ = next(batches) if workers is not None else (next(batches), None)
+            crops = [c.to(self.dev, non_blocking=True) for c in crops]
+            self.step(crops, amp)
+        self.sync()
+        dt = time.perf_counter() - t0
+        del batches
+        return args.batch * args.steps / dt
 
 
 def step_times(metrics_path, batch):
@@ -147,69 +190,144 @@ def step_times(metrics_path, batch):
     return [batch / r for r in rates]
 
 
-def dinovmf_images_per_s(p, args):
+def dinovmf_run(p, args, loss, steps):
+    """One `dinovmf train` run of `steps` steps: (wall seconds, per-step train_step times)."""
     out = tempfile.mkdtemp(prefix="side-by-side-")
     cmd = [args.dinovmf, "train", "--device", args.device, "--preset", p["dinovmf"],
-           "--loss", "dino", "--batch-size", str(args.batch), "--n-local", str(args.n_local),
-           "--max-steps", str(args.warmup + args.steps), "--no-eval", "--no-figures", "-q",
-           "--workers", str(args.workers), "--out", out]
+           "--loss", loss, "--prototypes", str(p["k"]),
+           "--batch-size", str(args.batch), "--n-local", str(args.n_local),
+           "--data", f"folder:{args.data}" if args.data else "builtin", "--max-steps", str(steps), "--no-eval",
+           "--no-figures", "-q", "--diag-every", "0", "--checkpoint-minutes", "0",
+           "--workers", str(args.dinovmf_workers), "--out", out] + args.dinovmf_arg
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
-    print("dinovmf:", f"RAYON_NUM_THREADS={args.threads}", " ".join(cmd), flush=True)
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
-    summary = json.load(open(os.path.join(out, "summary.json")))
-    times = step_times(os.path.join(out, "metrics.jsonl"), args.batch)[args.warmup:]
-    print("dinovmf step times (s):", " ".join(f"{x:.3f}" for x in times), flush=True)
-    loss = summary["losses"][-1] if summary["losses"] else None
-    return args.batch * len(times) / sum(times), loss, summary["images_per_sec"], wall
+    if done.returncode != 0:
+        sys.exit(f"side_by_side: {' '.join(cmd)} failed:\n{done.stderr}")
+    times = step_times(os.path.join(out, "metrics.jsonl"), args.batch)
+    subprocess.run(["rm", "-rf", out], check=False)
+    return wall, times
+
+
+def dinovmf_measure(p, args, loss):
+    """(images/s of the step alone, images/s with data loading) from a short and a long run."""
+    short, long = args.warmup + 2, args.warmup + 2 + args.dinovmf_steps
+    w2, times = dinovmf_run(p, args, loss, long)
+    step_only = args.batch * (len(times) - args.warmup) / sum(times[args.warmup:])
+    if args.data is None:
+        return step_only, None
+    w1, _ = dinovmf_run(p, args, loss, short)
+    return step_only, args.batch * (long - short) / (w2 - w1)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="vit-s16")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small32")
+    ap.add_argument("--data", default=None,
+                    help="image folder (<class>/<image>) for both sides; without it only the "
+                         "step is compared (dinovmf trains on its built-in set)")
+    ap.add_argument("--prototypes", type=int, default=None, help="K (default: the preset's)")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--n-local", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=8, help="timed steps (after --warmup)")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--amp", action="store_true", help="DINO with fp16 autocast (not like-for-like)")
+    ap.add_argument("--n-local", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=12, help="DINO's timed steps (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--dinovmf-steps", type=int, default=30,
+                    help="steps the long dinovmf run has more than the short one")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (medians reported)")
+    ap.add_argument("--workers-list", default="0,1,2",
+                    help="DataLoader num_workers values tried; the best is used")
+    ap.add_argument("--dinovmf-workers", "--workers", type=int, default=1,
+                    help="dinovmf's --workers (data threads)")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false",
+                    help="skip the autocast runs of DINO")
+    ap.add_argument("--vmf", action="store_true", help="also dinovmf --loss vmf (DINO-vMF)")
+    ap.add_argument("--dinovmf-arg", action="append", default=[],
+                    help="extra argument for `dinovmf train` (repeatable)")
     ap.add_argument("--dino", default=os.path.join(os.path.dirname(__file__), "..", "third_party", "dino"))
-    ap.add_argument("--dinovmf", default=None, help="the dinovmf binary (omit: DINO side only)")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                    help="dinovmf's data-loading workers")
+    ap.add_argument("--dinovmf", required=True, help="the dinovmf binary")
     ap.add_argument("--threads", type=int, default=None,
-                    help="compute threads on both sides (torch.set_num_threads, RAYON_NUM_THREADS); "
-                         "default: the core count, or 1 on a CPU already loaded past its cores")
+                    help="compute threads on both sides; default: the core count, or 1 on a CPU "
+                         "already loaded past its cores")
     ap.add_argument("--port", type=int, default=29517)
     args = ap.parse_args()
     if not os.path.exists(os.path.join(args.dino, "main_dino.py")):
         sys.exit(f"side_by_side: {args.dino}/main_dino.py not found: run scripts/fetch-dino.sh")
-    p = PRESETS[args.preset]
+    if args.data is not None and not os.path.isdir(args.data):
+        sys.exit(f"side_by_side: --data {args.data} is not a folder")
     cores = os.cpu_count() or 1
     if args.threads is None:
-        # Measured on a 2-core machine at load 8.5: the DINO step ran at 3.3 images/s with 2
-        # torch threads and 38.6 with 1 (dinovmf: 65 and 56). On a loaded CPU one thread each
-        # is the comparison that measures the step rather than the scheduler.
+        # On a CPU shared with other jobs PyTorch's OpenMP regions wait at a barrier for every
+        # thread of each op (~2,000 ops a step), so one preempted thread stalls them all: with
+        # 2 threads at load 11 on 2 cores the DINO step ran at 4 images/s. One thread each then
+        # measures the step rather than the scheduler.
         busy = args.device == "cpu" and os.getloadavg()[0] > cores
         args.threads = 1 if busy else cores
+    p = dict(PRESETS[args.preset])
+    if args.prototypes:
+        p["k"] = args.prototypes
     import torch
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # DINOHead's weight_norm
     torch.set_num_threads(args.threads)
-    print(f"side-by-side: {args.preset} | batch {args.batch} | 2x{p['img']}px + {args.n_local}x"
-          f"{p['local']}px | K {p['k']} | {args.device} | torch {torch.__version__} | "
-          f"{'amp fp16' if args.amp else 'f32'} | {torch.get_num_threads()} torch threads | "
-          f"{args.warmup} warm-up + {args.steps} timed steps each", flush=True)
-    if args.device == "cpu":
-        # A shared CPU skews the comparison: PyTorch's OpenMP regions wait at a barrier for every
-        # thread of each op, so a preempted thread stalls each of its ~2,000 ops a step.
-        print(f"load average {os.getloadavg()[0]:.1f} on {cores} cores", flush=True)
-    d_ips, d_loss = dino_images_per_s(p, args)
-    print(f"official DINO : {d_ips:10.2f} images/s  (loss {d_loss:.4f}, {args.steps} steps)", flush=True)
-    if args.dinovmf:
-        v_ips, v_loss, v_e2e, wall = dinovmf_images_per_s(p, args)
-        print(f"dinovmf       : {v_ips:10.2f} images/s  (loss {v_loss}; end to end with data "
-              f"{v_e2e:.2f} images/s, {wall:.1f} s wall incl. start-up)")
-        print(f"ratio dinovmf / DINO: {v_ips / d_ips:.3f}")
+    amp_name = "bf16" if args.device == "cpu" else "fp16"
+    print(f"side-by-side: {args.preset} | K {p['k']} | batch {args.batch} | 2x{p['img']}px + "
+          f"{args.n_local}x{p['local']}px | {args.device} | torch {torch.__version__} | "
+          f"{args.threads} threads | data {args.data} | {args.rounds} rounds", flush=True)
+    t_start = time.perf_counter()
+    dino = Dino(p, args)
+    workers = [int(w) for w in args.workers_list.split(",")]
+    # PyTorch's best num_workers, from one pass over the candidates.
+    best_w = None
+    if args.data:
+        args_steps = args.steps
+        args.steps = max(4, args.steps // 2)
+        trial = {w: dino.run(False, w) for w in workers}
+        args.steps = args_steps
+        best_w = max(trial, key=trial.get)
+        print("DINO fp32 with data, num_workers -> images/s:",
+              ", ".join(f"{w}: {v:.1f}" for w, v in trial.items()), f"(best {best_w})", flush=True)
+
+    rows = {}
+
+    def add(name, value):
+        rows.setdefault(name, []).append(value)
+        print(f"  {name:<34} {value:8.1f} images/s   (load {os.getloadavg()[0]:.1f})", flush=True)
+
+    losses = ["dino"] + (["vmf"] if args.vmf else [])
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}", flush=True)
+        add("DINO fp32, step only", dino.run(False))
+        s, d = dinovmf_measure(p, args, "dino")
+        add("dinovmf dino, step only", s)
+        if args.data:
+            add(f"DINO fp32, data ({best_w} workers)", dino.run(False, best_w))
+            add("dinovmf dino, data", d)
+        if args.bf16:
+            add(f"DINO {amp_name}, step only", dino.run(True))
+            if args.data:
+                add(f"DINO {amp_name}, data ({best_w} workers)", dino.run(True, best_w))
+        if "vmf" in losses:
+            s, d = dinovmf_measure(p, args, "vmf")
+            add("dinovmf vmf, step only", s)
+            if args.data:
+                add("dinovmf vmf, data", d)
+
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    print(f"\nmedians over {args.rounds} rounds ({time.perf_counter() - t_start:.0f} s in all, "
+          f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
+    for k, v in med.items():
+        print(f"  {k:<34} {v:8.1f} images/s")
+    print("ratios (dinovmf / DINO, same kind of measurement):")
+    for loss in losses:
+        kinds = [("step only", "step only")] + ([("data", f"data ({best_w} workers)")] if args.data else [])
+        for kind, key in kinds:
+            ours = med[f"dinovmf {loss}, {kind}"]
+            line = f"  dinovmf {loss:<4} {kind:<10} / DINO fp32: {ours / med[f'DINO fp32, {key}']:.2f}"
+            if args.bf16:
+                line += f"   / DINO {amp_name}: {ours / med[f'DINO {amp_name}, {key}']:.2f}"
+            print(line)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 //! Branch-free f32 `exp` and GELU that the compiler can vectorise, and the slice kernels built
-//! on them (compiled twice: for AVX2 + FMA, chosen at run time, and for the baseline target).
+//! on them (bias + GELU, softmax, LayerNorm forward).
 //!
 //! The step evaluates ~50 M GELUs (erf + exp) and ~15 M softmax exponentials; libm's scalar
 //! `erff`/`expf` calls cost more than all the GEMMs of the MLP. These versions are plain
@@ -8,10 +8,10 @@
 //! relative, `erf` within 1.5e-7 absolute (Abramowitz & Stegun 7.1.26), so GELU and its
 //! derivative are within 2e-7 (1 + |x|).
 //!
-//! Sums (the softmax denominator) use eight lanes in a fixed order, so a result does not depend
-//! on anything but the data; the AVX2 and baseline builds may differ in the last bit (FMA
-//! contraction is never requested, but the vector widths differ), which is why the choice is made
-//! once per process.
+//! Compiled three times (AVX-512, AVX2 + FMA, baseline) and chosen at run time by [`simd_level`]
+//! (the environment variable [`SIMD_ENV`] can force a lower one). Sums (the softmax denominator)
+//! use eight lanes in a fixed order and FMA contraction is never requested, so every build gives
+//! the same bits (tested below); the choice is still made once per process.
 
 const LOG2E: f32 = core::f32::consts::LOG2_E;
 // ln 2 split so that n * LN2_HI is exact for |n| < 2^8.
@@ -82,37 +82,101 @@ pub fn gelu_grad(x: f32) -> f32 {
     c + x * p
 }
 
-/// Whether the AVX2 + FMA builds run (decided once; std caches the CPUID query).
-#[inline]
-fn use_avx2() -> bool {
+/// The instruction set the slice kernels below run with, decided once per process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    /// The baseline target (SSE2 on x86-64).
+    Baseline,
+    /// AVX2 + FMA.
+    Avx2,
+    /// AVX-512 F (16 lanes).
+    Avx512,
+}
+
+/// The environment variable that caps [`simd_level`]: `baseline`, `avx2` or `avx512` (what the
+/// CPU lacks is never used, whatever it says). For testing the lower paths on a CPU that has
+/// the higher ones; the GEMM crate makes its own choice from the CPU alone.
+pub const SIMD_ENV: &str = "DINOVMF_SIMD";
+
+/// The best level the CPU supports.
+pub fn detected_simd_level() -> SimdLevel {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        if std::is_x86_feature_detected!("avx512f") {
+            return SimdLevel::Avx512;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return SimdLevel::Avx2;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    SimdLevel::Baseline
+}
+
+/// Parses a [`SIMD_ENV`] value.
+pub fn parse_simd_level(s: &str) -> Option<SimdLevel> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "baseline" | "scalar" | "none" => Some(SimdLevel::Baseline),
+        "avx2" => Some(SimdLevel::Avx2),
+        "avx512" | "avx-512" => Some(SimdLevel::Avx512),
+        _ => None,
     }
 }
 
-/// Defines `pub fn $name(args)` that runs `$body` compiled for AVX2 + FMA when the CPU has
-/// them, and for the baseline target otherwise.
+/// The level the kernels run with: the CPU's, capped by [`SIMD_ENV`] when set (an unknown value
+/// is reported once on stderr and ignored). Decided on the first call, then fixed.
+pub fn simd_level() -> SimdLevel {
+    use std::sync::OnceLock;
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let cpu = detected_simd_level();
+        match std::env::var(SIMD_ENV) {
+            Ok(v) => match parse_simd_level(&v) {
+                Some(cap) => cpu.min(cap),
+                None => {
+                    eprintln!("warning: {SIMD_ENV}={v:?} is not baseline, avx2 or avx512: ignored");
+                    cpu
+                }
+            },
+            Err(_) => cpu,
+        }
+    })
+}
+
+/// Defines `pub fn $name(args)` that runs `$body` compiled for AVX-512, for AVX2 + FMA or for
+/// the baseline target, whichever [`simd_level`] says, and `pub fn $name_at(level, args)` that
+/// runs it at a given level (capped by what the CPU has; for tests). `$body` does the same
+/// arithmetic in the same order on every path (element-wise work, sums in fixed lanes, no FMA
+/// contraction), so the paths agree to the bit; the tests below check that on the CPU they run on.
 macro_rules! multiversion {
-    ($(#[$m:meta])* pub fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* pub fn $name:ident / $name_at:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
         $(#[$m])*
         pub fn $name($($a: $t),*) {
+            $name_at(simd_level(), $($a),*)
+        }
+
+        /// The same kernel at `level` (or the best level below it that the CPU has).
+        #[allow(clippy::too_many_arguments)]
+        pub fn $name_at(level: SimdLevel, $($a: $t),*) {
             #[inline(always)]
             fn body($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn avx512($($a: $t),*) {
+                body($($a),*)
+            }
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
             unsafe fn avx2($($a: $t),*) {
                 body($($a),*)
             }
             #[cfg(target_arch = "x86_64")]
-            if use_avx2() {
-                // SAFETY: the CPU supports the features the function was compiled for.
-                return unsafe { avx2($($a),*) };
+            match level.min(detected_simd_level()) {
+                // SAFETY: the level never exceeds what the CPU supports.
+                SimdLevel::Avx512 => return unsafe { avx512($($a),*) },
+                SimdLevel::Avx2 => return unsafe { avx2($($a),*) },
+                SimdLevel::Baseline => {}
             }
+            let _ = level;
             body($($a),*)
         }
     };
@@ -121,7 +185,7 @@ macro_rules! multiversion {
 multiversion! {
     /// Rows of `pre[rows, cols]`: `pre += bias`, `act = gelu(pre)`, and `dgelu = gelu'(pre)`
     /// when given (what the backward multiplies by, saving it a second erf).
-    pub fn bias_gelu_rows(pre: &mut [f32], act: &mut [f32], dgelu: Option<&mut [f32]>, bias: &[f32]) {
+    pub fn bias_gelu_rows / bias_gelu_rows_at(pre: &mut [f32], act: &mut [f32], dgelu: Option<&mut [f32]>, bias: &[f32]) {
         let cols = bias.len();
         match dgelu {
             Some(dg) => {
@@ -154,7 +218,7 @@ multiversion! {
 
 multiversion! {
     /// Softmax of every row of `s[rows, cols]`, in place (max-shifted; sums in 8 fixed lanes).
-    pub fn softmax_rows(s: &mut [f32], cols: usize) {
+    pub fn softmax_rows / softmax_rows_at(s: &mut [f32], cols: usize) {
         for row in s.chunks_exact_mut(cols) {
             let mut mx = [f32::NEG_INFINITY; 8];
             let mut it = row.chunks_exact(8);
@@ -185,6 +249,56 @@ multiversion! {
             let inv = 1.0 / sum;
             for x in row.iter_mut() {
                 *x *= inv;
+            }
+        }
+    }
+}
+
+/// Sum of `v` in eight fixed lanes, combined pairwise (the same bits at every SIMD width).
+#[inline(always)]
+fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let mut it = v.chunks_exact(8);
+    for c in &mut it {
+        for j in 0..8 {
+            acc[j] += f(c[j]);
+        }
+    }
+    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for &x in it.remainder() {
+        sum += f(x);
+    }
+    sum
+}
+
+multiversion! {
+    /// LayerNorm forward of every row of `x[rows, d]` (`d = gamma.len()`): `y = (x - mean) rstd
+    /// gamma + beta` with `mean`, `rstd = 1 / sqrt(var + eps)` per row (two-pass variance like
+    /// core's reference, whose sequential sums this replaces by [`lane_sum`]'s eight lanes).
+    pub fn layernorm_rows / layernorm_rows_at(
+        y: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+    ) {
+        let d = gamma.len();
+        let inv_d = 1.0 / d as f32;
+        for (((yr, xr), m), r) in y
+            .chunks_exact_mut(d)
+            .zip(x.chunks_exact(d))
+            .zip(mean.iter_mut())
+            .zip(rstd.iter_mut())
+        {
+            let mu = lane_sum(xr, |v| v) * inv_d;
+            let var = lane_sum(xr, |v| (v - mu) * (v - mu)) * inv_d;
+            let s = 1.0 / (var + eps).sqrt();
+            *m = mu;
+            *r = s;
+            for i in 0..d {
+                yr[i] = (xr[i] - mu) * s * gamma[i] + beta[i];
             }
         }
     }
@@ -269,6 +383,43 @@ mod tests {
             assert!((act[i] - gelu(x)).abs() <= 1e-6 * (1.0 + x.abs()));
             assert!((dg[i] - gelu_grad(x)).abs() <= 1e-6 * (1.0 + x.abs()));
         }
+    }
+
+    #[test]
+    fn every_simd_level_gives_the_same_bits() {
+        // What a CPU without AVX-512 (or without AVX2) runs must equal what this one runs by
+        // default; a level the CPU lacks falls back to the best below it.
+        let n = 37 * 19;
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.011)
+            .collect();
+        let bias: Vec<f32> = (0..19).map(|i| (i as f32 - 9.0) * 0.03).collect();
+        let gamma: Vec<f32> = (0..19).map(|i| 1.0 + i as f32 * 0.02).collect();
+        let run = |level: SimdLevel| {
+            let (mut pre, mut act, mut dg) = (x.clone(), vec![f32::NAN; n], vec![f32::NAN; n]);
+            bias_gelu_rows_at(level, &mut pre, &mut act, Some(&mut dg), &bias);
+            let mut sm = x.clone();
+            softmax_rows_at(level, &mut sm, 19);
+            let (mut y, mut m, mut r) = (vec![f32::NAN; n], vec![f32::NAN; 37], vec![f32::NAN; 37]);
+            layernorm_rows_at(level, &mut y, &mut m, &mut r, &x, &gamma, &bias, 1e-6);
+            [pre, act, dg, sm, y, m, r].map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+        };
+        let best = run(detected_simd_level());
+        assert!(best
+            .iter()
+            .all(|v| v.iter().all(|&b| !f32::from_bits(b).is_nan())));
+        for level in [SimdLevel::Baseline, SimdLevel::Avx2, SimdLevel::Avx512] {
+            assert!(
+                run(level) == best,
+                "{level:?} differs from {:?}",
+                detected_simd_level()
+            );
+        }
+        assert_eq!(parse_simd_level(" AVX2 "), Some(SimdLevel::Avx2));
+        assert_eq!(parse_simd_level("avx512"), Some(SimdLevel::Avx512));
+        assert_eq!(parse_simd_level("baseline"), Some(SimdLevel::Baseline));
+        assert_eq!(parse_simd_level("sse9"), None);
+        assert!(simd_level() <= detected_simd_level());
     }
 
     #[test]

@@ -1,0 +1,198 @@
+//! One point of the CPU cost sweep behind `docs/performance.md` (`scripts/perf_sweep.py` runs
+//! many, one process each, so each point's peak memory is its own): a training step of the
+//! `small32` model with one thing changed, on a synthetic batch (no data loading), timed after a
+//! warm-up step. Prints one JSON line: images/s, the step's matrix-product FLOPs (counted from
+//! the shapes, see [`step_flops`]), the achieved GFLOP/s and the process's peak resident memory.
+//!
+//! `cargo bench --bench scaling -- method=dino loss=dino batch=64 k=4096 img=32 steps=3`
+//! (threads: RAYON_NUM_THREADS). Without arguments it runs the default point.
+use std::time::Instant;
+
+use dinovmf::backend::cpu::CpuBackend;
+use dinovmf::backend::{Backend, StepHyper, TrainState};
+use dinovmf::config::backend_config;
+use dinovmf::data::Batch;
+use dinovmf::train::{LossKind, Method, TrainConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// The swept settings of one point.
+struct Point {
+    method: Method,
+    loss: LossKind,
+    batch: usize,
+    k: usize,
+    img: usize,
+    n_local: usize,
+    steps: usize,
+}
+
+fn parse(args: &[String]) -> Result<Point, String> {
+    let mut p = Point {
+        method: Method::Dino,
+        loss: LossKind::Dino,
+        batch: 64,
+        k: 4096,
+        img: 32,
+        n_local: 4,
+        steps: 3,
+    };
+    for a in args {
+        // cargo bench passes `--bench`; criterion-style flags are not ours.
+        if a.starts_with("--") {
+            continue;
+        }
+        let (key, v) = a
+            .split_once('=')
+            .ok_or_else(|| format!("`{a}` is not key=value"))?;
+        let num = || {
+            v.parse::<usize>()
+                .map_err(|_| format!("{key}={v}: not a count"))
+        };
+        match key {
+            "method" => {
+                p.method = match v {
+                    "dino" => Method::Dino,
+                    "ibot" => Method::Ibot,
+                    _ => return Err(format!("method={v}: dino or ibot")),
+                }
+            }
+            "loss" => {
+                p.loss = match v {
+                    "dino" => LossKind::Dino,
+                    "vmf" => LossKind::Vmf,
+                    _ => return Err(format!("loss={v}: dino or vmf")),
+                }
+            }
+            "batch" => p.batch = num()?,
+            "k" => p.k = num()?,
+            "img" => p.img = num()?,
+            "n_local" => p.n_local = num()?,
+            "steps" => p.steps = num()?.max(1),
+            _ => return Err(format!("unknown setting `{key}`")),
+        }
+    }
+    Ok(p)
+}
+
+/// Multiply-add FLOPs (2 per product term) of the step's matrix products: patch embedding,
+/// every block's qkv / proj / fc1 / fc2 and the two attention products, the head's three
+/// layers and its prototype layer; the student's forward + backward (3x its forward) on every
+/// crop, the teacher's forward on the global crops. iBOT adds the head on patch rows: all of
+/// the teacher's global-crop patches, and the student's expected masked ones (mask probability
+/// x mean ratio). Element-wise work (GELU, softmax, LayerNorm, the optimiser) is not counted.
+fn step_flops(cfg: &TrainConfig, local: usize, ibot_masked: f64) -> f64 {
+    let m = &cfg.model;
+    let (d, pch) = (m.dim as f64, m.patch as f64);
+    let head = m.head_hidden as f64;
+    let head_row = 2.0
+        * (d * head
+            + head * head
+            + head * m.bottleneck as f64
+            + m.bottleneck as f64 * m.prototypes as f64);
+    let crop = |size: usize| {
+        let patches = ((size / m.patch) * (size / m.patch)) as f64;
+        let t = patches + 1.0;
+        let embed = 2.0 * patches * 3.0 * pch * pch * d;
+        let mlp = m.mlp_ratio as f64;
+        let blocks =
+            m.depth as f64 * (t * 2.0 * (4.0 * d * d + 2.0 * mlp * d * d) + 2.0 * 2.0 * t * t * d);
+        (embed + blocks + head_row, patches)
+    };
+    let (g, g_patches) = crop(m.img_size);
+    let (l, _) = crop(local);
+    let b = cfg.batch_size as f64;
+    let student = b * (2.0 * g + cfg.n_local as f64 * l);
+    let teacher = b * 2.0 * g;
+    let mut flops = 3.0 * student + teacher;
+    if cfg.method == Method::Ibot {
+        flops += b * 2.0 * g_patches * head_row * (1.0 + 3.0 * ibot_masked);
+    }
+    flops
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in MiB.
+fn peak_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let p = match parse(&args) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("scaling: {e}");
+            std::process::exit(2);
+        }
+    };
+    let mut cfg = TrainConfig::preset_for("small32", p.method, p.loss).expect("small32 preset");
+    cfg.batch_size = p.batch;
+    cfg.model.prototypes = p.k;
+    cfg.model.img_size = p.img;
+    cfg.n_local = p.n_local;
+    let bc = backend_config(&cfg);
+    let mut be = match CpuBackend::open(&bc) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("scaling: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    be.set_state(&TrainState::initial(&bc.model, bc.loss.centering, 0))
+        .expect("initial state");
+    let s = bc.shapes;
+    let c = bc.model.vit.in_chans;
+    let (g, l) = (s.global_size, s.local_size);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect() };
+    let batch = Batch {
+        global: r(s.n_global * s.batch * c * g * g),
+        local: r(s.n_local * s.batch * c * l * l),
+        labels: vec![0; s.batch],
+        indices: (0..s.batch).collect(),
+        global_size: g,
+        local_size: l,
+        batch_size: s.batch,
+        n_global: s.n_global,
+        n_local: s.n_local,
+    };
+    let mut hp = StepHyper {
+        lr: 1e-3,
+        weight_decay: 0.04,
+        teacher_momentum: 0.996,
+        teacher_temp: 0.04,
+        freeze_last_layer: false,
+        clip_grad: 3.0,
+        seed: 1,
+        patch_teacher_temp: 0.04,
+    };
+    be.train_step(&batch, &hp).expect("warm-up step");
+    let t = Instant::now();
+    for i in 0..p.steps {
+        hp.seed = 2 + i as u64;
+        be.train_step(&batch, &hp).expect("step");
+    }
+    let per = t.elapsed().as_secs_f64() / p.steps as f64;
+    let masked = cfg.ibot.mask_prob * 0.5 * (cfg.ibot.mask_ratio.0 + cfg.ibot.mask_ratio.1);
+    let flops = step_flops(&cfg, l, masked);
+    println!(
+        "{{\"method\":\"{:?}\",\"loss\":\"{:?}\",\"batch\":{},\"k\":{},\"img\":{},\"local\":{},\"n_local\":{},\"threads\":{},\"steps\":{},\"step_s\":{:.5},\"images_per_s\":{:.2},\"gflop_per_step\":{:.3},\"gflop_per_s\":{:.2},\"peak_mib\":{:.1}}}",
+        p.method,
+        p.loss,
+        p.batch,
+        p.k,
+        p.img,
+        l,
+        p.n_local,
+        rayon::current_num_threads(),
+        p.steps,
+        per,
+        p.batch as f64 / per,
+        flops / 1e9,
+        flops / per / 1e9,
+        peak_mib().unwrap_or(f64::NAN)
+    );
+}

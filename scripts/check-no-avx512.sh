@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The CPU backend's run-time dispatch on CPUs without AVX-512 (and without AVX2): runs the GEMM
+# and fast-math unit tests of the host library under QEMU user-mode emulation of a Haswell
+# (AVX2 + FMA, no AVX-512) and of a Nehalem (SSE4.2 only), so the `gemm` crate and
+# fastmath's kernels take their lower paths and must still pass the same f64-reference tests
+# (fastmath's also compare every level bit for bit). Needs qemu-user (Debian: apt-get install
+# qemu-user); QEMU 7.2 or newer emulates AVX2. Not part of CI (a few minutes of emulation).
+#
+#   scripts/check-no-avx512.sh            # builds the test binary first
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v qemu-x86_64 >/dev/null || { echo "qemu-x86_64 not found (apt-get install qemu-user)" >&2; exit 1; }
+bin=$(cargo test -p dinovmf --lib --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
+        print(m["executable"])' | tail -1)
+[ -x "$bin" ] || { echo "no test binary" >&2; exit 1; }
+for cpu in Haswell Nehalem; do
+    echo "== qemu-x86_64 -cpu $cpu: backend::cpu::gemm, backend::cpu::fastmath, backend::cpu::rows"
+    # (QEMU warns about each CPUID feature of the model it does not emulate: filtered out.)
+    qemu-x86_64 -cpu "$cpu" "$bin" --test-threads 1 backend::cpu::gemm backend::cpu::fastmath \
+        backend::cpu::rows 2> >(grep -v "TCG doesn.t support" >&2)
+done
