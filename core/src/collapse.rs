@@ -82,6 +82,16 @@ pub fn collapse_stats_given_row_entropy<T: Real>(
             *m += w * x;
         }
     }
+    collapse_stats_of_mean(mean, row_entropy_sum * w, mean_kl)
+}
+
+/// [`CollapseStats`] from the batch's mean teacher distribution `mean[K]` and the mean row
+/// entropy (a data-parallel step has these as sums over ranks, not the rows themselves).
+pub fn collapse_stats_of_mean<T: Real>(
+    mean: &[T],
+    mean_row_entropy: T,
+    mean_kl: T,
+) -> CollapseStats<T> {
     let mut max_mass = T::NEG_INFINITY;
     let mut argmax = 0;
     for (i, &m) in mean.iter().enumerate() {
@@ -92,11 +102,11 @@ pub fn collapse_stats_given_row_entropy<T: Real>(
     }
     CollapseStats {
         entropy_of_mean: entropy(mean),
-        mean_row_entropy: row_entropy_sum * w,
+        mean_row_entropy,
         max_mean_mass: max_mass,
         argmax_mean: argmax,
         mean_kl,
-        ln_k: T::from_usize(k).ln(),
+        ln_k: T::from_usize(mean.len()).ln(),
     }
 }
 

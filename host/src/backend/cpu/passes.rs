@@ -4,7 +4,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use dinovmf_core::centering::center_update;
-use dinovmf_core::collapse::entropy;
+use dinovmf_core::collapse::collapse_stats_of_mean;
 use dinovmf_core::koleo::koleo_forward_backward;
 use dinovmf_core::mim_loss::IbotConfig;
 use dinovmf_core::model::ModelConfig;
@@ -374,12 +374,11 @@ impl Passes for CpuBackend {
             stat,
             self.loss_cfg.center_momentum as f32,
         );
+        let (loss, row_entropy) = (scalars[0], scalars[1]);
+        let c = collapse_stats_of_mean(mean_p, row_entropy, loss - row_entropy);
         let r = &mut self.report;
-        (r.loss, r.teacher_entropy) = (scalars[0], scalars[1]);
-        r.cls_loss = r.loss;
-        r.kl = r.loss - r.teacher_entropy;
-        r.mean_entropy = entropy(mean_p);
-        r.max_mass = mean_p.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        (r.loss, r.cls_loss, r.teacher_entropy) = (loss, loss, c.mean_row_entropy);
+        (r.kl, r.mean_entropy, r.max_mass) = (c.mean_kl, c.entropy_of_mean, c.max_mean_mass);
         Ok(())
     }
 
