@@ -8,12 +8,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use dinovmf::backend::cpu::CpuBackend;
+use dinovmf::backend::random_batch;
 use dinovmf::backend::{Backend, StepHyper, TrainState};
 use dinovmf::config::backend_config;
 use dinovmf::data::Batch;
 use dinovmf::train::{LossKind, TrainConfig};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 const PRESET: &str = "small32";
 
@@ -27,20 +26,7 @@ fn setup() -> (CpuBackend, Batch, StepHyper) {
         .unwrap();
     let s = bc.shapes;
     let c = bc.model.vit.in_chans;
-    let (g, l) = (s.global_size, s.local_size);
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect() };
-    let batch = Batch {
-        global: r(s.n_global * s.batch * c * g * g),
-        local: r(s.n_local * s.batch * c * l * l),
-        labels: vec![0; s.batch],
-        indices: (0..s.batch).collect(),
-        global_size: g,
-        local_size: l,
-        batch_size: s.batch,
-        n_global: s.n_global,
-        n_local: s.n_local,
-    };
+    let batch = random_batch(&s, c, 0);
     let hp = StepHyper {
         lr: 1e-3,
         weight_decay: 0.04,

@@ -29,7 +29,7 @@ pub mod shapes;
 pub mod step;
 
 pub use reduce::{Collective, SingleProcess, ThreadCollective};
-pub use shapes::StepShapes;
+pub use shapes::{random_batch, StepShapes};
 
 /// Where the training step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]

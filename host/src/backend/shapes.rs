@@ -2,6 +2,8 @@
 //! passes read. One definition, one set of checks, so the CPU and CUDA backends refuse the same
 //! configurations with the same messages.
 use anyhow::{ensure, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use dinovmf_core::loss::LossConfig;
 use dinovmf_core::model::{Layout, ModelConfig};
@@ -118,5 +120,24 @@ impl Cx {
             kp: v.patch_len(),
             eps: v.ln_eps as f32,
         }
+    }
+}
+
+/// A batch of `s`'s shapes with `channels` channels, every pixel uniform in [-1, 1) from
+/// `seed` (the simulator comparisons and the benchmarks step on it).
+pub fn random_batch(s: &StepShapes, channels: usize, seed: u64) -> Batch {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect() };
+    let (g, l) = (s.global_size, s.local_size);
+    Batch {
+        global: r(s.n_global * s.batch * channels * g * g),
+        local: r(s.n_local * s.batch * channels * l * l),
+        labels: vec![0; s.batch],
+        indices: (0..s.batch).collect(),
+        global_size: g,
+        local_size: l,
+        batch_size: s.batch,
+        n_global: s.n_global,
+        n_local: s.n_local,
     }
 }

@@ -2,8 +2,6 @@
 //! per-step metrics side by side, the first step's gradients, and the state after the last
 //! step (`dinovmf verify-kernels --compare-cpu`, and the simulator tests in CI).
 use anyhow::Result;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 use dinovmf_core::loss::LossConfig;
 use dinovmf_core::mim_loss::IbotConfig;
@@ -14,7 +12,6 @@ use super::step::GpuBackend;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::StepShapes;
 use crate::backend::{Backend, SingleProcess, StepHyper, StepMetrics, TrainState};
-use crate::data::Batch;
 
 /// How far one vector is from the CPU's.
 #[derive(Clone, Debug)]
@@ -82,23 +79,7 @@ pub fn initial_state(model: &ModelConfig, loss: &LossConfig, seed: u64) -> Train
     TrainState::initial(model, loss.centering, seed)
 }
 
-/// A batch of uniform random pixels in [-1, 1).
-pub fn random_batch(s: &StepShapes, channels: usize, seed: u64) -> Batch {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen::<f32>() * 2.0 - 1.0).collect() };
-    let (g, l) = (s.global_size, s.local_size);
-    Batch {
-        global: r(s.n_global * s.batch * channels * g * g),
-        local: r(s.n_local * s.batch * channels * l * l),
-        labels: vec![0; s.batch],
-        indices: (0..s.batch).collect(),
-        global_size: g,
-        local_size: l,
-        batch_size: s.batch,
-        n_global: s.n_global,
-        n_local: s.n_local,
-    }
-}
+pub use crate::backend::shapes::random_batch;
 
 /// Step `i`'s hyper-parameters: a real learning rate, clipping on, the last layer frozen in
 /// step 0 only (both code paths run).
