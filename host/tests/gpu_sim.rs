@@ -387,6 +387,14 @@ fn train_sinkhorn_device_cuda_on_the_simulator_matches_the_cpu_run() {
     );
 }
 
+/// The trainer with `--koleo 0.5` (KoLeo on the student's [CLS] features, computed by core on
+/// the host from the downloaded rows): `loss` per step within rel 1e-4, with Sinkhorn as well.
+#[test]
+fn train_koleo_device_cuda_on_the_simulator_matches_the_cpu_run() {
+    train_matches(&["--koleo", "0.5"], &["loss"]);
+    train_matches(&["--koleo", "0.5", "--centering", "sinkhorn"], &["loss"]);
+}
+
 /// The same with `--method ibot --loss vmf` (iBOT-vMF): `loss`, `loss_cls` and `loss_mim` per
 /// step within rel 1e-4.
 #[test]

@@ -63,7 +63,7 @@ pub struct TrainArgs {
     pub centering: Option<CenteringKind>,
     /// KoLeo weight on the student's L2-normalised [CLS] backbone features of each global view,
     /// -(1/B) sum_i ln(d_i + 1e-8), d_i the distance to the nearest other image (DINOv2: 0.1;
-    /// 0 = off; CPU backend).
+    /// 0 = off; CPU and CUDA backends).
     #[arg(long)]
     pub koleo: Option<f64>,
     /// Rounds of Sinkhorn-Knopp balancing with --centering sinkhorn (default 3).
@@ -125,6 +125,12 @@ pub struct TrainArgs {
     pub depth: Option<usize>,
     #[arg(long)]
     pub heads: Option<usize>,
+    /// Side of the square input the crops are resized to (global crops; local crops follow it).
+    #[arg(long)]
+    pub img_size: Option<usize>,
+    /// Side of a ViT patch in pixels (must divide the image and local crop sizes).
+    #[arg(long)]
+    pub patch: Option<usize>,
     /// Number of prototypes K.
     #[arg(long)]
     pub prototypes: Option<usize>,
@@ -227,7 +233,7 @@ impl TrainArgs {
         }
         set!(epochs => epochs, batch_size => batch_size, lr => lr, warmup_epochs => warmup_epochs,
              prototypes => model.prototypes, bottleneck => model.bottleneck,
-             head_hidden => model.head_hidden, dim => model.dim, depth => model.depth, heads => model.heads, teacher_temp => teacher_temp,
+             head_hidden => model.head_hidden, dim => model.dim, depth => model.depth, heads => model.heads, img_size => model.img_size, patch => model.patch, teacher_temp => teacher_temp,
              warmup_teacher_temp => warmup_teacher_temp,
              warmup_teacher_temp_epochs => warmup_teacher_temp_epochs, student_temp => student_temp,
              momentum_teacher => momentum_teacher, center_momentum => center_momentum,

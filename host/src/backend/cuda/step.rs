@@ -89,6 +89,19 @@ pub struct GpuBackend<D: Device> {
     embed_group: Option<Group>,
     /// iBOT's buffers and patch center (see [`GpuBackend::with_ibot`]); `None` for DINO.
     ibot: Option<ibot::IbotGpu>,
+    /// KoLeo on the student's [CLS] features (`--koleo`; 0 = off): weight and host scratch.
+    koleo: KoleoHost,
+}
+
+/// KoLeo on features runs on the host through core's `koleo_forward_backward`: the 2B [CLS]
+/// rows (B x d floats per view) go down after the head backward and their gradient comes back
+/// up. It is a few KB per step and keeps core as the one formula.
+#[derive(Default)]
+struct KoleoHost {
+    weight: f32,
+    x: Vec<f32>,
+    dx: Vec<f32>,
+    scratch: Vec<f32>,
 }
 
 impl<D: Device> GpuBackend<D> {
@@ -205,6 +218,7 @@ impl<D: Device> GpuBackend<D> {
             one,
             embed_group: None,
             ibot: None,
+            koleo: KoleoHost::default(),
             glob,
             loc,
             back,
@@ -278,9 +292,50 @@ impl<D: Device> GpuBackend<D> {
     }
 }
 
+impl<D: Device> GpuBackend<D> {
+    /// Adds KoLeo's gradient (per global view) to the head input gradient `dx_s` rows 0..2B.
+    pub(super) fn add_koleo(&mut self) -> Result<()> {
+        let w = self.koleo.weight;
+        if w == 0.0 {
+            return Ok(());
+        }
+        let (b, d) = (self.shapes.batch, self.cx.d);
+        let n = 2 * b * d;
+        let k = &mut self.koleo;
+        self.gpu.download(self.x_s.sub(0, n), &mut k.x)?;
+        self.gpu.download(self.dx_s.sub(0, n), &mut k.dx)?;
+        for v in 0..2 {
+            let r = v * b * d..(v + 1) * b * d;
+            dinovmf_core::koleo::koleo_forward_backward(
+                &k.x[r.clone()],
+                b,
+                d,
+                &mut k.scratch,
+                Some((&mut k.dx[r], w)),
+            );
+        }
+        self.gpu.upload(self.dx_s.sub(0, n), &k.dx)
+    }
+}
+
 impl<D: Device> Backend for GpuBackend<D> {
     fn name(&self) -> String {
         self.gpu.dev.name()
+    }
+
+    fn set_koleo(&mut self, weight: f32) -> Result<()> {
+        ensure!(
+            weight.is_finite() && weight >= 0.0,
+            "--koleo must be a finite weight >= 0, got {weight}"
+        );
+        let (b, d) = (self.shapes.batch, self.cx.d);
+        self.koleo = KoleoHost {
+            weight,
+            x: vec![0.0; 2 * b * d],
+            dx: vec![0.0; 2 * b * d],
+            scratch: vec![0.0; dinovmf_core::koleo::koleo_scratch_len(b, d)],
+        };
+        Ok(())
     }
 
     fn set_state(&mut self, s: &TrainState) -> Result<()> {

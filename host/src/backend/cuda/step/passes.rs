@@ -160,7 +160,8 @@ impl<D: Device> Passes for GpuBackend<D> {
             rows,
             self.hs0,
             self.hs1,
-        )
+        )?;
+        self.add_koleo()
     }
 
     fn backward(&mut self, crops: Crops, opts: Backward) -> Result<()> {
