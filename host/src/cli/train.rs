@@ -57,13 +57,14 @@ pub struct TrainArgs {
     /// iBOT: aspect ratio range of the mask blocks, log-uniform in `MIN,MAX` (0.3,3.33).
     #[arg(long, value_parser = parse_pair)]
     pub mask_aspect: Option<(f64, f64)>,
-    /// Teacher centering; default: logit for dino, probability for vmf. sinkhorn: balance the
-    /// batch's teacher assignments with Sinkhorn-Knopp (SwAV / DINOv2) instead of a running center.
+    /// Teacher centering. sinkhorn (the small presets' default): balance the batch's teacher
+    /// assignments with Sinkhorn-Knopp (SwAV / DINOv2); logit / probability: DINO's and
+    /// DINO-vMF's running centers (the 224 px presets' defaults, by loss).
     #[arg(long, value_enum)]
     pub centering: Option<CenteringKind>,
     /// KoLeo weight on the student's L2-normalised [CLS] backbone features of each global view,
-    /// -(1/B) sum_i ln(d_i + 1e-8), d_i the distance to the nearest other image (DINOv2: 0.1;
-    /// 0 = off; CPU and CUDA backends).
+    /// -(1/B) sum_i ln(d_i + 1e-8), d_i the distance to the nearest other image (small presets:
+    /// 0.1 as DINOv2; 224 px presets: 0 = off).
     #[arg(long)]
     pub koleo: Option<f64>,
     /// Rounds of Sinkhorn-Knopp balancing with --centering sinkhorn (default 3).

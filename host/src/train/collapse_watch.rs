@@ -10,8 +10,8 @@
 //! - **rank**: RankMe of the teacher's features near 1 (every image maps to one direction).
 //!
 //! A signature must hold for [`PERSIST`] consecutive steps (one odd batch is no collapse), and
-//! the first steps of a run (its first epoch, at most [`MAX_GRACE_STEPS`]) may sit near the
-//! uniform solution, as every run starts there.
+//! the first steps of a run (its first epoch, at most [`MAX_GRACE_STEPS`], or the LR warm-up
+//! when it is longer) may sit near the uniform solution, as every run starts there.
 use crate::backend::StepMetrics;
 use crate::eval::prototypes::ProtoDiag;
 
@@ -63,6 +63,14 @@ impl CollapseWatch {
             run: [0; 3],
             warned: Vec::new(),
         }
+    }
+
+    /// Extends the exempt first steps to `steps` (the LR warm-up: while the learning rate
+    /// ramps up the network barely moves, and a balanced teacher (Sinkhorn) starts near the
+    /// uniform solution on every data set measured, MNIST-5k included, then leaves it).
+    pub fn with_grace(mut self, steps: u64) -> Self {
+        self.grace = self.grace.max(steps);
+        self
     }
 
     /// The kinds warned about so far, in order.

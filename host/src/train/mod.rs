@@ -563,7 +563,8 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
         .progress_chars("=> "),
     );
     bar.set_position(start);
-    let mut watch = CollapseWatch::new(cfg.model.prototypes, spe);
+    let warmup_steps = (cfg.warmup_epochs * spe).min(total / 4);
+    let mut watch = CollapseWatch::new(cfg.model.prototypes, spe).with_grace(warmup_steps);
     let mut warnings = Vec::new();
     let device = backend.name();
     let ibot = cfg.method == Method::Ibot;
