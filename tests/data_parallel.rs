@@ -1,7 +1,9 @@
 //! Data parallelism inside one process (`Parallel::Shards`, the reference an MPI run matches):
 //! sharded loading is the slice of the whole batch, a shard's drop-path masks are the slice of
 //! the whole batch's, 2 shards of half a batch train as 1 rank of the whole batch up to the
-//! order of the sums, runs are reproducible and resume bit-exactly.
+//! order of the sums, runs are reproducible and resume bit-exactly. The statistics over the
+//! batch (Sinkhorn-Knopp's column sums, KoLeo's nearest neighbours, iBOT's patch masks and patch
+//! center) are over the whole batch too: 2 shards match 1 rank within the same tolerance.
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -9,7 +11,9 @@ use dinovmf::backend::step::{draw_drop_masks, StepMasks};
 use dinovmf::backend::TrainState;
 use dinovmf::config::{crop_config, model_config, step_shapes};
 use dinovmf::data::{Loader, OnError};
-use dinovmf::train::{self, open_data, state, LossKind, Parallel, RunOptions, TrainConfig};
+use dinovmf::train::{
+    self, open_data, state, CenteringKind, LossKind, Method, Parallel, RunOptions, TrainConfig,
+};
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("dinovmf-dp-{}-{name}", std::process::id()));
@@ -117,7 +121,7 @@ fn a_shards_drop_path_masks_are_its_rows_of_the_whole_batchs() {
     let h = b / ranks;
     for rank in 0..ranks {
         let mut m = StepMasks::new(&model, &part_shapes, false);
-        m.draw_shard(&model, &part_shapes, 99, (rank, ranks));
+        m.draw_shard(&model, &part_shapes, None, 99, (rank, ranks));
         for (mine, all, crops) in [(&m.drop_global, &g, 2), (&m.drop_local, &l, whole.n_local)] {
             let mut want = Vec::new();
             for seg in all.chunks_exact(b) {
@@ -169,6 +173,96 @@ fn two_shards_of_half_the_batch_train_as_one_rank_of_the_whole_batch() {
         for d in [one, two, again] {
             let _ = std::fs::remove_dir_all(d);
         }
+    }
+}
+
+/// 1 rank of the whole batch against 2 shards of half of it, `steps` steps: losses within 1e-5
+/// relative, student / teacher / centers within 1e-4 of their largest value, and not
+/// bit-identical (so the bounds are not vacuous). Returns the 1-rank losses.
+fn one_rank_vs_two_shards(what: &str, cfg: &TrainConfig, steps: u64) -> Vec<f32> {
+    let (one, two) = (tmp(&format!("one-{what}")), tmp(&format!("two-{what}")));
+    let s1 = train::train(cfg, &opts(&one, Parallel::Single, steps)).unwrap();
+    let s2 = train::train(cfg, &opts(&two, Parallel::Shards(2), steps)).unwrap();
+    assert_eq!(s1.losses.len(), steps as usize, "{what}");
+    for (a, b) in s1.losses.iter().zip(&s2.losses) {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+            "{what}: {a} vs {b}"
+        );
+    }
+    let (st1, st2) = (final_state(&one), final_state(&two));
+    let mut tensors = vec![
+        ("student", &st1.student, &st2.student),
+        ("teacher", &st1.teacher, &st2.teacher),
+        ("center", &st1.center, &st2.center),
+    ];
+    if !st1.patch_center.is_empty() {
+        tensors.push(("patch center", &st1.patch_center, &st2.patch_center));
+    }
+    for (name, a, b) in tensors {
+        let d = rel_diff(a, b);
+        eprintln!("{what} {name}: 1 rank vs 2 shards, relative difference {d:e}");
+        assert!(d <= 1e-4, "{what} {name}: relative difference {d:e}");
+    }
+    assert_ne!(bits(&st1.student), bits(&st2.student), "{what}");
+    for d in [one, two] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    s1.losses
+}
+
+#[test]
+fn sinkhorn_over_two_shards_balances_the_whole_batch() {
+    let mut cfg = tiny(LossKind::Dino);
+    cfg.centering = CenteringKind::Sinkhorn;
+    one_rank_vs_two_shards("sinkhorn", &cfg, 5);
+}
+
+#[test]
+fn koleo_over_two_shards_finds_neighbours_in_the_whole_batch() {
+    let mut cfg = tiny(LossKind::Vmf);
+    let plain = one_rank_vs_two_shards("no-koleo", &cfg, 4);
+    cfg.koleo = 0.5;
+    let with = one_rank_vs_two_shards("koleo", &cfg, 4);
+    // KoLeo is on: it changes the training (from step 2, after its first gradient).
+    assert_ne!(bits(&plain), bits(&with));
+}
+
+#[test]
+fn ibot_over_two_shards_masks_and_centers_the_whole_batch() {
+    let mut cfg = TrainConfig::preset_for("tiny", Method::Ibot, LossKind::Vmf).unwrap();
+    cfg.batch_size = 8;
+    cfg.epochs = 2;
+    one_rank_vs_two_shards("ibot", &cfg, 4);
+    cfg.centering = CenteringKind::Sinkhorn;
+    one_rank_vs_two_shards("ibot-sinkhorn", &cfg, 4);
+}
+
+#[test]
+fn a_shards_patch_masks_are_its_rows_of_the_whole_batchs() {
+    let cfg = TrainConfig::preset_for("tiny", Method::Ibot, LossKind::Vmf).unwrap();
+    let model = model_config(&cfg);
+    let ib = dinovmf::config::ibot_config(&cfg);
+    let mut whole = step_shapes(&cfg);
+    whole.batch = 8;
+    let mut all = StepMasks::new(&model, &whole, true);
+    all.draw(&model, &whole, Some(&ib), 7);
+    assert!(all.patch.contains(&0.0) && all.patch.contains(&1.0));
+    let (ranks, h) = (2, whole.batch / 2);
+    let np = all.patch.len() / (2 * whole.batch);
+    let mut part_shapes = whole;
+    part_shapes.batch = h;
+    for rank in 0..ranks {
+        let mut m = StepMasks::new(&model, &part_shapes, true);
+        m.draw_shard(&model, &part_shapes, Some(&ib), 7, (rank, ranks));
+        let (mut patch, mut counts) = (Vec::new(), Vec::new());
+        for v in 0..2 {
+            let img = v * whole.batch + rank * h;
+            patch.extend_from_slice(&all.patch[img * np..(img + h) * np]);
+            counts.extend_from_slice(&all.counts[img..img + h]);
+        }
+        assert_eq!(m.patch, patch, "rank {rank}");
+        assert_eq!(m.counts, counts, "rank {rank}");
     }
 }
 

@@ -2,7 +2,8 @@
 //! with half the batch each give the same losses and final weights, bit for bit, as one
 //! process running the same 2 ranks as threads (`--shards 2`); against 1 rank with the whole
 //! batch they differ only by the order of the sums (tests/data_parallel.rs bounds that); a
-//! resumed MPI run is bit-exact; only rank 0 writes; errors end every rank.
+//! resumed MPI run is bit-exact; only rank 0 writes; errors end every rank. The same holds with
+//! statistics over the whole batch: Sinkhorn-Knopp, KoLeo on features, iBOT.
 #![cfg(feature = "mpi")]
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -140,6 +141,33 @@ fn two_mpi_ranks_match_two_in_process_shards_bit_for_bit_and_resume_exactly() {
     );
     for d in [mpi, shards, part] {
         let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[test]
+fn batch_statistics_over_mpi_ranks_match_in_process_shards_bit_for_bit() {
+    assert!(mpirun_available(), "mpirun not found");
+    for (what, extra) in [
+        ("sinkhorn-koleo", &["--centering", "sinkhorn", "--koleo", "0.5"][..]),
+        ("ibot-sinkhorn", &["--method", "ibot", "--centering", "sinkhorn"][..]),
+        ("ibot", &["--method", "ibot"][..]),
+    ] {
+        let (mpi, shards) = (tmp(&format!("{what}-ranks")), tmp(&format!("{what}-shards")));
+        let mut a = args(&mpi, 4);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        let (ok, text) = mpirun(2, &a);
+        assert!(ok, "{what}: {text}");
+        let mut a = args(&shards, 4);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        let (ok, text) = single(&a, &["--shards", "2"]);
+        assert!(ok, "{what}: {text}");
+        let want = losses(&shards);
+        assert_eq!(want.len(), 4, "{what}");
+        assert_eq!(losses(&mpi), want, "{what}: losses differ");
+        assert_eq!(state_of(&mpi), state_of(&shards), "{what}: final states differ");
+        for d in [mpi, shards] {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 

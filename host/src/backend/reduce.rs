@@ -10,6 +10,7 @@
 use std::sync::{Arc, Barrier, Mutex};
 
 use anyhow::{ensure, Result};
+use dinovmf_core::sinkhorn::SinkhornRanks;
 
 /// Collective operations over the ranks of one data-parallel run. Every rank must make the same
 /// calls in the same order with the same lengths (as MPI requires).
@@ -40,6 +41,38 @@ pub trait Collective: Send {
             buf.iter_mut().for_each(|x| *x /= w);
         }
         Ok(())
+    }
+}
+
+/// Core's Sinkhorn-Knopp rounds over the ranks of a collective (equal shards: the batch has
+/// `world_size()` times this rank's rows). The column maxima are gathered and folded in rank
+/// order, the column sums are [`Collective::sum_f32`]: the same bits on every rank.
+pub struct SinkhornOver<'a>(pub &'a mut dyn Collective);
+
+impl SinkhornRanks<f32> for SinkhornOver<'_> {
+    type Error = anyhow::Error;
+    fn batch_rows(&self, local: usize) -> usize {
+        local * self.0.world_size()
+    }
+    fn max_over_ranks(&mut self, col_max: &mut [f32]) -> Result<()> {
+        let world = self.0.world_size();
+        if world == 1 {
+            return Ok(());
+        }
+        let mut all = vec![0.0f32; world * col_max.len()];
+        self.0.all_gather_f32(col_max, &mut all)?;
+        for part in all.chunks_exact(col_max.len().max(1)) {
+            for (m, &x) in col_max.iter_mut().zip(part) {
+                *m = m.max(x);
+            }
+        }
+        Ok(())
+    }
+    fn sum_over_ranks(&mut self, col_sum: &mut [f32]) -> Result<()> {
+        if self.0.world_size() == 1 {
+            return Ok(());
+        }
+        self.0.sum_f32(col_sum)
     }
 }
 
@@ -253,6 +286,56 @@ mod tests {
             assert_eq!(m, vec![2.0]);
             assert_eq!(all, vec![0.0, -0.0, 1.0, -1.0]);
         }
+    }
+
+    /// Teacher-like logits `[n, k]`: spread over 40 nats (a cold teacher), not symmetric.
+    fn logits(n: usize, k: usize) -> Vec<f32> {
+        (0..n * k)
+            .map(|i| ((i * 2_654_435_761) % 10_007) as f32 / 10_007.0 * 40.0 - 20.0)
+            .collect()
+    }
+
+    #[test]
+    fn sinkhorn_over_thread_ranks_is_the_whole_batchs_sinkhorn() {
+        use dinovmf_core::sinkhorn::{sinkhorn_targets_inplace, sinkhorn_targets_over_ranks};
+        let (world, n, k, iters) = (2, 12, 7, 3);
+        let l = logits(n, k);
+        // The reference: one process over the whole batch, in f64.
+        let mut want: Vec<f64> = l.iter().map(|&x| x as f64).collect();
+        let (mut cm, mut cs) = (vec![0.0f64; k], vec![0.0f64; k]);
+        sinkhorn_targets_inplace(&mut want, &mut cm, &mut cs, n, k, iters);
+        let rows = n / world;
+        let got = on_threads(world, |mut c| {
+            let r = c.rank();
+            let mut q = l[r * rows * k..(r + 1) * rows * k].to_vec();
+            let (mut cm, mut cs) = (vec![0.0f32; k], vec![0.0f32; k]);
+            sinkhorn_targets_over_ranks(
+                &mut q,
+                &mut cm,
+                &mut cs,
+                rows,
+                k,
+                iters,
+                &mut SinkhornOver(&mut c),
+            )
+            .unwrap();
+            q
+        });
+        let got: Vec<f32> = got.concat();
+        // f32 rounding of a few log-sum-exps over 40-nat spans: 1e-5 absolute on targets <= 1.
+        let err = |a: &[f32]| {
+            a.iter()
+                .zip(&want)
+                .fold(0.0f64, |m, (&x, &y)| m.max((x as f64 - y).abs()))
+        };
+        assert!(err(&got) <= 1e-5, "over ranks: {:e}", err(&got));
+        // Balancing each half on its own is a different answer (the test is not vacuous).
+        let mut halves = l.clone();
+        for h in halves.chunks_exact_mut(rows * k) {
+            let (mut cm, mut cs) = (vec![0.0f32; k], vec![0.0f32; k]);
+            sinkhorn_targets_inplace(h, &mut cm, &mut cs, rows, k, iters);
+        }
+        assert!(err(&halves) > 1e-2, "halves: {:e}", err(&halves));
     }
 
     #[test]

@@ -187,11 +187,13 @@ impl StepMasks {
 
     /// Draws the step's masks from `seed` for rank `rank` of `ranks`: its images' rows of the
     /// masks one process draws for the whole batch (`ranks` shards of `shapes.batch` images),
-    /// so an image gets the same drop path whichever rank runs it.
+    /// so an image gets the same drop path and (iBOT) the same patch mask whichever rank runs
+    /// it.
     pub fn draw_shard(
         &mut self,
         model: &ModelConfig,
         shapes: &StepShapes,
+        ibot: Option<&IbotConfig>,
         seed: u64,
         (rank, ranks): (usize, usize),
     ) {
@@ -211,6 +213,38 @@ impl StepMasks {
                 o.copy_from_slice(&a[rank * b..(rank + 1) * b]);
             }
             debug_assert_eq!(mine.len(), depth * 2 * crops * b);
+        }
+        if let Some(ib) = ibot {
+            let grid = shapes.global_size / model.vit.patch;
+            let np = grid * grid;
+            let mut patch = vec![0.0; n_g * np];
+            let mut counts = vec![0; n_g];
+            step_masks(
+                &mut patch,
+                &mut counts,
+                &mut self.scratch,
+                2,
+                whole,
+                grid,
+                grid,
+                &ib.mask,
+                seed,
+            );
+            // `[2][whole][np]` -> `[2][b][np]`, counts `[2][whole]` -> `[2][b]`.
+            for (o, a) in self
+                .patch
+                .chunks_exact_mut(b * np)
+                .zip(patch.chunks_exact(whole * np))
+            {
+                o.copy_from_slice(&a[rank * b * np..(rank + 1) * b * np]);
+            }
+            for (o, a) in self
+                .counts
+                .chunks_exact_mut(b)
+                .zip(counts.chunks_exact(whole))
+            {
+                o.copy_from_slice(&a[rank * b..(rank + 1) * b]);
+            }
         }
     }
 
@@ -345,10 +379,9 @@ pub fn gradients<P: Passes>(p: &mut P, batch: &Batch, hp: &StepHyper) -> Result<
     let (model, shapes) = (*p.model(), *p.shapes());
     match p.shard() {
         (_, 1) => p.masks_mut().draw(&model, &shapes, ibot.as_ref(), hp.seed),
-        shard => {
-            ensure!(ibot.is_none(), "iBOT runs on one rank only");
-            p.masks_mut().draw_shard(&model, &shapes, hp.seed, shard)
-        }
+        shard => p
+            .masks_mut()
+            .draw_shard(&model, &shapes, ibot.as_ref(), hp.seed, shard),
     }
     p.upload(batch)?;
     let has_local = shapes.n_local > 0;

@@ -32,12 +32,6 @@ impl CpuBackend {
     pub fn with_ibot(mut self, cfg: IbotConfig) -> Result<Self> {
         let lay = self.cx.lay;
         ensure!(
-            self.reducer.world_size() == 1,
-            "iBOT is not data-parallel yet ({} ranks): its patch center and patch masks are \
-             per process; run it on one rank",
-            self.reducer.world_size()
-        );
-        ensure!(
             lay.mask_token.is_some(),
             "iBOT needs a model with a mask token (backbone.masked_embed)"
         );

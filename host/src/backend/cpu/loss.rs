@@ -12,12 +12,13 @@ use dinovmf_core::logits::{branch_terms_forward, logits_row_backward};
 use dinovmf_core::loss::{
     multicrop_target_sum, n_pairs, xent_row_forward_backward_inplace, LossConfig,
 };
-use dinovmf_core::sinkhorn::sinkhorn_targets_inplace;
+use dinovmf_core::sinkhorn::sinkhorn_targets_over_ranks;
 
 use dinovmf_core::logits::NORMALIZE_EPS;
 use dinovmf_core::ops::{l2norm_row_backward, l2norm_row_inplace};
 
 use super::gemm::{matmul, Op};
+use crate::backend::reduce::{Collective, SinkhornOver};
 
 const NORM_EPS: f32 = NORMALIZE_EPS as f32;
 
@@ -132,11 +133,14 @@ fn normalize_rows(mu: &mut [f32], vn: &mut [f32], v: &[f32], p: usize) {
 /// Forward and backward of the multi-crop loss. `v_*`/`g_*` are the prototype layers of the
 /// two networks (`g` ignored with `norm_last_layer`), `z_s[n_crops B, p]`, `z_t[2B, p]`.
 /// Writes `lb.dz`, `dv[K, p]`, and `dg[K]` (untouched with `norm_last_layer`); writes the
-/// updated center into `next_center` (the old one is read from `center`).
+/// updated center into `next_center` (the old one is read from `center`). `ranks` are the
+/// data-parallel ranks whose rows form the batch with these (Sinkhorn-Knopp balances over all
+/// of them; every other statistic is reduced after the step, in the reduce phase).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_backward(
     cfg: &LossConfig,
     lb: &mut LossBufs,
+    ranks: &mut dyn Collective,
     z_s: &[f32],
     z_t: &[f32],
     v_s: &[f32],
@@ -147,7 +151,7 @@ pub fn forward_backward(
     next_center: &mut [f32],
     dv: &mut [f32],
     dg: &mut [f32],
-) -> LossReport {
+) -> anyhow::Result<LossReport> {
     let (k, p, batch, n_crops) = (lb.k, lb.p, lb.batch, lb.n_crops);
     let nt = 2 * batch;
     let ns = n_crops * batch;
@@ -185,7 +189,7 @@ pub fn forward_backward(
         false,
     );
     if let Centering::Sinkhorn { iters } = cfg.centering {
-        sinkhorn_targets(lb, nt, k, iters);
+        sinkhorn_targets(lb, nt, k, iters, ranks)?;
     } else {
         let w_t = 1.0 / nt as f32;
         let (scale, bias) = (&lb.scale_t, &lb.bias_t);
@@ -360,13 +364,19 @@ pub fn forward_backward(
 
     let mut collapse = collapse;
     collapse.mean_kl = loss - collapse.mean_row_entropy;
-    LossReport { loss, collapse }
+    Ok(LossReport { loss, collapse })
 }
 
 /// Sinkhorn-Knopp targets of the teacher logits: the logits (`scale dots + bias`, rows in
-/// parallel) go into `p_t`, core balances the whole batch there, then the batch statistic (the
-/// targets' mean) and the row entropies.
-fn sinkhorn_targets(lb: &mut LossBufs, nt: usize, k: usize, iters: u32) {
+/// parallel) go into `p_t`, core balances the whole batch there (over every rank's rows), then
+/// the batch statistic (the targets' mean over this rank's rows) and the row entropies.
+fn sinkhorn_targets(
+    lb: &mut LossBufs,
+    nt: usize,
+    k: usize,
+    iters: u32,
+    ranks: &mut dyn Collective,
+) -> anyhow::Result<()> {
     let (scale, bias) = (&lb.scale_t, &lb.bias_t);
     lb.p_t[..nt * k]
         .par_chunks_mut(k)
@@ -376,20 +386,22 @@ fn sinkhorn_targets(lb: &mut LossBufs, nt: usize, k: usize, iters: u32) {
                 *x = s * d + b;
             }
         });
-    sinkhorn_targets_inplace(
+    sinkhorn_targets_over_ranks(
         &mut lb.p_t[..nt * k],
         &mut lb.col_max,
         &mut lb.col_sum,
         nt,
         k,
         iters,
-    );
+        &mut SinkhornOver(ranks),
+    )?;
     lb.stat.fill(0.0);
     add_row_mean(&mut lb.stat, &lb.p_t, nt, k);
     lb.row_ent[..nt]
         .par_iter_mut()
         .zip(lb.p_t.par_chunks(k))
         .for_each(|(e, pt)| *e = entropy(pt));
+    Ok(())
 }
 
 /// Core's collapse statistics, with the row entropies computed in parallel (`row_ent`).

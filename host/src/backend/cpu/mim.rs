@@ -13,10 +13,11 @@ use dinovmf_core::logits::{branch_terms_forward, logits_row_backward, NORMALIZE_
 use dinovmf_core::loss::{xent_row_forward_backward_inplace, LossConfig};
 use dinovmf_core::mim_loss::mim_row_weight;
 use dinovmf_core::ops::{l2norm_row_backward, l2norm_row_inplace};
-use dinovmf_core::sinkhorn::sinkhorn_targets_inplace;
+use dinovmf_core::sinkhorn::sinkhorn_targets_over_ranks;
 
 use super::fastmath;
 use super::gemm::{matmul, Op};
+use crate::backend::reduce::{Collective, SinkhornOver};
 
 const NORM_EPS: f32 = NORMALIZE_EPS as f32;
 const CHUNK: usize = 32;
@@ -54,7 +55,7 @@ pub struct MimBufs {
     dy: Vec<f32>,
     dmu: Vec<f32>,
     dv_tmp: Vec<f32>,
-    stat: Vec<f32>,
+    pub(super) stat: Vec<f32>,
     shift: Vec<f32>,
     /// dL/dz of the masked student rows `[M, p]` (already scaled by the MIM weight).
     pub dz: Vec<f32>,
@@ -161,8 +162,14 @@ fn targets_row(
 
 /// Sinkhorn-Knopp targets over every teacher patch row of the batch (the logits
 /// `scale dots + bias` in parallel, then core's balancing in place in `p_t`), the statistic
-/// (the targets' mean) and the row entropies.
-fn sinkhorn_patch_targets(mb: &mut MimBufs, rows: usize, iters: u32) {
+/// (the targets' mean over this rank's rows) and the row entropies. The balancing is over
+/// every rank's patch rows.
+fn sinkhorn_patch_targets(
+    mb: &mut MimBufs,
+    rows: usize,
+    iters: u32,
+    ranks: &mut dyn Collective,
+) -> anyhow::Result<()> {
     let k = mb.k;
     let (scale, bias) = (&mb.scale_t, &mb.bias_t);
     mb.p_t[..rows * k]
@@ -173,20 +180,22 @@ fn sinkhorn_patch_targets(mb: &mut MimBufs, rows: usize, iters: u32) {
                 *x = s * d + b;
             }
         });
-    sinkhorn_targets_inplace(
+    sinkhorn_targets_over_ranks(
         &mut mb.p_t[..rows * k],
         &mut mb.col_max,
         &mut mb.col_sum,
         rows,
         k,
         iters,
-    );
+        &mut SinkhornOver(ranks),
+    )?;
     mb.stat.fill(0.0);
     add_row_mean(&mut mb.stat, &mb.p_t, rows, k);
     mb.row_ent[..rows]
         .par_iter_mut()
         .zip(mb.p_t.par_chunks(k))
         .for_each(|(e, pt)| *e = entropy(pt));
+    Ok(())
 }
 
 fn normalize_rows(out: &mut [f32], norms: &mut [f32], x: &[f32], p: usize) {
@@ -220,18 +229,20 @@ pub struct MimInputs<'a> {
 /// Forward and backward of L_mim: writes `mb.dz[M, p]` and ADDS into `dv[K, p]` and `dg[K]`
 /// (`dg` untouched with `norm_last_layer`); gradients are scaled by `weight` (the loss is
 /// reported unweighted). `cfg` carries the patch teacher temperature and center momentum;
-/// the new patch center goes to `next_center`.
+/// the new patch center goes to `next_center`. `ranks`: the data-parallel ranks whose patch
+/// rows form the batch with these (Sinkhorn-Knopp balances over all of them).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_backward(
     cfg: &LossConfig,
     mb: &mut MimBufs,
+    ranks: &mut dyn Collective,
     inp: &MimInputs<'_>,
     weight: f32,
     center: &[f32],
     next_center: &mut [f32],
     dv: &mut [f32],
     dg: &mut [f32],
-) -> MimReport {
+) -> anyhow::Result<MimReport> {
     let (k, p) = (mb.k, mb.p);
     let rows = inp.views * inp.batch * inp.n;
     let m = inp.masked_rows.len();
@@ -282,7 +293,7 @@ pub fn forward_backward(
         };
     }
     if let Centering::Sinkhorn { iters } = cfg.centering {
-        sinkhorn_patch_targets(mb, rows, iters);
+        sinkhorn_patch_targets(mb, rows, iters, ranks)?;
     } else {
         let w_t = 1.0 / rows as f32;
         let (scale, bias, shift) = (&mb.scale_t, &mb.bias_t, &mb.shift);
@@ -315,10 +326,10 @@ pub fn forward_backward(
     next_center[..k].copy_from_slice(&center[..k]);
     center_update(next_center, &mb.stat, cfg.center_momentum as f32);
     if m == 0 {
-        return MimReport {
+        return Ok(MimReport {
             loss: 0.0,
             teacher_entropy,
-        };
+        });
     }
 
     // Student at the masked positions.
@@ -442,8 +453,8 @@ pub fn forward_backward(
             .zip(mb.dv_tmp.par_iter())
             .for_each(|(a, &b)| *a += b);
     }
-    MimReport {
+    Ok(MimReport {
         loss,
         teacher_entropy,
-    }
+    })
 }

@@ -12,7 +12,6 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Result};
 use rayon::prelude::*;
 
-use dinovmf_core::centering::Centering;
 use dinovmf_core::loss::LossConfig;
 use dinovmf_core::model::{for_each_param, num_params, ModelConfig};
 use dinovmf_core::optim::{adamw_step, ema_update, l2_norm, AdamW};
@@ -110,6 +109,9 @@ pub struct CpuBackend {
     /// KoLeo-on-features weight (0 = off) and its scratch.
     koleo: f32,
     koleo_scratch: Vec<f32>,
+    /// With several ranks: one view's feature rows of the whole batch, then their KoLeo
+    /// gradient (`2 [ranks B, d]`).
+    koleo_gathered: Vec<f32>,
     /// iBOT's buffers and patch center (see [`CpuBackend::with_ibot`]); `None` for DINO.
     ibot: Option<ibot::IbotCpu>,
 }
@@ -202,6 +204,7 @@ impl CpuBackend {
             koleo_loss: None,
             koleo: 0.0,
             koleo_scratch: Vec::new(),
+            koleo_gathered: Vec::new(),
             ibot: None,
             cx,
         })
@@ -222,11 +225,6 @@ impl CpuBackend {
             "a batch of {} cannot be split over {ranks} ranks: use a --batch-size that is a \
              multiple of {ranks}",
             shapes.batch
-        );
-        ensure!(
-            ranks == 1 || !matches!(cfg.loss.centering, Centering::Sinkhorn { .. }),
-            "--centering sinkhorn is not data-parallel yet ({ranks} ranks): its column sums are \
-             over one rank's rows; run it on one rank"
         );
         shapes.batch /= ranks;
         let be = Self::new(cfg.model, cfg.loss, shapes, collective)?;
@@ -502,15 +500,15 @@ impl Backend for CpuBackend {
             weight.is_finite() && weight >= 0.0,
             "--koleo must be a finite weight >= 0, got {weight}"
         );
-        ensure!(
-            weight == 0.0 || self.reducer.world_size() == 1,
-            "--koleo is not data-parallel yet ({} ranks): its nearest neighbours are over one \
-             rank's rows; run it on one rank",
-            self.reducer.world_size()
-        );
         self.koleo = weight;
-        let (b, d) = (self.shapes.batch, self.cx.d);
-        self.koleo_scratch = vec![0.0; dinovmf_core::koleo::koleo_scratch_len(b, d)];
+        let world = self.reducer.world_size();
+        // Nearest neighbours are over the whole batch: `world` ranks' rows.
+        let (n, d) = (world * self.shapes.batch, self.cx.d);
+        self.koleo_scratch = vec![0.0; dinovmf_core::koleo::koleo_scratch_len(n, d)];
+        self.koleo_gathered = match world {
+            1 => Vec::new(),
+            _ => vec![0.0; 2 * n * d],
+        };
         Ok(())
     }
 

@@ -152,6 +152,7 @@ impl Passes for CpuBackend {
             loss::forward_backward(
                 &lcfg,
                 &mut self.lossb,
+                self.reducer.as_mut(),
                 self.head_s.z(),
                 self.head_t.z(),
                 &self.student[lay.last_v..lay.last_v + k * p],
@@ -162,7 +163,7 @@ impl Passes for CpuBackend {
                 &mut self.next_center,
                 &mut hi[..k * p],
                 &mut lo[lay.last_g..lay.last_g + k],
-            )
+            )?
         };
         let c = rep.collapse;
         self.report = StepMetrics {
@@ -200,6 +201,7 @@ impl Passes for CpuBackend {
             mim::forward_backward(
                 &pcfg,
                 &mut ib.mimb,
+                self.reducer.as_mut(),
                 &MimInputs {
                     z_t: &zt[n_g * p..n_g * t * p],
                     z_s: &zs[rows_s * p..hs_rows * p],
@@ -218,7 +220,7 @@ impl Passes for CpuBackend {
                 &mut ib.next_center,
                 &mut hi[..k * p],
                 &mut lo[lay.patch_g..lay.patch_g + k],
-            )
+            )?
         };
         ib.dz[..rows_s * p].copy_from_slice(&self.lossb.dz[..rows_s * p]);
         ib.dz[rows_s * p..hs_rows * p].copy_from_slice(&ib.mimb.dz[..m * p]);
@@ -254,15 +256,41 @@ impl Passes for CpuBackend {
             // KoLeo per global view on the student's [CLS] backbone features (the head's
             // input rows 0..2B), its gradient added to theirs.
             let (b, d) = (self.shapes.batch, cx.d);
+            let (rank, world) = (self.reducer.rank(), self.reducer.world_size());
             for v in 0..2 {
                 let r = v * b * d..(v + 1) * b * d;
+                if world == 1 {
+                    koleo_forward_backward(
+                        &self.x_s[r.clone()],
+                        b,
+                        d,
+                        &mut self.koleo_scratch,
+                        Some((&mut self.dx_s[r], self.koleo)),
+                    );
+                    continue;
+                }
+                // Over ranks: the view's rows of every rank (rank order = the whole batch's
+                // row order), then the whole batch's KoLeo on every rank, of which each keeps
+                // its own rows' gradient. Row i's gradient has terms from the rows whose
+                // nearest neighbour is i, wherever they live; computing every row here gives
+                // them all without a second reduction (the same bits on every rank). The
+                // reduce phase takes the mean of the ranks' gradients, dividing by `world`
+                // what is already the whole batch's gradient here: hence the weight `world`.
+                let n = world * b;
+                let (rows, grad) = self.koleo_gathered.split_at_mut(n * d);
+                self.reducer.all_gather_f32(&self.x_s[r.clone()], rows)?;
+                grad.fill(0.0);
                 koleo_forward_backward(
-                    &self.x_s[r.clone()],
-                    b,
+                    rows,
+                    n,
                     d,
                     &mut self.koleo_scratch,
-                    Some((&mut self.dx_s[r], self.koleo)),
+                    Some((&mut grad[..], self.koleo * world as f32)),
                 );
+                let mine = &grad[rank * b * d..(rank + 1) * b * d];
+                for (o, &g) in self.dx_s[r].iter_mut().zip(mine) {
+                    *o += g;
+                }
             }
         }
         Ok(())
@@ -352,8 +380,9 @@ impl Passes for CpuBackend {
 
     /// One rank: nothing. Several: the mean over ranks of the gradients, then of the batch
     /// statistics (the center's, the mean teacher distribution, the loss and the mean row
-    /// entropy; equal shards, so the mean of the shard means is the global batch mean), from
-    /// which the next center and the collapse signals are computed again as one process would.
+    /// entropy; iBOT: the patch center's statistic, the patch loss and its teacher entropy;
+    /// equal shards, so the mean of the shard means is the global batch mean), from which the
+    /// next centers and the collapse signals are computed again as one process would.
     fn reduce(&mut self) -> Result<()> {
         if self.reducer.world_size() == 1 {
             return Ok(());
@@ -361,13 +390,29 @@ impl Passes for CpuBackend {
         self.reducer.mean_f32(&mut self.grads)?;
         let k = self.center.len();
         let lb = &self.lossb;
-        let mut stats = Vec::with_capacity(2 * k + 2);
+        let mut stats = Vec::with_capacity(3 * k + 4);
         stats.extend_from_slice(&lb.stat[..k]);
         stats.extend_from_slice(&lb.mean_p[..k]);
-        stats.extend_from_slice(&[self.report.loss, self.report.teacher_entropy]);
+        stats.extend_from_slice(&[self.report.cls_loss, self.report.teacher_entropy]);
+        if let Some(ib) = self.ibot.as_ref() {
+            stats.extend_from_slice(&ib.mimb.stat[..k]);
+            stats.extend_from_slice(&[self.report.mim_loss, self.report.patch_teacher_entropy]);
+        }
         self.reducer.mean_f32(&mut stats)?;
         let (stat, rest) = stats.split_at(k);
-        let (mean_p, scalars) = rest.split_at(k);
+        let (mean_p, rest) = rest.split_at(k);
+        let (scalars, patch) = rest.split_at(2);
+        if let Some(ib) = self.ibot.as_mut() {
+            let (patch_stat, patch_scalars) = patch.split_at(k);
+            ib.next_center.copy_from_slice(&ib.center);
+            center_update(
+                &mut ib.next_center,
+                patch_stat,
+                ib.cfg.patch_center_momentum as f32,
+            );
+            let r = &mut self.report;
+            (r.mim_loss, r.patch_teacher_entropy) = (patch_scalars[0], patch_scalars[1]);
+        }
         self.next_center.copy_from_slice(&self.center);
         center_update(
             &mut self.next_center,
@@ -379,6 +424,10 @@ impl Passes for CpuBackend {
         let r = &mut self.report;
         (r.loss, r.cls_loss, r.teacher_entropy) = (loss, loss, c.mean_row_entropy);
         (r.kl, r.mean_entropy, r.max_mass) = (c.mean_kl, c.entropy_of_mean, c.max_mean_mass);
+        if let Some(ib) = self.ibot.as_ref() {
+            // As the patch loss pass adds them.
+            r.loss = r.cls_loss + ib.cfg.mim_weight as f32 * r.mim_loss;
+        }
         Ok(())
     }
 

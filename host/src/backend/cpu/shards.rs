@@ -25,15 +25,9 @@ impl ShardedCpu {
             "a batch of {b} cannot be split into {ranks} equal shards: use a --batch-size that \
              is a multiple of {ranks}"
         );
-        ensure!(
-            cfg.ibot.is_none(),
-            "iBOT is not data-parallel yet: run it with one shard"
-        );
-        let mut shapes = cfg.shapes;
-        shapes.batch = b / ranks;
         let shards = ThreadCollective::group(ranks)
             .into_iter()
-            .map(|c| CpuBackend::new(cfg.model, cfg.loss, shapes, Box::new(c)))
+            .map(|c| CpuBackend::open_rank(cfg, Box::new(c)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { shards })
     }
@@ -118,6 +112,10 @@ impl Backend for ShardedCpu {
         self.shards
             .iter_mut()
             .try_for_each(|b| b.set_koleo_proto(weight))
+    }
+
+    fn set_koleo(&mut self, weight: f32) -> Result<()> {
+        self.shards.iter_mut().try_for_each(|b| b.set_koleo(weight))
     }
 
     fn koleo_proto_loss(&self) -> Option<f32> {
