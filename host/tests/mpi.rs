@@ -148,11 +148,20 @@ fn two_mpi_ranks_match_two_in_process_shards_bit_for_bit_and_resume_exactly() {
 fn batch_statistics_over_mpi_ranks_match_in_process_shards_bit_for_bit() {
     assert!(mpirun_available(), "mpirun not found");
     for (what, extra) in [
-        ("sinkhorn-koleo", &["--centering", "sinkhorn", "--koleo", "0.5"][..]),
-        ("ibot-sinkhorn", &["--method", "ibot", "--centering", "sinkhorn"][..]),
+        (
+            "sinkhorn-koleo",
+            &["--centering", "sinkhorn", "--koleo", "0.5"][..],
+        ),
+        (
+            "ibot-sinkhorn",
+            &["--method", "ibot", "--centering", "sinkhorn"][..],
+        ),
         ("ibot", &["--method", "ibot"][..]),
     ] {
-        let (mpi, shards) = (tmp(&format!("{what}-ranks")), tmp(&format!("{what}-shards")));
+        let (mpi, shards) = (
+            tmp(&format!("{what}-ranks")),
+            tmp(&format!("{what}-shards")),
+        );
         let mut a = args(&mpi, 4);
         a.extend(extra.iter().map(|s| s.to_string()));
         let (ok, text) = mpirun(2, &a);
@@ -164,7 +173,11 @@ fn batch_statistics_over_mpi_ranks_match_in_process_shards_bit_for_bit() {
         let want = losses(&shards);
         assert_eq!(want.len(), 4, "{what}");
         assert_eq!(losses(&mpi), want, "{what}: losses differ");
-        assert_eq!(state_of(&mpi), state_of(&shards), "{what}: final states differ");
+        assert_eq!(
+            state_of(&mpi),
+            state_of(&shards),
+            "{what}: final states differ"
+        );
         for d in [mpi, shards] {
             let _ = std::fs::remove_dir_all(d);
         }
