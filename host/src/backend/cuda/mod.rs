@@ -8,8 +8,9 @@
 //! - `sim.rs` (feature `gpu-sim`): the same kernels on the host simulator of `dinovmf-ptx`, so
 //!   everything above the driver is tested on machines without a GPU;
 //! - `vit.rs`, `attention.rs`, `head.rs`: the ViT, its attention and the head's MLP as launches
-//!   (mirroring `cpu/`); `step.rs`: the backend's resident buffers; `step/loss.rs`: the `[CLS]`
-//!   loss chain; `step/ibot.rs`: the patch loss; `step/optim.rs`: clipping, AdamW, EMA;
+//!   (mirroring `cpu/`); `loss.rs`: the `[CLS]` loss chain over explicit device buffers (run by
+//!   the backend and by the kernel table); `step.rs`: the backend's resident buffers;
+//!   `step/ibot.rs`: the patch loss; `step/optim.rs`: clipping, AdamW, EMA;
 //!   `step/passes.rs`: its `Passes` of `backend/step.rs`'s one step;
 //! - `verify.rs`: every kernel against `dinovmf-core` on random inputs (`dinovmf verify-kernels`).
 //!
@@ -32,6 +33,8 @@ pub mod errors;
 pub mod grid;
 #[cfg(feature = "gpu-sim")]
 pub mod head;
+#[cfg(feature = "gpu-sim")]
+pub mod loss;
 #[cfg(feature = "gpu-sim")]
 pub mod ops;
 #[cfg(feature = "gpu-sim")]

@@ -4,8 +4,8 @@
 //! launches the whole step, and downloads one small metrics buffer: the step's only sync.
 //!
 //! The order of the phases is `backend/step.rs`'s; this backend's passes (`passes.rs`) run them
-//! as launches: the fused loss chain of `ptx/src/kernels/head.rs` (`loss.rs`; iBOT's patch loss
-//! in `ibot.rs`), head and backbone backward, gradient reduction, per-tensor clipping, AdamW
+//! as launches: the fused loss chain of `ptx/src/kernels/head.rs` (`cuda/loss.rs`, a free
+//! function over this backend's buffers; iBOT's patch loss in `ibot.rs`), head and backbone backward, gradient reduction, per-tensor clipping, AdamW
 //! (decay groups, frozen last layer) and teacher EMA (`optim.rs`), center update.
 //!
 //! Collapse signals stay on the device too: `row_entropy` (mean row entropy of `P_t` and the
@@ -16,11 +16,12 @@
 use anyhow::{ensure, Result};
 
 use dinovmf_core::centering::center_init;
-use dinovmf_core::loss::LossConfig;
+use dinovmf_core::loss::{LossConfig, LossDims};
 use dinovmf_core::model::{for_each_param, num_params, ModelConfig};
 
 use super::device::{Buf, Device, Gpu};
 use super::head::{self, HeadBufs};
+use super::loss::LossBufs;
 use super::ops::Segments;
 use super::vit::{self, BackScratch, Cx, Group};
 use crate::backend::step::{self, check_state, StepMasks};
@@ -28,11 +29,9 @@ use crate::backend::{Backend, Collective, Net, StepHyper, StepMetrics, StepShape
 use crate::data::Batch;
 
 mod ibot;
-mod loss;
 mod optim;
 mod passes;
 
-use loss::LossBufs;
 use optim::Run;
 
 /// Images per forward in [`Backend::embed`].
@@ -178,7 +177,13 @@ impl<D: Device> GpuBackend<D> {
         center_init(&mut center0, loss.centering);
         let center = gpu.alloc_from(&center0)?;
         let one = gpu.alloc_from(&[1.0f32])?;
-        let lb = LossBufs::new(&mut gpu, 2 + shapes.n_local, b, k, p)?;
+        let dims = LossDims {
+            n_crops: 2 + shapes.n_local,
+            batch: b,
+            k,
+            p,
+        };
+        let lb = LossBufs::new(&mut gpu, dims)?;
         let zeros = vec![0.0f32; n];
         let student = gpu.alloc_from(&zeros)?;
         let teacher = gpu.alloc_from(&zeros)?;

@@ -22,6 +22,7 @@ use super::ops::{Gemm, Segments};
 
 mod ibot;
 pub mod large;
+mod loss;
 mod sinkhorn;
 
 /// One line of the report.
@@ -184,6 +185,7 @@ pub fn run_all<D: Device>(gpu: &mut Gpu<D>, seed: u64) -> Vec<Row> {
         ("logits", logits),
         ("teacher", teacher),
         ("xent_columns", xent_columns),
+        ("cls loss chain", loss::cls_loss_chain),
         ("ibot", ibot::ibot),
         ("sinkhorn", sinkhorn::sinkhorn),
         ("optimiser", optimiser),

@@ -16,6 +16,7 @@ use dinovmf_core::mim_loss::{mim_row_weight, IbotConfig};
 use super::{GpuBackend, M_LOSS, M_MIM, M_PATCH_ENT};
 use crate::backend::cuda::device::{u32_of as u, Arg, Buf, Device};
 use crate::backend::cuda::head::{self, HeadBufs};
+use crate::backend::cuda::loss::{branch_forward, Prototypes};
 use crate::backend::cuda::ops::Gemm;
 use crate::backend::step::StepMasks;
 use crate::backend::StepMetrics;
@@ -185,28 +186,11 @@ impl<D: Device> GpuBackend<D> {
         let tau_s = cfg.student_temp as f32;
         let eps = NORMALIZE_EPS as f32;
         let lb = &self.lb;
-        let (mu_t, vn_t, terms_t) = (lb.mu_t, lb.vn_t, [lb.scale_t, lb.bias_t, lb.dbias_t]);
-        let (mu_s, vn_s, terms_s) = (lb.mu_s, lb.vn_s, [lb.scale_s, lb.bias_s, lb.dbias_s]);
-        self.branch_at(
-            self.teacher,
-            lay.patch_v,
-            lay.patch_g,
-            mu_t,
-            vn_t,
-            terms_t,
-            tau_t,
-        )?;
-        self.branch_at(
-            self.student,
-            lay.patch_v,
-            lay.patch_g,
-            mu_s,
-            vn_s,
-            terms_s,
-            tau_s,
-        )?;
-        let lb = &self.lb;
         let gpu = &mut self.gpu;
+        let (t, s) = (&lb.t, &lb.s);
+        let at = |params| Prototypes::at(params, lay.patch_v, lay.patch_g, k, p);
+        branch_forward(gpu, &cfg, at(self.teacher), t, lb.r, tau_t, k, p)?;
+        branch_forward(gpu, &cfg, at(self.student), s, lb.r, tau_s, k, p)?;
         let cent = cfg.centering;
         let mt = self.metrics;
 
@@ -216,9 +200,9 @@ impl<D: Device> GpuBackend<D> {
         gpu.teacher_targets(
             [ib.p_t, ib.lse_raw, ib.dots_t, ib.stat],
             ib.y_t,
-            mu_t,
-            lb.scale_t,
-            lb.bias_t,
+            t.mu,
+            t.scale,
+            t.bias,
             ib.center,
             tau_t,
             cent,
@@ -249,9 +233,9 @@ impl<D: Device> GpuBackend<D> {
                 ib.lse_part,
                 ib.lse,
                 ib.y_s,
-                mu_s,
-                lb.scale_s,
-                lb.bias_s,
+                s.mu,
+                s.scale,
+                s.bias,
                 m,
                 k,
                 p,
@@ -271,9 +255,9 @@ impl<D: Device> GpuBackend<D> {
                     ib.p_t.into(),
                     ib.tgt.into(),
                     ib.w.into(),
-                    lb.scale_s.into(),
-                    lb.bias_s.into(),
-                    lb.dbias_s.into(),
+                    s.scale.into(),
+                    s.bias.into(),
+                    s.dbias.into(),
                     tau_s.into(),
                     (ib.cfg.mim_weight as f32).into(),
                     u(m),
@@ -290,7 +274,7 @@ impl<D: Device> GpuBackend<D> {
                 1.0,
             )?;
             // dots_s now holds dL/d(dots).
-            gpu.matmul_nn(ib.dy, ib.dots_s, mu_s, m, p, k)?;
+            gpu.matmul_nn(ib.dy, ib.dots_s, s.mu, m, p, k)?;
             gpu.gemm(
                 &Gemm::plain(true, false, k, p, m),
                 lb.dmu,
@@ -307,7 +291,7 @@ impl<D: Device> GpuBackend<D> {
                 p,
                 eps,
             )?;
-            gpu.l2norm_backward(ib.dv, lb.dmu, mu_s, vn_s, k, p, eps)?;
+            gpu.l2norm_backward(ib.dv, lb.dmu, s.mu, s.vn, k, p, eps)?;
             gpu.axpy(self.grads.sub(lay.patch_v, k * p), ib.dv, 1.0, k * p)?;
         }
         // The patch center moves after the targets used the old one.

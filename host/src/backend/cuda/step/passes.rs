@@ -1,6 +1,7 @@
 //! The CUDA backend's [`Passes`]: each phase of `backend/step.rs` as launches on the device.
 use anyhow::{bail, Context, Result};
 
+use dinovmf_core::loss::LossDims;
 use dinovmf_core::mim_loss::IbotConfig;
 use dinovmf_core::model::ModelConfig;
 
@@ -8,6 +9,7 @@ use super::ibot::gather;
 use super::{GpuBackend, M_GRAD_SQ, M_LEN, M_LOSS, M_MAX_MASS, M_MEAN_ENT, M_ROW_ENT};
 use crate::backend::cuda::device::Device;
 use crate::backend::cuda::head;
+use crate::backend::cuda::loss::{cls_loss_forward_backward, ClsLoss, ClsMetrics, Prototypes};
 use crate::backend::cuda::vit::{self, Masks, PatchMask};
 use crate::backend::step::{Backward, Crops, Forward, Head, Passes, StepMasks};
 use crate::backend::{Net, StepHyper, StepMetrics, StepShapes};
@@ -133,7 +135,33 @@ impl<D: Device> Passes for GpuBackend<D> {
     }
 
     fn cls_loss(&mut self, teacher_temp: f32) -> Result<()> {
-        self.cls_loss_chain(teacher_temp)
+        let lay = self.cx.lay;
+        let (k, p) = (self.cx.cfg.head.out_dim, self.cx.cfg.head.bottleneck);
+        let batch = self.shapes.batch;
+        let n_crops = 2 + self.shapes.n_local;
+        let slot = |i: usize| self.metrics.sub(i, 1);
+        let io = ClsLoss {
+            z_t: self.head_t.z(),
+            z_s: self.head_s.z(),
+            teacher: Prototypes::at(self.teacher, lay.last_v, lay.last_g, k, p),
+            student: Prototypes::at(self.student, lay.last_v, lay.last_g, k, p),
+            center: self.center,
+            grad: Prototypes::at(self.grads, lay.last_v, lay.last_g, k, p),
+            metrics: ClsMetrics {
+                loss: slot(M_LOSS),
+                teacher_entropy: slot(M_ROW_ENT),
+                mean_entropy: slot(M_MEAN_ENT),
+                max_mass: slot(M_MAX_MASS),
+            },
+        };
+        let dims = LossDims {
+            n_crops,
+            batch,
+            k,
+            p,
+        };
+        let cfg = self.loss_cfg;
+        cls_loss_forward_backward(&mut self.gpu, &cfg, dims, teacher_temp, &io, &self.lb)
     }
 
     fn patch_loss(&mut self, patch_teacher_temp: f32) -> Result<()> {
