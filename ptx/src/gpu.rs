@@ -9,6 +9,7 @@ use core::arch::nvptx;
 core::arch::global_asm!(
     ".shared .align 16 .b8 dinovmf_smem_small[1024];",
     ".shared .align 16 .b8 dinovmf_smem_gemm[8704];",
+    ".shared .align 16 .b8 dinovmf_smem_tc[20480];",
 );
 
 pub struct Smem(*mut f32);
@@ -42,14 +43,22 @@ impl Shared for Smem {
         // global buffer of at least `op.bytes()` bytes, both aligned (checked in the simulator).
         unsafe {
             match op {
-                CpAsync::Ca4 => asm!("cvta.to.global.u64 {s}, {s};", "cp.async.ca.shared.global [{d}], [{s}], 4;",
-                    d = in(reg64) d, s = inout(reg64) s => _, options(nostack)),
-                CpAsync::Ca8 => asm!("cvta.to.global.u64 {s}, {s};", "cp.async.ca.shared.global [{d}], [{s}], 8;",
-                    d = in(reg64) d, s = inout(reg64) s => _, options(nostack)),
-                CpAsync::Ca16 => asm!("cvta.to.global.u64 {s}, {s};", "cp.async.ca.shared.global [{d}], [{s}], 16;",
-                    d = in(reg64) d, s = inout(reg64) s => _, options(nostack)),
-                CpAsync::Cg16 => asm!("cvta.to.global.u64 {s}, {s};", "cp.async.cg.shared.global [{d}], [{s}], 16;",
-                    d = in(reg64) d, s = inout(reg64) s => _, options(nostack)),
+                CpAsync::Ca4 => {
+                    asm!("cvta.to.global.u64 {s}, {s};", "cp.async.ca.shared.global [{d}], [{s}], 4;",
+                    d = in(reg64) d, s = inout(reg64) s => _, options(nostack))
+                }
+                CpAsync::Ca8 => {
+                    asm!("cvta.to.global.u64 {s}, {s};", "cp.async.ca.shared.global [{d}], [{s}], 8;",
+                    d = in(reg64) d, s = inout(reg64) s => _, options(nostack))
+                }
+                CpAsync::Ca16 => {
+                    asm!("cvta.to.global.u64 {s}, {s};", "cp.async.ca.shared.global [{d}], [{s}], 16;",
+                    d = in(reg64) d, s = inout(reg64) s => _, options(nostack))
+                }
+                CpAsync::Cg16 => {
+                    asm!("cvta.to.global.u64 {s}, {s};", "cp.async.cg.shared.global [{d}], [{s}], 16;",
+                    d = in(reg64) d, s = inout(reg64) s => _, options(nostack))
+                }
             }
         }
     }
@@ -99,6 +108,12 @@ impl Gpu {
                 SmemKind::Gemm => {
                     let p: u64;
                     asm!("cvta.shared.u64 {p}, dinovmf_smem_gemm;", p = out(reg64) p,
+                        options(pure, nomem, nostack));
+                    p
+                }
+                SmemKind::Tc => {
+                    let p: u64;
+                    asm!("cvta.shared.u64 {p}, dinovmf_smem_tc;", p = out(reg64) p,
                         options(pure, nomem, nostack));
                     p
                 }
@@ -236,18 +251,28 @@ impl Block for Gpu {
             match (N, trans) {
                 (1, false) => asm!("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {{{r0}}}, [{p}];",
                     r0 = out(reg32) o[0], p = in(reg64) p, options(nostack)),
-                (1, true) => asm!("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {{{r0}}}, [{p}];",
-                    r0 = out(reg32) o[0], p = in(reg64) p, options(nostack)),
-                (2, false) => asm!("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {{{r0}, {r1}}}, [{p}];",
-                    r0 = out(reg32) o[0], r1 = out(reg32) o[1], p = in(reg64) p, options(nostack)),
-                (2, true) => asm!("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {{{r0}, {r1}}}, [{p}];",
-                    r0 = out(reg32) o[0], r1 = out(reg32) o[1], p = in(reg64) p, options(nostack)),
-                (4, false) => asm!("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{r0}, {r1}, {r2}, {r3}}}, [{p}];",
+                (1, true) => {
+                    asm!("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {{{r0}}}, [{p}];",
+                    r0 = out(reg32) o[0], p = in(reg64) p, options(nostack))
+                }
+                (2, false) => {
+                    asm!("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {{{r0}, {r1}}}, [{p}];",
+                    r0 = out(reg32) o[0], r1 = out(reg32) o[1], p = in(reg64) p, options(nostack))
+                }
+                (2, true) => {
+                    asm!("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {{{r0}, {r1}}}, [{p}];",
+                    r0 = out(reg32) o[0], r1 = out(reg32) o[1], p = in(reg64) p, options(nostack))
+                }
+                (4, false) => {
+                    asm!("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{r0}, {r1}, {r2}, {r3}}}, [{p}];",
                     r0 = out(reg32) o[0], r1 = out(reg32) o[1], r2 = out(reg32) o[2], r3 = out(reg32) o[3],
-                    p = in(reg64) p, options(nostack)),
-                _ => asm!("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{r0}, {r1}, {r2}, {r3}}}, [{p}];",
+                    p = in(reg64) p, options(nostack))
+                }
+                _ => {
+                    asm!("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{r0}, {r1}, {r2}, {r3}}}, [{p}];",
                     r0 = out(reg32) o[0], r1 = out(reg32) o[1], r2 = out(reg32) o[2], r3 = out(reg32) o[3],
-                    p = in(reg64) p, options(nostack)),
+                    p = in(reg64) p, options(nostack))
+                }
             }
         }
     }

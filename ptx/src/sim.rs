@@ -11,8 +11,8 @@
 //! threads of each phase run (fixed, or shuffled from a seed: a kernel whose result depends on
 //! the order of blocks or of threads gives different results under different seeds).
 use crate::block::{
-    ldmatrix_index, mma_a_index, mma_b_index, mma_c_index, Block, CpAsync, Dims, MmaIn, Op,
-    Shared, Shfl, BFLY,
+    ldmatrix_index, mma_a_index, mma_b_index, mma_c_index, Block, CpAsync, Dims, MmaIn, Op, Shared,
+    Shfl, BFLY,
 };
 use crate::elem::{f16_bits_to_f32, Bf16};
 use alloc::collections::VecDeque;

@@ -131,7 +131,12 @@ fn lane_frag(lane: usize, a: &[[u16; 16]; 16], b: &[[u16; 8]; 16], c: &[[f32; 8]
             pack(b[2 * q + 8][g], b[2 * q + 9][g]),
         ],
         // c0,c1: (g, 2q..); c2,c3: (g+8, 2q..).
-        c: [c[g][2 * q], c[g][2 * q + 1], c[g + 8][2 * q], c[g + 8][2 * q + 1]],
+        c: [
+            c[g][2 * q],
+            c[g][2 * q + 1],
+            c[g + 8][2 * q],
+            c[g + 8][2 * q + 1],
+        ],
     }
 }
 
@@ -142,11 +147,18 @@ fn check_mma(ty: MmaIn, a: [[u16; 16]; 16], b: [[u16; 8]; 16], c: [[f32; 8]; 16]
             b: [0; 2],
             c: [0.0; 4],
         });
-        blk.each(&mut l, |t, f, _| *f = lane_frag(t as usize % 32, &a, &b, &c));
+        blk.each(&mut l, |t, f, _| {
+            *f = lane_frag(t as usize % 32, &a, &b, &c)
+        });
         blk.mma_m16n8k16(&mut l, ty, |f| f.a, |f| f.b, |f| &mut f.c);
         blk.each(&mut l, |t, f, _| {
             let (g, q) = ((t % 32) as usize / 4, (t % 32) as usize % 4);
-            let at = [(g, 2 * q), (g, 2 * q + 1), (g + 8, 2 * q), (g + 8, 2 * q + 1)];
+            let at = [
+                (g, 2 * q),
+                (g, 2 * q + 1),
+                (g + 8, 2 * q),
+                (g + 8, 2 * q + 1),
+            ];
             for (e, &(r, col)) in at.iter().enumerate() {
                 let mut want = c[r][col] as f64;
                 for k in 0..16 {
@@ -176,8 +188,9 @@ fn mma_m16n8k16_layouts_are_the_isa_ones() {
         let b: [[u16; 8]; 16] = core::array::from_fn(|k| {
             core::array::from_fn(|n| enc(((k * 8 + n) as f32 + 1.0) / 64.0, ty))
         });
-        let c: [[f32; 8]; 16] =
-            core::array::from_fn(|i| core::array::from_fn(|n| (i * 8 + n) as f32 * 0.5 + 1.0 / 128.0));
+        let c: [[f32; 8]; 16] = core::array::from_fn(|i| {
+            core::array::from_fn(|n| (i * 8 + n) as f32 * 0.5 + 1.0 / 128.0)
+        });
         check_mma(ty, a, b, c, true);
         // One-hot A: D[r][n] = B[k][n] + C[r][n] picks out exactly one B element per row, so a
         // misplaced A or B element cannot cancel out.
@@ -260,7 +273,11 @@ fn check_ldmatrix<const N: usize>(trans: bool) {
                         ldm_value(i, lane / 4, 2 * (lane % 4) + 1),
                     )
                 };
-                assert_eq!(reg, pack(lo, hi), "x{N} trans {trans}: thread {t} matrix {i}");
+                assert_eq!(
+                    reg,
+                    pack(lo, hi),
+                    "x{N} trans {trans}: thread {t} matrix {i}"
+                );
             }
         });
     });
@@ -286,7 +303,12 @@ fn ldmatrix_without_a_barrier_after_the_stores_is_a_race() {
             }
         });
         let mut l = b.local([0u32; 4]);
-        b.ldmatrix(&mut l, false, |t, _| row_word(t as usize / 8, (t as usize + 1) % 8), |s| s);
+        b.ldmatrix(
+            &mut l,
+            false,
+            |t, _| row_word(t as usize / 8, (t as usize + 1) % 8),
+            |s| s,
+        );
     });
 }
 
