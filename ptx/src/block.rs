@@ -86,6 +86,43 @@ pub trait Block {
         field: G,
     );
 
+    /// Warp shuffle `shfl.sync.{idx,up,down,bfly}.b32` over whole warps (all 32 lanes take
+    /// part): lane `l` receives `val` of lane `src(l)` where `src` is `arg`, `l - arg`,
+    /// `l + arg` or `l ^ arg` for [`Shfl::Idx`], [`Up`](Shfl::Up), [`Down`](Shfl::Down),
+    /// [`Xor`](Shfl::Xor) (`arg(thread, state)` per lane; `idx` uses its low 5 bits); a source
+    /// outside the warp leaves the lane its own value, as the PTX instruction does.
+    fn shfl<L: Copy, V: Fn(&L) -> u32, A: Fn(u32, &L) -> u32, O: Fn(&mut L, u32)>(
+        &mut self,
+        l: &mut Self::Local<L>,
+        mode: Shfl,
+        val: V,
+        arg: A,
+        out: O,
+    );
+    /// `mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32`: per warp `D = A B + C` with `A`
+    /// 16 x 16 (4 registers per lane), `B` 16 x 8 (2), `C` = `D` 16 x 8 f32 (4), in the PTX
+    /// ISA's fragment layouts ([`mma_a_index`], [`mma_b_index`], [`mma_c_index`]); the
+    /// accumulator `acc` is overwritten with `D`.
+    fn mma_m16n8k16<L: Copy, FA: Fn(&L) -> [u32; 4], FB: Fn(&L) -> [u32; 2]>(
+        &mut self,
+        l: &mut Self::Local<L>,
+        ty: MmaIn,
+        a: FA,
+        b: FB,
+        acc: impl Fn(&mut L) -> &mut [f32; 4],
+    );
+    /// `ldmatrix.sync.aligned.m8n8.x{N}{.trans}.shared.b16`: `N` (1, 2 or 4) 8 x 8 matrices of
+    /// 16-bit elements from shared memory; lane `8 i + r` (of the first `8 N` lanes) gives the
+    /// word index of row `r` of matrix `i` (16-byte aligned: a multiple of 4), and every lane
+    /// receives one register per matrix ([`ldmatrix_index`]).
+    fn ldmatrix<L: Copy, const N: usize, A: Fn(u32, &L) -> usize>(
+        &mut self,
+        l: &mut Self::Local<L>,
+        trans: bool,
+        row_addr: A,
+        out: impl Fn(&mut L) -> &mut [u32; N],
+    );
+
     /// [`each`](Block::each) without private state.
     #[inline]
     fn each0<F: FnMut(u32, &Self::Smem)>(&mut self, mut f: F) {
@@ -94,11 +131,100 @@ pub trait Block {
     }
 }
 
-/// Shared memory as f32 words; reads and writes go through methods so that the simulator can
+/// Shared memory as 32-bit words; reads and writes go through methods so that the simulator can
 /// check every access.
 pub trait Shared {
     fn ld(&self, i: usize) -> f32;
     fn st(&self, i: usize, v: f32);
+    /// Word `i` as raw bits (two packed 16-bit elements, the lower address in the low half).
+    fn ld_bits(&self, i: usize) -> u32;
+    fn st_bits(&self, i: usize, v: u32);
+    /// `cp.async.{ca,cg}.shared.global`: starts copying `op.bytes()` bytes from the start of
+    /// `src` (aligned to that size) to the words from `dst` on (likewise aligned); the words
+    /// are not to be touched until a [`cp_async_wait`](Shared::cp_async_wait) that covers the
+    /// copy's group. Issued per thread.
+    fn cp_async<T: Copy>(&self, dst: usize, src: &[T], op: CpAsync);
+    /// `cp.async.commit_group`: the copies issued since the last commit become one group.
+    fn cp_async_commit(&self);
+    /// `cp.async.wait_group N`: waits until at most `N` of this thread's committed groups are
+    /// still in flight (the oldest complete first). Other threads see the data after a barrier.
+    fn cp_async_wait<const N: u32>(&self);
+}
+
+/// Warp shuffle modes (see [`Block::shfl`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shfl {
+    Idx,
+    Up,
+    Down,
+    Xor,
+}
+
+/// Input element type of [`Block::mma_m16n8k16`] (always f32 accumulate).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MmaIn {
+    F16,
+    Bf16,
+}
+
+/// The variants of `cp.async` (`.cg` only exists for 16 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpAsync {
+    /// `.ca` (cache at all levels), 4 bytes.
+    Ca4,
+    Ca8,
+    Ca16,
+    /// `.cg` (cache in L2 only, bypassing L1), 16 bytes.
+    Cg16,
+}
+
+impl CpAsync {
+    pub const fn bytes(self) -> usize {
+        match self {
+            CpAsync::Ca4 => 4,
+            CpAsync::Ca8 => 8,
+            CpAsync::Ca16 | CpAsync::Cg16 => 16,
+        }
+    }
+}
+
+/// Fragment layouts of `mma.m16n8k16` (PTX ISA, "Matrix Fragments for mma.m16n8k16 with
+/// floating point type"), with `group = lane / 4`, `tig = lane % 4`. Element `e` (0..8) of a
+/// lane's A fragment (register `e / 2`, low half for even `e`) is `A[row][col]`:
+pub const fn mma_a_index(lane: u32, e: usize) -> (usize, usize) {
+    let (group, tig) = ((lane / 4) as usize, (lane % 4) as usize);
+    let row = if e < 2 || (4 <= e && e < 6) {
+        group
+    } else {
+        group + 8
+    };
+    let col = tig * 2 + (e & 1) + if e >= 4 { 8 } else { 0 };
+    (row, col)
+}
+
+/// Element `e` (0..4) of a lane's B fragment is `B[k][n]` (`k` returned first).
+pub const fn mma_b_index(lane: u32, e: usize) -> (usize, usize) {
+    let (group, tig) = ((lane / 4) as usize, (lane % 4) as usize);
+    (tig * 2 + (e & 1) + if e >= 2 { 8 } else { 0 }, group)
+}
+
+/// Element `e` (0..4) of a lane's C / D fragment is `C[row][col]`.
+pub const fn mma_c_index(lane: u32, e: usize) -> (usize, usize) {
+    let (group, tig) = ((lane / 4) as usize, (lane % 4) as usize);
+    (group + if e >= 2 { 8 } else { 0 }, tig * 2 + (e & 1))
+}
+
+/// `ldmatrix` (PTX ISA, "Warp-level matrix load instruction: ldmatrix"): the two 16-bit
+/// elements (low half first) that lane `lane` receives of each 8 x 8 matrix, as `(row, col)` of
+/// that matrix as stored: row `lane / 4`, columns `2 (lane % 4) + {0, 1}`; with `.trans` the
+/// transpose, rows `2 (lane % 4) + {0, 1}` of column `lane / 4`.
+pub const fn ldmatrix_index(lane: u32, half: usize, trans: bool) -> (usize, usize) {
+    let (a, b) = ((lane / 4) as usize, (lane % 4) as usize * 2 + half);
+    if trans {
+        (b, a)
+    } else {
+        (a, b)
+    }
 }
 
 /// Block all-reduce: every thread's `field` becomes the reduction over the whole block.

@@ -11,7 +11,9 @@
 //! against the buffer it passes, and the grid against the launch limits, before launching.
 use crate::kernels::gemm::GEMM_BLOCK;
 #[allow(unused_imports)]
-use crate::kernels::{elementwise, gemm, head, ibot, optim, reduce, rows, sinkhorn, tokens};
+use crate::kernels::{
+    elementwise, gemm, gemm_tc, head, ibot, optim, reduce, rows, sinkhorn, tokens,
+};
 use crate::kernels::{EW_BLOCK, ROW_BLOCK, SMEM_GEMM_WORDS, SMEM_SMALL_WORDS, WIDE_BLOCK};
 #[allow(unused_imports)]
 use dinovmf_core::{centering::Centering, logits::LogitKind, vmf::BesselApprox};
@@ -24,6 +26,8 @@ pub enum SmemKind {
     Small,
     /// `dinovmf_smem_gemm`: GEMM tiles.
     Gemm,
+    /// `dinovmf_smem_tc`: the tensor-core GEMM's two staged bf16 slices.
+    Tc,
 }
 
 /// Static shared memory of a kind, in bytes.
@@ -32,6 +36,7 @@ pub const fn smem_bytes(k: SmemKind) -> u32 {
         SmemKind::None => 0,
         SmemKind::Small => (SMEM_SMALL_WORDS * 4) as u32,
         SmemKind::Gemm => (SMEM_GEMM_WORDS * 4) as u32,
+        SmemKind::Tc => (gemm_tc::SMEM_TC_WORDS * 4) as u32,
     }
 }
 
@@ -68,7 +73,7 @@ impl KernelInfo {
 }
 
 /// Every kernel of `dinovmf.ptx`, in groups.
-pub const KERNELS: &[&[KernelInfo]] = &[GEMM_KERNELS, OTHER_KERNELS];
+pub const KERNELS: &[&[KernelInfo]] = &[GEMM_KERNELS, OTHER_KERNELS, TC_KERNELS];
 
 /// All kernels.
 pub fn all() -> impl Iterator<Item = &'static KernelInfo> {
@@ -143,7 +148,9 @@ macro_rules! kernels {
 /// The host version of entry point `name` (see [`crate::sim::launch_entry`]).
 #[cfg(not(target_arch = "nvptx64"))]
 pub(crate) fn sim_entry(name: &str) -> Option<crate::sim::Entry> {
-    gemm_sim::entry(name).or_else(|| other_sim::entry(name))
+    gemm_sim::entry(name)
+        .or_else(|| other_sim::entry(name))
+        .or_else(|| tc_sim::entry(name))
 }
 
 /// Shared body of the GEMM entry points (device and host).
@@ -394,4 +401,75 @@ kernels! { OTHER_KERNELS, other_entries, other_sim;
     column_sum_f32 [EW_BLOCK, None, "ceil(cols/256)", "out: cols; x: rows*cols"] (out: *mut f32, x: *const f32, rows: u32, cols: u32, accumulate: u32) |b| {
         reduce::column_sum(b, sl_mut(out, us(cols)), sl(x, us(rows) * us(cols)), rows as usize, cols as usize, accumulate != 0)
     }
+}
+
+/// Shared body of the tensor-core GEMM entry points (device and host): bf16 operands passed as
+/// their `u16` bits.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn gemm_tc_entry<const TA: bool, const TB: bool>(
+    b: &mut impl crate::Block,
+    c: *mut f32,
+    a: *const u16,
+    bm: *const u16,
+    bias: *const f32,
+    lens: [u32; 3],
+    dims: [u32; 7],
+    strides: [u32; 6],
+    alpha: f32,
+    beta: f32,
+) {
+    use crate::elem::Bf16;
+    use crate::raw::{opt, sl, sl_mut, us};
+    let s = gemm::GemmShape {
+        m: dims[0] as usize,
+        n: dims[1] as usize,
+        k: dims[2] as usize,
+        lda: dims[3] as usize,
+        ldb: dims[4] as usize,
+        ldc: dims[5] as usize,
+        inner: dims[6] as usize,
+        sa: [strides[0] as usize, strides[1] as usize],
+        sb: [strides[2] as usize, strides[3] as usize],
+        sc: [strides[4] as usize, strides[5] as usize],
+        alpha,
+        beta,
+    };
+    gemm_tc::gemm_tc::<_, f32, TA, TB>(
+        b,
+        sl_mut(c, us(lens[2])),
+        sl(a as *const Bf16, us(lens[0])),
+        sl(bm as *const Bf16, us(lens[1])),
+        opt(bias, s.n),
+        &s,
+    );
+}
+
+/// Declares one tensor-core GEMM entry point per transposes.
+macro_rules! gemm_tc_kernels {
+    ($($(#[doc = $doc:literal])* $name:ident: $ta:literal, $tb:literal;)*) => {
+        kernels! { TC_KERNELS, tc_entries, tc_sim; $(
+            $(#[doc = $doc])*
+            $name [gemm_tc::TC_BLOCK, Tc, "(ceil(n/64), ceil(m/64), batches = outer * inner)", "a: a_len; b: b_len; c: c_len; bias: n"]
+            (c: *mut f32, a: *const u16, b: *const u16, bias: *const f32,
+             a_len: u32, b_len: u32, c_len: u32,
+             m: u32, n: u32, k: u32, lda: u32, ldb: u32, ldc: u32, inner: u32,
+             sa_outer: u32, sa_inner: u32, sb_outer: u32, sb_inner: u32,
+             sc_outer: u32, sc_inner: u32, alpha: f32, beta: f32)
+            |blk| {
+                gemm_tc_entry::<$ta, $tb>(blk, c, a, b, bias, [a_len, b_len, c_len],
+                    [m, n, k, lda, ldb, ldc, inner],
+                    [sa_outer, sa_inner, sb_outer, sb_inner, sc_outer, sc_inner], alpha, beta)
+            }
+        )* }
+    };
+}
+
+gemm_tc_kernels! {
+    /// Tensor cores: `C = alpha A B + bias + beta C`, bf16 `A`, `B` (as `u16` bits), f32 `C` ("nn").
+    gemm_tc_nn_bf16: false, false;
+    /// Tensor cores, "nt" (`x w^T`, `Q K^T`).
+    gemm_tc_nt_bf16: false, true;
+    /// Tensor cores, "tn" (`dy^T x` with beta 1, `P^T dO`).
+    gemm_tc_tn_bf16: true, false;
 }

@@ -10,7 +10,12 @@
 //! along each grid dimension, where partial tiles are) and in which order blocks and the
 //! threads of each phase run (fixed, or shuffled from a seed: a kernel whose result depends on
 //! the order of blocks or of threads gives different results under different seeds).
-use crate::block::{Block, Dims, Op, Shared, BFLY};
+use crate::block::{
+    ldmatrix_index, mma_a_index, mma_b_index, mma_c_index, Block, CpAsync, Dims, MmaIn, Op, Shared,
+    Shfl, BFLY,
+};
+use crate::elem::{f16_bits_to_f32, Bf16};
+use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
@@ -20,12 +25,29 @@ const MANY: u32 = u32::MAX - 1;
 
 #[derive(Clone, Copy)]
 struct Word {
-    v: f32,
+    /// The bits (f32 words and packed 16-bit pairs alike).
+    v: u32,
     written: bool,
+    /// A `cp.async` into this word has been issued and not yet waited for.
+    in_flight: bool,
     w_phase: u32,
     w_thread: u32,
     r_phase: u32,
     r_thread: u32,
+}
+
+/// One `cp.async` in flight: the source bytes (read at issue) and where they go.
+struct AsyncCopy {
+    dst: usize,
+    words: [u32; 4],
+    n: usize,
+}
+
+/// One thread's `cp.async` state: copies not yet committed, and committed groups, oldest first.
+#[derive(Default)]
+struct AsyncQueue {
+    open: Vec<AsyncCopy>,
+    groups: VecDeque<Vec<AsyncCopy>>,
 }
 
 /// Checked shared memory.
@@ -33,16 +55,46 @@ pub struct SimSmem {
     words: RefCell<Vec<Word>>,
     thread: Cell<u32>,
     phase: Cell<u32>,
+    /// Per thread.
+    copies: RefCell<Vec<AsyncQueue>>,
+}
+
+impl SimSmem {
+    fn check_idle(&self, e: &Word, i: usize, what: &str) {
+        assert!(
+            !e.in_flight,
+            "smem {what} of word {i} by thread {} while a cp.async into it is in flight \
+             (missing cp_async_wait?)",
+            self.thread.get()
+        );
+    }
+    /// Every copy issued was waited for (checked at block end).
+    fn assert_no_copies_in_flight(&self) {
+        for (t, q) in self.copies.borrow().iter().enumerate() {
+            let n = q.open.len() + q.groups.iter().map(|g| g.len()).sum::<usize>();
+            assert!(
+                n == 0,
+                "thread {t} ends its block with {n} cp.async copies never waited for"
+            );
+        }
+    }
 }
 
 impl Shared for SimSmem {
     fn ld(&self, i: usize) -> f32 {
+        f32::from_bits(self.ld_bits(i))
+    }
+    fn st(&self, i: usize, v: f32) {
+        self.st_bits(i, v.to_bits())
+    }
+    fn ld_bits(&self, i: usize) -> u32 {
         let mut w = self.words.borrow_mut();
         let n = w.len();
         let (t, ph) = (self.thread.get(), self.phase.get());
         let e = w
             .get_mut(i)
             .unwrap_or_else(|| panic!("smem read out of bounds: {i} >= {n} words"));
+        self.check_idle(e, i, "read");
         assert!(e.written, "smem read of unwritten word {i} by thread {t}");
         assert!(
             !(e.w_phase == ph && e.w_thread != t),
@@ -59,13 +111,14 @@ impl Shared for SimSmem {
         }
         e.v
     }
-    fn st(&self, i: usize, v: f32) {
+    fn st_bits(&self, i: usize, v: u32) {
         let mut w = self.words.borrow_mut();
         let n = w.len();
         let (t, ph) = (self.thread.get(), self.phase.get());
         let e = w
             .get_mut(i)
             .unwrap_or_else(|| panic!("smem write out of bounds: {i} >= {n} words"));
+        self.check_idle(e, i, "write");
         assert!(
             !(e.w_phase == ph && e.w_thread != t),
             "smem race: threads {} and {t} write word {i} in the same phase",
@@ -79,6 +132,81 @@ impl Shared for SimSmem {
         e.written = true;
         e.w_phase = ph;
         e.w_thread = t;
+    }
+    fn cp_async<T: Copy>(&self, dst: usize, src: &[T], op: CpAsync) {
+        let bytes = op.bytes();
+        let t = self.thread.get();
+        assert!(
+            core::mem::size_of_val(src) >= bytes,
+            "cp.async of {bytes} bytes from a source of {} bytes (thread {t})",
+            core::mem::size_of_val(src)
+        );
+        let addr = src.as_ptr() as usize;
+        assert!(
+            addr.is_multiple_of(bytes),
+            "cp.async source address {addr:#x} is not {bytes}-byte aligned (thread {t})"
+        );
+        let n = bytes / 4;
+        assert!(
+            dst.is_multiple_of(n),
+            "cp.async destination word {dst} is not {bytes}-byte aligned (thread {t})"
+        );
+        let mut words = [0u32; 4];
+        // SAFETY: `src` holds at least `bytes` bytes (checked above); read as unaligned words.
+        for (j, w) in words.iter_mut().enumerate().take(n) {
+            *w = unsafe { core::ptr::read_unaligned((addr as *const u32).add(j)) };
+        }
+        {
+            let mut w = self.words.borrow_mut();
+            let len = w.len();
+            for i in dst..dst + n {
+                let e = w.get_mut(i).unwrap_or_else(|| {
+                    panic!("cp.async destination out of bounds: {i} >= {len} words")
+                });
+                self.check_idle(e, i, "cp.async");
+                e.in_flight = true;
+            }
+        }
+        self.copies.borrow_mut()[t as usize]
+            .open
+            .push(AsyncCopy { dst, words, n });
+    }
+    fn cp_async_commit(&self) {
+        let mut q = self.copies.borrow_mut();
+        let q = &mut q[self.thread.get() as usize];
+        let g = core::mem::take(&mut q.open);
+        q.groups.push_back(g);
+    }
+    fn cp_async_wait<const N: u32>(&self) {
+        loop {
+            let g = {
+                let mut q = self.copies.borrow_mut();
+                let q = &mut q[self.thread.get() as usize];
+                if q.groups.len() <= N as usize {
+                    return;
+                }
+                q.groups.pop_front().unwrap_or_default()
+            };
+            // The copy lands now: a write by this thread in this phase.
+            for c in g {
+                for j in 0..c.n {
+                    self.words.borrow_mut()[c.dst + j].in_flight = false;
+                    self.st_bits(c.dst + j, c.words[j]);
+                }
+            }
+        }
+    }
+}
+
+/// The two 16-bit halves of a register, low first.
+fn halves(w: u32) -> [u16; 2] {
+    [w as u16, (w >> 16) as u16]
+}
+
+fn half_to_f64(h: u16, ty: MmaIn) -> f64 {
+    match ty {
+        MmaIn::Bf16 => Bf16(h).to_f32() as f64,
+        MmaIn::F16 => f16_bits_to_f32(h) as f64,
     }
 }
 
@@ -246,6 +374,131 @@ impl Block for Sim {
             }
         }
     }
+    fn shfl<L: Copy, V: Fn(&L) -> u32, A: Fn(u32, &L) -> u32, O: Fn(&mut L, u32)>(
+        &mut self,
+        l: &mut Vec<L>,
+        mode: Shfl,
+        val: V,
+        arg: A,
+        out: O,
+    ) {
+        assert!(
+            l.len().is_multiple_of(32),
+            "block size must be a multiple of 32"
+        );
+        for (w, warp) in l.chunks_mut(32).enumerate() {
+            let v: [u32; 32] = core::array::from_fn(|i| val(&warp[i]));
+            let src: [u32; 32] = core::array::from_fn(|i| {
+                let lane = i as i64;
+                let a = arg((32 * w + i) as u32, &warp[i]) as i64;
+                let j = match mode {
+                    Shfl::Idx => a & 31,
+                    Shfl::Up => lane - a,
+                    Shfl::Down => lane + a,
+                    Shfl::Xor => lane ^ (a & 31),
+                };
+                if (0..32).contains(&j) {
+                    j as u32
+                } else {
+                    i as u32
+                }
+            });
+            for (i, st) in warp.iter_mut().enumerate() {
+                out(st, v[src[i] as usize]);
+            }
+        }
+    }
+    fn mma_m16n8k16<L: Copy, FA: Fn(&L) -> [u32; 4], FB: Fn(&L) -> [u32; 2]>(
+        &mut self,
+        l: &mut Vec<L>,
+        ty: MmaIn,
+        a: FA,
+        b: FB,
+        acc: impl Fn(&mut L) -> &mut [f32; 4],
+    ) {
+        assert!(
+            l.len().is_multiple_of(32),
+            "block size must be a multiple of 32"
+        );
+        for warp in l.chunks_mut(32) {
+            let mut am = [[0.0f64; 16]; 16];
+            let mut bm = [[0.0f64; 8]; 16];
+            let mut cm = [[0.0f32; 8]; 16];
+            for (lane, st) in warp.iter_mut().enumerate() {
+                let lane = lane as u32;
+                let (ar, br) = (a(st), b(st));
+                for e in 0..8 {
+                    let (r, c) = mma_a_index(lane, e);
+                    am[r][c] = half_to_f64(halves(ar[e / 2])[e % 2], ty);
+                }
+                for e in 0..4 {
+                    let (k, n) = mma_b_index(lane, e);
+                    bm[k][n] = half_to_f64(halves(br[e / 2])[e % 2], ty);
+                }
+                let cr = *acc(st);
+                for (e, &v) in cr.iter().enumerate() {
+                    let (r, c) = mma_c_index(lane, e);
+                    cm[r][c] = v;
+                }
+            }
+            // Products of two 16-bit floats are exact in f64; the sum over k (in order, then
+            // C) is rounded to f32 once. Tensor cores round differently (truncation inside the
+            // adder tree), so GPU results may differ from these by a few f32 ulps.
+            for (lane, st) in warp.iter_mut().enumerate() {
+                let d = acc(st);
+                for (e, de) in d.iter_mut().enumerate() {
+                    let (r, c) = mma_c_index(lane as u32, e);
+                    let mut s = 0.0f64;
+                    for k in 0..16 {
+                        s += am[r][k] * bm[k][c];
+                    }
+                    *de = (s + cm[r][c] as f64) as f32;
+                }
+            }
+        }
+    }
+    fn ldmatrix<L: Copy, const N: usize, A: Fn(u32, &L) -> usize>(
+        &mut self,
+        l: &mut Vec<L>,
+        trans: bool,
+        row_addr: A,
+        out: impl Fn(&mut L) -> &mut [u32; N],
+    ) {
+        assert!(N == 1 || N == 2 || N == 4, "ldmatrix of {N} matrices");
+        assert!(
+            l.len().is_multiple_of(32),
+            "block size must be a multiple of 32"
+        );
+        for (w, warp) in l.chunks_mut(32).enumerate() {
+            // m[i][r][c]: matrix i as stored, read through the lanes that address its rows.
+            let mut m = [[[0u16; 8]; 8]; 4];
+            for i in 0..N {
+                for r in 0..8 {
+                    let lane = 8 * i + r;
+                    let t = (32 * w + lane) as u32;
+                    let addr = row_addr(t, &warp[lane]);
+                    assert!(
+                        addr.is_multiple_of(4),
+                        "ldmatrix row address (word {addr}) of lane {lane} is not 16-byte aligned"
+                    );
+                    self.smem.thread.set(t);
+                    for j in 0..4 {
+                        let [lo, hi] = halves(self.smem.ld_bits(addr + j));
+                        m[i][r][2 * j] = lo;
+                        m[i][r][2 * j + 1] = hi;
+                    }
+                }
+            }
+            for (lane, st) in warp.iter_mut().enumerate() {
+                let o = out(st);
+                for (i, reg) in o.iter_mut().enumerate() {
+                    let (r0, c0) = ldmatrix_index(lane as u32, 0, trans);
+                    let (r1, c1) = ldmatrix_index(lane as u32, 1, trans);
+                    *reg = m[i][r0][c0] as u32 | (m[i][r1][c1] as u32) << 16;
+                }
+            }
+        }
+    }
 }
 
 /// Runs `body` for every block of a `grid` of blocks of `block` threads with `smem_words` f32
@@ -273,8 +526,9 @@ pub fn launch_with(
     };
     for bid in block_list(grid, opts) {
         let blank = Word {
-            v: f32::NAN,
+            v: f32::NAN.to_bits(),
             written: false,
+            in_flight: false,
             w_phase: NONE,
             w_thread: NONE,
             r_phase: NONE,
@@ -290,11 +544,13 @@ pub fn launch_with(
                 words: RefCell::new(vec![blank; smem_words]),
                 thread: Cell::new(0),
                 phase: Cell::new(0),
+                copies: RefCell::new((0..block).map(|_| AsyncQueue::default()).collect()),
             },
             perm: Vec::new(),
             mix: mix.as_mut().map(|m| Mix(m.next())),
         };
         body(&mut sim);
+        sim.smem.assert_no_copies_in_flight();
     }
 }
 

@@ -2,6 +2,7 @@
 //! (entry points in `manifest.rs`); dims are `usize`, slices are the kernel's buffers.
 pub mod elementwise;
 pub mod gemm;
+pub mod gemm_tc;
 pub mod head;
 pub mod ibot;
 pub mod optim;

@@ -55,9 +55,13 @@ impl Elem for f32 {
 impl Elem for u64 {
     const NAME: &'static str = "u64";
 }
+/// bf16 operands travel as their bits.
+impl Elem for u16 {
+    const NAME: &'static str = "u16";
+}
 
 fn as_bytes<T: Elem>(x: &[T]) -> &[u8] {
-    // SAFETY: f32 and u64 have no padding and every byte pattern is valid.
+    // SAFETY: f32, u64 and u16 have no padding and every byte pattern is valid.
     unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
 }
 

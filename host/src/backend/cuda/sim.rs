@@ -78,7 +78,8 @@ impl Device for SimDevice {
     }
     fn alloc(&mut self, bytes: usize) -> Result<u64> {
         let size = bytes.div_ceil(8).max(1) * 8;
-        let layout = Layout::from_size_align(size, 8)
+        // 256-byte aligned, as cuMemAlloc's (kernels pick aligned fast paths, e.g. cp.async).
+        let layout = Layout::from_size_align(size, 256)
             .map_err(|e| anyhow::anyhow!("simulated device: {bytes} bytes: {e}"))?;
         // SAFETY: a non-zero size; a null result is an error.
         let ptr = unsafe { alloc_zeroed(layout) };

@@ -20,6 +20,7 @@ use dinovmf_core::vmf::BesselApprox;
 use super::device::{u32_of as u, Arg, Buf, Device, Elem, Gpu};
 use super::ops::{Gemm, Segments};
 
+mod gemm_tc;
 mod ibot;
 pub mod large;
 mod loss;
@@ -190,6 +191,7 @@ pub fn run_all<D: Device>(gpu: &mut Gpu<D>, seed: u64) -> Vec<Row> {
         ("sinkhorn", sinkhorn::sinkhorn),
         ("optimiser", optimiser),
         ("reductions", reductions),
+        ("gemm tensor cores bf16", gemm_tc::gemm_tc),
     ];
     for (what, f) in cases {
         if let Err(e) = v.gpu.dev.bind().and_then(|_| f(&mut v)) {
