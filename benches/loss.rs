@@ -10,6 +10,7 @@ use dinovmf_suite::core_math::loss::{
     multicrop_loss_forward_backward, scratch_len, LossConfig, LossDims, LossGrads, LossInputs,
 };
 use dinovmf_suite::host::backend::cpu::loss::{forward_backward, LossBufs};
+use dinovmf_suite::host::backend::SingleProcess;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -78,6 +79,7 @@ fn bench_loss(c: &mut Criterion) {
             forward_backward(
                 &cfg,
                 &mut lb,
+                &mut SingleProcess,
                 &z_s,
                 &z_t,
                 &v_s,
@@ -89,6 +91,7 @@ fn bench_loss(c: &mut Criterion) {
                 &mut dv,
                 &mut dg,
             )
+            .expect("one process: no collective can fail")
             .loss
         })
     });
