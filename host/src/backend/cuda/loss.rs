@@ -13,7 +13,10 @@ use dinovmf_core::logits::NORMALIZE_EPS;
 use dinovmf_core::loss::{n_pairs, LossConfig, LossDims};
 use dinovmf_ptx::kernels::reduce::RedOp;
 
-use super::device::{u32_of as u, Arg, Buf, Device, Gpu};
+use super::device::{Buf, Device, Gpu};
+use super::launch::head::{
+    branch_terms, center_update, row_entropy, xent_columns, BranchDims, LogitTerms, XentColumns,
+};
 use super::ops::{Gemm, Segments};
 
 /// One network's prototype layer on the device: directions `v[K, p]` and radii `g[K]` (the
@@ -35,14 +38,12 @@ impl Prototypes {
 }
 
 /// Per-prototype terms of one branch (teacher or student): unit directions `mu[K, p]`, their
-/// norms, and `scale`, `bias`, `dbias/dr` of the logits.
+/// norms, and the logits' terms.
 #[derive(Clone, Copy, Debug)]
 pub struct BranchBufs {
     pub mu: Buf<f32>,
     pub vn: Buf<f32>,
-    pub scale: Buf<f32>,
-    pub bias: Buf<f32>,
-    pub dbias: Buf<f32>,
+    pub terms: LogitTerms,
 }
 
 impl BranchBufs {
@@ -50,9 +51,11 @@ impl BranchBufs {
         Ok(Self {
             mu: gpu.alloc(k * p)?,
             vn: gpu.alloc(k)?,
-            scale: gpu.alloc(k)?,
-            bias: gpu.alloc(k)?,
-            dbias: gpu.alloc(k)?,
+            terms: LogitTerms {
+                scale: gpu.alloc(k)?,
+                bias: gpu.alloc(k)?,
+                dbias: gpu.alloc(k)?,
+            },
         })
     }
 }
@@ -174,20 +177,14 @@ pub fn branch_forward<D: Device>(
     } else {
         gpu.copy(r, layer.g)?;
     }
-    gpu.launch(
-        "branch_terms",
-        &[
-            out.scale.into(),
-            out.bias.into(),
-            out.dbias.into(),
-            r.into(),
-            u(k),
-            tau.into(),
-            u(p),
-            cfg.kind.code().into(),
-            cfg.approx.code().into(),
-        ],
-    )
+    let dims = BranchDims {
+        k,
+        p,
+        tau,
+        kind: cfg.kind,
+        approx: cfg.approx,
+    };
+    branch_terms(gpu, out.terms, r, dims)
 }
 
 /// The `[CLS]` loss forward and backward with the teacher at temperature `tau_t`: teacher
@@ -220,8 +217,8 @@ pub fn cls_loss_forward_backward<D: Device>(
         [lb.p_t, lb.lse_raw, lb.dots_t, lb.stat],
         lb.y_t,
         t.mu,
-        t.scale,
-        t.bias,
+        t.terms.scale,
+        t.terms.bias,
         io.center,
         tau_t,
         cfg.centering,
@@ -229,7 +226,7 @@ pub fn cls_loss_forward_backward<D: Device>(
         k,
         p,
     )?;
-    gpu.launch("row_entropy", &[lb.ent.into(), lb.p_t.into(), u(nt), u(k)])?;
+    row_entropy(gpu, lb.ent, lb.p_t, nt, k)?;
     gpu.reduce_final(
         m.teacher_entropy,
         lb.ent,
@@ -241,10 +238,7 @@ pub fn cls_loss_forward_backward<D: Device>(
     gpu.column_sum(lb.mean_raw, lb.p_t, nt, k, false)?;
     gpu.fill(lb.mean_p, 0.0)?;
     gpu.axpy(lb.mean_p, lb.mean_raw, 1.0 / nt as f32, k)?;
-    gpu.launch(
-        "row_entropy",
-        &[m.mean_entropy.into(), lb.mean_p.into(), u(1), u(k)],
-    )?;
+    row_entropy(gpu, m.mean_entropy, lb.mean_p, 1, k)?;
     gpu.reduce_segments(lb.max_part, lb.mean_p, &lb.whole_k, RedOp::MaxAbs)?;
     gpu.reduce_final(
         m.max_mass,
@@ -263,33 +257,26 @@ pub fn cls_loss_forward_backward<D: Device>(
         lb.lse,
         lb.y_s,
         s.mu,
-        s.scale,
-        s.bias,
+        s.terms.scale,
+        s.terms.bias,
         ns,
         k,
         p,
     )?;
-    let dr = if cfg.norm_last_layer {
-        Arg::Null
-    } else {
-        io.grad.g.into()
-    };
-    gpu.launch(
-        "xent_columns",
-        &[
-            lb.dots_s.into(),
-            dr,
-            lb.loss_part.into(),
-            lb.lse.into(),
-            lb.p_t.into(),
-            s.scale.into(),
-            s.bias.into(),
-            s.dbias.into(),
-            tau_s.into(),
-            u(n_crops),
-            u(batch),
-            u(k),
-        ],
+    xent_columns(
+        gpu,
+        &XentColumns {
+            dots: lb.dots_s,
+            dr: (!cfg.norm_last_layer).then_some(io.grad.g),
+            loss_part: lb.loss_part,
+            lse: lb.lse,
+            p_t: lb.p_t,
+            terms: s.terms,
+            tau: tau_s,
+            n_crops,
+            batch,
+            k,
+        },
     )?;
     let gs = 1.0 / (batch * n_pairs(n_crops)).max(1) as f32;
     gpu.reduce_final(m.loss, lb.loss_part, k.div_ceil(256), 1, RedOp::Sum, gs)?;
@@ -306,13 +293,5 @@ pub fn cls_loss_forward_backward<D: Device>(
     gpu.l2norm_backward(io.grad.v, lb.dmu, s.mu, s.vn, k, p, eps)?;
 
     // The center moves after the targets used the old one.
-    gpu.launch(
-        "center_update",
-        &[
-            io.center.into(),
-            lb.stat.into(),
-            (cfg.center_momentum as f32).into(),
-            u(k),
-        ],
-    )
+    center_update(gpu, io.center, lb.stat, cfg.center_momentum as f32, k)
 }

@@ -12,6 +12,8 @@
 //!   the backend and by the kernel table); `step.rs`: the backend's resident buffers;
 //!   `step/ibot.rs`: the patch loss; `step/optim.rs`: clipping, AdamW, EMA;
 //!   `step/passes.rs`: its `Passes` of `backend/step.rs`'s one step;
+//! - `launch/`: one typed launcher per kernel (beside `ops.rs`'s), called by the passes above and
+//!   by the kernel table alike;
 //! - `verify.rs`: every kernel against `dinovmf-core` on random inputs (`dinovmf verify-kernels`).
 //!
 //! Built without the `cuda` feature, [`open`] says so clearly; with it, a machine without a
@@ -33,6 +35,8 @@ pub mod errors;
 pub mod grid;
 #[cfg(feature = "gpu-sim")]
 pub mod head;
+#[cfg(feature = "gpu-sim")]
+pub mod launch;
 #[cfg(feature = "gpu-sim")]
 pub mod loss;
 #[cfg(feature = "gpu-sim")]

@@ -6,6 +6,11 @@ use anyhow::Result;
 use dinovmf_core::centering::Centering;
 
 use super::device::{u32_of as u, Arg, Buf, Device, Gpu};
+use super::launch::head::{
+    gemm_logits_f32, lse_combine, teacher_stat, teacher_targets as teacher_targets_launch,
+    TeacherIn,
+};
+use super::launch::sinkhorn::{sinkhorn_columns, sinkhorn_logits, sinkhorn_rows};
 use dinovmf_ptx::kernels::reduce::RedOp;
 
 /// One (batched) GEMM: `C = alpha op(A) op(B) (+ bias) (+ beta C)` (see the kernel's docs for
@@ -310,9 +315,30 @@ impl<D: Device> Gpu<D> {
 
     /// Row softmax in place of `scale s` (no mask).
     pub fn softmax_rows(&mut self, s: Buf<f32>, rows: usize, t: usize, scale: f32) -> Result<()> {
+        self.softmax_rows_masked(s, None, rows, t, 1, scale)
+    }
+
+    /// Row softmax in place of `scale s + mask`, where `rows_per_mask` consecutive rows share
+    /// one `t`-wide row of the additive key mask (`-inf` masks a key out).
+    pub fn softmax_rows_masked(
+        &mut self,
+        s: Buf<f32>,
+        mask: Option<Buf<f32>>,
+        rows: usize,
+        t: usize,
+        rows_per_mask: usize,
+        scale: f32,
+    ) -> Result<()> {
         self.launch(
             "softmax_rows",
-            &[s.into(), Arg::Null, u(rows), u(t), u(1), scale.into()],
+            &[
+                s.into(),
+                mask.map_or(Arg::Null, Arg::from),
+                u(rows),
+                u(t),
+                u(rows_per_mask),
+                scale.into(),
+            ],
         )
     }
 
@@ -359,36 +385,17 @@ impl<D: Device> Gpu<D> {
             self.fill(stat, 0.0)?;
             return self.axpy(stat, sums, 1.0 / n.max(1) as f32, k);
         }
-        let code = centering.code();
-        self.launch(
-            "teacher_targets",
-            &[
-                p_t.into(),
-                lse_raw.into(),
-                dots.into(),
-                scale.into(),
-                bias.into(),
-                center.into(),
-                tau_t.into(),
-                code.into(),
-                u(n),
-                u(k),
-            ],
-        )?;
-        self.launch(
-            "teacher_stat",
-            &[
-                stat.into(),
-                dots.into(),
-                scale.into(),
-                bias.into(),
-                lse_raw.into(),
-                tau_t.into(),
-                code.into(),
-                u(n),
-                u(k),
-            ],
-        )
+        let t = TeacherIn {
+            dots,
+            scale,
+            bias,
+            tau_t,
+            centering,
+            n,
+            k,
+        };
+        teacher_targets_launch(self, p_t, lse_raw, center, &t)?;
+        teacher_stat(self, stat, lse_raw, &t)
     }
 
     /// Sinkhorn-Knopp targets `p_t[n, k]` of the logits `scale dots + bias` (`dots[n, k]`):
@@ -404,22 +411,11 @@ impl<D: Device> Gpu<D> {
         n: usize,
         k: usize,
     ) -> Result<()> {
-        self.launch(
-            "sinkhorn_logits",
-            &[
-                p_t.into(),
-                dots.into(),
-                scale.into(),
-                bias.into(),
-                u(n),
-                u(k),
-            ],
-        )?;
+        sinkhorn_logits(self, p_t, dots, scale, bias, n, k)?;
         let rounds = iters.max(1);
         for r in 0..rounds {
-            self.launch("sinkhorn_columns", &[p_t.into(), u(n), u(k)])?;
-            let last = u32::from(r + 1 == rounds);
-            self.launch("sinkhorn_rows", &[p_t.into(), u(n), u(k), last.into()])?;
+            sinkhorn_columns(self, p_t, n, k)?;
+            sinkhorn_rows(self, p_t, n, k, r + 1 == rounds)?;
         }
         Ok(())
     }
@@ -441,24 +437,8 @@ impl<D: Device> Gpu<D> {
         k: usize,
         p: usize,
     ) -> Result<()> {
-        self.launch(
-            "gemm_logits_f32",
-            &[
-                dots.into(),
-                lse_part.into(),
-                y.into(),
-                mu.into(),
-                scale.into(),
-                bias.into(),
-                u(n),
-                u(k),
-                u(p),
-            ],
-        )?;
-        self.launch(
-            "lse_combine",
-            &[lse.into(), lse_part.into(), u(n), u(k.div_ceil(64))],
-        )
+        gemm_logits_f32(self, dots, lse_part, y, mu, scale, bias, (n, k, p))?;
+        lse_combine(self, lse, lse_part, n, k.div_ceil(64))
     }
 
     pub fn l2norm_forward(

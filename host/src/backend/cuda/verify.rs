@@ -2,7 +2,8 @@
 //! documented formula where core has no per-kernel function): random inputs (never zeros),
 //! outputs poisoned (NaN) first, several sizes including ones that are not multiples of the
 //! block or tile. This is the one table of kernel checks: one case function per kernel group
-//! (its sizes, inputs, launches through [`Gpu`]'s checked launcher, reference and tolerances),
+//! (its sizes, inputs, launches through the typed launchers the step calls, `launch/` and
+//! `ops.rs`, reference and tolerances),
 //! run on a GPU by `dinovmf verify-kernels` and on the simulator by `cargo test -p dinovmf
 //! --features gpu-sim` (`host/tests/gpu_sim.rs`); `large.rs` holds the production shapes.
 use anyhow::{anyhow, Result};
@@ -17,7 +18,18 @@ use dinovmf_core::ops;
 use dinovmf_core::optim::{adamw_step, ema_update, AdamW};
 use dinovmf_core::vmf::BesselApprox;
 
-use super::device::{u32_of as u, Arg, Buf, Device, Elem, Gpu};
+use super::device::{Buf, Device, Elem, Gpu};
+use super::launch::head::{
+    branch_terms as branch_terms_launch, center_update as center_update_launch, gemm_logits_f32,
+    lse_combine, row_entropy, teacher_stat, teacher_targets, xent_columns as xent_columns_launch,
+    BranchDims, LogitTerms, TeacherIn, XentColumns,
+};
+use super::launch::optim::{adamw, ema, AdamwBufs};
+use super::launch::reduce::{clip_coef, scale_segments};
+use super::launch::tokens::{
+    patchify, pos_resize_backward, pos_resize_forward, tokens_backward_params,
+    tokens_backward_patch, tokens_forward, ImageDims, ResizeDims,
+};
 use super::ops::{Gemm, Segments};
 
 mod gemm_tc;
@@ -147,9 +159,6 @@ impl<D: Device> V<'_, D> {
     }
     fn get<T: Elem>(&mut self, b: Buf<T>) -> Result<Vec<T>> {
         self.gpu.to_vec(b)
-    }
-    fn launch(&mut self, name: &str, args: &[Arg]) -> Result<()> {
-        self.gpu.launch(name, args)
     }
     fn check(
         &mut self,
@@ -403,18 +412,14 @@ fn tokens<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         let k = c * p * p;
         let di = v.up(&img)?;
         let patches = v.out(batch * n * k)?;
-        v.launch(
-            "patchify",
-            &[
-                patches.into(),
-                di.into(),
-                u(batch),
-                u(c),
-                u(hh),
-                u(ww),
-                u(p),
-            ],
-        )?;
+        let img_dims = ImageDims {
+            n: batch,
+            chans: c,
+            h: hh,
+            w: ww,
+            patch: p,
+        };
+        patchify(v.gpu, patches, di, img_dims)?;
         let got = v.get(patches)?;
         let mut w = vec![0f32; batch * n * k];
         ops::patchify(&mut w, &img, batch, c, hh, ww, p);
@@ -427,18 +432,7 @@ fn tokens<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         let t = n + 1;
         let (dpt, dcl, dpo) = (v.up(&patch)?, v.up(&cls)?, v.up(&pos)?);
         let x = v.out(batch * t * d)?;
-        v.launch(
-            "tokens_forward",
-            &[
-                x.into(),
-                dpt.into(),
-                dcl.into(),
-                dpo.into(),
-                u(batch),
-                u(n),
-                u(d),
-            ],
-        )?;
+        tokens_forward(v.gpu, x, dpt, dcl, dpo, (batch, n, d))?;
         let got = v.get(x)?;
         let mut w = vec![0f32; batch * t * d];
         ops::tokens_forward(&mut w, &patch, &cls, &pos, batch, n, d);
@@ -450,14 +444,8 @@ fn tokens<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         let dcls0 = v.rv(d, -1.0, 1.0);
         let dpos0 = v.rv(t * d, -1.0, 1.0);
         let (dcls, dpos) = (v.up(&dcls0)?, v.up(&dpos0)?);
-        v.launch(
-            "tokens_backward_patch",
-            &[dpatch.into(), dgx.into(), u(batch), u(n), u(d)],
-        )?;
-        v.launch(
-            "tokens_backward_params",
-            &[dcls.into(), dpos.into(), dgx.into(), u(batch), u(n), u(d)],
-        )?;
+        tokens_backward_patch(v.gpu, dpatch, dgx, (batch, n, d))?;
+        tokens_backward_params(v.gpu, dcls, dpos, dgx, (batch, n, d))?;
         let (mut wp, mut wc, mut wpos) = (vec![0f32; batch * n * d], dcls0.clone(), dpos0.clone());
         ops::tokens_backward(&mut wp, &mut wc, &mut wpos, &gx, batch, n, d);
         let got = v.get(dpatch)?;
@@ -484,10 +472,14 @@ fn tokens<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         let src = v.rv(sh * sw * d, -1.0, 1.0);
         let ds = v.up(&src)?;
         let dst = v.out(gh * gw * d)?;
-        let dims = [u(sh), u(sw), u(gh), u(gw), u(d)];
-        let mut args = vec![dst.into(), ds.into()];
-        args.extend(dims);
-        v.launch("pos_resize_forward", &args)?;
+        let dims = ResizeDims {
+            src_h: sh,
+            src_w: sw,
+            dst_h: gh,
+            dst_w: gw,
+            d,
+        };
+        pos_resize_forward(v.gpu, dst, ds, dims)?;
         let got = v.get(dst)?;
         let mut w = vec![0f64; gh * gw * d];
         ops::pos_resize_forward(&mut w, &f64s(&src), sh, sw, gh, gw, d);
@@ -497,9 +489,7 @@ fn tokens<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         let g = v.rv(gh * gw * d, -1.0, 1.0);
         let dsrc0 = v.rv(sh * sw * d, -1.0, 1.0);
         let (dg, dsrc) = (v.up(&g)?, v.up(&dsrc0)?);
-        let mut args = vec![dsrc.into(), dg.into()];
-        args.extend(dims);
-        v.launch("pos_resize_backward", &args)?;
+        pos_resize_backward(v.gpu, dsrc, dg, dims)?;
         let got = v.get(dsrc)?;
         let mut w = f64s(&dsrc0);
         ops::pos_resize_backward(&mut w, &f64s(&g), sh, sw, gh, gw, d);
@@ -625,17 +615,8 @@ fn softmax<D: Device>(v: &mut V<'_, D>) -> Result<()> {
             .collect();
         let (s, dm) = (v.up(&s0)?, v.up(&mask)?);
         let scale = 0.7f32;
-        v.launch(
-            "softmax_rows",
-            &[
-                s.into(),
-                dm.into(),
-                u(n_rows),
-                u(t),
-                u(heads * t),
-                scale.into(),
-            ],
-        )?;
+        v.gpu
+            .softmax_rows_masked(s, Some(dm), n_rows, t, heads * t, scale)?;
         let p = v.get(s)?;
         let mut want = vec![0f64; n_rows * t];
         for r in 0..n_rows {
@@ -666,10 +647,7 @@ fn softmax<D: Device>(v: &mut V<'_, D>) -> Result<()> {
     let (n_rows, t) = (7, 45);
     let s0 = v.rv(n_rows * t, -5.0, 5.0);
     let s = v.up(&s0)?;
-    v.launch(
-        "softmax_rows",
-        &[s.into(), Arg::Null, u(n_rows), u(t), u(1), 1.0f32.into()],
-    )?;
+    v.gpu.softmax_rows(s, n_rows, t, 1.0)?;
     let got = v.get(s)?;
     let mut want = vec![0f64; n_rows * t];
     ops::softmax_forward(&mut want, &f64s(&s0), n_rows, t);
@@ -714,28 +692,25 @@ fn l2norm<D: Device>(v: &mut V<'_, D>) -> Result<()> {
 
 fn branch_terms<D: Device>(v: &mut V<'_, D>) -> Result<()> {
     for kind in [LogitKind::Dino, LogitKind::Vmf] {
-        let code = kind.code();
         for approx in [BesselApprox::Uniform, BesselApprox::LargeNu] {
-            let acode = approx.code();
             for (k, p) in [(1, 16), (255, 128), (300, 256)] {
                 let r = v.rv(k, 0.2, 3.0);
                 let dr = v.up(&r)?;
                 let (sc, bi, db) = (v.out(k)?, v.out(k)?, v.out(k)?);
                 let tau = 0.1f32;
-                v.launch(
-                    "branch_terms",
-                    &[
-                        sc.into(),
-                        bi.into(),
-                        db.into(),
-                        dr.into(),
-                        u(k),
-                        tau.into(),
-                        u(p),
-                        code.into(),
-                        acode.into(),
-                    ],
-                )?;
+                let terms = LogitTerms {
+                    scale: sc,
+                    bias: bi,
+                    dbias: db,
+                };
+                let dims = BranchDims {
+                    k,
+                    p,
+                    tau,
+                    kind,
+                    approx,
+                };
+                branch_terms_launch(v.gpu, terms, dr, dims)?;
                 let mut got = v.get(sc)?;
                 got.extend(v.get(bi)?);
                 got.extend(v.get(db)?);
@@ -780,20 +755,7 @@ fn logits<D: Device>(v: &mut V<'_, D>) -> Result<()> {
             let (ds, db) = (v.up(&scale)?, v.up(&bias)?);
             let ntiles = n.div_ceil(64);
             let (dots, part) = (v.out(m * n)?, v.out(m * ntiles * 2)?);
-            v.launch(
-                name,
-                &[
-                    dots.into(),
-                    part.into(),
-                    dy.into(),
-                    dmu.into(),
-                    ds.into(),
-                    db.into(),
-                    u(m),
-                    u(n),
-                    u(k),
-                ],
-            )?;
+            gemm_logits_f32(v.gpu, dots, part, dy, dmu, ds, db, (m, n, k))?;
             let mut got = v.get(dots)?;
             let pt = v.get(part)?;
             let mut want = Vec::with_capacity(m * n + m * ntiles);
@@ -835,7 +797,7 @@ fn logits<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         }
         let dp = v.up(&part)?;
         let out = v.out(m)?;
-        v.launch("lse_combine", &[out.into(), dp.into(), u(m), u(ntiles)])?;
+        lse_combine(v.gpu, out, dp, m, ntiles)?;
         let got = v.get(out)?;
         let want: Vec<f64> = (0..m)
             .map(|i| {
@@ -862,7 +824,6 @@ fn teacher<D: Device>(v: &mut V<'_, D>) -> Result<()> {
     // Per-row centerings only (Sinkhorn has kernels of its own, checked in `sinkhorn.rs`): the
     // matches below treat anything but logit as probability, as `Centering::from_code` does.
     for centering in [Centering::Logit, Centering::Probability] {
-        let code = centering.code();
         for (nt, k) in [(2, 1), (4, 255), (6, 300), (3, 1030)] {
             let dots = v.rv(nt * k, -1.0, 1.0);
             let scale = v.rv(k, 1.0, 10.0);
@@ -874,21 +835,16 @@ fn teacher<D: Device>(v: &mut V<'_, D>) -> Result<()> {
             let tau_t = 0.04f32;
             let (dd, ds, db, dc) = (v.up(&dots)?, v.up(&scale)?, v.up(&bias)?, v.up(&center)?);
             let (p_t, lse_raw) = (v.out(nt * k)?, v.out(nt)?);
-            v.launch(
-                "teacher_targets",
-                &[
-                    p_t.into(),
-                    lse_raw.into(),
-                    dd.into(),
-                    ds.into(),
-                    db.into(),
-                    dc.into(),
-                    tau_t.into(),
-                    code.into(),
-                    u(nt),
-                    u(k),
-                ],
-            )?;
+            let t_in = TeacherIn {
+                dots: dd,
+                scale: ds,
+                bias: db,
+                tau_t,
+                centering,
+                n: nt,
+                k,
+            };
+            teacher_targets(v.gpu, p_t, lse_raw, dc, &t_in)?;
             let mut got = v.get(p_t)?;
             got.extend(v.get(lse_raw)?);
             let l = |r: usize, j: usize| scale[j] as f64 * dots[r * k + j] as f64 + bias[j] as f64;
@@ -910,20 +866,7 @@ fn teacher<D: Device>(v: &mut V<'_, D>) -> Result<()> {
             v.check("teacher_targets", size.clone(), &got, &want, 1e-4, 1e-6);
 
             let stat = v.out(k)?;
-            v.launch(
-                "teacher_stat",
-                &[
-                    stat.into(),
-                    dd.into(),
-                    ds.into(),
-                    db.into(),
-                    lse_raw.into(),
-                    tau_t.into(),
-                    code.into(),
-                    u(nt),
-                    u(k),
-                ],
-            )?;
+            teacher_stat(v.gpu, stat, lse_raw, &t_in)?;
             let got = v.get(stat)?;
             let want: Vec<f64> = (0..k)
                 .map(|j| {
@@ -942,7 +885,7 @@ fn teacher<D: Device>(v: &mut V<'_, D>) -> Result<()> {
 
             // Rows of P_t (and the batch mean as one row) for the collapse signals.
             let ent = v.out(nt)?;
-            v.launch("row_entropy", &[ent.into(), p_t.into(), u(nt), u(k)])?;
+            row_entropy(v.gpu, ent, p_t, nt, k)?;
             let got = v.get(ent)?;
             let pt = v.get(p_t)?;
             let want: Vec<f64> = pt.chunks_exact(k).map(|r| entropy(&f64s(r))).collect();
@@ -951,10 +894,7 @@ fn teacher<D: Device>(v: &mut V<'_, D>) -> Result<()> {
             let c0 = v.rv(k, -1.0, 1.0);
             let st = v.rv(k, -1.0, 1.0);
             let (dc0, dst) = (v.up(&c0)?, v.up(&st)?);
-            v.launch(
-                "center_update",
-                &[dc0.into(), dst.into(), 0.9f32.into(), u(k)],
-            )?;
+            center_update_launch(v.gpu, dc0, dst, 0.9, k)?;
             let got = v.get(dc0)?;
             let mut w = c0.clone();
             center_update(&mut w, &st, 0.9f32);
@@ -973,7 +913,7 @@ fn teacher<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         }
         let dp = v.up(&p)?;
         let ent = v.out(rows)?;
-        v.launch("row_entropy", &[ent.into(), dp.into(), u(rows), u(k)])?;
+        row_entropy(v.gpu, ent, dp, rows, k)?;
         let got = v.get(ent)?;
         let want: Vec<f64> = p.chunks_exact(k).map(|r| entropy(&f64s(r))).collect();
         let size = format!("{rows} rows k{k}, a zero each");
@@ -1018,23 +958,23 @@ fn xent_columns<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         let ddr = v.up(&dr0)?;
         let nparts = k.div_ceil(256);
         let lp = v.out(nparts)?;
-        v.launch(
-            "xent_columns",
-            &[
-                ddots.into(),
-                if with_dr { ddr.into() } else { Arg::Null },
-                lp.into(),
-                dl.into(),
-                dp.into(),
-                ds.into(),
-                db.into(),
-                ddb.into(),
-                tau.into(),
-                u(n_crops),
-                u(batch),
-                u(k),
-            ],
-        )?;
+        let args = XentColumns {
+            dots: ddots,
+            dr: with_dr.then_some(ddr),
+            loss_part: lp,
+            lse: dl,
+            p_t: dp,
+            terms: LogitTerms {
+                scale: ds,
+                bias: db,
+                dbias: ddb,
+            },
+            tau,
+            n_crops,
+            batch,
+            k,
+        };
+        xent_columns_launch(v.gpu, &args)?;
         let gs = 1.0 / (batch * n_pairs(n_crops)).max(1) as f64;
         let (mut wd, mut wdr, mut wlp) = (vec![0f64; ns * k], f64s(&dr0), vec![0f64; nparts]);
         for j in 0..k {
@@ -1086,22 +1026,13 @@ fn optimiser<D: Device>(v: &mut V<'_, D>) -> Result<()> {
             let m = v.rv(n, -0.1, 0.1);
             let vv = v.rv(n, 0.001, 0.1);
             let (dp, dg, dm, dv) = (v.up(&p)?, v.up(&g)?, v.up(&m)?, v.up(&vv)?);
-            v.launch(
-                "adamw",
-                &[
-                    dp.into(),
-                    dg.into(),
-                    dm.into(),
-                    dv.into(),
-                    u(n),
-                    5e-4f64.into(),
-                    wd.into(),
-                    hp.beta1.into(),
-                    hp.beta2.into(),
-                    hp.eps.into(),
-                    Arg::U64(step),
-                ],
-            )?;
+            let bufs = AdamwBufs {
+                param: dp,
+                grad: dg,
+                m: dm,
+                v: dv,
+            };
+            adamw(v.gpu, bufs, n, &hp, (5e-4, wd, step))?;
             let (mut wp, mut wm, mut wv) = (p.clone(), m.clone(), vv.clone());
             adamw_step(&mut wp, &g, &mut wm, &mut wv, &hp, 5e-4, wd, step);
             let mut got = v.get(dp)?;
@@ -1122,7 +1053,7 @@ fn optimiser<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         let t = v.rv(n, -1.0, 1.0);
         let s = v.rv(n, -1.0, 1.0);
         let (dt, ds) = (v.up(&t)?, v.up(&s)?);
-        v.launch("ema", &[dt.into(), ds.into(), u(n), 0.996f64.into()])?;
+        ema(v.gpu, dt, ds, n, 0.996)?;
         let got = v.get(dt)?;
         let mut w = t.clone();
         ema_update(&mut w, &s, 0.996);
@@ -1152,18 +1083,7 @@ fn reductions<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         for op in [RedOp::Sum, RedOp::SumSq, RedOp::MaxAbs] {
             let part = v.out(lens.len() * parts)?;
             let name = "reduce_segments_f32";
-            v.gpu.launch_with(
-                name,
-                &[
-                    part.into(),
-                    dx.into(),
-                    u(total),
-                    sg.off.into(),
-                    sg.len.into(),
-                    op.code().into(),
-                ],
-                &[("nseg", sg.n as u64), ("max seg_len", sg.max_len as u64)],
-            )?;
+            v.gpu.reduce_segments(part, dx, &sg, op)?;
             let got = v.get(part)?;
             let mut want = Vec::new();
             for &(o, l) in &segs {
@@ -1217,17 +1137,7 @@ fn reductions<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         }
         let (coef, norm) = (v.out(nseg)?, v.out(nseg)?);
         let clip = 1.5f64;
-        v.launch(
-            "clip_coef",
-            &[
-                coef.into(),
-                norm.into(),
-                dp.into(),
-                u(parts),
-                u(nseg),
-                clip.into(),
-            ],
-        )?;
+        clip_coef(v.gpu, coef, norm, dp, (parts, nseg), clip)?;
         let mut got = v.get(norm)?;
         got.extend(v.get(coef)?);
         let norms: Vec<f64> = part
@@ -1257,11 +1167,7 @@ fn reductions<D: Device>(v: &mut V<'_, D>) -> Result<()> {
             .collect();
         let dc = v.up(&coef)?;
         let g = v.up(&x)?;
-        v.gpu.launch_with(
-            "scale_segments",
-            &[g.into(), u(total), sg.off.into(), sg.len.into(), dc.into()],
-            &[("nseg", sg.n as u64), ("max seg_len", sg.max_len as u64)],
-        )?;
+        scale_segments(v.gpu, g, &sg, dc)?;
         let got = v.get(g)?;
         let mut want = x.clone();
         for (s, &(o, l)) in segs.iter().enumerate() {
@@ -1280,39 +1186,10 @@ fn reductions<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         let clip = 3.0f64;
         let g = v.up(&g0)?;
         let part = v.out(lens.len() * parts)?;
-        let args = [
-            part.into(),
-            g.into(),
-            u(total),
-            sg.off.into(),
-            sg.len.into(),
-            RedOp::SumSq.code().into(),
-        ];
-        let extra = [("nseg", sg.n as u64), ("max seg_len", sg.max_len as u64)];
-        v.gpu.launch_with("reduce_segments_f32", &args, &extra)?;
+        v.gpu.reduce_segments(part, g, &sg, RedOp::SumSq)?;
         let (coef, norm) = (v.out(sg.n)?, v.out(sg.n)?);
-        v.launch(
-            "clip_coef",
-            &[
-                coef.into(),
-                norm.into(),
-                part.into(),
-                u(parts),
-                u(sg.n),
-                clip.into(),
-            ],
-        )?;
-        v.gpu.launch_with(
-            "scale_segments",
-            &[
-                g.into(),
-                u(total),
-                sg.off.into(),
-                sg.len.into(),
-                coef.into(),
-            ],
-            &extra,
-        )?;
+        clip_coef(v.gpu, coef, norm, part, (parts, sg.n), clip)?;
+        scale_segments(v.gpu, g, &sg, coef)?;
         let mut wg = g0.clone();
         let wnorm: Vec<f64> = segs
             .iter()
@@ -1344,16 +1221,7 @@ fn reductions<D: Device>(v: &mut V<'_, D>) -> Result<()> {
             let o0 = v.rv(cols, -1.0, 1.0);
             let out = if accumulate { v.up(&o0)? } else { v.out(cols)? };
             let name = "column_sum_f32";
-            v.launch(
-                name,
-                &[
-                    out.into(),
-                    d32.into(),
-                    u(rows),
-                    u(cols),
-                    u(accumulate as usize),
-                ],
-            )?;
+            v.gpu.column_sum(out, d32, rows, cols, accumulate)?;
             let got = v.get(out)?;
             let want: Vec<f64> = (0..cols)
                 .map(|c| {

@@ -11,7 +11,12 @@ use anyhow::Result;
 use dinovmf_core::model::BlockOffsets;
 
 use super::attention::{attention_backward, attention_forward};
-use super::device::{u32_of as u, Buf, Device, Gpu};
+use super::device::{Buf, Device, Gpu};
+use super::launch::ibot::{mask_tokens_backward, mask_tokens_forward};
+use super::launch::tokens::{
+    patchify, pos_resize_backward, pos_resize_forward, tokens_backward_params,
+    tokens_backward_patch, tokens_forward, ImageDims, ResizeDims,
+};
 
 pub use crate::backend::shapes::Cx;
 
@@ -212,6 +217,17 @@ impl Masks {
     }
 }
 
+/// The square `g0 x g0` grid of trained position embeddings resized to `grid x grid`.
+fn resize(g0: usize, grid: usize, d: usize) -> ResizeDims {
+    ResizeDims {
+        src_h: g0,
+        src_w: g0,
+        dst_h: grid,
+        dst_w: grid,
+        d,
+    }
+}
+
 /// `y = x + drop(f)` over `n` samples of `per` values (`scratch` holds the dropped branch).
 #[allow(clippy::too_many_arguments)]
 fn residual_drop<D: Device>(
@@ -271,18 +287,14 @@ pub fn vit_forward_ext<D: Device>(
     let lay = &cx.lay;
     let (d, kp, t, np) = (cx.d, cx.kp, g.t, g.np);
     let size = g.size;
-    gpu.launch(
-        "patchify",
-        &[
-            g.patches.into(),
-            g.img.into(),
-            u(n),
-            u(v.in_chans),
-            u(size),
-            u(size),
-            u(v.patch),
-        ],
-    )?;
+    let img = ImageDims {
+        n,
+        chans: v.in_chans,
+        h: size,
+        w: size,
+        patch: v.patch,
+    };
+    patchify(gpu, g.patches, g.img, img)?;
     gpu.linear(
         g.tmp,
         g.patches,
@@ -293,47 +305,18 @@ pub fn vit_forward_ext<D: Device>(
         d,
     )?;
     if let Some(pm) = patch_mask {
-        gpu.launch(
-            "mask_tokens_forward",
-            &[
-                g.tmp.into(),
-                pm.mask.into(),
-                pm.token.into(),
-                u(n * np),
-                u(d),
-            ],
-        )?;
+        mask_tokens_forward(gpu, g.tmp, pm.mask, pm.token, n * np, d)?;
     }
     let g0 = v.grid();
     if g0 == g.grid {
         gpu.copy(g.pos, p.sub(lay.pos, t * d))?;
     } else {
         gpu.copy(g.pos.sub(0, d), p.sub(lay.pos, d))?;
-        gpu.launch(
-            "pos_resize_forward",
-            &[
-                g.pos.from(d).into(),
-                p.sub(lay.pos + d, g0 * g0 * d).into(),
-                u(g0),
-                u(g0),
-                u(g.grid),
-                u(g.grid),
-                u(d),
-            ],
-        )?;
+        let src = p.sub(lay.pos + d, g0 * g0 * d);
+        pos_resize_forward(gpu, g.pos.from(d), src, resize(g0, g.grid, d))?;
     }
-    gpu.launch(
-        "tokens_forward",
-        &[
-            g.stream[0].into(),
-            g.tmp.into(),
-            p.sub(lay.cls, d).into(),
-            g.pos.into(),
-            u(n),
-            u(np),
-            u(d),
-        ],
-    )?;
+    let cls = p.sub(lay.cls, d);
+    tokens_forward(gpu, g.stream[0], g.tmp, cls, g.pos, (n, np, d))?;
     for i in 0..v.depth {
         let (bi, si, so) = if save {
             (i, i, i + 1)
@@ -622,51 +605,19 @@ pub fn vit_backward_ext<D: Device>(
     // Tokens: [CLS] and the position embedding (summed over images), the patch embedding.
     let dpos = bs.dpos.sub(0, t * d);
     gpu.fill(dpos, 0.0)?;
-    gpu.launch(
-        "tokens_backward_params",
-        &[
-            gr(lay.cls, d).into(),
-            dpos.into(),
-            dx.into(),
-            u(n),
-            u(np),
-            u(d),
-        ],
-    )?;
+    tokens_backward_params(gpu, gr(lay.cls, d), dpos, dx, (n, np, d))?;
     let g0 = v.grid();
     if g0 == g.grid {
         gpu.axpy(gr(lay.pos, t * d), dpos, 1.0, t * d)?;
     } else {
         gpu.axpy(gr(lay.pos, d), dpos, 1.0, d)?;
-        gpu.launch(
-            "pos_resize_backward",
-            &[
-                gr(lay.pos + d, g0 * g0 * d).into(),
-                dpos.from(d).into(),
-                u(g0),
-                u(g0),
-                u(g.grid),
-                u(g.grid),
-                u(d),
-            ],
-        )?;
+        let dsrc = gr(lay.pos + d, g0 * g0 * d);
+        pos_resize_backward(gpu, dsrc, dpos.from(d), resize(g0, g.grid, d))?;
     }
     let dpatch = bs.dpatch.sub(0, n * np * d);
-    gpu.launch(
-        "tokens_backward_patch",
-        &[dpatch.into(), dx.into(), u(n), u(np), u(d)],
-    )?;
+    tokens_backward_patch(gpu, dpatch, dx, (n, np, d))?;
     if let Some((mask, tok)) = patch_mask {
-        gpu.launch(
-            "mask_tokens_backward",
-            &[
-                dpatch.into(),
-                gr(tok, d).into(),
-                mask.into(),
-                u(n * np),
-                u(d),
-            ],
-        )?;
+        mask_tokens_backward(gpu, dpatch, gr(tok, d), mask, n * np, d)?;
     }
     gpu.column_sum(gr(lay.patch_b, d), dpatch, n * np, d, true)?;
     gpu.matmul_tn_acc(

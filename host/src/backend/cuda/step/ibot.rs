@@ -14,8 +14,10 @@ use dinovmf_core::logits::NORMALIZE_EPS;
 use dinovmf_core::mim_loss::{mim_row_weight, IbotConfig};
 
 use super::{GpuBackend, M_LOSS, M_MIM, M_PATCH_ENT};
-use crate::backend::cuda::device::{u32_of as u, Arg, Buf, Device};
+use crate::backend::cuda::device::{Buf, Device};
 use crate::backend::cuda::head::{self, HeadBufs};
+use crate::backend::cuda::launch::head::{center_update, row_entropy};
+use crate::backend::cuda::launch::ibot::{xent_masked, XentMasked};
 use crate::backend::cuda::loss::{branch_forward, Prototypes};
 use crate::backend::cuda::ops::Gemm;
 use crate::backend::step::StepMasks;
@@ -201,8 +203,8 @@ impl<D: Device> GpuBackend<D> {
             [ib.p_t, ib.lse_raw, ib.dots_t, ib.stat],
             ib.y_t,
             t.mu,
-            t.scale,
-            t.bias,
+            t.terms.scale,
+            t.terms.bias,
             ib.center,
             tau_t,
             cent,
@@ -210,10 +212,7 @@ impl<D: Device> GpuBackend<D> {
             k,
             p,
         )?;
-        gpu.launch(
-            "row_entropy",
-            &[ib.ent.into(), ib.p_t.into(), u(rows_t), u(k)],
-        )?;
+        row_entropy(gpu, ib.ent, ib.p_t, rows_t, k)?;
         gpu.reduce_final(
             mt.sub(M_PATCH_ENT, 1),
             ib.ent,
@@ -234,36 +233,29 @@ impl<D: Device> GpuBackend<D> {
                 ib.lse,
                 ib.y_s,
                 s.mu,
-                s.scale,
-                s.bias,
+                s.terms.scale,
+                s.terms.bias,
                 m,
                 k,
                 p,
             )?;
-            let dr = if cfg.norm_last_layer {
-                Arg::Null
-            } else {
-                self.grads.sub(lay.patch_g, k).into()
-            };
-            gpu.launch(
-                "xent_masked",
-                &[
-                    ib.dots_s.into(),
-                    dr,
-                    ib.loss_part.into(),
-                    ib.lse.into(),
-                    ib.p_t.into(),
-                    ib.tgt.into(),
-                    ib.w.into(),
-                    s.scale.into(),
-                    s.bias.into(),
-                    s.dbias.into(),
-                    tau_s.into(),
-                    (ib.cfg.mim_weight as f32).into(),
-                    u(m),
-                    u(k),
-                    u(rows_t),
-                ],
+            xent_masked(
+                gpu,
+                &XentMasked {
+                    dots: ib.dots_s,
+                    dr: (!cfg.norm_last_layer).then(|| self.grads.sub(lay.patch_g, k)),
+                    loss_part: ib.loss_part,
+                    lse: ib.lse,
+                    p_t: ib.p_t,
+                    tgt: ib.tgt,
+                    w: ib.w,
+                    terms: s.terms,
+                    tau: tau_s,
+                    grad_scale: ib.cfg.mim_weight as f32,
+                    m,
+                    k,
+                    t_rows: rows_t,
+                },
             )?;
             gpu.reduce_final(
                 mt.sub(M_MIM, 1),
@@ -295,16 +287,8 @@ impl<D: Device> GpuBackend<D> {
             gpu.axpy(self.grads.sub(lay.patch_v, k * p), ib.dv, 1.0, k * p)?;
         }
         // The patch center moves after the targets used the old one.
-        gpu.launch(
-            "center_update",
-            &[
-                ib.center.into(),
-                ib.stat.into(),
-                (ib.cfg.patch_center_momentum as f32).into(),
-                u(k),
-            ],
-        )?;
-        Ok(())
+        let momentum = ib.cfg.patch_center_momentum as f32;
+        center_update(gpu, ib.center, ib.stat, momentum, k)
     }
 
     /// The metrics of an iBOT step from the downloaded metrics buffer.
@@ -326,20 +310,4 @@ impl<D: Device> GpuBackend<D> {
             patch_teacher_entropy: m[M_PATCH_ENT],
         }
     }
-}
-
-/// `out[i] = src[idx[i]]` for `n` rows of `d` (zeros where `idx[i] >= src_rows`).
-pub(super) fn gather<D: Device>(
-    gpu: &mut crate::backend::cuda::device::Gpu<D>,
-    out: Buf<f32>,
-    src: Buf<f32>,
-    idx: Buf<u64>,
-    n: usize,
-    d: usize,
-    src_rows: usize,
-) -> Result<()> {
-    gpu.launch(
-        "gather_rows",
-        &[out.into(), src.into(), idx.into(), u(n), u(d), u(src_rows)],
-    )
 }

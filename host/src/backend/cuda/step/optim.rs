@@ -6,7 +6,9 @@ use dinovmf_core::optim::AdamW;
 use dinovmf_ptx::kernels::reduce::RedOp;
 
 use super::{GpuBackend, M_GRAD_SQ};
-use crate::backend::cuda::device::{u32_of as u, Arg, Device};
+use crate::backend::cuda::device::Device;
+use crate::backend::cuda::launch::optim::{adamw, ema, AdamwBufs};
+use crate::backend::cuda::launch::reduce::{clip_coef, scale_segments};
 use crate::backend::StepHyper;
 
 /// A contiguous range of parameters updated with one AdamW launch.
@@ -34,28 +36,9 @@ impl<D: Device> GpuBackend<D> {
             1.0,
         )?;
         if clip > 0.0 {
-            gpu.launch(
-                "clip_coef",
-                &[
-                    self.clip_coef.into(),
-                    self.clip_norm.into(),
-                    self.clip_part.into(),
-                    u(parts),
-                    u(s.n),
-                    (clip as f64).into(),
-                ],
-            )?;
-            gpu.launch_with(
-                "scale_segments",
-                &[
-                    self.grads.into(),
-                    u(self.n_params),
-                    s.off.into(),
-                    s.len.into(),
-                    self.clip_coef.into(),
-                ],
-                &[("nseg", s.n as u64), ("max seg_len", s.max_len as u64)],
-            )?;
+            let (coef, norm) = (self.clip_coef, self.clip_norm);
+            clip_coef(gpu, coef, norm, self.clip_part, (parts, s.n), clip as f64)?;
+            scale_segments(gpu, self.grads, &s, coef)?;
         }
         Ok(())
     }
@@ -71,31 +54,16 @@ impl<D: Device> GpuBackend<D> {
                 continue;
             }
             let len = r.end - r.start;
-            gpu.launch(
-                "adamw",
-                &[
-                    self.student.sub(r.start, len).into(),
-                    self.grads.sub(r.start, len).into(),
-                    self.adam_m.sub(r.start, len).into(),
-                    self.adam_v.sub(r.start, len).into(),
-                    u(len),
-                    lr.into(),
-                    (if r.decay { wd } else { 0.0 }).into(),
-                    adam.beta1.into(),
-                    adam.beta2.into(),
-                    adam.eps.into(),
-                    Arg::U64(step),
-                ],
-            )?;
+            let bufs = AdamwBufs {
+                param: self.student.sub(r.start, len),
+                grad: self.grads.sub(r.start, len),
+                m: self.adam_m.sub(r.start, len),
+                v: self.adam_v.sub(r.start, len),
+            };
+            let wd_run = if r.decay { wd } else { 0.0 };
+            adamw(gpu, bufs, len, &adam, (lr, wd_run, step))?;
         }
-        gpu.launch(
-            "ema",
-            &[
-                self.teacher.into(),
-                self.student.into(),
-                u(self.n_params),
-                (hp.teacher_momentum as f64).into(),
-            ],
-        )
+        let momentum = hp.teacher_momentum as f64;
+        ema(gpu, self.teacher, self.student, self.n_params, momentum)
     }
 }

@@ -5,10 +5,10 @@ use dinovmf_core::loss::LossDims;
 use dinovmf_core::mim_loss::IbotConfig;
 use dinovmf_core::model::ModelConfig;
 
-use super::ibot::gather;
 use super::{GpuBackend, M_GRAD_SQ, M_LEN, M_LOSS, M_MAX_MASS, M_MEAN_ENT, M_ROW_ENT};
 use crate::backend::cuda::device::Device;
 use crate::backend::cuda::head;
+use crate::backend::cuda::launch::ibot::gather_rows;
 use crate::backend::cuda::loss::{cls_loss_forward_backward, ClsLoss, ClsMetrics, Prototypes};
 use crate::backend::cuda::vit::{self, Masks, PatchMask};
 use crate::backend::step::{Backward, Crops, Forward, Head, Passes, StepMasks};
@@ -101,7 +101,7 @@ impl<D: Device> Passes for GpuBackend<D> {
                 let rows = if opts.patches {
                     let ib = self.ibot.as_ref().context("iBOT buffers missing")?;
                     let all = self.glob.all.context("all-token buffers missing")?;
-                    gather(gpu, self.x_t, all.norm, ib.idx_t, n_g * t, d, n_g * t)?;
+                    gather_rows(gpu, self.x_t, all.norm, ib.idx_t, (n_g * t, d, n_g * t))?;
                     n_g * t
                 } else {
                     gpu.copy(self.x_t, self.glob.cls.sub(0, n_g * d))?;
@@ -121,7 +121,7 @@ impl<D: Device> Passes for GpuBackend<D> {
                     let m = ib.masked;
                     if m > 0 {
                         let out = self.x_s.sub(rows_s * d, m * d);
-                        gather(gpu, out, all.norm, ib.idx, m, d, n_g * t)?;
+                        gather_rows(gpu, out, all.norm, ib.idx, (m, d, n_g * t))?;
                     }
                     rows += m;
                 }
@@ -207,7 +207,7 @@ impl<D: Device> Passes for GpuBackend<D> {
                 let ib = self.ibot.as_ref().context("iBOT buffers missing")?;
                 let t = self.glob.t;
                 let hs_rows = rows_s + ib.masked;
-                gather(gpu, ib.dnorm, self.dx_s, ib.inv, n_g * t, d, hs_rows)?;
+                gather_rows(gpu, ib.dnorm, self.dx_s, ib.inv, (n_g * t, d, hs_rows))?;
                 let mask = match opts.patch_mask {
                     true => Some((ib.mask, cx.lay.mask_token.context("mask token missing")?)),
                     false => None,

@@ -10,7 +10,10 @@ use dinovmf_core::loss::xent_row_forward_backward_inplace;
 use dinovmf_core::ops;
 
 use super::{f64s, lse, Device, V};
-use crate::backend::cuda::device::{u32_of as u, Arg};
+use crate::backend::cuda::launch::head::LogitTerms;
+use crate::backend::cuda::launch::ibot::{
+    gather_rows, mask_tokens_backward, mask_tokens_forward, xent_masked, XentMasked,
+};
 
 pub(super) fn ibot<D: Device>(v: &mut V<'_, D>) -> Result<()> {
     for (n, d) in [(1, 1), (7, 5), (40, 33), (300, 260)] {
@@ -19,10 +22,7 @@ pub(super) fn ibot<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         let mut mask: Vec<f32> = (0..n).map(|_| v.rng.gen_range(0..2) as f32).collect();
         mask[0] = 1.0;
         let (dx_, dm, dt) = (v.up(&x)?, v.up(&mask)?, v.up(&token)?);
-        v.launch(
-            "mask_tokens_forward",
-            &[dx_.into(), dm.into(), dt.into(), u(n), u(d)],
-        )?;
+        mask_tokens_forward(v.gpu, dx_, dm, dt, n, d)?;
         let got = v.get(dx_)?;
         let mut w = x.clone();
         ops::mask_tokens_forward(&mut w, &mask, &token, n, d);
@@ -39,10 +39,7 @@ pub(super) fn ibot<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         let g0 = v.rv(n * d, -1.0, 1.0);
         let tok0 = v.rv(d, -1.0, 1.0);
         let (dg, dtok) = (v.up(&g0)?, v.up(&tok0)?);
-        v.launch(
-            "mask_tokens_backward",
-            &[dg.into(), dtok.into(), dm.into(), u(n), u(d)],
-        )?;
+        mask_tokens_backward(v.gpu, dg, dtok, dm, n, d)?;
         let (mut wg, mut wt) = (f64s(&g0), f64s(&tok0));
         ops::mask_tokens_backward(&mut wg, &mut wt, &f64s(&mask), n, d);
         let got = v.get(dg)?;
@@ -67,10 +64,7 @@ pub(super) fn ibot<D: Device>(v: &mut V<'_, D>) -> Result<()> {
             .collect();
         let (ds, di) = (v.up(&src)?, v.up(&idx)?);
         let out = v.out(n * d)?;
-        v.launch(
-            "gather_rows",
-            &[out.into(), ds.into(), di.into(), u(n), u(d), u(src_rows)],
-        )?;
+        gather_rows(v.gpu, out, ds, di, (n, d, src_rows))?;
         let got = v.get(out)?;
         let mut w = vec![0f64; n * d];
         for (i, &s) in idx.iter().enumerate() {
@@ -121,26 +115,26 @@ pub(super) fn ibot<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         let (dd, ddr, lp) = (v.up(&dots)?, v.up(&dr0)?, v.out(nparts)?);
         let (dl, dp, dtg, dw) = (v.up(&lse32)?, v.up(&p_t)?, v.up(&tgt)?, v.up(&wts)?);
         let (ds, db, ddb) = (v.up(&scale)?, v.up(&bias)?, v.up(&dbias)?);
-        v.launch(
-            "xent_masked",
-            &[
-                dd.into(),
-                if with_dr { ddr.into() } else { Arg::Null },
-                lp.into(),
-                dl.into(),
-                dp.into(),
-                dtg.into(),
-                dw.into(),
-                ds.into(),
-                db.into(),
-                ddb.into(),
-                tau.into(),
-                gs.into(),
-                u(m),
-                u(k),
-                u(t_rows),
-            ],
-        )?;
+        let args = XentMasked {
+            dots: dd,
+            dr: with_dr.then_some(ddr),
+            loss_part: lp,
+            lse: dl,
+            p_t: dp,
+            tgt: dtg,
+            w: dw,
+            terms: LogitTerms {
+                scale: ds,
+                bias: db,
+                dbias: ddb,
+            },
+            tau,
+            grad_scale: gs,
+            m,
+            k,
+            t_rows,
+        };
+        xent_masked(v.gpu, &args)?;
         let (mut wdd, mut wdr, mut wloss) = (vec![0f64; m * k], f64s(&dr0), 0f64);
         let (sc64, db64) = (f64s(&scale), f64s(&dbias));
         for i in 0..m {

@@ -20,7 +20,9 @@ mod elementwise;
 mod gemms;
 mod head;
 mod rows;
-use crate::backend::cuda::device::{u32_of as u, Arg, Buf, Device, Gpu};
+use crate::backend::cuda::device::{Buf, Device, Gpu};
+use crate::backend::cuda::launch::head::{gemm_logits_f32, LogitTerms};
+use crate::backend::cuda::launch::ibot::{gather_rows, xent_masked, XentMasked};
 use crate::backend::cuda::ops::Gemm;
 
 /// One production model and batch.
@@ -217,10 +219,7 @@ fn softmax<D: Device>(l: &mut L<'_, D>, n_rows: usize, t: usize, scale: f32) -> 
     let all: Vec<usize> = (0..t).collect();
     let at = L::<D>::cells(&rows, &all, t);
     let ds = l.up(&s)?;
-    l.gpu.launch(
-        "softmax_rows",
-        &[ds.into(), Arg::Null, u(n_rows), u(t), u(1), scale.into()],
-    )?;
+    l.gpu.softmax_rows(ds, n_rows, t, scale)?;
     let got = l.get_at(ds, &at)?;
     let mut want = Vec::new();
     for &r in &rows {
@@ -257,20 +256,7 @@ fn logits<D: Device>(l: &mut L<'_, D>, m: usize, n: usize, k: usize) -> Result<(
     let (dy, dmu, ds, db) = (l.up(&y)?, l.up(&mu)?, l.up(&scale)?, l.up(&bias)?);
     let dots = l.out_at(m * n, &at)?;
     let part = l.out_at(m * ntiles * 2, &at_part)?;
-    l.gpu.launch(
-        "gemm_logits_f32",
-        &[
-            dots.into(),
-            part.into(),
-            dy.into(),
-            dmu.into(),
-            ds.into(),
-            db.into(),
-            u(m),
-            u(n),
-            u(k),
-        ],
-    )?;
+    gemm_logits_f32(l.gpu, dots, part, dy, dmu, ds, db, (m, n, k))?;
     let got = l.get_at(dots, &at)?;
     let parts = l.get_at(part, &at_part)?;
     let mut want = Vec::new();
@@ -328,17 +314,7 @@ fn gather<D: Device>(l: &mut L<'_, D>, n: usize, d: usize, src_rows: usize) -> R
     let dsrc = l.up(&src)?;
     let didx = l.gpu.alloc_from(&idx)?;
     let out = l.out_at(n * d, &at)?;
-    l.gpu.launch(
-        "gather_rows",
-        &[
-            out.into(),
-            dsrc.into(),
-            didx.into(),
-            u(n),
-            u(d),
-            u(src_rows),
-        ],
-    )?;
+    gather_rows(l.gpu, out, dsrc, didx, (n, d, src_rows))?;
     let got = l.get_at(out, &at)?;
     let want: Vec<f64> = elems
         .iter()
@@ -410,26 +386,26 @@ fn patch_loss<D: Device>(l: &mut L<'_, D>, m: usize, t_rows: usize, k: usize) ->
     let dtgt = l.gpu.alloc_from(&tgt)?;
     let nb = k.div_ceil(256);
     let part = l.out_at(nb, &[(0, 1), (nb - 1, 1)])?;
-    l.gpu.launch(
-        "xent_masked",
-        &[
-            dots.into(),
-            dr.into(),
-            part.into(),
-            dlse.into(),
-            p_t.into(),
-            dtgt.into(),
-            dw.into(),
-            ds.into(),
-            db.into(),
-            ddb.into(),
-            tau.into(),
-            grad_scale.into(),
-            u(m),
-            u(k),
-            u(t_rows),
-        ],
-    )?;
+    let args = XentMasked {
+        dots,
+        dr: Some(dr),
+        loss_part: part,
+        lse: dlse,
+        p_t,
+        tgt: dtgt,
+        w: dw,
+        terms: LogitTerms {
+            scale: ds,
+            bias: db,
+            dbias: ddb,
+        },
+        tau,
+        grad_scale,
+        m,
+        k,
+        t_rows,
+    };
+    xent_masked(l.gpu, &args)?;
     let rows = ends(m, 3);
     let got = l.get_at(dots, &L::<D>::cells(&rows, &cols, k))?;
     let got_dr = l.get_at(dr, &col_runs)?;

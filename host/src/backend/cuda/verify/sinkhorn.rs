@@ -10,7 +10,7 @@ use dinovmf_core::sinkhorn::{
 };
 
 use super::{f64s, Device, V};
-use crate::backend::cuda::device::u32_of as u;
+use crate::backend::cuda::launch::sinkhorn::{sinkhorn_columns, sinkhorn_logits, sinkhorn_rows};
 
 pub(super) fn sinkhorn<D: Device>(v: &mut V<'_, D>) -> Result<()> {
     for (n, k) in [(2, 1), (4, 255), (6, 300), (3, 1030), (128, 64)] {
@@ -21,10 +21,7 @@ pub(super) fn sinkhorn<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         let bias = v.rv(k, -1.0, 1.0);
         let (dd, ds, db) = (v.up(&dots)?, v.up(&scale)?, v.up(&bias)?);
         let q = v.out(n * k)?;
-        v.launch(
-            "sinkhorn_logits",
-            &[q.into(), dd.into(), ds.into(), db.into(), u(n), u(k)],
-        )?;
+        sinkhorn_logits(v.gpu, q, dd, ds, db, n, k)?;
         let got = v.get(q)?;
         let logits: Vec<f64> = (0..n * k)
             .map(|i| scale[i % k] as f64 * dots[i] as f64 + bias[i % k] as f64)
@@ -50,7 +47,7 @@ pub(super) fn sinkhorn<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         // One column round on a random ln Q.
         let lq = v.rv(n * k, -20.0, 0.0);
         let dq = v.up(&lq)?;
-        v.launch("sinkhorn_columns", &[dq.into(), u(n), u(k)])?;
+        sinkhorn_columns(v.gpu, dq, n, k)?;
         let got = v.get(dq)?;
         let mut want = f64s(&lq);
         sinkhorn_columns_inplace(&mut want, &mut cm, &mut cs, n, k);
@@ -60,7 +57,7 @@ pub(super) fn sinkhorn<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         for last in [false, true] {
             let lq = v.rv(n * k, -20.0, 0.0);
             let dq = v.up(&lq)?;
-            v.launch("sinkhorn_rows", &[dq.into(), u(n), u(k), u(last as usize)])?;
+            sinkhorn_rows(v.gpu, dq, n, k, last)?;
             let got = v.get(dq)?;
             let mut want = f64s(&lq);
             if last {

@@ -7,7 +7,8 @@ use anyhow::Result;
 use dinovmf_core::ops;
 
 use super::{first_last, runs, L};
-use crate::backend::cuda::device::{u32_of as u, Device};
+use crate::backend::cuda::device::Device;
+use crate::backend::cuda::launch::head as launch;
 
 pub(super) fn gelu<D: Device>(l: &mut L<'_, D>, n: usize) -> Result<()> {
     let elems = first_last(n, 256);
@@ -72,8 +73,7 @@ pub(super) fn row_entropy<D: Device>(l: &mut L<'_, D>, rows: usize, k: usize) ->
     let at = [(0, 1), (rows - 1, 1)];
     let dp = l.up(&p)?;
     let ent = l.out_at(rows, &at)?;
-    l.gpu
-        .launch("row_entropy", &[ent.into(), dp.into(), u(rows), u(k)])?;
+    launch::row_entropy(l.gpu, ent, dp, rows, k)?;
     let got = l.get_at(ent, &at)?;
     let want: Vec<f64> = [0, rows - 1]
         .iter()

@@ -9,7 +9,10 @@ use anyhow::Result;
 use dinovmf_core::loss::{n_pairs, n_teacher_views};
 
 use super::{first_last, runs, Buf, L};
-use crate::backend::cuda::device::{u32_of as u, Device};
+use dinovmf_core::centering::Centering;
+
+use crate::backend::cuda::device::Device;
+use crate::backend::cuda::launch::head::{self as launch, LogitTerms, TeacherIn, XentColumns};
 
 fn lse64(z: impl Iterator<Item = f64> + Clone) -> f64 {
     let mx = z.clone().fold(f64::NEG_INFINITY, f64::max);
@@ -27,8 +30,7 @@ pub(super) fn lse_combine<D: Device>(l: &mut L<'_, D>, m: usize, ntiles: usize) 
     let at: Vec<(usize, usize)> = rows.iter().map(|&r| (r, 1)).collect();
     let dpart = l.up(&part)?;
     let lse = l.out_at(m, &at)?;
-    l.gpu
-        .launch("lse_combine", &[lse.into(), dpart.into(), u(m), u(ntiles)])?;
+    launch::lse_combine(l.gpu, lse, dpart, m, ntiles)?;
     let got = l.get_at(lse, &at)?;
     let want: Vec<f64> = rows
         .iter()
@@ -73,21 +75,16 @@ pub(super) fn teacher<D: Device>(l: &mut L<'_, D>, nt: usize, k: usize) -> Resul
         let p_t = l.out_at(nt * k, &p_runs)?;
         let lse_raw = l.out_at(nt, &row_runs)?;
         let stat = l.out_at(k, &col_runs)?;
-        l.gpu.launch(
-            "teacher_targets",
-            &[
-                p_t.into(),
-                lse_raw.into(),
-                dd.into(),
-                ds.into(),
-                db.into(),
-                dc.into(),
-                tau_t.into(),
-                centering.into(),
-                u(nt),
-                u(k),
-            ],
-        )?;
+        let t_in = TeacherIn {
+            dots: dd,
+            scale: ds,
+            bias: db,
+            tau_t,
+            centering: Centering::from_code(centering),
+            n: nt,
+            k,
+        };
+        launch::teacher_targets(l.gpu, p_t, lse_raw, dc, &t_in)?;
         // teacher_stat reads every row's lse_raw: the rows the corner blocks did not write get
         // their f64 values.
         let mut raw64 = vec![0f64; nt];
@@ -97,20 +94,7 @@ pub(super) fn teacher<D: Device>(l: &mut L<'_, D>, nt: usize, k: usize) -> Resul
                 l.gpu.upload(lse_raw.sub(r, 1), &[*v as f32])?;
             }
         }
-        l.gpu.launch(
-            "teacher_stat",
-            &[
-                stat.into(),
-                dd.into(),
-                ds.into(),
-                db.into(),
-                lse_raw.into(),
-                tau_t.into(),
-                centering.into(),
-                u(nt),
-                u(k),
-            ],
-        )?;
+        launch::teacher_stat(l.gpu, stat, lse_raw, &t_in)?;
         let shift = |j: usize| -> f64 {
             if centering == 0 {
                 center[j] as f64 / tau_t as f64
@@ -226,23 +210,23 @@ pub(super) fn xent_columns<D: Device>(
     let nb = k.div_ceil(256);
     let part_at = [(0, 1), (nb - 1, 1)];
     let part = l.out_at(nb, &part_at)?;
-    l.gpu.launch(
-        "xent_columns",
-        &[
-            dots.into(),
-            dr.into(),
-            part.into(),
-            dlse.into(),
-            p_t.into(),
-            ds.into(),
-            db.into(),
-            ddb.into(),
-            tau.into(),
-            u(n_crops),
-            u(batch),
-            u(k),
-        ],
-    )?;
+    let args = XentColumns {
+        dots,
+        dr: Some(dr),
+        loss_part: part,
+        lse: dlse,
+        p_t,
+        terms: LogitTerms {
+            scale: ds,
+            bias: db,
+            dbias: ddb,
+        },
+        tau,
+        n_crops,
+        batch,
+        k,
+    };
+    launch::xent_columns(l.gpu, &args)?;
     let rows: Vec<usize> = [0, 1, batch, 2 * batch, ns - 1].into();
     let mut at = Vec::new();
     for &r in &rows {
