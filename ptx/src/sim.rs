@@ -457,6 +457,7 @@ impl Block for Sim {
             }
         }
     }
+    #[allow(clippy::needless_range_loop)]
     fn ldmatrix<L: Copy, const N: usize, A: Fn(u32, &L) -> usize>(
         &mut self,
         l: &mut Vec<L>,

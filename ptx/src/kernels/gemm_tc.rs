@@ -34,7 +34,9 @@ const REGION: usize = if TC_BM * RS_K > TC_BK * RS_MN {
 };
 /// Shared memory of the kernel in 32-bit words: 2 buffers x (A, B).
 pub const SMEM_TC_WORDS: usize = 4 * REGION;
-const _: () = assert!(TC_BM == TC_BN && RS_K % 4 == 0 && RS_MN % 4 == 0 && REGION % 4 == 0);
+const _: () = assert!(
+    TC_BM == TC_BN && RS_K.is_multiple_of(4) && RS_MN.is_multiple_of(4) && REGION.is_multiple_of(4)
+);
 
 /// Per thread: the accumulators of its warp's 2 x 4 mma tiles and the fragments of one k step.
 #[derive(Clone, Copy)]
