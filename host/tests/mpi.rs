@@ -57,7 +57,14 @@ fn output(mut c: Command) -> (bool, String) {
 
 /// `mpirun -np <ranks> dinovmf <args>`, one compute thread per rank.
 fn mpirun(ranks: usize, args: &[String]) -> (bool, String) {
+    // Each launch gets its own session directory: two mpiruns started at once by parallel
+    // tests race to create the same /tmp/ompi.<host>.<uid> and one fails ("File exists").
+    static LAUNCH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = LAUNCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = std::env::temp_dir().join(format!("dinovmf-mpi-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("a session directory for mpirun");
     let mut c = Command::new("mpirun");
+    c.env("TMPDIR", &tmp);
     c.args(["--oversubscribe", "-np", &ranks.to_string()])
         .args(["-x", "RAYON_NUM_THREADS=1"])
         .arg(BIN)
