@@ -51,8 +51,14 @@ fn mean(x: impl Iterator<Item = f64>) -> f64 {
 
 #[test]
 fn signals_separate_a_learning_run_from_a_forced_collapse() {
+    // The running (probability) center this test's bounds were written for: under the
+    // preset's Sinkhorn teacher the batch mean is balanced to ln K by construction, so the
+    // entropy bound below would say nothing about the signals.
+    let mut running = tiny();
+    running.centering = dinovmf::train::CenteringKind::Probability;
+    running.koleo = 0.0;
     let learn_dir = tmp("learn");
-    let learn = train::train(&tiny(), &opts(&learn_dir)).unwrap();
+    let learn = train::train(&running, &opts(&learn_dir)).unwrap();
     let mut hot = tiny();
     // A teacher temperature of 100 makes every target uniform: nothing depends on the input.
     hot.teacher_temp = 100.0;
@@ -66,13 +72,11 @@ fn signals_separate_a_learning_run_from_a_forced_collapse() {
     };
     let ln_k = (hot.model.prototypes as f64).ln();
     // The learning teacher depends on its input: its rows sit well away from their batch mean
-    // and its per-image entropy below ln K ...
+    // and its per-image entropy well below ln K ...
     let kl_learn = tail(&sl, |x| x.2);
     let kl_hot = tail(&sc, |x| x.2);
     assert!(kl_learn > 0.05, "learning run: KL to the mean {kl_learn}");
-    // (With the default Sinkhorn teacher the batch mean is balanced to ln K exactly, and the
-    // rows sit about 0.35 nats below it on this tiny run.)
-    assert!(tail(&sl, |x| x.0) < ln_k - 0.2, "{sl:?}");
+    assert!(tail(&sl, |x| x.0) < 0.9 * ln_k, "{sl:?}");
     // ... the forced one does not: KL to the mean 0, entropy ln K.
     assert!(kl_hot.abs() < 1e-3, "hot teacher: KL to the mean {kl_hot}");
     assert!(kl_learn > 100.0 * kl_hot.abs());
