@@ -345,7 +345,7 @@ mod launcher {
 mod kernels {
     use dinovmf::backend::cuda::device::Gpu;
     use dinovmf::backend::cuda::sim::SimDevice;
-    use dinovmf::backend::cuda::verify::{compare, run_all, uncovered, verdict};
+    use dinovmf::backend::cuda::verify::{compare, run_all, uncovered, verdict, Tol};
 
     /// `dinovmf verify-kernels --sim`: every kernel covered, every check passes.
     #[test]
@@ -361,12 +361,12 @@ mod kernels {
 
     #[test]
     fn the_comparison_fails_on_nan_and_on_errors_beyond_tolerance() {
-        assert!(compare("k", "s", &[1.0, 2.0], &[1.0, 2.0], 0.0, 0.0).ok);
-        assert!(!compare("k", "s", &[1.0, f32::NAN], &[1.0, 2.0], 1.0, 1.0).ok);
-        assert!(!compare("k", "s", &[1.0], &[1.0, 2.0], 1.0, 1.0).ok);
-        let r = compare("k", "s", &[1.0, 2.001], &[1.0, 2.0], 1e-4, 0.0);
+        assert!(compare("k", "s", &[1.0, 2.0], &[1.0, 2.0], Tol::new(0.0, 0.0)).ok);
+        assert!(!compare("k", "s", &[1.0, f32::NAN], &[1.0, 2.0], Tol::new(1.0, 1.0)).ok);
+        assert!(!compare("k", "s", &[1.0], &[1.0, 2.0], Tol::new(1.0, 1.0)).ok);
+        let r = compare("k", "s", &[1.0, 2.001], &[1.0, 2.0], Tol::new(1e-4, 0.0));
         assert!(!r.ok && (r.max_abs - 1e-3).abs() < 1e-6, "{r:?}");
-        assert!(compare("k", "s", &[1.0, 2.001], &[1.0, 2.0], 1e-3, 0.0).ok);
+        assert!(compare("k", "s", &[1.0, 2.001], &[1.0, 2.0], Tol::new(1e-3, 0.0)).ok);
     }
 }
 

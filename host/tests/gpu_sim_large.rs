@@ -5,8 +5,7 @@
 #![cfg(feature = "gpu-sim")]
 use dinovmf::backend::cuda::device::{check_launch, u32_of, Arg, Gpu};
 use dinovmf::backend::cuda::sim::{SimDevice, SimOptions};
-use dinovmf::backend::cuda::verify::large::{run_large, LargeShape, VIT_B16, VIT_S16};
-use dinovmf::backend::cuda::verify::print_rows;
+use dinovmf::backend::cuda::verify::{print_rows, run_large, LargeShape, VIT_B16, VIT_S16};
 use dinovmf_ptx::manifest;
 
 fn corners(shape: &LargeShape) {
@@ -23,7 +22,8 @@ fn corners(shape: &LargeShape) {
         "gemm_nn_f32",
         "gemm_tn_f32",
         "layernorm_forward",
-        "layernorm_backward",
+        "layernorm_backward_dx",
+        "layernorm_backward_params",
         "softmax_rows",
         "softmax_backward_rows",
         "gemm_logits_f32",
@@ -38,6 +38,8 @@ fn corners(shape: &LargeShape) {
             "teacher_targets",
             "teacher_stat",
             "xent_columns",
+            "l2norm_forward",
+            "row_entropy",
         ]);
     }
     for k in kernels {

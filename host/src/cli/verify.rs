@@ -135,8 +135,8 @@ mod imp {
         )?;
         let t = std::time::Instant::now();
         let mut rows = Vec::new();
-        for s in [verify::large::VIT_S16, verify::large::VIT_B16] {
-            rows.extend(verify::large::run_large(&mut gpu, &s, seed));
+        for s in [verify::VIT_S16, verify::VIT_B16] {
+            rows.extend(verify::run_large(&mut gpu, &s, seed));
         }
         verify::print_rows(&rows, out)?;
         writeln!(

@@ -1,13 +1,15 @@
 //! The tensor-core GEMMs `gemm_tc_{nn,nt,tn}_bf16`: bf16 operands (random f32 rounded to
 //! bf16, passed as their `u16` bits), f32 `C`, against f64 on the same bf16 values at the
 //! f32 GEMM's shapes (ragged, odd leading dimensions). Only the f32 accumulation differs from
-//! the reference (tensor cores add with their own rounding), hence rtol = atol = 1e-5.
+//! the reference (tensor cores add with their own rounding), with the f32 GEMM's tolerance (`tolerance::dot`).
 use anyhow::Result;
 use dinovmf_ptx::elem::Bf16;
 
-use super::super::device::{Arg, Device};
-use super::super::ops::Gemm;
-use super::{layouts, ref_gemm, SHAPES, V};
+use super::gemm::{layouts, ref_gemm, SHAPES};
+use super::tolerance;
+use super::V;
+use crate::backend::cuda::device::{Arg, Device};
+use crate::backend::cuda::ops::Gemm;
 
 fn to_bf16(x: &[f32]) -> (Vec<u16>, Vec<f64>) {
     x.iter()
@@ -18,7 +20,11 @@ fn to_bf16(x: &[f32]) -> (Vec<u16>, Vec<f64>) {
         .unzip()
 }
 
-pub(super) fn gemm_tc<D: Device>(v: &mut V<'_, D>) -> Result<()> {
+pub(super) fn small<D: Device>(v: &mut V<'_, D>) {
+    v.case("gemm tensor cores bf16", gemm_tc);
+}
+
+fn gemm_tc<D: Device>(v: &mut V<'_, D>) -> Result<()> {
     for (ta, tb, tag) in layouts() {
         let name = format!("gemm_tc_{tag}_bf16");
         for (m, n, k) in SHAPES {
@@ -45,8 +51,7 @@ pub(super) fn gemm_tc<D: Device>(v: &mut V<'_, D>) -> Result<()> {
                 format!("{m}x{n}x{k} beta 0 +bias"),
                 &got,
                 &w,
-                1e-5,
-                1e-5,
+                tolerance::dot(k),
             );
             // beta 1 accumulates.
             let c0 = v.rv(m * n, -1.0, 1.0);
@@ -62,7 +67,13 @@ pub(super) fn gemm_tc<D: Device>(v: &mut V<'_, D>) -> Result<()> {
             v.gpu.launch_with(&name, &args, &[("outer", 1)])?;
             let got = v.get(c)?;
             let w: Vec<f64> = (0..m * n).map(|i| want[i] + c0[i] as f64).collect();
-            v.check(&name, format!("{m}x{n}x{k} beta 1"), &got, &w, 1e-5, 1e-5);
+            v.check(
+                &name,
+                format!("{m}x{n}x{k} beta 1"),
+                &got,
+                &w,
+                tolerance::dot(k),
+            );
         }
     }
     Ok(())

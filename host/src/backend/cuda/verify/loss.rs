@@ -13,7 +13,10 @@ use dinovmf_core::loss::{
 };
 use dinovmf_core::vmf::BesselApprox;
 
-use super::{f64s, Device, V};
+use super::sample::f64s;
+use super::tolerance;
+use super::V;
+use crate::backend::cuda::device::Device;
 use crate::backend::cuda::loss::{
     cls_loss_forward_backward, ClsLoss, ClsMetrics, LossBufs, Prototypes,
 };
@@ -73,7 +76,11 @@ fn cases() -> Vec<(LossConfig, LossDims)> {
     out
 }
 
-pub(super) fn cls_loss_chain<D: Device>(v: &mut V<'_, D>) -> Result<()> {
+pub(super) fn small<D: Device>(v: &mut V<'_, D>) {
+    v.case("cls loss chain", cls_loss_chain);
+}
+
+fn cls_loss_chain<D: Device>(v: &mut V<'_, D>) -> Result<()> {
     for (cfg, dims) in cases() {
         one(v, &cfg, dims)?;
     }
@@ -168,19 +175,26 @@ fn one<D: Device>(v: &mut V<'_, D>, cfg: &LossConfig, dims: LossDims) -> Result<
         format!("{tag} loss, entropies, max mass"),
         &got,
         &wanted,
-        2e-5,
-        1e-6,
+        tolerance::LOSS_SCALARS,
     );
     // Gradients: relative to the largest entry (rows mix many terms of both signs).
-    let scale = |x: &[f64]| x.iter().fold(0f64, |a, &b| a.max(b.abs()));
     let got = v.get(lb.dz.sub(0, ns * p))?;
-    let atol = 1e-4 * scale(&dz);
-    v.check(name, format!("{tag} dz_s"), &got, &dz, 1e-4, atol);
+    v.check(
+        name,
+        format!("{tag} dz_s"),
+        &got,
+        &dz,
+        tolerance::of_largest(1e-4, 1e-4, &dz),
+    );
     let got = v.get(io.grad.v)?;
-    let atol = 1e-4 * scale(&dv);
-    v.check(name, format!("{tag} dv_s"), &got, &dv, 1e-4, atol);
+    v.check(
+        name,
+        format!("{tag} dv_s"),
+        &got,
+        &dv,
+        tolerance::of_largest(1e-4, 1e-4, &dv),
+    );
     let got = v.get(io.grad.g)?;
-    let atol = 1e-4 * scale(&dg) + 1e-30;
     let want_g: Vec<f64> = if cfg.norm_last_layer {
         // Fixed radii: the buffer is left as it was.
         f64s(&dg0)
@@ -192,14 +206,18 @@ fn one<D: Device>(v: &mut V<'_, D>, cfg: &LossConfig, dims: LossDims) -> Result<
         format!("{tag} dg_s (added)"),
         &got,
         &want_g,
-        1e-4,
-        atol,
+        tolerance::of_largest(1e-4, 1e-4, &dg),
     );
     // The center: relative, with a floor at 1e-6 of its largest entry (logit centers are sums
     // of both signs, some entries land near zero).
     let got = v.get(io.center)?;
-    let atol = 1e-6 * scale(&center);
-    v.check(name, format!("{tag} center"), &got, &center, 1e-5, atol);
+    v.check(
+        name,
+        format!("{tag} center"),
+        &got,
+        &center,
+        tolerance::of_largest(1e-5, 1e-6, &center),
+    );
     Ok(())
 }
 

@@ -9,10 +9,17 @@ use dinovmf_core::sinkhorn::{
     sinkhorn_targets_inplace,
 };
 
-use super::{f64s, Device, V};
+use super::sample::f64s;
+use super::tolerance;
+use super::V;
+use crate::backend::cuda::device::Device;
 use crate::backend::cuda::launch::sinkhorn::{sinkhorn_columns, sinkhorn_logits, sinkhorn_rows};
 
-pub(super) fn sinkhorn<D: Device>(v: &mut V<'_, D>) -> Result<()> {
+pub(super) fn small<D: Device>(v: &mut V<'_, D>) {
+    v.case("sinkhorn", sinkhorn);
+}
+
+fn sinkhorn<D: Device>(v: &mut V<'_, D>) -> Result<()> {
     for (n, k) in [(2, 1), (4, 255), (6, 300), (3, 1030), (128, 64)] {
         let size = format!("n{n} k{k}");
         // Logits: scale up to 1 / 0.02, as the teacher's.
@@ -26,7 +33,13 @@ pub(super) fn sinkhorn<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         let logits: Vec<f64> = (0..n * k)
             .map(|i| scale[i % k] as f64 * dots[i] as f64 + bias[i % k] as f64)
             .collect();
-        v.check("sinkhorn_logits", size.clone(), &got, &logits, 1e-6, 1e-6);
+        v.check(
+            "sinkhorn_logits",
+            size.clone(),
+            &got,
+            &logits,
+            tolerance::SINKHORN_LOGITS,
+        );
 
         // The whole chain on those logits, against core's f64 procedure.
         let p_t = v.out(n * k)?;
@@ -40,8 +53,7 @@ pub(super) fn sinkhorn<D: Device>(v: &mut V<'_, D>) -> Result<()> {
             size.clone(),
             &got,
             &want,
-            1e-3,
-            1e-6,
+            tolerance::sinkhorn_targets(3),
         );
 
         // One column round on a random ln Q.
@@ -51,7 +63,13 @@ pub(super) fn sinkhorn<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         let got = v.get(dq)?;
         let mut want = f64s(&lq);
         sinkhorn_columns_inplace(&mut want, &mut cm, &mut cs, n, k);
-        v.check("sinkhorn_columns", size.clone(), &got, &want, 1e-5, 1e-5);
+        v.check(
+            "sinkhorn_columns",
+            size.clone(),
+            &got,
+            &want,
+            tolerance::SINKHORN_COLUMNS,
+        );
 
         // A row round, then the final one, each on its own random ln Q.
         for last in [false, true] {
@@ -66,7 +84,7 @@ pub(super) fn sinkhorn<D: Device>(v: &mut V<'_, D>) -> Result<()> {
                 sinkhorn_rows_inplace(&mut want, n, k);
             }
             let what = format!("{size} last={last}");
-            v.check("sinkhorn_rows", what, &got, &want, 1e-5, 1e-6);
+            v.check("sinkhorn_rows", what, &got, &want, tolerance::SINKHORN_ROWS);
         }
     }
     Ok(())

@@ -1,14 +1,204 @@
-//! The GEMMs of the training step at production shapes, in the exact forms the step launches
-//! them (`net.rs`, `step.rs`): a linear layer's input gradient (`dx = dy w`, "nn") and weight
-//! gradient (`dw += dy^T x`, "tn" with beta 1), the head's backward GEMMs over K = 65536, and
-//! the six batched, strided attention GEMMs (`Q K^T`, `P V`; `dO V^T`, `P^T dO`, `dS K`,
-//! `dS^T Q`). Sampled entries: the first and last rows and columns of the first and the last
-//! batch, which lie in the corner blocks of each grid.
+//! The f32 GEMMs (`gemm_{nn,nt,tn}_f32`, plain and batched with strided views) against an f64
+//! product. Small: below, at and above the 64 x 64 x 16 tile and ragged, every layout, beta 0
+//! with a bias into a poisoned C and beta 1 accumulating, and attention-shaped batches. At the
+//! production shapes: the exact GEMMs the training step launches (`vit.rs`, `attention.rs`,
+//! `head.rs`): a linear layer's forward (`y = x w^T + b`, "nt"), input gradient (`dx = dy w`,
+//! "nn") and weight gradient (`dw += dy^T x`, "tn" with beta 1), the six batched attention
+//! GEMMs (`Q K^T`, `P V`; `dO V^T`, `P^T dO`, `dS K`, `dS^T Q`) and the head's backward GEMMs
+//! over K = 65536, on sampled entries: the first and last rows and columns of the first and the
+//! last batch, which lie in the corner blocks of each grid.
 use anyhow::Result;
 
-use super::{ends, L};
+use super::sample::{ends, f64s, first_last};
+use super::shapes::LargeShape;
+use super::tolerance;
+use super::V;
 use crate::backend::cuda::device::{Buf, Device};
 use crate::backend::cuda::ops::Gemm;
+
+pub(super) fn small<D: Device>(v: &mut V<'_, D>) {
+    v.case("gemm f32", gemm_f32);
+    v.case("gemm batched", gemm_batched);
+}
+
+pub(super) fn large<D: Device>(v: &mut V<'_, D>, s: &LargeShape) {
+    let (d, tokens) = (s.dim, s.tokens());
+    v.case("qkv", |v| linear(v, "qkv", tokens, 3 * d, d));
+    v.case("mlp fc1", |v| linear(v, "fc1", tokens, 4 * d, d));
+    v.case("mlp fc1 local", |v| {
+        linear(v, "fc1 local", s.local_tokens(), 4 * d, d)
+    });
+    v.case("qkv dx", |v| linear_dx(v, "qkv", tokens, d, 3 * d));
+    v.case("qkv dw", |v| linear_dw(v, "qkv", tokens, d, 3 * d));
+    v.case("mlp fc1 dx", |v| linear_dx(v, "fc1", tokens, d, 4 * d));
+    v.case("mlp fc2 dx", |v| linear_dx(v, "fc2", tokens, 4 * d, d));
+    v.case("attention global", |v| {
+        attention(v, s.batch * 2, s.global_tokens, d, s.heads)
+    });
+    v.case("attention local", |v| {
+        attention(v, s.batch * s.n_local, s.local_tokens, d, s.heads)
+    });
+    if s.head {
+        v.case("head backward", |v| {
+            head_backward(v, s.students(), s.k, s.bottleneck)
+        });
+    }
+}
+
+/// `C = alpha op(A) op(B)` of batch `z`, in f64.
+pub(super) fn ref_gemm(a: &[f64], b: &[f64], g: &Gemm, z: (usize, usize)) -> Vec<f64> {
+    let (ao, bo) = (z.0 * g.sa[0] + z.1 * g.sa[1], z.0 * g.sb[0] + z.1 * g.sb[1]);
+    let mut c = vec![0f64; g.m * g.n];
+    for i in 0..g.m {
+        for j in 0..g.n {
+            let mut acc = 0.0;
+            for kk in 0..g.k {
+                let av = a[ao + if g.ta { kk * g.lda + i } else { i * g.lda + kk }];
+                let bv = b[bo + if g.tb { j * g.ldb + kk } else { kk * g.ldb + j }];
+                acc += av * bv;
+            }
+            c[i * g.n + j] = acc * g.alpha as f64;
+        }
+    }
+    c
+}
+
+/// (m, n, k): below, at and above the 64 x 64 x 16 tile, and ragged.
+pub(super) const SHAPES: [(usize, usize, usize); 6] = [
+    (1, 1, 1),
+    (17, 33, 5),
+    (64, 64, 16),
+    (65, 130, 47),
+    (3, 200, 70),
+    (100, 7, 129),
+];
+
+pub(super) fn layouts() -> [(bool, bool, &'static str); 3] {
+    [
+        (false, false, "nn"),
+        (false, true, "nt"),
+        (true, false, "tn"),
+    ]
+}
+
+fn gemm_f32<D: Device>(v: &mut V<'_, D>) -> Result<()> {
+    for (ta, tb, tag) in layouts() {
+        let name = format!("gemm_{tag}_f32");
+        for (m, n, k) in SHAPES {
+            let g = Gemm::plain(ta, tb, m, n, k).alpha(0.75);
+            let a = v.rv(m * k, -1.0, 1.0);
+            let b = v.rv(k * n, -1.0, 1.0);
+            let bias = v.rv(n, -1.0, 1.0);
+            let want = ref_gemm(&f64s(&a), &f64s(&b), &g, (0, 0));
+            let (da, db, dbias) = (v.up(&a)?, v.up(&b)?, v.up(&bias)?);
+            // beta 0 with bias into a poisoned C.
+            let c = v.out(m * n)?;
+            v.gpu.gemm(&g, c, da, db, Some(dbias))?;
+            let got = v.get(c)?;
+            let w: Vec<f64> = (0..m * n).map(|i| want[i] + bias[i % n] as f64).collect();
+            v.check(
+                &name,
+                format!("{m}x{n}x{k} beta 0 +bias"),
+                &got,
+                &w,
+                tolerance::dot(k),
+            );
+            // beta 1 accumulates.
+            let c0 = v.rv(m * n, -1.0, 1.0);
+            let c = v.up(&c0)?;
+            v.gpu.gemm(&g.beta(1.0), c, da, db, None)?;
+            let got = v.get(c)?;
+            let w: Vec<f64> = (0..m * n).map(|i| want[i] + c0[i] as f64).collect();
+            v.check(
+                &name,
+                format!("{m}x{n}x{k} beta 1"),
+                &got,
+                &w,
+                tolerance::dot(k),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Attention-shaped batched GEMMs (outer = images, inner = heads) with strided views.
+fn gemm_batched<D: Device>(v: &mut V<'_, D>) -> Result<()> {
+    for (imgs, t, d, heads) in [(2, 5, 12, 3), (2, 17, 32, 2), (1, 70, 24, 4)] {
+        let hd = d / heads;
+        let qkv = v.rv(imgs * t * 3 * d, -1.0, 1.0);
+        let dq = v.up(&qkv)?;
+        // S = scale Q K^T per (image, head), as the attention forward launches it.
+        let g = Gemm {
+            lda: 3 * d,
+            ldb: 3 * d,
+            ldc: t,
+            outer: imgs,
+            inner: heads,
+            sa: [t * 3 * d, hd],
+            sb: [t * 3 * d, hd],
+            sc: [heads * t * t, t * t],
+            alpha: 0.5,
+            ..Gemm::plain(false, true, t, t, hd)
+        };
+        let s = v.out(imgs * heads * t * t)?;
+        v.gpu.gemm(&g, s, dq, dq.from(d), None)?;
+        let got = v.get(s)?;
+        let q64 = f64s(&qkv);
+        let mut want = Vec::new();
+        for z0 in 0..imgs {
+            for z1 in 0..heads {
+                // B (keys) starts d columns into each token row.
+                let gb = Gemm {
+                    sb: [t * 3 * d, hd],
+                    ..g
+                };
+                let b: Vec<f64> = q64[d..].to_vec();
+                let c = ref_gemm(&q64, &b, &gb, (z0, z1));
+                want.extend(c);
+            }
+        }
+        v.check(
+            "gemm_nt_f32",
+            format!("batched {imgs}x{heads} t{t} hd{hd}"),
+            &got,
+            &want,
+            tolerance::dot(hd),
+        );
+    }
+    Ok(())
+}
+
+/// `C = A B^T` (a linear layer's forward, `gemm_nt_f32`) at `m x n x k`, sampled rows, all
+/// columns of them (the first and last column tiles included).
+fn linear<D: Device>(l: &mut V<'_, D>, what: &str, m: usize, n: usize, k: usize) -> Result<()> {
+    let a = l.rv(m * k, -1.0, 1.0);
+    let w = l.rv(n * k, -1.0, 1.0);
+    let bias = l.rv(n, -1.0, 1.0);
+    let (rows, cols) = (ends(m, 3), first_last(n, 64));
+    let at = V::<D>::cells(&rows, &cols, n);
+    let (da, dw, db) = (l.up(&a)?, l.up(&w)?, l.up(&bias)?);
+    let c = l.out_at(m * n, &at)?;
+    l.gpu
+        .gemm(&Gemm::plain(false, true, m, n, k), c, da, dw, Some(db))?;
+    let got = l.get_at(c, &at)?;
+    let mut want = Vec::with_capacity(got.len());
+    for &r in &rows {
+        for &j in &cols {
+            let acc: f64 = (0..k)
+                .map(|t| a[r * k + t] as f64 * w[j * k + t] as f64)
+                .sum();
+            want.push(acc + bias[j] as f64);
+        }
+    }
+    l.check(
+        "gemm_nt_f32",
+        format!("{what} {m}x{n}x{k}"),
+        &got,
+        &want,
+        tolerance::dot(k),
+    );
+    Ok(())
+}
 
 /// One operand: the whole buffer (host copy) and where the GEMM's view of it starts.
 struct Operand {
@@ -21,7 +211,7 @@ struct Operand {
 /// batch's `stride` elements are drawn, the rest stays zero: the sampled batches read nothing
 /// else, and drawing ~60 M values per operand would dominate the simulator test.
 fn operand<D: Device>(
-    l: &mut L<'_, D>,
+    l: &mut V<'_, D>,
     len: usize,
     offset: usize,
     outer: usize,
@@ -69,7 +259,7 @@ fn c_index(g: &Gemm, c_offset: usize, z: usize, i: usize, j: usize) -> usize {
 /// with `beta = 1` they hold random values the result must add to.
 #[allow(clippy::too_many_arguments)]
 fn gemm_case<D: Device>(
-    l: &mut L<'_, D>,
+    l: &mut V<'_, D>,
     what: &str,
     g: Gemm,
     (a_len, a_off): (usize, usize),
@@ -129,20 +319,19 @@ fn gemm_case<D: Device>(
     } else {
         String::new()
     };
-    // f32 sums of k products of values in (-1, 1): |err| ~ sqrt(k) eps.
     l.check(
         kernel,
         format!("{what} {}x{}x{}{batch}", g.m, g.n, g.k),
         &got,
         &want,
-        (1e-5, 2e-5 * (g.k as f64).sqrt() / 8.0),
+        tolerance::dot(g.k),
     );
     Ok(())
 }
 
 /// A linear layer `y[rows, d_out] = x[rows, d_in] w^T`: its input gradient `dx = dy w` ("nn").
-pub(super) fn linear_dx<D: Device>(
-    l: &mut L<'_, D>,
+fn linear_dx<D: Device>(
+    l: &mut V<'_, D>,
     what: &str,
     rows: usize,
     d_in: usize,
@@ -160,8 +349,8 @@ pub(super) fn linear_dx<D: Device>(
 
 /// The weight gradient of the same layer, `dw += dy^T x` ("tn", beta 1): K is every token of
 /// the batch (25,216), so each corner block walks all of them.
-pub(super) fn linear_dw<D: Device>(
-    l: &mut L<'_, D>,
+fn linear_dw<D: Device>(
+    l: &mut V<'_, D>,
     what: &str,
     rows: usize,
     d_in: usize,
@@ -179,12 +368,7 @@ pub(super) fn linear_dw<D: Device>(
 
 /// The head's backward GEMMs over the prototypes (`step.rs`): `dy[ns, p] = ddots[ns, K]
 /// mu[K, p]` ("nn") and `dmu[K, p] = ddots^T y` ("tn").
-pub(super) fn head_backward<D: Device>(
-    l: &mut L<'_, D>,
-    ns: usize,
-    k: usize,
-    p: usize,
-) -> Result<()> {
+fn head_backward<D: Device>(l: &mut V<'_, D>, ns: usize, k: usize, p: usize) -> Result<()> {
     gemm_case(
         l,
         "head dy",
@@ -206,13 +390,7 @@ pub(super) fn head_backward<D: Device>(
 /// The six attention GEMMs of `net.rs` for `n` images of `t` tokens, width `d`, `h` heads:
 /// operands are `qkv[n, t, 3d]` (Q, K, V at column offsets 0, d, 2d), `att[n, h, t, t]`,
 /// `out[n, t, d]`, each (image, head) one batch.
-pub(super) fn attention<D: Device>(
-    l: &mut L<'_, D>,
-    n: usize,
-    t: usize,
-    d: usize,
-    h: usize,
-) -> Result<()> {
+fn attention<D: Device>(l: &mut V<'_, D>, n: usize, t: usize, d: usize, h: usize) -> Result<()> {
     let hd = d / h;
     let scale = 1.0 / (hd as f32).sqrt();
     let (qkv_s, att_s, out_s) = ([t * 3 * d, hd], [h * t * t, t * t], [t * d, hd]);
