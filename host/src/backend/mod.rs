@@ -29,7 +29,7 @@ pub mod shapes;
 pub mod step;
 
 pub use reduce::{Collective, SingleProcess, ThreadCollective};
-pub use shapes::{random_batch, StepShapes};
+pub use shapes::{random_batch, Precision, StepShapes};
 
 /// Where the training step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -47,6 +47,8 @@ pub struct BackendConfig {
     pub shapes: StepShapes,
     /// iBOT's settings (the model must have the mask token), `None` for DINO.
     pub ibot: Option<IbotConfig>,
+    /// The linear layers' matrix products.
+    pub precision: Precision,
 }
 
 /// The backend for `cfg` on `device` (single process), or why there is none.

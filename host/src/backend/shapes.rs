@@ -95,6 +95,31 @@ impl StepShapes {
     }
 }
 
+/// The arithmetic of the matrix products of the backbone's and the head MLP's linear layers
+/// (`--precision`). Master weights, the optimiser, the prototype logits, log C_p, the softmax
+/// and the loss are f32 in both.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 everywhere (the reference).
+    #[default]
+    F32,
+    /// bf16 operands with f32 accumulation for the forward and input-gradient products of the
+    /// linear layers; their weight gradients stay f32 products (CPU: AMX or AVX512-BF16
+    /// where the CPU has them, else emulated).
+    Bf16,
+}
+
 /// Model constants every pass needs.
 #[derive(Clone, Copy, Debug)]
 pub struct Cx {
@@ -106,6 +131,8 @@ pub struct Cx {
     /// Inputs of one patch, `C P P`.
     pub kp: usize,
     pub eps: f32,
+    /// The linear layers' matrix products (`BackendConfig::precision`).
+    pub prec: Precision,
 }
 
 impl Cx {
@@ -119,6 +146,7 @@ impl Cx {
             mh: v.mlp_hidden(),
             kp: v.patch_len(),
             eps: v.ln_eps as f32,
+            prec: Precision::F32,
         }
     }
 }

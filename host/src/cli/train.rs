@@ -67,6 +67,12 @@ pub struct TrainArgs {
     /// 0.1 as DINOv2; 224 px presets: 0 = off).
     #[arg(long)]
     pub koleo: Option<f64>,
+    /// Arithmetic of the linear layers' matrix products. f32 (default): the reference. bf16:
+    /// their forward and input-gradient products take bf16 operands with f32 sums (AMX or
+    /// AVX512-BF16 where the CPU has them), the weight gradients, master weights, optimiser,
+    /// logits and loss stay f32. CPU backend only.
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::backend::Precision>,
     /// Rounds of Sinkhorn-Knopp balancing with --centering sinkhorn (default 3).
     #[arg(long)]
     pub sinkhorn_iters: Option<u32>,
@@ -272,6 +278,9 @@ impl TrainArgs {
         }
         if let Some(v) = self.koleo_proto {
             c.koleo_proto = v;
+        }
+        if let Some(v) = self.precision {
+            c.precision = v;
         }
         if let Some(v) = self.koleo {
             c.koleo = v;
@@ -498,6 +507,13 @@ fn run_with(
         );
         if let Some(l) = length {
             eprintln!("{}", l.describe());
+        }
+        if cfg.precision == crate::backend::Precision::Bf16 {
+            eprintln!(
+                "precision bf16: linear layers' forward and input-gradient products in bf16 \
+                 with f32 sums ({:?} kernel), everything else f32",
+                crate::backend::cpu::gemm_bf16::bf16_kernel()
+            );
         }
     }
     let s = train::train(cfg, opts)?;

@@ -164,6 +164,9 @@ pub struct TrainConfig {
     /// Weight of KoLeo on the student's [CLS] backbone features (0 = off).
     #[serde(default)]
     pub koleo: f64,
+    /// The linear layers' matrix products (`--precision`; f32 in runs saved before it).
+    #[serde(default)]
+    pub precision: crate::backend::Precision,
 }
 
 fn sinkhorn_default_iters() -> u32 {
@@ -252,6 +255,7 @@ impl TrainConfig {
             koleo_proto: 0.0,
             sinkhorn_iters: sinkhorn_default_iters(),
             koleo: SMALL_KOLEO,
+            precision: crate::backend::Precision::F32,
         };
         // The paper's ImageNet recipe, for the 224 px backbones.
         let big = |model: ModelSpec| TrainConfig {

@@ -80,6 +80,30 @@ pub fn matmul(
     }
 }
 
+/// A linear layer's product in the run's precision: [`matmul`] for f32; for bf16 the
+/// forward and input-gradient products (`op_a` = N) through [`super::gemm_bf16::matmul_bf16`],
+/// the weight gradients (`op_a` = T, a sum over every token of the batch) as f32 products.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_matmul(
+    prec: crate::backend::Precision,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    op_a: Op,
+    b: &[f32],
+    op_b: Op,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    match (prec, op_a) {
+        (crate::backend::Precision::Bf16, Op::N) => {
+            super::gemm_bf16::matmul_bf16(m, n, k, a, op_a, b, op_b, c, accumulate)
+        }
+        _ => matmul(m, n, k, a, op_a, b, op_b, c, accumulate),
+    }
+}
+
 /// A strided matrix view for [`matmul_strided`]: element `(i, j)` is at `offset + i rs + j cs`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct View {

@@ -1,7 +1,7 @@
 //! The DINO head's MLP (`[CLS]` -> hidden -> ... -> bottleneck `z`) on all rows at once.
 use dinovmf_core::model::HeadConfig;
 
-use super::gemm::{matmul, Op};
+use super::gemm::{linear_matmul, Op};
 use super::rows;
 use super::vit::Cx;
 
@@ -60,7 +60,8 @@ pub fn forward(cx: &Cx, p: &[f32], hb: &mut HeadBufs, x: &[f32], rows: usize, sa
         let w = &p[hl.w..hl.w + hl.d_out * hl.d_in];
         let b = &p[hl.b..hl.b + hl.d_out];
         if l + 1 < nl {
-            matmul(
+            linear_matmul(
+                cx.prec,
                 rows,
                 hl.d_out,
                 hl.d_in,
@@ -75,7 +76,8 @@ pub fn forward(cx: &Cx, p: &[f32], hb: &mut HeadBufs, x: &[f32], rows: usize, sa
             rows::bias_gelu(&mut pre[l], &mut act[l], dg, b, rows);
         } else {
             rows::fill_rows(&mut pre[l], b, rows);
-            matmul(
+            linear_matmul(
+                cx.prec,
                 rows,
                 hl.d_out,
                 hl.d_in,
@@ -120,7 +122,8 @@ pub fn backward(
             hl.d_out,
             partials,
         );
-        matmul(
+        linear_matmul(
+            cx.prec,
             hl.d_out,
             hl.d_in,
             rows,
@@ -133,11 +136,33 @@ pub fn backward(
         );
         let w = &p[hl.w..hl.w + hl.d_out * hl.d_in];
         if l > 0 {
-            matmul(rows, hl.d_in, hl.d_out, s0, Op::N, w, Op::N, s1, false);
+            linear_matmul(
+                cx.prec,
+                rows,
+                hl.d_in,
+                hl.d_out,
+                s0,
+                Op::N,
+                w,
+                Op::N,
+                s1,
+                false,
+            );
             rows::mul_inplace(s1, &hb.dact[l - 1], rows * hl.d_in);
             core::mem::swap(s0, s1);
         } else {
-            matmul(rows, hl.d_in, hl.d_out, s0, Op::N, w, Op::N, dx, false);
+            linear_matmul(
+                cx.prec,
+                rows,
+                hl.d_in,
+                hl.d_out,
+                s0,
+                Op::N,
+                w,
+                Op::N,
+                dx,
+                false,
+            );
         }
     }
 }

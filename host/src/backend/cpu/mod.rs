@@ -26,6 +26,7 @@ use crate::data::Batch;
 mod attention;
 pub mod fastmath;
 pub mod gemm;
+pub mod gemm_bf16;
 mod head;
 mod ibot;
 pub mod koleo;
@@ -227,7 +228,8 @@ impl CpuBackend {
             shapes.batch
         );
         shapes.batch /= ranks;
-        let be = Self::new(cfg.model, cfg.loss, shapes, collective)?;
+        let mut be = Self::new(cfg.model, cfg.loss, shapes, collective)?;
+        be.cx.prec = cfg.precision;
         match cfg.ibot {
             Some(ib) => be.with_ibot(ib),
             None => Ok(be),

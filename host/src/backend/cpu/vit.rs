@@ -12,7 +12,7 @@ use dinovmf_core::model::BlockOffsets;
 use dinovmf_core::ops::{patchify, pos_embed_for_grid_backward, pos_embed_for_grid_forward};
 
 use super::attention;
-use super::gemm::{matmul, Op};
+use super::gemm::{linear_matmul, Op};
 use super::rows::{self, n_chunks};
 
 pub use crate::backend::shapes::Cx;
@@ -235,7 +235,8 @@ pub fn forward_ext(
         .par_chunks_mut(np * kp)
         .zip(images[..n * img_len].par_chunks(img_len))
         .for_each(|(pt, im)| patchify(pt, im, 1, c, size, size, v.patch));
-    matmul(
+    linear_matmul(
+        cx.prec,
         n * np,
         d,
         kp,
@@ -407,7 +408,8 @@ fn block_forward(
         }
         None => false,
     };
-    matmul(
+    linear_matmul(
+        cx.prec,
         rows,
         3 * d,
         d,
@@ -431,7 +433,8 @@ fn block_forward(
         (rows, t * d)
     };
     let xres: &[f32] = if cls_only { xc } else { x };
-    matmul(
+    linear_matmul(
+        cx.prec,
         r,
         d,
         d,
@@ -454,7 +457,8 @@ fn block_forward(
         d,
         cx.eps,
     );
-    matmul(
+    linear_matmul(
+        cx.prec,
         r,
         mh,
         d,
@@ -467,7 +471,8 @@ fn block_forward(
     );
     let dg = if save { Some(&mut bb.dgelu[..]) } else { None };
     rows::bias_gelu(hid, &mut bb.gelu, dg, w(o.fc1_b, mh), r);
-    matmul(
+    linear_matmul(
+        cx.prec,
         r,
         d,
         mh,
@@ -578,7 +583,8 @@ pub fn backward_ext(
             d,
             &mut bs.partials,
         );
-        matmul(
+        linear_matmul(
+            cx.prec,
             d,
             mh,
             r,
@@ -589,7 +595,8 @@ pub fn backward_ext(
             &mut grads[o.fc2_w..o.fc2_w + d * mh],
             true,
         );
-        matmul(
+        linear_matmul(
+            cx.prec,
             r,
             mh,
             d,
@@ -608,7 +615,8 @@ pub fn backward_ext(
             mh,
             &mut bs.partials,
         );
-        matmul(
+        linear_matmul(
+            cx.prec,
             mh,
             d,
             r,
@@ -619,7 +627,8 @@ pub fn backward_ext(
             &mut grads[o.fc1_w..o.fc1_w + mh * d],
             true,
         );
-        matmul(
+        linear_matmul(
+            cx.prec,
             r,
             d,
             mh,
@@ -657,7 +666,8 @@ pub fn backward_ext(
             d,
             &mut bs.partials,
         );
-        matmul(
+        linear_matmul(
+            cx.prec,
             d,
             d,
             r,
@@ -668,7 +678,8 @@ pub fn backward_ext(
             &mut grads[o.proj_w..o.proj_w + d * d],
             true,
         );
-        matmul(
+        linear_matmul(
+            cx.prec,
             r,
             d,
             d,
@@ -723,7 +734,8 @@ pub fn backward_ext(
                 &mut bs.partials,
             );
         }
-        matmul(
+        linear_matmul(
+            cx.prec,
             3 * d,
             d,
             rows,
@@ -734,7 +746,8 @@ pub fn backward_ext(
             &mut grads[o.qkv_w..o.qkv_w + 3 * d * d],
             true,
         );
-        matmul(
+        linear_matmul(
+            cx.prec,
             rows,
             d,
             3 * d,
@@ -805,7 +818,8 @@ pub fn backward_ext(
         d,
         &mut bs.partials,
     );
-    matmul(
+    linear_matmul(
+        cx.prec,
         d,
         kp,
         n * np,

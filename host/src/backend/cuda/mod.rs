@@ -61,6 +61,11 @@ pub const SIM_ENV: &str = "DINOVMF_CUDA_SIM";
 
 /// The CUDA backend for a run on device 0, or why there is none.
 pub fn open(cfg: &BackendConfig) -> Result<Box<dyn Backend>> {
+    anyhow::ensure!(
+        cfg.precision == crate::backend::Precision::F32,
+        "--precision {:?} runs on the CPU backend only for now; the CUDA step is f32",
+        cfg.precision
+    );
     #[cfg(feature = "gpu-sim")]
     if std::env::var_os(SIM_ENV).is_some_and(|v| v == "1") {
         return on(sim::SimDevice::new(), cfg);

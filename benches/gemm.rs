@@ -1,0 +1,93 @@
+//! The CPU backend's matrix products at the default preset's shapes (small32, patch 8: 2176
+//! global-crop token rows, width 96, MLP 384) and at ViT-S/16's: the f32 GEMM (`gemm` crate)
+//! against the bf16 path (`--precision bf16`: AVX512-BF16 where the CPU has it, else the
+//! emulation), each checked against the other within the bf16 rounding bound before it is
+//! timed. Prints GFLOP/s per shape and the ratio; alternates the two kernels so a change of
+//! the machine's load hits both.
+//!
+//! `cargo bench -p dinovmf-suite --bench gemm` (`RAYON_NUM_THREADS` sets the threads).
+use std::time::Instant;
+
+use dinovmf::backend::cpu::gemm::{matmul, Op};
+use dinovmf::backend::cpu::gemm_bf16::{bf16_kernel, matmul_bf16};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let t = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    t.elapsed().as_secs_f64() / reps as f64
+}
+
+fn main() {
+    println!(
+        "bf16 kernel: {:?}, {} threads",
+        bf16_kernel(),
+        rayon::current_num_threads()
+    );
+    println!("| shape | what | m x n x k | f32 GFLOP/s | bf16 GFLOP/s | bf16 / f32 |");
+    println!("|---|---|---|---|---|---|");
+    let shapes: &[(&str, &str, usize, usize, usize, Op, Op)] = &[
+        ("small32", "qkv", 2176, 288, 96, Op::N, Op::T),
+        ("small32", "fc1", 2176, 384, 96, Op::N, Op::T),
+        ("small32", "fc2", 2176, 96, 384, Op::N, Op::T),
+        ("small32", "fc1 dx", 2176, 96, 384, Op::N, Op::N),
+        ("small32", "fc1 dw", 384, 96, 2176, Op::T, Op::N),
+        (
+            "ViT-S/16",
+            "qkv (one image pair)",
+            394,
+            1152,
+            384,
+            Op::N,
+            Op::T,
+        ),
+        (
+            "ViT-S/16",
+            "fc1 (one image pair)",
+            394,
+            1536,
+            384,
+            Op::N,
+            Op::T,
+        ),
+    ];
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for &(model, what, m, n, k, oa, ob) in shapes {
+        let a: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let (mut c32, mut c16) = (vec![0f32; m * n], vec![0f32; m * n]);
+        matmul(m, n, k, &a, oa, &b, ob, &mut c32, false);
+        matmul_bf16(m, n, k, &a, oa, &b, ob, &mut c16, false);
+        // |a|, |b| < 1: each product off by at most 2^-7, a sum of k by k 2^-7.
+        let bound = k as f32 / 128.0;
+        let worst = c32
+            .iter()
+            .zip(&c16)
+            .fold(0f32, |w, (x, y)| w.max((x - y).abs()));
+        assert!(
+            worst <= bound,
+            "{what}: bf16 differs from f32 by {worst} > {bound}"
+        );
+        let flop = 2.0 * (m * n * k) as f64;
+        let reps = ((2e9 / flop) as usize).clamp(3, 200);
+        let (mut t32, mut t16) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..3 {
+            t32 = t32.min(time(reps, || {
+                matmul(m, n, k, &a, oa, &b, ob, &mut c32, false)
+            }));
+            t16 = t16.min(time(reps, || {
+                matmul_bf16(m, n, k, &a, oa, &b, ob, &mut c16, false)
+            }));
+        }
+        println!(
+            "| {model} | {what} | {m} x {n} x {k} | {:.1} | {:.1} | {:.2} |",
+            flop / t32 / 1e9,
+            flop / t16 / 1e9,
+            t32 / t16
+        );
+    }
+}
