@@ -3,7 +3,9 @@
 //! batch 64 with 2 x 32 px global + 4 x 16 px local crops), DINO loss, on a synthetic random batch
 //! (no data loading). Prints images/s (= batch / step time) and where the time goes.
 //!
-//! `cargo bench -p dinovmf-suite --bench train_step`; set `DINOVMF_BENCH_VMF=1` for DINO-vMF.
+//! `cargo bench -p dinovmf-suite --bench train_step`; set `DINOVMF_BENCH_VMF=1` for DINO-vMF,
+//! `DINOVMF_BENCH_PRECISION=bf16` for `--precision bf16`, `DINOVMF_BENCH_PATCH=4` for issue
+//! 16's patch-4 model.
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -19,8 +21,14 @@ const PRESET: &str = "small32";
 fn setup() -> (CpuBackend, Batch, StepHyper) {
     let vmf = std::env::var_os("DINOVMF_BENCH_VMF").is_some();
     let loss = if vmf { LossKind::Vmf } else { LossKind::Dino };
-    let cfg = TrainConfig::preset(PRESET, loss).unwrap();
-    let bc = backend_config(&cfg);
+    let mut cfg = TrainConfig::preset(PRESET, loss).unwrap();
+    if let Ok(p) = std::env::var("DINOVMF_BENCH_PATCH") {
+        cfg.model.patch = p.parse().expect("DINOVMF_BENCH_PATCH: a patch size");
+    }
+    let mut bc = backend_config(&cfg);
+    if std::env::var("DINOVMF_BENCH_PRECISION").is_ok_and(|v| v == "bf16") {
+        bc.precision = dinovmf::backend::Precision::Bf16;
+    }
     let mut be = CpuBackend::open(&bc).unwrap();
     be.set_state(&TrainState::initial(&bc.model, bc.loss.centering, 0))
         .unwrap();

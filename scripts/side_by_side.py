@@ -47,9 +47,11 @@ PRESETS = {
                     k=65536, hidden=2048, bottleneck=256, dinovmf="vit-s16"),
     "vit-b16": dict(arch="vit_base", img=224, local=96, patch=16, dim=768, depth=12, heads=12,
                     k=65536, hidden=2048, bottleneck=256, dinovmf="vit-b16"),
-    # dinovmf's default model (32 px, patch 4, 4 blocks of width 96, 3 heads).
+    # issue 16's model: dinovmf's small32 backbone at patch 4 (its default is now patch 8),
+    # 4 blocks of width 96, 3 heads; without the small presets' KoLeo, which DINO lacks.
     "small32": dict(arch=None, img=32, local=16, patch=4, dim=96, depth=4, heads=3,
-                    k=1024, hidden=512, bottleneck=128, dinovmf="small32"),
+                    k=1024, hidden=512, bottleneck=128, dinovmf="small32",
+                    dinovmf_args=["--patch", "4", "--koleo", "0"]),
 }
 
 
@@ -190,7 +192,12 @@ def step_times(metrics_path, batch):
     return [batch / r for r in rates]
 
 
-def dinovmf_run(p, args, loss, steps):
+# DINO's centering for each loss (the official step centers logits; DINO-vMF's paper centers
+# probabilities); the small presets' default Sinkhorn-Knopp would add work DINO does not do.
+CENTERING = {"dino": "logit", "vmf": "probability"}
+
+
+def dinovmf_run(p, args, loss, steps, extra=()):
     """One `dinovmf train` run of `steps` steps: (wall seconds, per-step train_step times)."""
     out = tempfile.mkdtemp(prefix="side-by-side-")
     cmd = [args.dinovmf, "train", "--device", args.device, "--preset", p["dinovmf"],
@@ -198,7 +205,8 @@ def dinovmf_run(p, args, loss, steps):
            "--batch-size", str(args.batch), "--n-local", str(args.n_local),
            "--data", f"folder:{args.data}" if args.data else "builtin", "--max-steps", str(steps), "--no-eval",
            "--no-figures", "-q", "--diag-every", "0", "--checkpoint-minutes", "0",
-           "--workers", str(args.dinovmf_workers), "--out", out] + args.dinovmf_arg
+           "--workers", str(args.dinovmf_workers), "--out", out,
+           "--centering", CENTERING[loss]] + p.get("dinovmf_args", []) + list(extra) + args.dinovmf_arg
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     t = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -210,14 +218,14 @@ def dinovmf_run(p, args, loss, steps):
     return wall, times
 
 
-def dinovmf_measure(p, args, loss):
+def dinovmf_measure(p, args, loss, extra=()):
     """(images/s of the step alone, images/s with data loading) from a short and a long run."""
     short, long = args.warmup + 2, args.warmup + 2 + args.dinovmf_steps
-    w2, times = dinovmf_run(p, args, loss, long)
+    w2, times = dinovmf_run(p, args, loss, long, extra)
     step_only = args.batch * (len(times) - args.warmup) / sum(times[args.warmup:])
     if args.data is None:
         return step_only, None
-    w1, _ = dinovmf_run(p, args, loss, short)
+    w1, _ = dinovmf_run(p, args, loss, short, extra)
     return step_only, args.batch * (long - short) / (w2 - w1)
 
 
@@ -243,6 +251,8 @@ def main():
     ap.add_argument("--no-bf16", dest="bf16", action="store_false",
                     help="skip the autocast runs of DINO")
     ap.add_argument("--vmf", action="store_true", help="also dinovmf --loss vmf (DINO-vMF)")
+    ap.add_argument("--dinovmf-bf16", action="store_true",
+                    help="also dinovmf --loss dino --precision bf16 (CPU)")
     ap.add_argument("--dinovmf-arg", action="append", default=[],
                     help="extra argument for `dinovmf train` (repeatable)")
     ap.add_argument("--dino", default=os.path.join(os.path.dirname(__file__), "..", "third_party", "dino"))
@@ -295,7 +305,9 @@ def main():
         rows.setdefault(name, []).append(value)
         print(f"  {name:<34} {value:8.1f} images/s   (load {os.getloadavg()[0]:.1f})", flush=True)
 
-    losses = ["dino"] + (["vmf"] if args.vmf else [])
+    # (row name, loss, extra dinovmf options)
+    ours = [("dino", "dino", [])] + ([("vmf", "vmf", [])] if args.vmf else []) + \
+        ([("dino bf16", "dino", ["--precision", "bf16"])] if args.dinovmf_bf16 else [])
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}", flush=True)
         add("DINO fp32, step only", dino.run(False))
@@ -308,11 +320,11 @@ def main():
             add(f"DINO {amp_name}, step only", dino.run(True))
             if args.data:
                 add(f"DINO {amp_name}, data ({best_w} workers)", dino.run(True, best_w))
-        if "vmf" in losses:
-            s, d = dinovmf_measure(p, args, "vmf")
-            add("dinovmf vmf, step only", s)
+        for name, loss, extra in ours[1:]:
+            s, d = dinovmf_measure(p, args, loss, extra)
+            add(f"dinovmf {name}, step only", s)
             if args.data:
-                add("dinovmf vmf, data", d)
+                add(f"dinovmf {name}, data", d)
 
     med = {k: statistics.median(v) for k, v in rows.items()}
     print(f"\nmedians over {args.rounds} rounds ({time.perf_counter() - t_start:.0f} s in all, "
@@ -320,13 +332,13 @@ def main():
     for k, v in med.items():
         print(f"  {k:<34} {v:8.1f} images/s")
     print("ratios (dinovmf / DINO, same kind of measurement):")
-    for loss in losses:
+    for name, _, _ in ours:
         kinds = [("step only", "step only")] + ([("data", f"data ({best_w} workers)")] if args.data else [])
         for kind, key in kinds:
-            ours = med[f"dinovmf {loss}, {kind}"]
-            line = f"  dinovmf {loss:<4} {kind:<10} / DINO fp32: {ours / med[f'DINO fp32, {key}']:.2f}"
+            v = med[f"dinovmf {name}, {kind}"]
+            line = f"  dinovmf {name:<9} {kind:<10} / DINO fp32: {v / med[f'DINO fp32, {key}']:.2f}"
             if args.bf16:
-                line += f"   / DINO {amp_name}: {ours / med[f'DINO {amp_name}, {key}']:.2f}"
+                line += f"   / DINO {amp_name}: {v / med[f'DINO {amp_name}, {key}']:.2f}"
             print(line)
 
 
