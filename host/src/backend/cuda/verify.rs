@@ -32,6 +32,7 @@ use super::launch::tokens::{
 };
 use super::ops::{Gemm, Segments};
 
+mod attention_tc;
 mod gemm_tc;
 mod ibot;
 pub mod large;
@@ -201,6 +202,7 @@ pub fn run_all<D: Device>(gpu: &mut Gpu<D>, seed: u64) -> Vec<Row> {
         ("optimiser", optimiser),
         ("reductions", reductions),
         ("gemm tensor cores bf16", gemm_tc::gemm_tc),
+        ("attention tensor cores bf16", attention_tc::attention_tc),
     ];
     for (what, f) in cases {
         if let Err(e) = v.gpu.dev.bind().and_then(|_| f(&mut v)) {
