@@ -246,4 +246,19 @@ pub trait Backend: Send {
     fn traffic(&self) -> Option<(u64, f64)> {
         None
     }
+    /// Starts timing the step's phases ([`step::PHASES`]) from zero; `false` where the
+    /// backend cannot (the CUDA backend then waits for the device at each phase boundary,
+    /// which changes no result).
+    fn time_phases(&mut self) -> bool {
+        false
+    }
+    /// Seconds per phase since [`Backend::time_phases`], where timed.
+    fn phase_times(&self) -> Option<Vec<(&'static str, f64)>> {
+        None
+    }
+    /// Device memory the backend holds, in bytes (allocated once up front, so also its peak);
+    /// `None` for host backends.
+    fn device_bytes(&self) -> Option<usize> {
+        None
+    }
 }
