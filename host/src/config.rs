@@ -107,6 +107,7 @@ pub fn backend_config(cfg: &TrainConfig) -> BackendConfig {
         loss: loss_config(cfg),
         shapes: step_shapes(cfg),
         ibot: (cfg.method == Method::Ibot).then(|| ibot_config(cfg)),
+        precision: cfg.precision,
     }
 }
 

@@ -276,6 +276,10 @@ kernels! { OTHER_KERNELS, other_entries, other_sim;
     fill [EW_BLOCK, None, "ceil(n/256)", "x: n"] (x: *mut f32, value: f32, n: u32) |b| {
         elementwise::fill(b, sl_mut(x, us(n)), value, n as usize)
     }
+    /// `out = bf16(x)` as `u16` bits (round to nearest even): bf16 operand copies.
+    to_bf16 [EW_BLOCK, None, "ceil(n/256)", "out: n; x: n"] (out: *mut u16, x: *const f32, n: u32) |b| {
+        elementwise::to_bf16(b, sl_mut(out as *mut crate::elem::Bf16, us(n)), sl(x, us(n)), n as usize)
+    }
     /// Drop path, forward (`y = x mask[b] / keep_prob`) and backward (the same on `dy`).
     drop_path [EW_BLOCK, None, "ceil(batch*per_sample/256)", "y: batch*per_sample; x: batch*per_sample; mask: batch"] (y: *mut f32, x: *const f32, mask: *const f32, keep_prob: f32, batch: u32, per_sample: u32) |b| {
         let n = us(batch) * us(per_sample);

@@ -47,10 +47,23 @@ pub struct BackendConfig {
     pub shapes: StepShapes,
     /// iBOT's settings (the model must have the mask token), `None` for DINO.
     pub ibot: Option<IbotConfig>,
+    /// The matrix products' precision (bf16: the CUDA backend only).
+    pub precision: crate::train::Precision,
+}
+
+/// bf16 matrix products exist on the CUDA backend only.
+fn check_precision(cfg: &BackendConfig, device: Device) -> Result<()> {
+    anyhow::ensure!(
+        cfg.precision == crate::train::Precision::F32 || device == Device::Cuda,
+        "--precision bf16 runs on the CUDA backend only (--device cuda); the CPU backend \
+         multiplies in f32"
+    );
+    Ok(())
 }
 
 /// The backend for `cfg` on `device` (single process), or why there is none.
 pub fn open(cfg: &BackendConfig, device: Device) -> Result<Box<dyn Backend>> {
+    check_precision(cfg, device)?;
     match device {
         Device::Cpu => Ok(Box::new(cpu::CpuBackend::open(cfg)?)),
         Device::Cuda => cuda::open(cfg),
@@ -64,6 +77,7 @@ pub fn open_rank(
     device: Device,
     collective: Box<dyn Collective>,
 ) -> Result<Box<dyn Backend>> {
+    check_precision(cfg, device)?;
     if collective.world_size() == 1 {
         return open(cfg, device);
     }
@@ -79,6 +93,7 @@ pub fn open_rank(
 
 /// One process running `shards` data-parallel ranks on threads (`--shards`; 1 = [`open`]).
 pub fn open_shards(cfg: &BackendConfig, device: Device, shards: usize) -> Result<Box<dyn Backend>> {
+    check_precision(cfg, device)?;
     if shards <= 1 {
         return open(cfg, device);
     }

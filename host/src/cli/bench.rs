@@ -41,6 +41,9 @@ pub struct SpeedArgs {
     /// Local crops per image (default: the preset's).
     #[arg(long)]
     pub n_local: Option<usize>,
+    /// Matrix products of the CUDA step (`--device cuda`): f32 or bf16 tensor cores.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: crate::train::Precision,
     /// Timed steps, after one untimed warm-up step.
     #[arg(long, default_value_t = 5)]
     pub steps: u64,
@@ -188,6 +191,7 @@ fn speed(a: &SpeedArgs) -> Result<()> {
     if let Some(n) = a.n_local {
         cfg.n_local = n;
     }
+    cfg.precision = a.precision;
     let bc = crate::config::backend_config(&cfg);
     let mut be = backend::open(&bc, a.device)?;
     be.set_state(&TrainState::initial(&bc.model, bc.loss.centering, 0))?;
@@ -235,10 +239,15 @@ fn speed(a: &SpeedArgs) -> Result<()> {
         fpi / 1e9,
         achieved
     );
-    for (kind, what) in [
-        (PeakKind::F32, "f32 (the kernels the step runs today)"),
+    let this = match a.precision {
+        crate::train::Precision::F32 => PeakKind::F32,
+        crate::train::Precision::Bf16 => PeakKind::Bf16,
+    };
+    for (kind, label) in [
+        (PeakKind::F32, "f32 FMA"),
         (PeakKind::Bf16, "bf16 tensor cores (dense)"),
     ] {
+        let what = format!("{label}{}", if kind == this { " (this run)" } else { "" });
         match peak_tflops(&name, kind) {
             Some((gpu, peak)) => println!(
                 "  MFU vs {gpu} {what} peak {peak} TFLOP/s: {:.2} %",
@@ -279,6 +288,7 @@ mod tests {
             batch: Some(4),
             prototypes: None,
             n_local: None,
+            precision: crate::train::Precision::F32,
             steps,
         }
     }
@@ -295,5 +305,13 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("nope"), "{e}");
+        // bf16 on the CPU backend: refused with the reason.
+        let e = speed(&SpeedArgs {
+            precision: crate::train::Precision::Bf16,
+            ..args(1)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--precision bf16"), "{e}");
     }
 }

@@ -67,6 +67,10 @@ pub struct TrainArgs {
     /// 0.1 as DINOv2; 224 px presets: 0 = off).
     #[arg(long)]
     pub koleo: Option<f64>,
+    /// Matrix products of the CUDA step: f32 (default) or bf16 on tensor cores (f32
+    /// accumulate; master weights, logits, softmax and loss stay f32). `--device cuda` only.
+    #[arg(long, value_enum)]
+    pub precision: Option<crate::train::Precision>,
     /// Rounds of Sinkhorn-Knopp balancing with --centering sinkhorn (default 3).
     #[arg(long)]
     pub sinkhorn_iters: Option<u32>,
@@ -275,6 +279,9 @@ impl TrainArgs {
         }
         if let Some(v) = self.koleo {
             c.koleo = v;
+        }
+        if let Some(v) = self.precision {
+            c.precision = v;
         }
         if let Some(v) = self.sinkhorn_iters {
             c.sinkhorn_iters = v;

@@ -11,6 +11,17 @@ pub enum LossKind {
     Vmf,
 }
 
+/// What the CUDA step's matrix products multiply in (`--precision`): f32 (the reference, the
+/// default until a GPU run has verified bf16) or bf16 copies of the operands on tensor cores
+/// with f32 accumulation; master weights, logits, log C_p, softmax and loss stay f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
 /// The self-distillation method (`--method`): DINO ([CLS] only) or iBOT ([CLS] plus masked
 /// image modelling on patch tokens). Either runs with DINO or vMF logits (`--loss`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -164,6 +175,9 @@ pub struct TrainConfig {
     /// Weight of KoLeo on the student's [CLS] backbone features (0 = off).
     #[serde(default)]
     pub koleo: f64,
+    /// The CUDA step's matrix products (absent in older configs: f32).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 fn sinkhorn_default_iters() -> u32 {
@@ -252,6 +266,7 @@ impl TrainConfig {
             koleo_proto: 0.0,
             sinkhorn_iters: sinkhorn_default_iters(),
             koleo: SMALL_KOLEO,
+            precision: Precision::F32,
         };
         // The paper's ImageNet recipe, for the 224 px backbones.
         let big = |model: ModelSpec| TrainConfig {
@@ -267,6 +282,7 @@ impl TrainConfig {
             // The paper's ImageNet recipe keeps DINO's running centers and no KoLeo.
             centering: vmf_center,
             koleo: 0.0,
+            precision: Precision::F32,
             ..small(model, 100)
         };
         Ok(match name {

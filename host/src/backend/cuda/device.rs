@@ -212,6 +212,10 @@ pub struct Gpu<D: Device> {
     /// Kernels whose dynamic shared memory limit has been raised (once, before their first
     /// launch).
     dynamic_smem_set: Vec<&'static str>,
+    /// What [`Gpu::gemm`](super::ops) multiplies in (f32 unless set).
+    pub precision: super::ops::MatmulPrecision,
+    /// bf16 copies of the two operands of the bf16 matrix products (grown as needed).
+    pub(super) bf16_scratch: [Option<Buf<u16>>; 2],
 }
 
 impl<D: Device> Gpu<D> {
@@ -221,6 +225,8 @@ impl<D: Device> Gpu<D> {
             counters: Counters::default(),
             allocated: 0,
             dynamic_smem_set: Vec::new(),
+            precision: super::ops::MatmulPrecision::F32,
+            bf16_scratch: [None, None],
         }
     }
 

@@ -84,7 +84,11 @@ fn on<D: device::Device + 'static>(dev: D, cfg: &BackendConfig) -> Result<Box<dy
         cfg.loss,
         cfg.shapes,
         Box::new(super::SingleProcess),
-    )?;
+    )?
+    .with_precision(match cfg.precision {
+        crate::train::Precision::F32 => ops::MatmulPrecision::F32,
+        crate::train::Precision::Bf16 => ops::MatmulPrecision::Bf16,
+    });
     Ok(Box::new(match cfg.ibot {
         None => be,
         Some(ib) => be.with_ibot(ib)?,

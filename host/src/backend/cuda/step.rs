@@ -107,6 +107,13 @@ struct KoleoHost {
 }
 
 impl<D: Device> GpuBackend<D> {
+    /// The same backend with its matrix products in `p` (f32 by default; see
+    /// [`MatmulPrecision`](super::ops::MatmulPrecision)).
+    pub fn with_precision(mut self, p: super::ops::MatmulPrecision) -> Self {
+        self.gpu.precision = p;
+        self
+    }
+
     pub fn new(
         dev: D,
         model: ModelConfig,

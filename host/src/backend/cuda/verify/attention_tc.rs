@@ -31,10 +31,28 @@ pub(super) fn attention_tc<D: Device>(v: &mut V<'_, D>) -> Result<()> {
     for (b, t, d, heads) in [(2, 17, 64, 2), (1, 70, 128, 2)] {
         let s = AttShape { b, t, d, heads };
         let size = format!("B{b} T{t} D{d} H{heads}");
-        let (qkv, q64) = bf16_values(&v.rv(b * t * 3 * d, -1.0, 1.0));
+        // qkv rounded to bf16 on the device (`to_bf16`, as the bf16 matrix products do),
+        // bit for bit as the host rounds it.
+        let x = v.rv(b * t * 3 * d, -1.0, 1.0);
+        let (qkv, q64) = bf16_values(&x);
+        let x_dev = v.up(&x)?;
+        let qkv_dev = v.gpu.bf16_copy(0, x_dev)?;
+        let got: Vec<f32> = v.get(qkv_dev)?.iter().map(|&h| Bf16(h).to_f32()).collect();
+        v.check(
+            "to_bf16",
+            format!("{} values", x.len()),
+            &got,
+            &q64,
+            0.0,
+            0.0,
+        );
+        let host_bits_match = v.get(qkv_dev)? == qkv;
+        anyhow::ensure!(
+            host_bits_match,
+            "to_bf16: device bits differ from the host's"
+        );
         let (_, dout64) = bf16_values(&v.rv(b * t * d, -1.0, 1.0));
         let dout: Vec<f32> = dout64.iter().map(|&x| x as f32).collect();
-        let qkv_dev = v.up(&qkv)?;
         let (out, lse) = (v.out(b * t * d)?, v.out(b * heads * t)?);
         attention_tc_forward_bf16(v.gpu, out, lse, qkv_dev, s)?;
         let mut want = vec![0f64; b * t * d];
