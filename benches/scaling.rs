@@ -2,7 +2,7 @@
 //! many, one process each, so each point's peak memory is its own): a training step of the
 //! `small32` model with one thing changed, on a synthetic batch (no data loading), timed after a
 //! warm-up step. Prints one JSON line: images/s, the step's matrix-product FLOPs (counted from
-//! the shapes, see [`step_flops`]), the achieved GFLOP/s and the process's peak resident memory.
+//! the shapes, `dinovmf::flops::step_flops`), the achieved GFLOP/s and the process's peak resident memory.
 //!
 //! `cargo bench --bench scaling -- method=dino loss=dino batch=64 k=4096 img=32 steps=3`
 //! (threads: RAYON_NUM_THREADS). Without arguments it runs the default point.
@@ -12,6 +12,7 @@ use dinovmf::backend::cpu::CpuBackend;
 use dinovmf::backend::random_batch;
 use dinovmf::backend::{Backend, StepHyper, TrainState};
 use dinovmf::config::backend_config;
+use dinovmf::flops::{ibot_masked_fraction, step_flops};
 use dinovmf::train::{LossKind, Method, TrainConfig};
 
 /// The swept settings of one point.
@@ -73,42 +74,6 @@ fn parse(args: &[String]) -> Result<Point, String> {
     Ok(p)
 }
 
-/// Multiply-add FLOPs (2 per product term) of the step's matrix products: patch embedding,
-/// every block's qkv / proj / fc1 / fc2 and the two attention products, the head's three
-/// layers and its prototype layer; the student's forward + backward (3x its forward) on every
-/// crop, the teacher's forward on the global crops. iBOT adds the head on patch rows: all of
-/// the teacher's global-crop patches, and the student's expected masked ones (mask probability
-/// x mean ratio). Element-wise work (GELU, softmax, LayerNorm, the optimiser) is not counted.
-fn step_flops(cfg: &TrainConfig, local: usize, ibot_masked: f64) -> f64 {
-    let m = &cfg.model;
-    let (d, pch) = (m.dim as f64, m.patch as f64);
-    let head = m.head_hidden as f64;
-    let head_row = 2.0
-        * (d * head
-            + head * head
-            + head * m.bottleneck as f64
-            + m.bottleneck as f64 * m.prototypes as f64);
-    let crop = |size: usize| {
-        let patches = ((size / m.patch) * (size / m.patch)) as f64;
-        let t = patches + 1.0;
-        let embed = 2.0 * patches * 3.0 * pch * pch * d;
-        let mlp = m.mlp_ratio as f64;
-        let blocks =
-            m.depth as f64 * (t * 2.0 * (4.0 * d * d + 2.0 * mlp * d * d) + 2.0 * 2.0 * t * t * d);
-        (embed + blocks + head_row, patches)
-    };
-    let (g, g_patches) = crop(m.img_size);
-    let (l, _) = crop(local);
-    let b = cfg.batch_size as f64;
-    let student = b * (2.0 * g + cfg.n_local as f64 * l);
-    let teacher = b * 2.0 * g;
-    let mut flops = 3.0 * student + teacher;
-    if cfg.method == Method::Ibot {
-        flops += b * 2.0 * g_patches * head_row * (1.0 + 3.0 * ibot_masked);
-    }
-    flops
-}
-
 /// Peak resident memory of this process (Linux `VmHWM`), in MiB.
 fn peak_mib() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -162,7 +127,7 @@ fn main() {
         be.train_step(&batch, &hp).expect("step");
     }
     let per = t.elapsed().as_secs_f64() / p.steps as f64;
-    let masked = cfg.ibot.mask_prob * 0.5 * (cfg.ibot.mask_ratio.0 + cfg.ibot.mask_ratio.1);
+    let masked = ibot_masked_fraction(&cfg);
     let flops = step_flops(&cfg, l, masked);
     println!(
         "{{\"method\":\"{:?}\",\"loss\":\"{:?}\",\"batch\":{},\"k\":{},\"img\":{},\"local\":{},\"n_local\":{},\"threads\":{},\"steps\":{},\"step_s\":{:.5},\"images_per_s\":{:.2},\"gflop_per_step\":{:.3},\"gflop_per_s\":{:.2},\"peak_mib\":{:.1}}}",

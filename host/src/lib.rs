@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod flops;
 pub mod interop;
 pub mod output;
 pub mod plot;

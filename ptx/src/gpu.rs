@@ -5,11 +5,14 @@ use core::arch::asm;
 use core::arch::nvptx;
 
 // Static shared arrays. A kernel's shared size is that of the one array it references (ptxas
-// reports it); see `manifest.rs` for which kernel uses which.
+// reports it); see `manifest.rs` for which kernel uses which. `dinovmf_smem_dyn` is the
+// dynamic shared memory, sized by the launch.
 core::arch::global_asm!(
     ".shared .align 16 .b8 dinovmf_smem_small[1024];",
     ".shared .align 16 .b8 dinovmf_smem_gemm[8704];",
     ".shared .align 16 .b8 dinovmf_smem_tc[20480];",
+    ".shared .align 16 .b8 dinovmf_smem_att[27648];",
+    ".extern .shared .align 16 .b8 dinovmf_smem_dyn[];",
 );
 
 pub struct Smem(*mut f32);
@@ -114,6 +117,18 @@ impl Gpu {
                 SmemKind::Tc => {
                     let p: u64;
                     asm!("cvta.shared.u64 {p}, dinovmf_smem_tc;", p = out(reg64) p,
+                        options(pure, nomem, nostack));
+                    p
+                }
+                SmemKind::Att => {
+                    let p: u64;
+                    asm!("cvta.shared.u64 {p}, dinovmf_smem_att;", p = out(reg64) p,
+                        options(pure, nomem, nostack));
+                    p
+                }
+                SmemKind::AttBwd => {
+                    let p: u64;
+                    asm!("cvta.shared.u64 {p}, dinovmf_smem_dyn;", p = out(reg64) p,
                         options(pure, nomem, nostack));
                     p
                 }

@@ -3,8 +3,12 @@
 //! where a parameter is optional) and launch configurations. The host's CUDA backend launches
 //! from this table; `tests/manifest.rs` checks it against the committed `.ptx`.
 //!
-//! All blocks are one-dimensional (`blockDim = (block, 1, 1)`) and shared memory is static
-//! (launch with 0 dynamic bytes; `smem_bytes` is what the kernel declares). Each size parameter
+//! All blocks are one-dimensional (`blockDim = (block, 1, 1)`). Shared memory is static (launch
+//! with 0 dynamic bytes; `smem_bytes` is what the kernel declares) except for the kinds that
+//! [`SmemKind::is_dynamic`] names: those launch with [`KernelInfo::dynamic_smem_bytes`] dynamic
+//! bytes, and above 48 KB the function's `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` must
+//! have been raised to that size first (the host does it before the first launch; the
+//! simulated device refuses a launch without it, as the driver does). Each size parameter
 //! is a `u32`; the buffer lengths the entry points derive from them (`n * d`, `t_rows * k`, ...)
 //! are computed in `usize` ([`us`](crate::raw::us)), so a buffer may hold more than 2^32
 //! elements. `extents` lists those lengths per pointer parameter; the host checks each one
@@ -12,7 +16,8 @@
 use crate::kernels::gemm::GEMM_BLOCK;
 #[allow(unused_imports)]
 use crate::kernels::{
-    elementwise, gemm, gemm_tc, head, ibot, optim, reduce, rows, sinkhorn, tokens,
+    attention_tc, attention_tc_backward, elementwise, gemm, gemm_tc, head, ibot, optim, reduce,
+    rows, sinkhorn, tokens,
 };
 use crate::kernels::{EW_BLOCK, ROW_BLOCK, SMEM_GEMM_WORDS, SMEM_SMALL_WORDS, WIDE_BLOCK};
 #[allow(unused_imports)]
@@ -28,7 +33,23 @@ pub enum SmemKind {
     Gemm,
     /// `dinovmf_smem_tc`: the tensor-core GEMM's two staged bf16 slices.
     Tc,
+    /// `dinovmf_smem_att`: the fused attention forward's Q, K and V tiles.
+    Att,
+    /// Dynamic (`dinovmf_smem_dyn`, 56 KB): the fused attention backward's own and
+    /// double-buffered streamed tiles.
+    AttBwd,
 }
+
+impl SmemKind {
+    /// Sized at launch (dynamic shared memory) rather than declared in the PTX.
+    pub const fn is_dynamic(self) -> bool {
+        matches!(self, SmemKind::AttBwd)
+    }
+}
+
+/// Dynamic shared memory a launch gets without raising the function's
+/// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` (48 KB on every architecture).
+pub const DEFAULT_MAX_DYNAMIC_SMEM: u32 = 48 << 10;
 
 /// Static shared memory of a kind, in bytes.
 pub const fn smem_bytes(k: SmemKind) -> u32 {
@@ -37,6 +58,8 @@ pub const fn smem_bytes(k: SmemKind) -> u32 {
         SmemKind::Small => (SMEM_SMALL_WORDS * 4) as u32,
         SmemKind::Gemm => (SMEM_GEMM_WORDS * 4) as u32,
         SmemKind::Tc => (gemm_tc::SMEM_TC_WORDS * 4) as u32,
+        SmemKind::Att => (attention_tc::SMEM_ATT_WORDS * 4) as u32,
+        SmemKind::AttBwd => (attention_tc_backward::SMEM_ATT_BWD_WORDS * 4) as u32,
     }
 }
 
@@ -55,7 +78,7 @@ pub struct KernelInfo {
     pub params: &'static [Param],
     /// Threads per block.
     pub block: u32,
-    /// Static shared memory the kernel declares.
+    /// The shared memory the kernel uses (static, or dynamic: [`SmemKind::is_dynamic`]).
     pub smem: SmemKind,
     /// The grid, in terms of the parameters.
     pub grid: &'static str,
@@ -67,13 +90,22 @@ pub struct KernelInfo {
 }
 
 impl KernelInfo {
+    /// Shared memory the kernel uses, static or dynamic.
     pub const fn smem_bytes(&self) -> u32 {
         smem_bytes(self.smem)
+    }
+    /// Dynamic shared memory a launch must request (0 for static kinds).
+    pub const fn dynamic_smem_bytes(&self) -> u32 {
+        if self.smem.is_dynamic() {
+            smem_bytes(self.smem)
+        } else {
+            0
+        }
     }
 }
 
 /// Every kernel of `dinovmf.ptx`, in groups.
-pub const KERNELS: &[&[KernelInfo]] = &[GEMM_KERNELS, OTHER_KERNELS, TC_KERNELS];
+pub const KERNELS: &[&[KernelInfo]] = &[GEMM_KERNELS, OTHER_KERNELS, TC_KERNELS, ATT_KERNELS];
 
 /// All kernels.
 pub fn all() -> impl Iterator<Item = &'static KernelInfo> {
@@ -151,6 +183,7 @@ pub(crate) fn sim_entry(name: &str) -> Option<crate::sim::Entry> {
     gemm_sim::entry(name)
         .or_else(|| other_sim::entry(name))
         .or_else(|| tc_sim::entry(name))
+        .or_else(|| att_sim::entry(name))
 }
 
 /// Shared body of the GEMM entry points (device and host).
@@ -242,6 +275,10 @@ kernels! { OTHER_KERNELS, other_entries, other_sim;
     /// `x = value`.
     fill [EW_BLOCK, None, "ceil(n/256)", "x: n"] (x: *mut f32, value: f32, n: u32) |b| {
         elementwise::fill(b, sl_mut(x, us(n)), value, n as usize)
+    }
+    /// `out = bf16(x)` as `u16` bits (round to nearest even): bf16 operand copies.
+    to_bf16 [EW_BLOCK, None, "ceil(n/256)", "out: n; x: n"] (out: *mut u16, x: *const f32, n: u32) |b| {
+        elementwise::to_bf16(b, sl_mut(out as *mut crate::elem::Bf16, us(n)), sl(x, us(n)), n as usize)
     }
     /// Drop path, forward (`y = x mask[b] / keep_prob`) and backward (the same on `dy`).
     drop_path [EW_BLOCK, None, "ceil(batch*per_sample/256)", "y: batch*per_sample; x: batch*per_sample; mask: batch"] (y: *mut f32, x: *const f32, mask: *const f32, keep_prob: f32, batch: u32, per_sample: u32) |b| {
@@ -472,4 +509,31 @@ gemm_tc_kernels! {
     gemm_tc_nt_bf16: false, true;
     /// Tensor cores, "tn" (`dy^T x` with beta 1, `P^T dO`).
     gemm_tc_tn_bf16: true, false;
+}
+
+kernels! { ATT_KERNELS, att_entries, att_sim;
+    /// Fused attention forward on tensor cores: `out[b, t, d] = softmax(q k^T / sqrt(hd)) v`
+    /// per head from bf16 `qkv[b, t, 3 d]` (as `u16` bits), and each row's log-sum-exp
+    /// `lse[b, heads, t]` of the scaled scores for the backward. Head size a multiple of 16,
+    /// at most 64.
+    attention_tc_forward_bf16 [attention_tc::ATT_BLOCK, Att, "(ceil(t/64), b*heads)", "out: b*t*d; lse: b*heads*t; qkv: b*t*3*d"] (out: *mut f32, lse: *mut f32, qkv: *const u16, b: u32, t: u32, d: u32, heads: u32) |blk| {
+        let (n, nh) = (us(b) * us(t), us(b) * us(heads) * us(t));
+        attention_tc::attention_tc_forward(blk, sl_mut(out, n * us(d)), sl_mut(lse, nh), sl(qkv as *const crate::elem::Bf16, n * 3 * us(d)), b as usize, t as usize, d as usize, heads as usize)
+    }
+    /// Backward 1/3: `delta[b, heads, t] = Σ_c bf16(dout) out` over each head's columns.
+    attention_tc_delta [EW_BLOCK, None, "ceil(b*heads*t/256)", "delta: b*heads*t; out: b*t*d; dout: b*t*d"] (delta: *mut f32, out: *const f32, dout: *const f32, b: u32, t: u32, d: u32, heads: u32) |blk| {
+        let n = us(b) * us(t) * us(d);
+        attention_tc_backward::attention_tc_delta(blk, sl_mut(delta, us(b) * us(heads) * us(t)), sl(out, n), sl(dout, n), b as usize, t as usize, d as usize, heads as usize)
+    }
+    /// Backward 2/3: the `k` and `v` columns of `dqkv[b, t, 3 d]` (written, not added), one
+    /// block per 64 keys of a head; scores rebuilt from `qkv` and `lse`.
+    attention_tc_backward_kv_bf16 [attention_tc::ATT_BLOCK, AttBwd, "(ceil(t/64), b*heads)", "dqkv: b*t*3*d; qkv: b*t*3*d; dout: b*t*d; lse: b*heads*t; delta: b*heads*t"] (dqkv: *mut f32, qkv: *const u16, dout: *const f32, lse: *const f32, delta: *const f32, b: u32, t: u32, d: u32, heads: u32) |blk| {
+        let (n, nh) = (us(b) * us(t), us(b) * us(heads) * us(t));
+        attention_tc_backward::attention_tc_backward_kv(blk, sl_mut(dqkv, n * 3 * us(d)), sl(qkv as *const crate::elem::Bf16, n * 3 * us(d)), sl(dout, n * us(d)), sl(lse, nh), sl(delta, nh), b as usize, t as usize, d as usize, heads as usize)
+    }
+    /// Backward 3/3: the `q` columns of `dqkv`, one block per 64 queries of a head.
+    attention_tc_backward_q_bf16 [attention_tc::ATT_BLOCK, AttBwd, "(ceil(t/64), b*heads)", "dqkv: b*t*3*d; qkv: b*t*3*d; dout: b*t*d; lse: b*heads*t; delta: b*heads*t"] (dqkv: *mut f32, qkv: *const u16, dout: *const f32, lse: *const f32, delta: *const f32, b: u32, t: u32, d: u32, heads: u32) |blk| {
+        let (n, nh) = (us(b) * us(t), us(b) * us(heads) * us(t));
+        attention_tc_backward::attention_tc_backward_q(blk, sl_mut(dqkv, n * 3 * us(d)), sl(qkv as *const crate::elem::Bf16, n * 3 * us(d)), sl(dout, n * us(d)), sl(lse, nh), sl(delta, nh), b as usize, t as usize, d as usize, heads as usize)
+    }
 }

@@ -71,9 +71,16 @@ fn manifest_matches_committed_ptx() {
             .find(|c| c.starts_with(&format!("{}(", k.name)))
             .unwrap();
         let uses = |sym: &str| body.contains(sym);
-        let want = (k.smem == SmemKind::Small, k.smem == SmemKind::Gemm);
+        let kinds = [
+            (SmemKind::Small, "dinovmf_smem_small"),
+            (SmemKind::Gemm, "dinovmf_smem_gemm"),
+            (SmemKind::Tc, "dinovmf_smem_tc"),
+            (SmemKind::Att, "dinovmf_smem_att"),
+            (SmemKind::AttBwd, "dinovmf_smem_dyn"),
+        ];
+        let want: Vec<bool> = kinds.iter().map(|(kind, _)| k.smem == *kind).collect();
         assert_eq!(
-            (uses("dinovmf_smem_small"), uses("dinovmf_smem_gemm")),
+            kinds.iter().map(|(_, sym)| uses(sym)).collect::<Vec<_>>(),
             want,
             "{}: shared memory use differs from the manifest ({:?})",
             k.name,

@@ -47,7 +47,7 @@ pub struct BackendConfig {
     pub shapes: StepShapes,
     /// iBOT's settings (the model must have the mask token), `None` for DINO.
     pub ibot: Option<IbotConfig>,
-    /// The linear layers' matrix products.
+    /// The matrix products' precision (CPU: the linear layers; CUDA: every GEMM of the step).
     pub precision: Precision,
 }
 
@@ -246,6 +246,21 @@ pub trait Backend: Send {
     /// Data-parallel runs: bytes sent and seconds spent in collectives so far (`None` on one
     /// rank).
     fn traffic(&self) -> Option<(u64, f64)> {
+        None
+    }
+    /// Starts timing the step's phases ([`step::PHASES`]) from zero; `false` where the
+    /// backend cannot (the CUDA backend then waits for the device at each phase boundary,
+    /// which changes no result).
+    fn time_phases(&mut self) -> bool {
+        false
+    }
+    /// Seconds per phase since [`Backend::time_phases`], where timed.
+    fn phase_times(&self) -> Option<Vec<(&'static str, f64)>> {
+        None
+    }
+    /// Device memory the backend holds, in bytes (allocated once up front, so also its peak);
+    /// `None` for host backends.
+    fn device_bytes(&self) -> Option<usize> {
         None
     }
 }

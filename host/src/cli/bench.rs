@@ -17,6 +17,37 @@ pub enum BenchCommand {
     Quality(QualityArgs),
     /// Write a few images of each class of the generated sets as PNG, to look at.
     PreviewSets(PreviewArgs),
+    /// Time training steps of a preset on a synthetic batch (no data loading): images/s, the
+    /// matrix-product FLOPs per image counted from the model's shapes, the achieved TFLOP/s,
+    /// MFU against the device's peak (f32 and bf16 tensor-core rows of a table per GPU name:
+    /// H100, H200, A100), seconds per phase and the device memory held.
+    Speed(SpeedArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SpeedArgs {
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: crate::backend::Device,
+    #[arg(long, default_value = "small32")]
+    pub preset: String,
+    #[arg(long, value_enum, default_value = "dino")]
+    pub loss: LossKind,
+    /// Images per step (default: the preset's).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Prototypes K (default: the preset's).
+    #[arg(long)]
+    pub prototypes: Option<usize>,
+    /// Local crops per image (default: the preset's).
+    #[arg(long)]
+    pub n_local: Option<usize>,
+    /// Matrix products: f32 or bf16 (CPU: the linear layers, AMX / AVX512-BF16; CUDA: tensor
+    /// cores).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: crate::backend::Precision,
+    /// Timed steps, after one untimed warm-up step.
+    #[arg(long, default_value_t = 5)]
+    pub steps: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -73,6 +104,7 @@ pub fn run(c: &BenchCommand) -> Result<()> {
     match c {
         BenchCommand::Quality(a) => quality(a),
         BenchCommand::PreviewSets(a) => preview(a),
+        BenchCommand::Speed(a) => speed(a),
     }
 }
 
@@ -139,4 +171,146 @@ fn preview(a: &PreviewArgs) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// `dinovmf bench speed`: see [`BenchCommand::Speed`].
+fn speed(a: &SpeedArgs) -> Result<()> {
+    use crate::backend::{self, random_batch, StepHyper, TrainState};
+    use crate::flops::{flops_per_image, peak_tflops, PeakKind};
+    use std::time::Instant;
+
+    anyhow::ensure!(a.steps > 0, "--steps must be at least 1");
+    let mut cfg = crate::train::TrainConfig::preset(&a.preset, a.loss)?;
+    if let Some(b) = a.batch {
+        anyhow::ensure!(b > 0, "--batch must be at least 1");
+        cfg.batch_size = b;
+    }
+    if let Some(k) = a.prototypes {
+        anyhow::ensure!(k > 0, "--prototypes must be at least 1");
+        cfg.model.prototypes = k;
+    }
+    if let Some(n) = a.n_local {
+        cfg.n_local = n;
+    }
+    cfg.precision = a.precision;
+    let bc = crate::config::backend_config(&cfg);
+    let mut be = backend::open(&bc, a.device)?;
+    be.set_state(&TrainState::initial(&bc.model, bc.loss.centering, 0))?;
+    let s = bc.shapes;
+    let batch = random_batch(&s, bc.model.vit.in_chans, 0);
+    let mut hp = StepHyper {
+        lr: 1e-4,
+        weight_decay: 0.04,
+        teacher_momentum: 0.996,
+        teacher_temp: 0.04,
+        freeze_last_layer: false,
+        clip_grad: 3.0,
+        seed: 1,
+        patch_teacher_temp: 0.04,
+    };
+    let name = be.name();
+    println!(
+        "bench speed: {name}\n  preset {} ({:?} loss), batch {} x (2 x {} px + {} x {} px), K = {}",
+        a.preset, a.loss, s.batch, s.global_size, s.n_local, s.local_size, cfg.model.prototypes
+    );
+    be.train_step(&batch, &hp)?;
+    let timed = be.time_phases();
+    let t0 = Instant::now();
+    for i in 0..a.steps {
+        hp.seed = 2 + i;
+        be.train_step(&batch, &hp)?;
+    }
+    let per = t0.elapsed().as_secs_f64() / a.steps as f64;
+    let fpi = flops_per_image(&cfg);
+    let achieved = fpi * s.batch as f64 / per / 1e12;
+    println!(
+        "  {:.2} ms/step, {:.1} images/s over {} steps (after 1 warm-up){}",
+        per * 1e3,
+        s.batch as f64 / per,
+        a.steps,
+        if timed {
+            " (phases timed; a device is waited for at each phase's end)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "  matrix-product FLOPs: {:.4} GFLOP/image (student fwd + bwd on every crop, teacher \
+         fwd on the global crops), achieved {:.3} TFLOP/s",
+        fpi / 1e9,
+        achieved
+    );
+    let this = match a.precision {
+        crate::backend::Precision::F32 => PeakKind::F32,
+        crate::backend::Precision::Bf16 => PeakKind::Bf16,
+    };
+    for (kind, label) in [
+        (PeakKind::F32, "f32 FMA"),
+        (PeakKind::Bf16, "bf16 tensor cores (dense)"),
+    ] {
+        let what = format!("{label}{}", if kind == this { " (this run)" } else { "" });
+        match peak_tflops(&name, kind) {
+            Some((gpu, peak)) => println!(
+                "  MFU vs {gpu} {what} peak {peak} TFLOP/s: {:.2} %",
+                100.0 * achieved / peak
+            ),
+            None => println!(
+                "  MFU vs {what}: no peak known for this device (table: H100, H100 PCIe, H200, \
+                 A100)"
+            ),
+        }
+    }
+    if let Some(phases) = be.phase_times() {
+        println!("  per phase (ms/step, share of the step):");
+        for (p, secs) in phases {
+            let ms = secs / a.steps as f64 * 1e3;
+            println!("    {p:<18} {ms:9.2}  {:5.1} %", 100.0 * ms / (per * 1e3));
+        }
+    }
+    match be.device_bytes() {
+        Some(b) => println!(
+            "  device memory held (allocated once, so the peak): {:.1} MiB",
+            b as f64 / (1u64 << 20) as f64
+        ),
+        None => println!("  device memory: host backend (no device memory)"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(steps: u64) -> SpeedArgs {
+        SpeedArgs {
+            device: crate::backend::Device::Cpu,
+            preset: "tiny".into(),
+            loss: LossKind::Dino,
+            batch: Some(4),
+            prototypes: None,
+            n_local: None,
+            precision: crate::backend::Precision::F32,
+            steps,
+        }
+    }
+
+    #[test]
+    fn speed_runs_a_tiny_preset_and_refuses_zero_steps() {
+        speed(&args(1)).unwrap();
+        let e = speed(&args(0)).unwrap_err().to_string();
+        assert!(e.contains("--steps"), "{e}");
+        let e = speed(&SpeedArgs {
+            preset: "nope".into(),
+            ..args(1)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("nope"), "{e}");
+        // bf16 runs on the CPU backend too.
+        speed(&SpeedArgs {
+            precision: crate::backend::Precision::Bf16,
+            ..args(1)
+        })
+        .unwrap();
+    }
 }

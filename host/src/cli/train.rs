@@ -67,10 +67,10 @@ pub struct TrainArgs {
     /// 0.1 as DINOv2; 224 px presets: 0 = off).
     #[arg(long)]
     pub koleo: Option<f64>,
-    /// Arithmetic of the linear layers' matrix products. f32 (default): the reference. bf16:
-    /// their forward and input-gradient products take bf16 operands with f32 sums (AMX or
-    /// AVX512-BF16 where the CPU has them), the weight gradients, master weights, optimiser,
-    /// logits and loss stay f32. CPU backend only.
+    /// Arithmetic of the matrix products. f32 (default): the reference. bf16: bf16 operands
+    /// with f32 sums; on the CPU the linear layers' forward and input-gradient products (AMX or
+    /// AVX512-BF16 where the CPU has them), on CUDA every GEMM of the step on tensor cores;
+    /// master weights, optimiser, prototype logits, softmax and loss stay f32 on both.
     #[arg(long, value_enum)]
     pub precision: Option<crate::backend::Precision>,
     /// Rounds of Sinkhorn-Knopp balancing with --centering sinkhorn (default 3).
@@ -284,6 +284,9 @@ impl TrainArgs {
         }
         if let Some(v) = self.koleo {
             c.koleo = v;
+        }
+        if let Some(v) = self.precision {
+            c.precision = v;
         }
         if let Some(v) = self.sinkhorn_iters {
             c.sinkhorn_iters = v;

@@ -11,6 +11,8 @@ pub enum LossKind {
     Vmf,
 }
 
+pub use crate::backend::Precision;
+
 /// The self-distillation method (`--method`): DINO ([CLS] only) or iBOT ([CLS] plus masked
 /// image modelling on patch tokens). Either runs with DINO or vMF logits (`--loss`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -271,6 +273,7 @@ impl TrainConfig {
             // The paper's ImageNet recipe keeps DINO's running centers and no KoLeo.
             centering: vmf_center,
             koleo: 0.0,
+            precision: Precision::F32,
             ..small(model, 100)
         };
         Ok(match name {

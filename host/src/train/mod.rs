@@ -27,7 +27,9 @@ use crate::config::{backend_config, crop_config};
 use crate::data::{self, Dataset, Loader, OnError};
 use crate::eval::knn::{knn_accuracy, KnnScore, KNN_KS, KNN_TEMPERATURE};
 use collapse_watch::{below_init_warning, CollapseWatch};
-pub use config::{CenteringKind, DataSpec, IbotSpec, LossKind, Method, ModelSpec, TrainConfig};
+pub use config::{
+    CenteringKind, DataSpec, IbotSpec, LossKind, Method, ModelSpec, Precision, TrainConfig,
+};
 pub use run_dir::ExistingRun;
 
 /// How to run (not part of the method: nothing here changes the numbers).

@@ -23,8 +23,8 @@ pub const ATT_TILE: usize = 64;
 /// Largest head size.
 pub const ATT_MAX_HD: usize = 64;
 /// Words per staged row (64 + 8 bf16).
-const RS: usize = (ATT_MAX_HD + 8) / 2;
-const TILE_WORDS: usize = ATT_TILE * RS;
+pub(crate) const RS: usize = (ATT_MAX_HD + 8) / 2;
+pub(crate) const TILE_WORDS: usize = ATT_TILE * RS;
 /// Shared memory: Q, K, V tiles.
 pub const SMEM_ATT_WORDS: usize = 3 * TILE_WORDS;
 const Q_OFF: usize = 0;
@@ -53,7 +53,7 @@ pub struct AttState {
 /// into shared words from `dst`; this thread's chunks.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn stage_rows<S: Shared>(
+pub(crate) fn stage_rows<S: Shared>(
     sm: &S,
     th: u32,
     qkv: &[Bf16],
@@ -84,7 +84,7 @@ fn stage_rows<S: Shared>(
     }
 }
 
-fn pack_bf16(lo: f32, hi: f32) -> u32 {
+pub(crate) fn pack_bf16(lo: f32, hi: f32) -> u32 {
     Bf16::from_f32(lo).0 as u32 | (Bf16::from_f32(hi).0 as u32) << 16
 }
 

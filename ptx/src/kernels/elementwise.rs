@@ -28,6 +28,12 @@ pub fn fill<B: Block>(b: &mut B, x: &mut [f32], value: f32, n: usize) {
     for_each_elem(b, n, |i| x[i] = value);
 }
 
+/// `out = bf16(x)` (round to nearest even; the bits), the operand copies of the bf16 matrix
+/// products.
+pub fn to_bf16<B: Block>(b: &mut B, out: &mut [crate::elem::Bf16], x: &[f32], n: usize) {
+    for_each_elem(b, n, |i| out[i] = crate::elem::Bf16::from_f32(x[i]));
+}
+
 /// Per-sample scale of drop path (timm's `scale_by_keep`; unscaled when `keep_prob` is 0).
 #[inline(always)]
 fn drop_scale(mask: f32, keep_prob: f32) -> f32 {

@@ -1,6 +1,7 @@
 //! Kernel bodies, generic over [`Block`](crate::Block). Each `pub fn` here is one GPU kernel
 //! (entry points in `manifest.rs`); dims are `usize`, slices are the kernel's buffers.
 pub mod attention_tc;
+pub mod attention_tc_backward;
 pub mod elementwise;
 pub mod gemm;
 pub mod gemm_tc;

@@ -420,6 +420,15 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
+    fn time_phases(&mut self) -> bool {
+        self.reset_phase_seconds();
+        true
+    }
+
+    fn phase_times(&self) -> Option<Vec<(&'static str, f64)>> {
+        Some(self.phase_seconds().to_vec())
+    }
+
     fn set_state(&mut self, s: &TrainState) -> Result<()> {
         check_state(
             s,

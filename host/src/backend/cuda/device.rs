@@ -40,7 +40,12 @@ pub trait Device: Send {
     fn download(&mut self, src: u64, dst: &mut [u8]) -> Result<()>;
     /// Device-to-device copy, ordered with the launches.
     fn copy(&mut self, dst: u64, src: u64, bytes: usize) -> Result<()>;
-    /// Launches `k` with one 64-bit word per parameter (`u32`/`f32` in the low bits).
+    /// Raises kernel `k`'s `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` to `bytes`, which
+    /// a launch requesting more than 48 KB of dynamic shared memory needs
+    /// ([`manifest::DEFAULT_MAX_DYNAMIC_SMEM`]).
+    fn set_max_dynamic_smem(&mut self, k: &'static KernelInfo, bytes: u32) -> Result<()>;
+    /// Launches `k` with one 64-bit word per parameter (`u32`/`f32` in the low bits) and
+    /// `k.dynamic_smem_bytes()` of dynamic shared memory.
     fn launch(&mut self, k: &'static KernelInfo, grid: [u32; 3], args: &[u64]) -> Result<()>;
     fn sync(&mut self) -> Result<()>;
 }
@@ -204,6 +209,13 @@ pub struct Gpu<D: Device> {
     pub counters: Counters,
     /// Bytes allocated so far.
     pub allocated: usize,
+    /// Kernels whose dynamic shared memory limit has been raised (once, before their first
+    /// launch).
+    dynamic_smem_set: Vec<&'static str>,
+    /// What [`Gpu::gemm`](super::ops) multiplies in (f32 unless set).
+    pub precision: super::ops::MatmulPrecision,
+    /// bf16 copies of the two operands of the bf16 matrix products (grown as needed).
+    pub(super) bf16_scratch: [Option<Buf<u16>>; 2],
 }
 
 impl<D: Device> Gpu<D> {
@@ -212,6 +224,9 @@ impl<D: Device> Gpu<D> {
             dev,
             counters: Counters::default(),
             allocated: 0,
+            dynamic_smem_set: Vec::new(),
+            precision: super::ops::MatmulPrecision::F32,
+            bf16_scratch: [None, None],
         }
     }
 
@@ -305,6 +320,12 @@ impl<D: Device> Gpu<D> {
             return Ok(());
         }
         check_launch(k, args, &words, grid)?;
+        let dynamic = k.dynamic_smem_bytes();
+        if dynamic > manifest::DEFAULT_MAX_DYNAMIC_SMEM && !self.dynamic_smem_set.contains(&k.name)
+        {
+            self.dev.set_max_dynamic_smem(k, dynamic)?;
+            self.dynamic_smem_set.push(k.name);
+        }
         self.counters.launches += 1;
         self.dev.launch(k, grid, &words)
     }

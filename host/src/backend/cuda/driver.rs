@@ -53,6 +53,7 @@ mod ffi {
     pub const CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES: c_int = 3;
     pub const CU_FUNC_ATTRIBUTE_NUM_REGS: c_int = 4;
     pub const CU_FUNC_ATTRIBUTE_BINARY_VERSION: c_int = 6;
+    pub const CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: c_int = 8;
     /// `CUdevice_attribute` values.
     pub const CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: c_int = 16;
     pub const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: c_int = 75;
@@ -84,6 +85,7 @@ mod ffi {
         ) -> CUresult;
         pub fn cuModuleUnload(m: CUmodule) -> CUresult;
         pub fn cuFuncGetAttribute(v: *mut c_int, attr: c_int, f: CUfunction) -> CUresult;
+        pub fn cuFuncSetAttribute(f: CUfunction, attr: c_int, v: c_int) -> CUresult;
         pub fn cuStreamCreate(s: *mut CUstream, flags: c_uint) -> CUresult;
         pub fn cuStreamSynchronize(s: CUstream) -> CUresult;
         pub fn cuStreamDestroy_v2(s: CUstream) -> CUresult;
@@ -445,6 +447,26 @@ impl Device for CudaDevice {
             )
         }
     }
+    fn set_max_dynamic_smem(&mut self, k: &'static KernelInfo, bytes: u32) -> Result<()> {
+        let f = *self
+            .funcs
+            .get(k.name)
+            .ok_or_else(|| anyhow!("kernel {} not loaded", k.name))?;
+        // SAFETY: a valid function handle of the loaded module.
+        check(
+            unsafe {
+                ffi::cuFuncSetAttribute(
+                    f,
+                    ffi::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as c_int,
+                )
+            },
+            &format!(
+                "cuFuncSetAttribute({}, MAX_DYNAMIC_SHARED_SIZE_BYTES, {bytes})",
+                k.name
+            ),
+        )
+    }
     fn launch(&mut self, k: &'static KernelInfo, grid: [u32; 3], args: &[u64]) -> Result<()> {
         let f = *self
             .funcs
@@ -458,7 +480,8 @@ impl Device for CudaDevice {
             .map(|w| w as *mut u64 as *mut c_void)
             .collect();
         // SAFETY: argument count and types were checked against the manifest, which
-        // `ptx/tests/manifest.rs` checks against the PTX; shared memory is static (0 dynamic).
+        // `ptx/tests/manifest.rs` checks against the PTX; dynamic shared memory as the
+        // manifest says (its limit raised by `Gpu::launch_with` first where above 48 KB).
         unsafe {
             check(
                 ffi::cuLaunchKernel(
@@ -469,7 +492,7 @@ impl Device for CudaDevice {
                     k.block,
                     1,
                     1,
-                    0,
+                    k.dynamic_smem_bytes(),
                     self.stream,
                     ptrs.as_mut_ptr(),
                     std::ptr::null_mut(),

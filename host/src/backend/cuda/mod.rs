@@ -61,11 +61,6 @@ pub const SIM_ENV: &str = "DINOVMF_CUDA_SIM";
 
 /// The CUDA backend for a run on device 0, or why there is none.
 pub fn open(cfg: &BackendConfig) -> Result<Box<dyn Backend>> {
-    anyhow::ensure!(
-        cfg.precision == crate::backend::Precision::F32,
-        "--precision {:?} runs on the CPU backend only for now; the CUDA step is f32",
-        cfg.precision
-    );
     #[cfg(feature = "gpu-sim")]
     if std::env::var_os(SIM_ENV).is_some_and(|v| v == "1") {
         return on(sim::SimDevice::new(), cfg);
@@ -89,7 +84,11 @@ fn on<D: device::Device + 'static>(dev: D, cfg: &BackendConfig) -> Result<Box<dy
         cfg.loss,
         cfg.shapes,
         Box::new(super::SingleProcess),
-    )?;
+    )?
+    .with_precision(match cfg.precision {
+        crate::backend::Precision::F32 => ops::MatmulPrecision::F32,
+        crate::backend::Precision::Bf16 => ops::MatmulPrecision::Bf16,
+    });
     Ok(Box::new(match cfg.ibot {
         None => be,
         Some(ib) => be.with_ibot(ib)?,

@@ -101,8 +101,20 @@ impl Gemm {
     }
 }
 
+/// What the backend's matrix products ([`Gpu::gemm`]) multiply in. The prototype layer's
+/// logits (`gemm_logits_f32`), softmax, loss and the master weights stay f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    /// f32 operands on the FMA units (`gemm_*_f32`): the reference.
+    #[default]
+    F32,
+    /// bf16 copies of both operands (`to_bf16`, rounded to nearest even) on tensor cores
+    /// (`gemm_tc_*_bf16`), f32 accumulate and f32 output.
+    Bf16,
+}
+
 impl<D: Device> Gpu<D> {
-    /// `c = gemm(a, b) + bias` in f32.
+    /// `c = gemm(a, b) + bias`, f32 `c`, in [`Gpu::precision`].
     pub fn gemm(
         &mut self,
         g: &Gemm,
@@ -111,6 +123,9 @@ impl<D: Device> Gpu<D> {
         b: Buf<f32>,
         bias: Option<Buf<f32>>,
     ) -> Result<()> {
+        if self.precision == MatmulPrecision::Bf16 {
+            return self.gemm_bf16(g, c, a, b, bias);
+        }
         let name = match (g.ta, g.tb) {
             (false, false) => "gemm_nn_f32",
             (false, true) => "gemm_nt_f32",
@@ -125,6 +140,49 @@ impl<D: Device> Gpu<D> {
             (a.len, b.len, c.len),
         );
         self.launch_with(name, &args, &[("outer", g.outer as u64)])
+    }
+
+    /// [`Gpu::gemm`] on tensor cores: both operands copied to bf16 first.
+    fn gemm_bf16(
+        &mut self,
+        g: &Gemm,
+        c: Buf<f32>,
+        a: Buf<f32>,
+        b: Buf<f32>,
+        bias: Option<Buf<f32>>,
+    ) -> Result<()> {
+        let name = match (g.ta, g.tb) {
+            (false, false) => "gemm_tc_nn_bf16",
+            (false, true) => "gemm_tc_nt_bf16",
+            (true, false) => "gemm_tc_tn_bf16",
+            (true, true) => anyhow::bail!("no gemm_tc_tt kernel"),
+        };
+        let a16 = self.bf16_copy(0, a)?;
+        let b16 = self.bf16_copy(1, b)?;
+        let args = g.args(
+            c.into(),
+            a16.into(),
+            b16.into(),
+            bias.map_or(Arg::Null, Arg::from),
+            (a16.len, b16.len, c.len),
+        );
+        self.launch_with(name, &args, &[("outer", g.outer as u64)])
+    }
+
+    /// `x` rounded to bf16 into scratch `slot` (0 or 1), which grows to the largest operand
+    /// seen (device memory is never freed, so a growth keeps the smaller one too).
+    pub fn bf16_copy(&mut self, slot: usize, x: Buf<f32>) -> Result<Buf<u16>> {
+        let buf = match self.bf16_scratch[slot] {
+            Some(s) if s.len >= x.len => s,
+            _ => {
+                let s = self.alloc::<u16>(x.len)?;
+                self.bf16_scratch[slot] = Some(s);
+                s
+            }
+        };
+        let out = buf.sub(0, x.len);
+        self.launch("to_bf16", &[out.into(), x.into(), u(x.len)])?;
+        Ok(out)
     }
 
     /// `y[rows, out] = x[rows, in] w[out, in]^T + b`.

@@ -11,7 +11,7 @@
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 
 use anyhow::{bail, ensure, Result};
-use dinovmf_ptx::manifest::KernelInfo;
+use dinovmf_ptx::manifest::{KernelInfo, DEFAULT_MAX_DYNAMIC_SMEM};
 pub use dinovmf_ptx::sim::SimOptions;
 
 use super::device::Device;
@@ -31,6 +31,9 @@ struct Alloc {
     len: usize,
 }
 
+/// The most dynamic shared memory a block may have on sm_90 (227 KB; sm_80: 163 KB).
+const MAX_DYNAMIC_SMEM: u32 = 227 << 10;
+
 /// cuMemAlloc's alignment.
 const DEVICE_ALIGN: usize = 256;
 
@@ -46,6 +49,8 @@ impl Drop for Alloc {
 pub struct SimDevice {
     allocs: Vec<Alloc>,
     options: SimOptions,
+    /// Each kernel's raised dynamic shared memory limit (`cuFuncSetAttribute`).
+    max_dynamic_smem: Vec<(&'static str, u32)>,
 }
 
 // SAFETY: the allocations are plain host memory owned by this device alone.
@@ -62,6 +67,7 @@ impl SimDevice {
         Self {
             allocs: Vec::new(),
             options,
+            max_dynamic_smem: Vec::new(),
         }
     }
 
@@ -127,7 +133,34 @@ impl Device for SimDevice {
         unsafe { std::ptr::copy(s, d, bytes) };
         Ok(())
     }
+    fn set_max_dynamic_smem(&mut self, k: &'static KernelInfo, bytes: u32) -> Result<()> {
+        ensure!(
+            bytes <= MAX_DYNAMIC_SMEM,
+            "cuFuncSetAttribute({}, MAX_DYNAMIC_SHARED_SIZE_BYTES, {bytes}): above the {} \
+             bytes an sm_90 block may have (CUDA_ERROR_INVALID_VALUE)",
+            k.name,
+            MAX_DYNAMIC_SMEM
+        );
+        self.max_dynamic_smem.retain(|(n, _)| *n != k.name);
+        self.max_dynamic_smem.push((k.name, bytes));
+        Ok(())
+    }
     fn launch(&mut self, k: &'static KernelInfo, grid: [u32; 3], args: &[u64]) -> Result<()> {
+        // As the driver: dynamic shared memory above the default 48 KB needs the function's
+        // limit raised first.
+        let want = k.dynamic_smem_bytes();
+        let limit = self
+            .max_dynamic_smem
+            .iter()
+            .find(|(n, _)| *n == k.name)
+            .map_or(DEFAULT_MAX_DYNAMIC_SMEM, |&(_, b)| b);
+        ensure!(
+            want <= limit,
+            "cuLaunchKernel({}): {want} bytes of dynamic shared memory requested, the function \
+             allows {limit} (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES not raised: \
+             CUDA_ERROR_INVALID_VALUE)",
+            k.name
+        );
         for (w, p) in args.iter().zip(k.params) {
             if p.ty.starts_with('*') && *w != 0 {
                 self.span(*w, 1)?;

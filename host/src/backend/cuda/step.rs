@@ -24,7 +24,7 @@ use super::head::{self, HeadBufs};
 use super::loss::LossBufs;
 use super::ops::Segments;
 use super::vit::{self, BackScratch, Cx, Group};
-use crate::backend::step::{self, check_state, StepMasks};
+use crate::backend::step::{self, check_state, StepMasks, PHASES};
 use crate::backend::{Backend, Collective, Net, StepHyper, StepMetrics, StepShapes, TrainState};
 use crate::data::Batch;
 
@@ -90,6 +90,9 @@ pub struct GpuBackend<D: Device> {
     ibot: Option<ibot::IbotGpu>,
     /// KoLeo on the student's [CLS] features (`--koleo`; 0 = off): weight and host scratch.
     koleo: KoleoHost,
+    /// Phase timing (`Backend::time_phases`): the clock of the current phase and the seconds
+    /// per phase so far; `None` when off (then no phase waits for the device).
+    phase_timer: Option<(std::time::Instant, [f64; PHASES.len()])>,
 }
 
 /// KoLeo on features runs on the host through core's `koleo_forward_backward`: the 2B [CLS]
@@ -104,6 +107,13 @@ struct KoleoHost {
 }
 
 impl<D: Device> GpuBackend<D> {
+    /// The same backend with its matrix products in `p` (f32 by default; see
+    /// [`MatmulPrecision`](super::ops::MatmulPrecision)).
+    pub fn with_precision(mut self, p: super::ops::MatmulPrecision) -> Self {
+        self.gpu.precision = p;
+        self
+    }
+
     pub fn new(
         dev: D,
         model: ModelConfig,
@@ -224,6 +234,7 @@ impl<D: Device> GpuBackend<D> {
             embed_group: None,
             ibot: None,
             koleo: KoleoHost::default(),
+            phase_timer: None,
             glob,
             loc,
             back,
@@ -326,6 +337,20 @@ impl<D: Device> GpuBackend<D> {
 impl<D: Device> Backend for GpuBackend<D> {
     fn name(&self) -> String {
         self.gpu.dev.name()
+    }
+
+    fn time_phases(&mut self) -> bool {
+        self.phase_timer = Some((std::time::Instant::now(), [0.0; PHASES.len()]));
+        true
+    }
+
+    fn phase_times(&self) -> Option<Vec<(&'static str, f64)>> {
+        let (_, secs) = self.phase_timer.as_ref()?;
+        Some(PHASES.iter().copied().zip(secs.iter().copied()).collect())
+    }
+
+    fn device_bytes(&self) -> Option<usize> {
+        Some(self.gpu.allocated)
     }
 
     fn set_koleo(&mut self, weight: f32) -> Result<()> {

@@ -17,6 +17,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::device::{Device, Gpu};
 
+mod attention_tc;
 mod context;
 mod elementwise;
 mod gemm;
@@ -59,6 +60,11 @@ fn groups<D: Device>() -> Vec<Group<D>> {
         Group {
             name: "gemm tensor cores bf16",
             small: gemm_tc::small,
+            large: None,
+        },
+        Group {
+            name: "attention tensor cores bf16",
+            small: attention_tc::small,
             large: None,
         },
         Group {

@@ -11,7 +11,7 @@ use crate::backend::cuda::head;
 use crate::backend::cuda::launch::ibot::gather_rows;
 use crate::backend::cuda::loss::{cls_loss_forward_backward, ClsLoss, ClsMetrics, Prototypes};
 use crate::backend::cuda::vit::{self, Masks, PatchMask};
-use crate::backend::step::{Backward, Crops, Forward, Head, Passes, StepMasks};
+use crate::backend::step::{Backward, Crops, Forward, Head, Passes, Phase, StepMasks};
 use crate::backend::{Net, StepHyper, StepMetrics, StepShapes};
 use crate::data::Batch;
 
@@ -44,6 +44,10 @@ impl<D: Device> Passes for GpuBackend<D> {
         if let Some(loc) = &self.loc {
             gpu.upload(loc.img, &batch.local)?;
             gpu.upload(self.mask_l, &self.masks.drop_local)?;
+        }
+        if let Some((clock, _)) = self.phase_timer.as_mut() {
+            gpu.dev.sync()?;
+            *clock = std::time::Instant::now();
         }
         Ok(())
     }
@@ -281,7 +285,19 @@ impl<D: Device> Passes for GpuBackend<D> {
         Ok(())
     }
 
-    /// Downloads the metrics buffer: the step's only sync.
+    /// With phase timing on, waits for the device (results unchanged) and books the time since
+    /// the last phase boundary to `phase`.
+    fn tick(&mut self, phase: Phase) {
+        if let Some((clock, secs)) = self.phase_timer.as_mut() {
+            // A failed sync is reported by the step's next device call.
+            let _ = self.gpu.dev.sync();
+            let now = std::time::Instant::now();
+            secs[phase as usize] += (now - *clock).as_secs_f64();
+            *clock = now;
+        }
+    }
+
+    /// Downloads the metrics buffer: the step's only sync (without phase timing).
     fn metrics(&mut self) -> Result<StepMetrics> {
         let mut m = [0.0f32; M_LEN];
         self.gpu.download(self.metrics, &mut m)?;

@@ -139,6 +139,19 @@ pub const REDUCE_RELATIVE: Tol = Tol::new(1e-5, 0.0);
 /// gradient scaled by a clip coefficient: a few f32 operations on one value, relative.
 pub const CLIP_SCALARS: Tol = Tol::new(1e-6, 0.0);
 
+/// The fused bf16 attention's output: P is rounded to bf16 (2^-8 relative) before `P V`,
+/// over values of V below 1, so `2^-8 + 1e-5` absolute.
+pub const BF16_ATTENTION_OUT: Tol = Tol::new(0.0, 1.0 / 256.0 + 1e-5);
+/// Its per-row log-sum-exp (scores from bf16 q and k): `2^-8` absolute.
+pub const BF16_ATTENTION_LSE: Tol = Tol::new(0.0, 1.0 / 256.0);
+/// `delta = rowsum(dO * O)` of the backward, an f32 sum over the head's columns.
+pub const ATTENTION_DELTA: Tol = Tol::new(1e-5, 1e-5);
+/// dq, dk, dv of the fused bf16 backward (P and dS rounded to bf16): `2^-7` of the largest
+/// reference entry.
+pub fn bf16_attention_grad(want: &[f64]) -> Tol {
+    of_largest(0.0, 1.0 / 128.0, want)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
