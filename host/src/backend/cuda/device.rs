@@ -43,6 +43,11 @@ pub trait Device: Send {
     /// Launches `k` with one 64-bit word per parameter (`u32`/`f32` in the low bits).
     fn launch(&mut self, k: &'static KernelInfo, grid: [u32; 3], args: &[u64]) -> Result<()>;
     fn sync(&mut self) -> Result<()>;
+    /// The stream the launches run on, for collectives that must be ordered with them (0: the
+    /// legacy default stream; the simulator's launches are synchronous).
+    fn stream(&self) -> u64 {
+        0
+    }
 }
 
 /// Element types of device buffers, with the manifest's name for pointers to them.

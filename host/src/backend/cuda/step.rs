@@ -10,9 +10,8 @@
 //!
 //! Collapse signals stay on the device too: `row_entropy` (mean row entropy of `P_t` and the
 //! entropy of its batch mean), a column sum (the batch mean), a max reduction (its largest
-//! mass). Data parallelism (a [`Collective`] of more than one rank) is refused here for now:
-//! its reduce phase would make the gradients global but not the centers and the collapse
-//! signals (the CPU backend does both; NCCL on device buffers is the missing piece).
+//! mass). Data parallelism runs through a device-side collective (NCCL, `step/ranks.rs`,
+//! [`GpuBackend::with_device_ranks`]); a host [`Collective`] of more than one rank is refused.
 use anyhow::{ensure, Result};
 
 use dinovmf_core::centering::center_init;
@@ -31,6 +30,7 @@ use crate::data::Batch;
 mod ibot;
 mod optim;
 mod passes;
+mod ranks;
 
 use optim::Run;
 
@@ -54,7 +54,6 @@ pub struct GpuBackend<D: Device> {
     cx: Cx,
     loss_cfg: LossConfig,
     shapes: StepShapes,
-    reducer: Box<dyn Collective>,
     n_params: usize,
     runs: Vec<Run>,
     clip_segs: Segments,
@@ -90,6 +89,8 @@ pub struct GpuBackend<D: Device> {
     ibot: Option<ibot::IbotGpu>,
     /// KoLeo on the student's [CLS] features (`--koleo`; 0 = off): weight and host scratch.
     koleo: KoleoHost,
+    /// Data parallelism: this rank's device collective and reduce buffers (`None`: one rank).
+    ranks: Option<ranks::RankBufs>,
 }
 
 /// KoLeo on features runs on the host through core's `koleo_forward_backward`: the 2B [CLS]
@@ -114,8 +115,8 @@ impl<D: Device> GpuBackend<D> {
         shapes.validate(&model, &loss)?;
         ensure!(
             reducer.world_size() == 1,
-            "data-parallel training ({} ranks) runs on the CPU backend only; the CUDA backend \
-             has no device-side all-reduce yet",
+            "data-parallel training ({} ranks) on the CUDA backend reduces on the device: \
+             give it a device collective (NCCL, `with_device_ranks`), not a host one",
             reducer.world_size()
         );
         let mut gpu = Gpu::new(dev);
@@ -194,7 +195,6 @@ impl<D: Device> GpuBackend<D> {
         Ok(Self {
             loss_cfg: loss,
             shapes,
-            reducer,
             n_params: n,
             runs,
             clip_part: gpu.alloc(clip_segs.n * clip_segs.parts())?,
@@ -224,6 +224,7 @@ impl<D: Device> GpuBackend<D> {
             embed_group: None,
             ibot: None,
             koleo: KoleoHost::default(),
+            ranks: None,
             glob,
             loc,
             back,
@@ -333,6 +334,11 @@ impl<D: Device> Backend for GpuBackend<D> {
             weight.is_finite() && weight >= 0.0,
             "--koleo must be a finite weight >= 0, got {weight}"
         );
+        let world = self.rank_shard().1;
+        ensure!(
+            weight == 0.0 || world == 1,
+            "--koleo over {world} CUDA ranks is not implemented: use the CPU backend under MPI"
+        );
         let (b, d) = (self.shapes.batch, self.cx.d);
         self.koleo = KoleoHost {
             weight,
@@ -382,5 +388,9 @@ impl<D: Device> Backend for GpuBackend<D> {
     fn embed(&mut self, net: Net, images: &[f32], n: usize, size: usize) -> Result<Vec<f32>> {
         self.gpu.dev.bind()?;
         self.embed_features(net, images, n, size)
+    }
+
+    fn traffic(&self) -> Option<(u64, f64)> {
+        self.ranks.as_ref().map(|r| r.coll.traffic())
     }
 }
