@@ -305,6 +305,9 @@ impl<D: Device> GpuBackend<D> {
         if w == 0.0 {
             return Ok(());
         }
+        if self.ranks.is_some() {
+            return self.add_koleo_over_ranks(w);
+        }
         let (b, d) = (self.shapes.batch, self.cx.d);
         let n = 2 * b * d;
         let k = &mut self.koleo;
@@ -334,11 +337,7 @@ impl<D: Device> Backend for GpuBackend<D> {
             weight.is_finite() && weight >= 0.0,
             "--koleo must be a finite weight >= 0, got {weight}"
         );
-        let world = self.rank_shard().1;
-        ensure!(
-            weight == 0.0 || world == 1,
-            "--koleo over {world} CUDA ranks is not implemented: use the CPU backend under MPI"
-        );
+
         let (b, d) = (self.shapes.batch, self.cx.d);
         self.koleo = KoleoHost {
             weight,
