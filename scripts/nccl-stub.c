@@ -44,10 +44,8 @@ typedef enum {
 #define MAGIC "dinovmf-nccl-stub"
 
 struct header {
-    atomic_int attached;
     atomic_int arrived;
     atomic_uint generation;
-    int nranks;
 };
 
 struct ncclComm {
@@ -144,7 +142,6 @@ ncclResult_t ncclCommInitRank(ncclComm_t *comm, int nranks, ncclUniqueId id, int
     c->map_bytes = bytes;
     c->rank = rank;
     c->nranks = nranks;
-    atomic_fetch_add(&c->h->attached, 1);
     barrier(c);
     /* Everyone has the segment mapped: its name is no longer needed. */
     if (rank == 0) shm_unlink(name);
