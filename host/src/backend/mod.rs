@@ -71,11 +71,7 @@ pub fn open_rank(
     }
     match device {
         Device::Cpu => Ok(Box::new(cpu::CpuBackend::open_rank(cfg, collective)?)),
-        Device::Cuda => anyhow::bail!(
-            "data-parallel training ({} ranks) runs on the CPU backend only for now: the CUDA \
-             backend has no device-side all-reduce yet",
-            collective.world_size()
-        ),
+        Device::Cuda => cuda::open_rank(cfg, collective),
     }
 }
 

@@ -48,6 +48,11 @@ pub trait Device: Send {
     /// `k.dynamic_smem_bytes()` of dynamic shared memory.
     fn launch(&mut self, k: &'static KernelInfo, grid: [u32; 3], args: &[u64]) -> Result<()>;
     fn sync(&mut self) -> Result<()>;
+    /// The stream the launches run on, for collectives that must be ordered with them (0: the
+    /// legacy default stream; the simulator's launches are synchronous).
+    fn stream(&self) -> u64 {
+        0
+    }
 }
 
 /// Element types of device buffers, with the manifest's name for pointers to them.

@@ -176,6 +176,11 @@ impl CudaDevice {
     /// Initialises the driver, device 0, and loads the kernels; a machine without a usable
     /// GPU or driver gets an error saying so.
     pub fn open() -> Result<Self> {
+        Self::open_ordinal(0)
+    }
+
+    /// As [`CudaDevice::open`] on device `ordinal` (a data-parallel rank's local rank).
+    pub fn open_ordinal(ordinal: usize) -> Result<Self> {
         // SAFETY: plain driver calls with valid out-pointers, in order.
         unsafe {
             check(ffi::cuInit(0), "cuInit").map_err(|e| {
@@ -189,8 +194,14 @@ impl CudaDevice {
             if n == 0 {
                 bail!("no CUDA device found (use `--device cpu`)");
             }
+            if ordinal >= n as usize {
+                bail!(
+                    "CUDA device {ordinal} asked for (the rank's local rank) but this machine \
+                     shows {n}: run at most {n} ranks per machine"
+                );
+            }
             let mut dev = 0;
-            check(ffi::cuDeviceGet(&mut dev, 0), "cuDeviceGet")?;
+            check(ffi::cuDeviceGet(&mut dev, ordinal as c_int), "cuDeviceGet")?;
             let mut raw = [0 as c_char; 256];
             check(
                 ffi::cuDeviceGetName(raw.as_mut_ptr(), raw.len() as c_int, dev),
@@ -500,6 +511,9 @@ impl Device for CudaDevice {
                 &format!("cuLaunchKernel({}, grid {grid:?})", k.name),
             )
         }
+    }
+    fn stream(&self) -> u64 {
+        self.stream as u64
     }
     fn sync(&mut self) -> Result<()> {
         // SAFETY: our stream.

@@ -187,6 +187,15 @@ pub fn branch_forward<D: Device>(
     branch_terms(gpu, out.terms, r, dims)
 }
 
+/// When the `[CLS]` center moves by the batch statistic (`lb.stat`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CenterUpdate {
+    /// At the end of the chain (one rank: the statistic is the whole batch's).
+    InChain,
+    /// Not here: the caller reduces `lb.stat` over ranks first, then moves the center.
+    Deferred,
+}
+
 /// The `[CLS]` loss forward and backward with the teacher at temperature `tau_t`: teacher
 /// targets, center statistic and collapse signals, student loss and `dL/dz_s` (in `lb.dz`),
 /// prototype gradients into `io.grad`, then the center update.
@@ -197,6 +206,19 @@ pub fn cls_loss_forward_backward<D: Device>(
     tau_t: f32,
     io: &ClsLoss,
     lb: &LossBufs,
+) -> Result<()> {
+    cls_loss_forward_backward_with(gpu, cfg, dims, tau_t, io, lb, CenterUpdate::InChain)
+}
+
+/// [`cls_loss_forward_backward`] with the center update where `center` says.
+pub fn cls_loss_forward_backward_with<D: Device>(
+    gpu: &mut Gpu<D>,
+    cfg: &LossConfig,
+    dims: LossDims,
+    tau_t: f32,
+    io: &ClsLoss,
+    lb: &LossBufs,
+    center: CenterUpdate,
 ) -> Result<()> {
     let LossDims {
         n_crops,
@@ -293,5 +315,10 @@ pub fn cls_loss_forward_backward<D: Device>(
     gpu.l2norm_backward(io.grad.v, lb.dmu, s.mu, s.vn, k, p, eps)?;
 
     // The center moves after the targets used the old one.
-    center_update(gpu, io.center, lb.stat, cfg.center_momentum as f32, k)
+    match center {
+        CenterUpdate::InChain => {
+            center_update(gpu, io.center, lb.stat, cfg.center_momentum as f32, k)
+        }
+        CenterUpdate::Deferred => Ok(()),
+    }
 }

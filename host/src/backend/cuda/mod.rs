@@ -14,6 +14,8 @@
 //!   `step/passes.rs`: its `Passes` of `backend/step.rs`'s one step;
 //! - `launch/`: one typed launcher per kernel (beside `ops.rs`'s), called by the passes above and
 //!   by the kernel table alike;
+//! - `ranks.rs`: the device side of the reduction seam; `nccl.rs` (feature `nccl`): NCCL
+//!   loaded at run time, behind it;
 //! - `verify.rs`: every kernel against `dinovmf-core` on random inputs (`dinovmf verify-kernels`).
 //!
 //! Built without the `cuda` feature, [`open`] says so clearly; with it, a machine without a
@@ -39,8 +41,12 @@ pub mod head;
 pub mod launch;
 #[cfg(feature = "gpu-sim")]
 pub mod loss;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 #[cfg(feature = "gpu-sim")]
 pub mod ops;
+#[cfg(feature = "gpu-sim")]
+pub mod ranks;
 #[cfg(feature = "gpu-sim")]
 pub mod sim;
 #[cfg(feature = "gpu-sim")]
@@ -74,6 +80,96 @@ pub fn open(cfg: &BackendConfig) -> Result<Box<dyn Backend>> {
         let _ = cfg;
         anyhow::bail!(NOT_BUILT)
     }
+}
+
+/// Environment variables that MPI launchers set to a process's rank on its machine (Open MPI,
+/// MPICH / Intel MPI, Slurm), in the order they are read.
+pub const LOCAL_RANK_ENV: [&str; 3] = [
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "SLURM_LOCALID",
+];
+
+/// This process's rank on its machine (the GPU it drives), from the launcher's environment;
+/// 0 when no launcher variable is set.
+pub fn local_rank() -> Result<usize> {
+    for name in LOCAL_RANK_ENV {
+        if let Ok(v) = std::env::var(name) {
+            return v
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a local rank (an integer)"));
+        }
+    }
+    Ok(0)
+}
+
+/// The CUDA backend of one rank of a data-parallel run (feature `nccl`): `cfg` describes the
+/// whole batch, this rank runs `cfg.shapes.batch / ranks` of it on GPU [`local_rank`], and
+/// its step reduces over NCCL, whose communicator is set up through `host` (rank 0's unique id
+/// handed to every rank).
+pub fn open_rank(
+    cfg: &BackendConfig,
+    host: Box<dyn super::Collective>,
+) -> Result<Box<dyn Backend>> {
+    #[cfg(feature = "nccl")]
+    {
+        let mut host = host;
+        let ranks = host.world_size();
+        let mut shapes = cfg.shapes;
+        anyhow::ensure!(
+            shapes.batch.is_multiple_of(ranks) && shapes.batch >= ranks,
+            "a batch of {} cannot be split over {ranks} ranks: use a --batch-size that is a \
+             multiple of {ranks}",
+            shapes.batch
+        );
+        shapes.batch /= ranks;
+        let rank_cfg = BackendConfig { shapes, ..*cfg };
+        #[cfg(feature = "gpu-sim")]
+        if std::env::var_os(SIM_ENV).is_some_and(|v| v == "1") {
+            return on_ranks(sim::SimDevice::new(), &rank_cfg, host.as_mut());
+        }
+        on_ranks(
+            driver::CudaDevice::open_ordinal(local_rank()?)?,
+            &rank_cfg,
+            host.as_mut(),
+        )
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        let _ = cfg;
+        anyhow::bail!(
+            "data-parallel training ({} ranks) on the CUDA backend needs NCCL: rebuild with \
+             `--features mpi,nccl`, or use `--device cpu`",
+            host.world_size()
+        )
+    }
+}
+
+/// One rank's backend on `dev` (bound before NCCL sees it: the communicator belongs to the
+/// device current at its creation).
+#[cfg(feature = "nccl")]
+fn on_ranks<D: device::Device + 'static>(
+    mut dev: D,
+    cfg: &BackendConfig,
+    host: &mut dyn super::Collective,
+) -> Result<Box<dyn Backend>> {
+    anyhow::ensure!(
+        cfg.ibot.is_none(),
+        "iBOT over several CUDA ranks is not implemented (its patch statistics are not reduced \
+         over NCCL yet): use the CPU backend under MPI, or one GPU"
+    );
+    dev.bind()?;
+    let lib = nccl::NcclLibrary::open(&nccl::NcclSearch::from_env())?;
+    let comm = nccl::NcclComm::init(lib, host)?;
+    let be = step::GpuBackend::new(
+        dev,
+        cfg.model,
+        cfg.loss,
+        cfg.shapes,
+        Box::new(super::SingleProcess),
+    )?;
+    Ok(Box::new(be.with_device_ranks(Box::new(comm))?))
 }
 
 #[cfg(feature = "gpu-sim")]

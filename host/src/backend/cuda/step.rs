@@ -10,9 +10,8 @@
 //!
 //! Collapse signals stay on the device too: `row_entropy` (mean row entropy of `P_t` and the
 //! entropy of its batch mean), a column sum (the batch mean), a max reduction (its largest
-//! mass). Data parallelism (a [`Collective`] of more than one rank) is refused here for now:
-//! its reduce phase would make the gradients global but not the centers and the collapse
-//! signals (the CPU backend does both; NCCL on device buffers is the missing piece).
+//! mass). Data parallelism runs through a device-side collective (NCCL, `step/ranks.rs`,
+//! [`GpuBackend::with_device_ranks`]); a host [`Collective`] of more than one rank is refused.
 use anyhow::{ensure, Result};
 
 use dinovmf_core::centering::center_init;
@@ -31,6 +30,7 @@ use crate::data::Batch;
 mod ibot;
 mod optim;
 mod passes;
+mod ranks;
 
 use optim::Run;
 
@@ -54,7 +54,6 @@ pub struct GpuBackend<D: Device> {
     cx: Cx,
     loss_cfg: LossConfig,
     shapes: StepShapes,
-    reducer: Box<dyn Collective>,
     n_params: usize,
     runs: Vec<Run>,
     clip_segs: Segments,
@@ -93,6 +92,8 @@ pub struct GpuBackend<D: Device> {
     /// Phase timing (`Backend::time_phases`): the clock of the current phase and the seconds
     /// per phase so far; `None` when off (then no phase waits for the device).
     phase_timer: Option<(std::time::Instant, [f64; PHASES.len()])>,
+    /// Data parallelism: this rank's device collective and reduce buffers (`None`: one rank).
+    ranks: Option<ranks::RankBufs>,
 }
 
 /// KoLeo on features runs on the host through core's `koleo_forward_backward`: the 2B [CLS]
@@ -124,8 +125,8 @@ impl<D: Device> GpuBackend<D> {
         shapes.validate(&model, &loss)?;
         ensure!(
             reducer.world_size() == 1,
-            "data-parallel training ({} ranks) runs on the CPU backend only; the CUDA backend \
-             has no device-side all-reduce yet",
+            "data-parallel training ({} ranks) on the CUDA backend reduces on the device: \
+             give it a device collective (NCCL, `with_device_ranks`), not a host one",
             reducer.world_size()
         );
         let mut gpu = Gpu::new(dev);
@@ -204,7 +205,6 @@ impl<D: Device> GpuBackend<D> {
         Ok(Self {
             loss_cfg: loss,
             shapes,
-            reducer,
             n_params: n,
             runs,
             clip_part: gpu.alloc(clip_segs.n * clip_segs.parts())?,
@@ -235,6 +235,7 @@ impl<D: Device> GpuBackend<D> {
             ibot: None,
             koleo: KoleoHost::default(),
             phase_timer: None,
+            ranks: None,
             glob,
             loc,
             back,
@@ -315,6 +316,9 @@ impl<D: Device> GpuBackend<D> {
         if w == 0.0 {
             return Ok(());
         }
+        if self.ranks.is_some() {
+            return self.add_koleo_over_ranks(w);
+        }
         let (b, d) = (self.shapes.batch, self.cx.d);
         let n = 2 * b * d;
         let k = &mut self.koleo;
@@ -358,6 +362,7 @@ impl<D: Device> Backend for GpuBackend<D> {
             weight.is_finite() && weight >= 0.0,
             "--koleo must be a finite weight >= 0, got {weight}"
         );
+
         let (b, d) = (self.shapes.batch, self.cx.d);
         self.koleo = KoleoHost {
             weight,
@@ -407,5 +412,9 @@ impl<D: Device> Backend for GpuBackend<D> {
     fn embed(&mut self, net: Net, images: &[f32], n: usize, size: usize) -> Result<Vec<f32>> {
         self.gpu.dev.bind()?;
         self.embed_features(net, images, n, size)
+    }
+
+    fn traffic(&self) -> Option<(u64, f64)> {
+        self.ranks.as_ref().map(|r| r.coll.traffic())
     }
 }

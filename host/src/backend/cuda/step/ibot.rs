@@ -69,6 +69,11 @@ pub struct IbotGpu {
 impl<D: Device> GpuBackend<D> {
     /// Turns this backend into an iBOT one (the model must have the mask token).
     pub fn with_ibot(mut self, cfg: IbotConfig) -> Result<Self> {
+        ensure!(
+            self.rank_shard().1 == 1,
+            "iBOT over several CUDA ranks is not implemented (its patch statistics are not \
+             reduced over NCCL yet): use the CPU backend under MPI, or one GPU"
+        );
         let lay = self.cx.lay;
         ensure!(
             lay.mask_token.is_some(),

@@ -9,7 +9,7 @@ use super::{GpuBackend, M_GRAD_SQ, M_LEN, M_LOSS, M_MAX_MASS, M_MEAN_ENT, M_ROW_
 use crate::backend::cuda::device::Device;
 use crate::backend::cuda::head;
 use crate::backend::cuda::launch::ibot::gather_rows;
-use crate::backend::cuda::loss::{cls_loss_forward_backward, ClsLoss, ClsMetrics, Prototypes};
+use crate::backend::cuda::loss::{cls_loss_forward_backward_with, ClsLoss, ClsMetrics, Prototypes};
 use crate::backend::cuda::vit::{self, Masks, PatchMask};
 use crate::backend::step::{Backward, Crops, Forward, Head, Passes, Phase, StepMasks};
 use crate::backend::{Net, StepHyper, StepMetrics, StepShapes};
@@ -165,7 +165,16 @@ impl<D: Device> Passes for GpuBackend<D> {
             p,
         };
         let cfg = self.loss_cfg;
-        cls_loss_forward_backward(&mut self.gpu, &cfg, dims, teacher_temp, &io, &self.lb)
+        let center = self.center_update_mode();
+        cls_loss_forward_backward_with(
+            &mut self.gpu,
+            &cfg,
+            dims,
+            teacher_temp,
+            &io,
+            &self.lb,
+            center,
+        )
     }
 
     fn patch_loss(&mut self, patch_teacher_temp: f32) -> Result<()> {
@@ -266,13 +275,14 @@ impl<D: Device> Passes for GpuBackend<D> {
         Ok(())
     }
 
+    fn shard(&self) -> (usize, usize) {
+        self.rank_shard()
+    }
+
+    /// One rank: nothing. Several: the mean over ranks of the gradients and the batch
+    /// statistics on the device, and the centers and signals from them (`step/ranks.rs`).
     fn reduce(&mut self) -> Result<()> {
-        if self.reducer.world_size() > 1 {
-            let mut g = self.gpu.to_vec(self.grads)?;
-            self.reducer.mean_f32(&mut g)?;
-            self.gpu.upload(self.grads, &g)?;
-        }
-        Ok(())
+        self.reduce_over_ranks()
     }
 
     fn clip(&mut self, clip: f32) -> Result<()> {
