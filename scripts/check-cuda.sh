@@ -7,7 +7,8 @@
 #   - every kernel of ptx/dinovmf.ptx passes `verify-kernels` on the host simulator, the kernels
 #     at ViT-S/16 and ViT-B/16 shapes pass on their corner blocks (host/tests/gpu_sim_large.rs), and the
 #     CUDA backend's training step (and the whole trainer) on the simulator matches the CPU
-#     backend (host/tests/gpu_sim.rs);
+#     backend (host/tests/gpu_sim.rs), and its bf16 step is within the bf16 tolerance of the f32
+#     step (host/tests/gpu_sim_bf16.rs);
 #   - two NCCL ranks of the CUDA backend on the simulator with half the batch each train as one
 #     rank with the whole batch (host/tests/nccl_sim.rs);
 #   - the binary has no rpath/runpath (a GPU machine must load its real libcuda.so.1) and does
@@ -19,8 +20,8 @@ eval "$(scripts/cuda-stub.sh)"
 eval "$(scripts/nccl-stub.sh)"
 export LD_LIBRARY_PATH="$CUDA_LIBRARY_PATH/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export DINOVMF_CUDA_STUB=1
-cargo test -p dinovmf --features nccl --test cuda_stub --test gpu_sim --test gpu_sim_large \
-    --test nccl_sim
+cargo test -p dinovmf --features nccl --test cuda_stub --test gpu_sim --test gpu_sim_bf16 \
+    --test gpu_sim_large --test nccl_sim
 bin="${CARGO_TARGET_DIR:-target}/debug/dinovmf"
 if readelf -d "$bin" | grep -Ei 'rpath|runpath'; then
     echo "check-cuda: $bin carries an rpath/runpath; it must find libcuda.so.1 through the system" >&2
