@@ -31,9 +31,24 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-300)).sqrt()
 }
 
+/// The tiny model (head size 4: attention through the bf16 GEMMs).
 #[test]
 fn bf16_step_on_the_simulator_is_within_the_bf16_chain_tolerance_of_f32() {
-    let model = ModelConfig::tiny_test();
+    bf16_against_f32(ModelConfig::tiny_test());
+}
+
+/// Width 32 in 2 heads of 16: the fused tensor-core attention (forward and backward) runs in
+/// the bf16 step, with the same chain tolerance (its `q k^T` and `P v` are the two products
+/// per block the chain counts; P is rounded to bf16 like the GEMM path's operands).
+#[test]
+fn bf16_step_with_the_fused_attention_is_within_the_bf16_chain_tolerance_of_f32() {
+    let mut model = ModelConfig::tiny_test();
+    model.vit.dim = 32;
+    assert_eq!(model.vit.dim / model.vit.heads, 16);
+    bf16_against_f32(model);
+}
+
+fn bf16_against_f32(model: ModelConfig) {
     assert_eq!(model.vit.depth, 2, "the tolerance counts 2 blocks");
     let loss = LossConfig::vmf();
     let shapes = StepShapes {

@@ -581,7 +581,18 @@ pub fn vit_backward_ext<D: Device>(
         gpu.column_sum(gr(o.proj_b, d), dbr, rows, d, true)?;
         gpu.matmul_tn_acc(gr(o.proj_w, d * d), dbr, bb.attn_out, d, d, rows)?;
         gpu.matmul_nn(bs.dattn, dbr, w(o.proj_w, d * d), rows, d, d)?;
-        attention_backward(gpu, cx, bs.dqkv, bs.dp, bs.dattn, bb.qkv, bb.att, n, t)?;
+        attention_backward(
+            gpu,
+            cx,
+            bs.dqkv,
+            bs.dp,
+            bs.dattn,
+            bb.qkv,
+            bb.att,
+            bb.attn_out,
+            n,
+            t,
+        )?;
         if let Some(qb) = o.qkv_b {
             gpu.column_sum(gr(qb, 3 * d), bs.dqkv, rows, 3 * d, true)?;
         }
