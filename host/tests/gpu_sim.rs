@@ -405,6 +405,72 @@ fn train_ibot_device_cuda_on_the_simulator_matches_the_cpu_run() {
     );
 }
 
+/// The whole trainer with `--precision bf16` on both backends (the CUDA step's GEMMs on the
+/// simulated tensor cores; the CPU's linear layers on AMX / AVX512-BF16 / emulated bf16)
+/// against the f32 CPU run: per-step losses within the bf16 chain tolerance of
+/// `gpu_sim_bf16.rs`, 16 x 2^-8 relative (the tiny preset chains 16 products, each within
+/// 2^-8), and not equal to the f32 losses.
+#[test]
+fn train_bf16_on_both_backends_is_within_the_bf16_chain_tolerance_of_f32() {
+    let f32_run = train_metrics("cpu", false, &[]);
+    for (device, sim) in [("cuda", true), ("cpu", false)] {
+        let bf16 = train_metrics(device, sim, &["--precision", "bf16"]);
+        assert_eq!(bf16.len(), f32_run.len());
+        let mut differs = false;
+        for (i, (a, b)) in bf16.iter().zip(&f32_run).enumerate() {
+            let (a, b) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= b.abs() / 16.0,
+                "{device} bf16 step {i}: loss {a} vs f32 {b} (rel 1/16)"
+            );
+            differs |= a != b;
+        }
+        assert!(differs, "{device}: bf16 losses equal the f32 ones");
+    }
+}
+
+/// `metrics.jsonl` of a 4-step tiny run on `device`.
+fn train_metrics(device: &str, sim: bool, extra: &[&str]) -> Vec<serde_json::Value> {
+    use std::process::Command;
+    let out = std::env::temp_dir().join(format!(
+        "dinovmf-gpu-sim-metrics-{}-{device}{}",
+        std::process::id(),
+        extra.join("").replace('-', "")
+    ));
+    let _ = std::fs::remove_dir_all(&out);
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dinovmf"));
+    c.args([
+        "train",
+        "--device",
+        device,
+        "--preset",
+        "tiny",
+        "-q",
+        "--max-steps",
+        "4",
+        "--out",
+    ])
+    .arg(&out)
+    .args(extra);
+    if sim {
+        c.env(dinovmf::backend::cuda::SIM_ENV, "1");
+    }
+    let o = c.output().expect("dinovmf starts");
+    assert!(
+        o.status.success(),
+        "{device}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let m = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .collect();
+    let _ = std::fs::remove_dir_all(&out);
+    m
+}
+
 fn train_matches(extra: &[&str], keys: &[&str]) {
     use std::process::Command;
     let base = std::env::temp_dir().join(format!(
