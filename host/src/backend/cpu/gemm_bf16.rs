@@ -2,19 +2,19 @@
 //! operands are rounded to bf16 (round to nearest even, the format's 8-bit significand), every
 //! product of two bf16 values is exact in f32, and the sums are f32. The model's master
 //! weights, the optimiser, the logits against the prototypes, log C_p, the softmax and the
-//! loss stay f32; only the backbone's and the head MLP's linear layers (forward and backward)
-//! come here (`Cx::linear`).
+//! loss stay f32; only the forward and input-gradient products of the backbone's and the head
+//! MLP's linear layers come here (`gemm::linear_matmul`).
 //!
-//! Two kernels, chosen once per process like the row kernels (`fastmath::simd_level`):
-//! - AVX512-BF16 (`vdpbf16ps`: 16 lanes, each adding two bf16 products into an f32 lane, twice
-//!   the multiply-adds of an f32 FMA): the operands are packed as bf16 pairs along k, A in rows
-//!   of `k / 2` pairs, B in panels of 32 columns, and a 12 x 32 register tile sums over k in a
-//!   fixed order; rayon splits the row blocks only, so the bits do not depend on the thread
-//!   count.
+//! Three kernels, chosen once per process like the row kernels (`fastmath::simd_level`):
+//! - AMX (`tdpbf16ps` on 16 x 16 f32 tiles) and AVX512-BF16 (`vdpbf16ps`: 16 lanes, each adding
+//!   two bf16 products into an f32 lane; a 12 x 32 register tile) share one frame
+//!   ([`packed_matmul`]): A packed as bf16 rows, B as bf16 pairs along k in 16-column panels,
+//!   each element of C summed over k in a fixed order by one row block; rayon splits the row
+//!   blocks only, so the bits do not depend on the thread count.
 //! - Elsewhere: the operands rounded to bf16 (kept as f32) through the f32 GEMM, the same
 //!   products with the f32 GEMM's summation order.
 //!
-//! Both are checked against f64 sums of the same bf16 products (`tests` below); they differ
+//! All are checked against f64 sums of the same bf16 products (`tests` below); they differ
 //! from each other in the order of the f32 sums only.
 use rayon::prelude::*;
 
@@ -110,6 +110,12 @@ pub fn matmul_bf16_with(
     if m == 0 || n == 0 {
         return;
     }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         if kernel == Bf16Kernel::Amx && amx::available() {
@@ -125,22 +131,6 @@ pub fn matmul_bf16_with(
     let ra: Vec<f32> = a[..m * k].iter().map(|&x| round_bf16(x)).collect();
     let rb: Vec<f32> = b[..k * n].iter().map(|&x| round_bf16(x)).collect();
     matmul(m, n, k, &ra, op_a, &rb, op_b, c, accumulate);
-}
-
-/// Element `(i, t)` of the logical `rows x cols` matrix stored row-major (`Op::N`) or as the
-/// transpose of a row-major `cols x rows` buffer (`Op::T`).
-#[inline]
-fn at(x: &[f32], op: Op, rows: usize, cols: usize, i: usize, t: usize) -> f32 {
-    match op {
-        Op::N => x[i * cols + t],
-        Op::T => x[t * rows + i],
-    }
-}
-
-/// Two bf16 values as one 32-bit lane of a `vdpbf16ps` operand (the lower one first).
-#[inline]
-fn pair(lo: f32, hi: f32) -> u32 {
-    bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16
 }
 
 /// `dst[i] = bf16(src[i])` (AVX512-BF16's `vcvtne2ps2bf16` where the CPU has it: round to
@@ -174,9 +164,17 @@ unsafe fn to_bf16_avx512(src: &[f32], dst: &mut [u16]) -> usize {
 }
 
 /// The logical `m x k` matrix as bf16 rows of `kpad` (zero past k), rows padded with zeros to
-/// a multiple of 32.
-fn pack_rows_bf16(m: usize, k: usize, a: &[f32], op: Op, kpad: usize) -> Vec<u16> {
-    let mpad = m.div_ceil(32) * 32;
+/// a multiple of `row_multiple` (the kernel's row block). Row `i`'s bf16 values, read as
+/// 32-bit words, are its `(A[i, 2p], A[i, 2p + 1])` pairs.
+fn pack_rows_bf16(
+    m: usize,
+    k: usize,
+    a: &[f32],
+    op: Op,
+    kpad: usize,
+    row_multiple: usize,
+) -> Vec<u16> {
+    let mpad = m.div_ceil(row_multiple) * row_multiple;
     let mut out = vec![0u16; mpad * kpad];
     match op {
         Op::N => out
@@ -256,59 +254,57 @@ fn pack_panels(k: usize, n: usize, b: &[f32], op: Op, kp: usize) -> Vec<u32> {
     out
 }
 
-/// Rows of the register tile and columns of a B panel.
-const MR: usize = 12;
-const NR: usize = 32;
-
-/// A packed as `ceil(m / MR) * MR` rows of `kp = ceil(k / 2)` pairs (rows past m and the odd
-/// k's missing half are zero).
-fn pack_a(m: usize, k: usize, a: &[f32], op: Op) -> (Vec<u32>, usize) {
-    let kp = k.div_ceil(2);
-    let mp = m.div_ceil(MR) * MR;
-    let mut out = vec![0u32; mp * kp];
-    out.par_chunks_mut(kp)
-        .take(m)
-        .enumerate()
-        .for_each(|(i, row)| {
-            for (p, v) in row.iter_mut().enumerate() {
-                let lo = at(a, op, m, k, i, 2 * p);
-                let hi = if 2 * p + 1 < k {
-                    at(a, op, m, k, i, 2 * p + 1)
-                } else {
-                    0.0
-                };
-                *v = pair(lo, hi);
-            }
-        });
-    (out, kp)
+/// The operands of one product, as [`matmul`] takes them.
+#[derive(Clone, Copy)]
+struct Operands<'a> {
+    a: &'a [f32],
+    op_a: Op,
+    b: &'a [f32],
+    op_b: Op,
 }
 
-/// B (`k x n`) packed as `ceil(n / NR)` panels of `kp` rows of NR pairs: lane `j` of row `p` of
-/// panel `q` holds `(B[2p, qNR + j], B[2p + 1, qNR + j])`, zero past n and k.
-fn pack_b(k: usize, n: usize, b: &[f32], op: Op) -> Vec<u32> {
-    let kp = k.div_ceil(2);
-    let panels = n.div_ceil(NR);
-    let mut out = vec![0u32; panels * kp * NR];
-    out.par_chunks_mut(kp * NR)
-        .enumerate()
-        .for_each(|(q, panel)| {
-            for p in 0..kp {
-                for jj in 0..NR {
-                    let j = q * NR + jj;
-                    if j >= n {
-                        break;
-                    }
-                    let lo = at(b, op, k, n, 2 * p, j);
-                    let hi = if 2 * p + 1 < k {
-                        at(b, op, k, n, 2 * p + 1, j)
-                    } else {
-                        0.0
-                    };
-                    panel[p * NR + jj] = pair(lo, hi);
-                }
-            }
-        });
-    out
+/// A and B packed for the bf16 kernels: A by [`pack_rows_bf16`] (rows of `kpad`), B by
+/// [`pack_panels`] (16-column panels of `kp = kpad / 2` pair rows).
+struct Packed {
+    a: Vec<u16>,
+    b: Vec<u32>,
+    kpad: usize,
+    kp: usize,
+}
+
+/// The frame both bf16 kernels share: `k = 0`, the packing (k padded to a multiple of
+/// `k_multiple`, A's rows to a multiple of `rows`), and `block(blk, c_rows, packed)` over the
+/// row blocks of `rows` rows of C, split over rayon when the product is large. Each element of
+/// C is written by one block with its k-sum in a fixed order, so the bits do not depend on the
+/// thread count.
+fn packed_matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    x: Operands<'_>,
+    c: &mut [f32],
+    (k_multiple, rows): (usize, usize),
+    block: impl Fn(usize, &mut [f32], &Packed) + Sync,
+) {
+    debug_assert!(k > 0, "matmul_bf16_with handles k = 0");
+    let c = &mut c[..m * n];
+    let kpad = k.div_ceil(k_multiple) * k_multiple;
+    let kp = kpad / 2;
+    let p = Packed {
+        a: pack_rows_bf16(m, k, x.a, x.op_a, kpad, rows),
+        b: pack_panels(k, n, x.b, x.op_b, kp),
+        kpad,
+        kp,
+    };
+    if m * n * k >= 1 << 16 {
+        c.par_chunks_mut(rows * n)
+            .enumerate()
+            .for_each(|(blk, cr)| block(blk, cr, &p));
+    } else {
+        c.chunks_mut(rows * n)
+            .enumerate()
+            .for_each(|(blk, cr)| block(blk, cr, &p));
+    }
 }
 
 /// AMX: A packed as bf16 rows padded to 32 rows and to `kpad` (a multiple of 32) columns, B
@@ -376,22 +372,13 @@ mod amx {
         c: &mut [f32],
         accumulate: bool,
     ) {
-        if k == 0 {
-            if !accumulate {
-                c[..m * n].fill(0.0);
-            }
-            return;
-        }
-        let kpad = k.div_ceil(32) * 32;
-        let kp = kpad / 2;
-        let pa = pack_rows_bf16(m, k, a, op_a, kpad);
-        let pb = pack_panels(k, n, b, op_b, kp);
         let cfg = config();
-        let body = |(blk, c_rows): (usize, &mut [f32])| {
+        let operands = Operands { a, op_a, b, op_b };
+        packed_matmul(m, n, k, operands, c, (32, 32), |blk, c_rows, p| {
             let rows = (m - blk * 32).min(32);
             let mut out = [0f32; 32 * 32];
-            // SAFETY: `available()` held; the tile loads read 16 rows of 64 bytes inside `pa`
-            // (rows blk*32 .. +32 of kpad bf16) and `pb` (panels q, q+1, rows of the chunk).
+            // SAFETY: `available()` held; the tile loads read 16 rows of 64 bytes inside `p.a`
+            // (rows blk*32 .. +32 of kpad bf16) and `p.b` (panels 2q, 2q+1, rows of the chunk).
             unsafe {
                 asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack));
             }
@@ -399,10 +386,10 @@ mod amx {
                 let cols = (n - q * 32).min(32);
                 unsafe {
                     block(
-                        &pa[blk * 32 * kpad..],
-                        kpad,
-                        &pb[2 * q * kp * 16..],
-                        kp,
+                        &p.a[blk * 32 * p.kpad..],
+                        p.kpad,
+                        &p.b[2 * q * p.kp * 16..],
+                        p.kp,
                         &mut out,
                     );
                 }
@@ -417,13 +404,7 @@ mod amx {
                 }
             }
             unsafe { asm!("tilerelease", options(nostack)) };
-        };
-        let c = &mut c[..m * n];
-        if m * n * k >= 1 << 16 {
-            c.par_chunks_mut(32 * n).enumerate().for_each(body);
-        } else {
-            c.chunks_mut(32 * n).enumerate().for_each(body);
-        }
+        });
     }
 
     /// `out[32 x 32] = A[32 x kpad] B[kpad x 32]` for the A rows at `a` (row stride kpad) and
@@ -483,6 +464,9 @@ mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// Rows of the register tile (a tile is 12 rows x 32 columns of C).
+    const MR: usize = 12;
+
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         m: usize,
@@ -495,39 +479,42 @@ mod avx512 {
         c: &mut [f32],
         accumulate: bool,
     ) {
-        if k == 0 {
-            if !accumulate {
-                c[..m * n].fill(0.0);
-            }
-            return;
-        }
-        let (pa, kp) = pack_a(m, k, a, op_a);
-        let pb = pack_b(k, n, b, op_b);
-        let body = |(blk, c_rows): (usize, &mut [f32])| {
+        let operands = Operands { a, op_a, b, op_b };
+        packed_matmul(m, n, k, operands, c, (2, MR), |blk, c_rows, p| {
             let rows = (m - blk * MR).min(MR);
-            let a_blk = &pa[blk * MR * kp..(blk + 1) * MR * kp];
-            for q in 0..n.div_ceil(NR) {
-                let cols = (n - q * NR).min(NR);
-                let panel = &pb[q * kp * NR..(q + 1) * kp * NR];
-                // SAFETY: the caller checked avx512bf16 (and with it avx512f); the slices
-                // hold MR x kp pairs and kp x NR pairs, `c_rows` holds `rows` rows of n.
-                unsafe { tile(a_blk, panel, kp, c_rows, n, q * NR, rows, cols, accumulate) };
+            let a_blk = &p.a[blk * MR * p.kpad..(blk + 1) * MR * p.kpad];
+            for q in 0..n.div_ceil(32) {
+                let cols = (n - q * 32).min(32);
+                let panels = &p.b[2 * q * p.kp * 16..(2 * q + 2) * p.kp * 16];
+                // SAFETY: the caller checked avx512bf16 (and with it avx512f); `a_blk` holds MR
+                // rows of kpad bf16, `panels` two panels of kp x 16 pairs, `c_rows` holds `rows`
+                // rows of n.
+                unsafe {
+                    tile(
+                        a_blk,
+                        p.kpad,
+                        panels,
+                        p.kp,
+                        c_rows,
+                        n,
+                        q * 32,
+                        rows,
+                        cols,
+                        accumulate,
+                    )
+                };
             }
-        };
-        let c = &mut c[..m * n];
-        if m * n * k >= 1 << 16 {
-            c.par_chunks_mut(MR * n).enumerate().for_each(body);
-        } else {
-            c.chunks_mut(MR * n).enumerate().for_each(body);
-        }
+        });
     }
 
-    /// One MR x NR tile of C: `rows` x `cols` of it are stored at column `col0` of `c`.
+    /// One MR x 32 tile of C from MR rows of A (`kpad` bf16 each) and two 16-column panels of
+    /// B: `rows` x `cols` of it are stored at column `col0` of `c`.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile(
-        a: &[u32],
-        panel: &[u32],
+        a: &[u16],
+        kpad: usize,
+        panels: &[u32],
         kp: usize,
         c: &mut [f32],
         n: usize,
@@ -537,15 +524,15 @@ mod avx512 {
         accumulate: bool,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        let bp = panel.as_ptr();
+        let (bp0, bp1) = (panels.as_ptr(), panels.as_ptr().add(kp * 16));
         let ap = a.as_ptr();
         for p in 0..kp {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR) as *const _));
-            let b1: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(bp.add(p * NR + 16) as *const _));
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp0.add(p * 16) as *const _));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp1.add(p * 16) as *const _));
             for (r, acc_r) in acc.iter_mut().enumerate() {
-                let av: __m512bh =
-                    std::mem::transmute(_mm512_set1_epi32(*ap.add(r * kp + p) as i32));
+                // The pair (A[r, 2p], A[r, 2p + 1]) as one 32-bit word.
+                let pair = (ap.add(r * kpad + 2 * p) as *const u32).read_unaligned();
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
                 acc_r[0] = _mm512_dpbf16_ps(acc_r[0], av, b0);
                 acc_r[1] = _mm512_dpbf16_ps(acc_r[1], av, b1);
             }
@@ -585,6 +572,16 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Element `(i, t)` of the logical `rows x cols` matrix stored row-major (`Op::N`) or as the
+    /// transpose of a row-major `cols x rows` buffer (`Op::T`).
+    #[inline]
+    fn at(x: &[f32], op: Op, rows: usize, cols: usize, i: usize, t: usize) -> f32 {
+        match op {
+            Op::N => x[i * cols + t],
+            Op::T => x[t * rows + i],
+        }
+    }
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
