@@ -29,12 +29,95 @@ fn fused<D: Device>(gpu: &Gpu<D>, cx: &Cx, n: usize, t: usize) -> Option<AttShap
     (gpu.precision == MatmulPrecision::Bf16 && s.check().is_ok()).then_some(s)
 }
 
-/// The per-(image, head) GEMM views of attention.
-fn head_gemm(ta: bool, tb: bool, m: usize, n: usize, k: usize, imgs: usize, heads: usize) -> Gemm {
-    Gemm {
-        outer: imgs,
-        inner: heads,
-        ..Gemm::plain(ta, tb, m, n, k)
+/// The six per-(image, head) GEMMs of attention for `n` images of `t` tokens, width `d` in `h`
+/// heads, as views of `qkv[n, t, 3d]` (Q, K, V at column offsets 0, d, 2d),
+/// `att[n, h, t, t]` and `out[n, t, d]`; each (image, head) is one batch. The forward and the
+/// backward below launch them, the production-shape check (`verify/gemm.rs`) checks them.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionGemms {
+    /// `S = scale Q K^T`.
+    pub scores: Gemm,
+    /// `O = P V`.
+    pub out: Gemm,
+    /// `dP = dO V^T`.
+    pub d_probs: Gemm,
+    /// `dV = P^T dO`.
+    pub d_v: Gemm,
+    /// `dQ = scale dS K`.
+    pub d_q: Gemm,
+    /// `dK = scale dS^T Q`.
+    pub d_k: Gemm,
+}
+
+impl AttentionGemms {
+    pub fn new(n: usize, t: usize, d: usize, h: usize) -> Self {
+        let hd = d / h;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (qkv_s, att_s, out_s) = ([t * 3 * d, hd], [h * t * t, t * t], [t * d, hd]);
+        let head = |ta, tb, m, nn, k| Gemm {
+            outer: n,
+            inner: h,
+            ..Gemm::plain(ta, tb, m, nn, k)
+        };
+        Self {
+            scores: Gemm {
+                lda: 3 * d,
+                ldb: 3 * d,
+                ldc: t,
+                sa: qkv_s,
+                sb: qkv_s,
+                sc: att_s,
+                alpha: scale,
+                ..head(false, true, t, t, hd)
+            },
+            out: Gemm {
+                lda: t,
+                ldb: 3 * d,
+                ldc: d,
+                sa: att_s,
+                sb: qkv_s,
+                sc: out_s,
+                ..head(false, false, t, hd, t)
+            },
+            d_probs: Gemm {
+                lda: d,
+                ldb: 3 * d,
+                ldc: t,
+                sa: out_s,
+                sb: qkv_s,
+                sc: att_s,
+                ..head(false, true, t, t, hd)
+            },
+            d_v: Gemm {
+                lda: t,
+                ldb: d,
+                ldc: 3 * d,
+                sa: att_s,
+                sb: out_s,
+                sc: qkv_s,
+                ..head(true, false, t, hd, t)
+            },
+            d_q: Gemm {
+                lda: t,
+                ldb: 3 * d,
+                ldc: 3 * d,
+                sa: att_s,
+                sb: qkv_s,
+                sc: qkv_s,
+                alpha: scale,
+                ..head(false, false, t, hd, t)
+            },
+            d_k: Gemm {
+                lda: t,
+                ldb: 3 * d,
+                ldc: 3 * d,
+                sa: att_s,
+                sb: qkv_s,
+                sc: qkv_s,
+                alpha: scale,
+                ..head(true, false, t, hd, t)
+            },
+        }
     }
 }
 
@@ -53,34 +136,10 @@ pub fn attention_forward<D: Device>(
         return attention_tc_forward_bf16(gpu, out, att.sub(0, n * cx.heads * t), q16, s);
     }
     let (d, h) = (cx.d, cx.heads);
-    let hd = d / h;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let qkv_s = [t * 3 * d, hd];
-    let att_s = [h * t * t, t * t];
-    // S = scale Q K^T
-    let g = Gemm {
-        lda: 3 * d,
-        ldb: 3 * d,
-        ldc: t,
-        sa: qkv_s,
-        sb: qkv_s,
-        sc: att_s,
-        alpha: scale,
-        ..head_gemm(false, true, t, t, hd, n, h)
-    };
-    gpu.gemm(&g, att, qkv, qkv.from(d), None)?;
+    let g = AttentionGemms::new(n, t, d, h);
+    gpu.gemm(&g.scores, att, qkv, qkv.from(d), None)?;
     gpu.softmax_rows(att, n * h * t, t, 1.0)?;
-    // O_h = P V
-    let g = Gemm {
-        lda: t,
-        ldb: 3 * d,
-        ldc: d,
-        sa: att_s,
-        sb: qkv_s,
-        sc: [t * d, hd],
-        ..head_gemm(false, false, t, hd, t, n, h)
-    };
-    gpu.gemm(&g, out, att, qkv.from(2 * d), None)
+    gpu.gemm(&g.out, out, att, qkv.from(2 * d), None)
 }
 
 /// Backward of [`attention_forward`]: `dqkv` overwritten, `dp` scratch `[n, heads, t, t]`;
@@ -112,57 +171,11 @@ pub fn attention_backward<D: Device>(
         return attention_tc_backward_bf16(gpu, bufs, s);
     }
     let (d, h) = (cx.d, cx.heads);
-    let hd = d / h;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let qkv_s = [t * 3 * d, hd];
-    let att_s = [h * t * t, t * t];
-    let out_s = [t * d, hd];
-    // dP = dO V^T
-    let g = Gemm {
-        lda: d,
-        ldb: 3 * d,
-        ldc: t,
-        sa: out_s,
-        sb: qkv_s,
-        sc: att_s,
-        ..head_gemm(false, true, t, t, hd, n, h)
-    };
-    gpu.gemm(&g, dp, dout, qkv.from(2 * d), None)?;
-    // dV = P^T dO
-    let g = Gemm {
-        lda: t,
-        ldb: d,
-        ldc: 3 * d,
-        sa: att_s,
-        sb: out_s,
-        sc: qkv_s,
-        ..head_gemm(true, false, t, hd, t, n, h)
-    };
-    gpu.gemm(&g, dqkv.from(2 * d), att, dout, None)?;
+    let g = AttentionGemms::new(n, t, d, h);
+    gpu.gemm(&g.d_probs, dp, dout, qkv.from(2 * d), None)?;
+    gpu.gemm(&g.d_v, dqkv.from(2 * d), att, dout, None)?;
     // dS = P (dP - <dP, P>); the 1/sqrt(hd) goes into the two products below.
     gpu.softmax_backward_rows(dp, att, n * h * t, t, 1.0)?;
-    // dQ = scale dS K
-    let g = Gemm {
-        lda: t,
-        ldb: 3 * d,
-        ldc: 3 * d,
-        sa: att_s,
-        sb: qkv_s,
-        sc: qkv_s,
-        alpha: scale,
-        ..head_gemm(false, false, t, hd, t, n, h)
-    };
-    gpu.gemm(&g, dqkv, dp, qkv.from(d), None)?;
-    // dK = scale dS^T Q
-    let g = Gemm {
-        lda: t,
-        ldb: 3 * d,
-        ldc: 3 * d,
-        sa: att_s,
-        sb: qkv_s,
-        sc: qkv_s,
-        alpha: scale,
-        ..head_gemm(true, false, t, hd, t, n, h)
-    };
-    gpu.gemm(&g, dqkv.from(d), dp, qkv, None)
+    gpu.gemm(&g.d_q, dqkv, dp, qkv.from(d), None)?;
+    gpu.gemm(&g.d_k, dqkv.from(d), dp, qkv, None)
 }

@@ -13,6 +13,7 @@ use super::sample::{ends, f64s, first_last};
 use super::shapes::LargeShape;
 use super::tolerance;
 use super::V;
+use crate::backend::cuda::attention::AttentionGemms;
 use crate::backend::cuda::device::{Buf, Device};
 use crate::backend::cuda::ops::Gemm;
 
@@ -127,18 +128,11 @@ fn gemm_batched<D: Device>(v: &mut V<'_, D>) -> Result<()> {
         let hd = d / heads;
         let qkv = v.rv(imgs * t * 3 * d, -1.0, 1.0);
         let dq = v.up(&qkv)?;
-        // S = scale Q K^T per (image, head), as the attention forward launches it.
+        // S = scale Q K^T per (image, head), the view the attention forward launches (with
+        // another scale).
         let g = Gemm {
-            lda: 3 * d,
-            ldb: 3 * d,
-            ldc: t,
-            outer: imgs,
-            inner: heads,
-            sa: [t * 3 * d, hd],
-            sb: [t * 3 * d, hd],
-            sc: [heads * t * t, t * t],
             alpha: 0.5,
-            ..Gemm::plain(false, true, t, t, hd)
+            ..AttentionGemms::new(imgs, t, d, heads).scores
         };
         let s = v.out(imgs * heads * t * t)?;
         v.gpu.gemm(&g, s, dq, dq.from(d), None)?;
@@ -387,86 +381,23 @@ fn head_backward<D: Device>(l: &mut V<'_, D>, ns: usize, k: usize, p: usize) -> 
     )
 }
 
-/// The six attention GEMMs of `net.rs` for `n` images of `t` tokens, width `d`, `h` heads:
-/// operands are `qkv[n, t, 3d]` (Q, K, V at column offsets 0, d, 2d), `att[n, h, t, t]`,
-/// `out[n, t, d]`, each (image, head) one batch.
+/// The six attention GEMMs of the step (`cuda/attention.rs`'s [`AttentionGemms`], the views it
+/// launches) for `n` images of `t` tokens, width `d`, `h` heads, on operands of the sizes of
+/// `qkv[n, t, 3d]`, `att[n, h, t, t]` and `out[n, t, d]` at the column offsets the step uses.
 fn attention<D: Device>(l: &mut V<'_, D>, n: usize, t: usize, d: usize, h: usize) -> Result<()> {
-    let hd = d / h;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let (qkv_s, att_s, out_s) = ([t * 3 * d, hd], [h * t * t, t * t], [t * d, hd]);
+    let g = AttentionGemms::new(n, t, d, h);
     let (qkv, att, out) = (n * t * 3 * d, n * h * t * t, n * t * d);
-    let head = |ta, tb, m, nn, k| Gemm {
-        outer: n,
-        inner: h,
-        ..Gemm::plain(ta, tb, m, nn, k)
-    };
-    // S = scale Q K^T
-    let g = Gemm {
-        lda: 3 * d,
-        ldb: 3 * d,
-        ldc: t,
-        sa: qkv_s,
-        sb: qkv_s,
-        sc: att_s,
-        alpha: scale,
-        ..head(false, true, t, t, hd)
-    };
-    gemm_case(l, "attn S=QK^T", g, (qkv, 0), (qkv, d), (att, 0))?;
-    // O = P V
-    let g = Gemm {
-        lda: t,
-        ldb: 3 * d,
-        ldc: d,
-        sa: att_s,
-        sb: qkv_s,
-        sc: out_s,
-        ..head(false, false, t, hd, t)
-    };
-    gemm_case(l, "attn O=PV", g, (att, 0), (qkv, 2 * d), (out, 0))?;
-    // dP = dO V^T
-    let g = Gemm {
-        lda: d,
-        ldb: 3 * d,
-        ldc: t,
-        sa: out_s,
-        sb: qkv_s,
-        sc: att_s,
-        ..head(false, true, t, t, hd)
-    };
-    gemm_case(l, "attn dP=dO V^T", g, (out, 0), (qkv, 2 * d), (att, 0))?;
-    // dV = P^T dO
-    let g = Gemm {
-        lda: t,
-        ldb: d,
-        ldc: 3 * d,
-        sa: att_s,
-        sb: out_s,
-        sc: qkv_s,
-        ..head(true, false, t, hd, t)
-    };
-    gemm_case(l, "attn dV=P^T dO", g, (att, 0), (out, 0), (qkv, 2 * d))?;
-    // dQ = scale dS K
-    let g = Gemm {
-        lda: t,
-        ldb: 3 * d,
-        ldc: 3 * d,
-        sa: att_s,
-        sb: qkv_s,
-        sc: qkv_s,
-        alpha: scale,
-        ..head(false, false, t, hd, t)
-    };
-    gemm_case(l, "attn dQ=dS K", g, (att, 0), (qkv, d), (qkv, 0))?;
-    // dK = scale dS^T Q
-    let g = Gemm {
-        lda: t,
-        ldb: 3 * d,
-        ldc: 3 * d,
-        sa: att_s,
-        sb: qkv_s,
-        sc: qkv_s,
-        alpha: scale,
-        ..head(true, false, t, hd, t)
-    };
-    gemm_case(l, "attn dK=dS^T Q", g, (att, 0), (qkv, 0), (qkv, d))
+    gemm_case(l, "attn S=QK^T", g.scores, (qkv, 0), (qkv, d), (att, 0))?;
+    gemm_case(l, "attn O=PV", g.out, (att, 0), (qkv, 2 * d), (out, 0))?;
+    gemm_case(
+        l,
+        "attn dP=dO V^T",
+        g.d_probs,
+        (out, 0),
+        (qkv, 2 * d),
+        (att, 0),
+    )?;
+    gemm_case(l, "attn dV=P^T dO", g.d_v, (att, 0), (out, 0), (qkv, 2 * d))?;
+    gemm_case(l, "attn dQ=dS K", g.d_q, (att, 0), (qkv, d), (qkv, 0))?;
+    gemm_case(l, "attn dK=dS^T Q", g.d_k, (att, 0), (qkv, 0), (qkv, d))
 }
