@@ -432,10 +432,12 @@ fn train_bf16_on_both_backends_is_within_the_bf16_chain_tolerance_of_f32() {
 /// `metrics.jsonl` of a 4-step tiny run on `device`.
 fn train_metrics(device: &str, sim: bool, extra: &[&str]) -> Vec<serde_json::Value> {
     use std::process::Command;
+    // One folder per call: tests run the same device and options concurrently.
+    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let out = std::env::temp_dir().join(format!(
-        "dinovmf-gpu-sim-metrics-{}-{device}{}",
+        "dinovmf-gpu-sim-metrics-{}-{}-{device}",
         std::process::id(),
-        extra.join("").replace('-', "")
+        RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let _ = std::fs::remove_dir_all(&out);
     let mut c = Command::new(env!("CARGO_BIN_EXE_dinovmf"));
@@ -472,47 +474,8 @@ fn train_metrics(device: &str, sim: bool, extra: &[&str]) -> Vec<serde_json::Val
 }
 
 fn train_matches(extra: &[&str], keys: &[&str]) {
-    use std::process::Command;
-    let base = std::env::temp_dir().join(format!(
-        "dinovmf-gpu-sim-{}-{}",
-        std::process::id(),
-        extra.join("").replace('-', "")
-    ));
-    let run = |device: &str, sim: bool| -> Vec<serde_json::Value> {
-        let out = base.join(device);
-        let mut c = Command::new(env!("CARGO_BIN_EXE_dinovmf"));
-        c.args([
-            "train",
-            "--device",
-            device,
-            "--preset",
-            "tiny",
-            "-q",
-            "--max-steps",
-            "4",
-            "--out",
-        ])
-        .arg(&out)
-        .args(extra);
-        if sim {
-            c.env(dinovmf::backend::cuda::SIM_ENV, "1");
-        }
-        let o = c.output().expect("dinovmf starts");
-        assert!(
-            o.status.success(),
-            "{device}: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        std::fs::read_to_string(out.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .collect()
-    };
-    let cpu = run("cpu", false);
-    let dev = run("cuda", true);
-    let _ = std::fs::remove_dir_all(&base);
+    let cpu = train_metrics("cpu", false, extra);
+    let dev = train_metrics("cuda", true, extra);
     assert_eq!(cpu.len(), 4);
     assert_eq!(cpu.len(), dev.len());
     for &key in keys {
