@@ -56,7 +56,8 @@ pub struct QualityArgs {
     /// and the generated sets (`dinovmf bench preview-sets` draws them).
     #[arg(long, value_delimiter = ',')]
     pub sets: Option<Vec<String>>,
-    /// Also run the two held-out sets (counts, glyphs): they are not for tuning; run them once.
+    /// Also run the held-out sets (counts, glyphs, holdout-a, holdout-b): they are not for
+    /// tuning; run them once.
     #[arg(long)]
     pub heldout: bool,
     #[arg(long, default_value = "small32")]

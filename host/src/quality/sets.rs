@@ -6,8 +6,9 @@
 //! test}/<class>/<i>.png`, the `folder:TRAIN,TEST` layout) so that training reads them like a
 //! user's own folder.
 //!
-//! Two of them are held out: the suite runs them only with `--heldout`, and they are not to be
-//! used for tuning (look at them once, at the end).
+//! Four of them are held out: the suite runs them only with `--heldout`, and they are not to be
+//! used for tuning (look at them once, at the end). `holdout-a` and `holdout-b` are described only
+//! here, in [`draw_holdout_a`] and [`draw_holdout_b`], not in the docs.
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -29,8 +30,8 @@ pub struct GenSet {
     id: u64,
 }
 
-/// The generated sets of the suite: four to tune on, two held out.
-pub const GEN_SETS: [GenSet; 6] = [
+/// The generated sets of the suite: four to tune on, four held out.
+pub const GEN_SETS: [GenSet; 8] = [
     GenSet {
         name: "textures",
         about: "32 px colour textures: 6 classes of pattern (horizontal / vertical / diagonal \
@@ -102,6 +103,26 @@ pub const GEN_SETS: [GenSet; 6] = [
         heldout: true,
         id: 6,
     },
+    GenSet {
+        name: "holdout-a",
+        about: "40 px, held out (not described: not for tuning)",
+        size: 40,
+        classes: 5,
+        train_per_class: 300,
+        test_per_class: 60,
+        heldout: true,
+        id: 7,
+    },
+    GenSet {
+        name: "holdout-b",
+        about: "56 px, held out (not described: not for tuning)",
+        size: 56,
+        classes: 5,
+        train_per_class: 800,
+        test_per_class: 100,
+        heldout: true,
+        id: 8,
+    },
 ];
 
 /// The generated set called `name`.
@@ -139,6 +160,31 @@ impl Canvas {
                     let p = &mut self.px[y * self.s + x];
                     for ch in 0..3 {
                         p[ch] = p[ch] * (1.0 - a) + c[ch] * a;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Like [`Canvas::paint`], with a colour per point: `colour(x, y)` is `None` outside the
+    /// shape; the covered subsamples' colours are averaged into the pixel.
+    fn paint_with(&mut self, colour: impl Fn(f32, f32) -> Option<[f32; 3]>) {
+        let s = self.s as f32;
+        for y in 0..self.s {
+            for x in 0..self.s {
+                let (mut a, mut sum) = (0.0, [0.0f32; 3]);
+                for (dx, dy) in [(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)] {
+                    if let Some(c) = colour((x as f32 + dx) / s, (y as f32 + dy) / s) {
+                        a += 0.25;
+                        for ch in 0..3 {
+                            sum[ch] += 0.25 * c[ch];
+                        }
+                    }
+                }
+                if a > 0.0 {
+                    let p = &mut self.px[y * self.s + x];
+                    for ch in 0..3 {
+                        p[ch] = p[ch] * (1.0 - a) + sum[ch];
                     }
                 }
             }
@@ -304,6 +350,193 @@ fn glyph(c: usize) -> [bool; 25] {
     }
 }
 
+fn mix(a: [f32; 3], b: [f32; 3], t: f32) -> [f32; 3] {
+    [0, 1, 2].map(|ch| a[ch] * (1.0 - t) + b[ch] * t)
+}
+
+fn colour_distance(a: [f32; 3], b: [f32; 3]) -> f32 {
+    (0..3).map(|ch| (a[ch] - b[ch]).powi(2)).sum::<f32>().sqrt()
+}
+
+/// A random colour at least `min` (RGB distance) from each of `others` (bounded tries; the last
+/// draw is kept if none is far enough).
+fn contrasting_colour(
+    rng: &mut ChaCha8Rng,
+    others: &[[f32; 3]],
+    min: f32,
+    draw: impl Fn(&mut ChaCha8Rng) -> [f32; 3],
+) -> [f32; 3] {
+    let mut c = draw(rng);
+    for _ in 0..32 {
+        if others.iter().all(|&o| colour_distance(c, o) >= min) {
+            break;
+        }
+        c = draw(rng);
+    }
+    c
+}
+
+/// `holdout-a` (held out; this comment is its only description). Classes defined by the surface
+/// texture of the objects in a scene, not by the whole image: a sky-like vertical gradient above a
+/// value-noise ground (horizon at a random height and tilt, all colours random), and 1-3 blobby
+/// objects (a disc with random 2nd / 3rd harmonic bumps, random pose, may overlap) in a random
+/// base colour with soft shading. Every object of an image carries the class's pattern in a
+/// second, contrasting random colour, in the object's own rotated frame, with a period of 0.65-0.9
+/// object radii: 0 plain (no pattern), 1 stripes, 2 spots, 3 checks, 4 concentric rings.
+/// Neither the shapes nor the colours carry the label.
+fn draw_holdout_a(rng: &mut ChaCha8Rng, c: usize, s: usize) -> Image {
+    let sky = [
+        hsv(rng.gen(), rng.gen_range(0.1..0.5), rng.gen_range(0.6..0.95)),
+        hsv(rng.gen(), rng.gen_range(0.0..0.3), rng.gen_range(0.7..1.0)),
+    ];
+    let ground = [random_colour(rng), random_colour(rng)];
+    let horizon = rng.gen_range(0.3..0.7f32);
+    let tilt = rng.gen_range(-0.25..0.25f32);
+    let soil = value_noise(rng, 6);
+    let mut cv = Canvas::new(s, [0.0; 3]);
+    for y in 0..s {
+        for x in 0..s {
+            let (u, v) = ((x as f32 + 0.5) / s as f32, (y as f32 + 0.5) / s as f32);
+            let h = horizon + tilt * (u - 0.5);
+            cv.px[y * s + x] = if v < h {
+                mix(sky[0], sky[1], (v / h).clamp(0.0, 1.0))
+            } else {
+                mix(ground[0], ground[1], soil(u, v))
+            };
+        }
+    }
+    let tau = std::f32::consts::TAU;
+    for _ in 0..rng.gen_range(1..=3) {
+        let pose = Pose::random(rng, (0.17, 0.28));
+        let bumps = [
+            rng.gen_range(0.0..0.15f32),
+            rng.gen_range(0.0..0.12f32),
+            rng.gen_range(0.0..tau),
+            rng.gen_range(0.0..tau),
+        ];
+        let base = random_colour(rng);
+        let pattern = contrasting_colour(rng, &[base], 0.45, random_colour);
+        let period = rng.gen_range(0.65..0.9f32);
+        let phase: (f32, f32) = (rng.gen(), rng.gen());
+        let light = rng.gen_range(0.0..tau);
+        let (lx, ly) = (light.cos(), light.sin());
+        cv.paint_with(|x, y| {
+            let (u, v) = pose.local(x, y);
+            let rho = (u * u + v * v).sqrt();
+            let theta = v.atan2(u);
+            let edge = 1.0
+                + bumps[0] * (2.0 * theta + bumps[2]).sin()
+                + bumps[1] * (3.0 * theta + bumps[3]).sin();
+            if rho > edge {
+                return None;
+            }
+            let (a, b) = (u / period + phase.0, v / period + phase.1);
+            let marked = match c {
+                0 => false,
+                1 => a.rem_euclid(1.0) < 0.5,
+                2 => {
+                    let (du, dv) = (a.rem_euclid(1.0) - 0.5, b.rem_euclid(1.0) - 0.5);
+                    du * du + dv * dv < 0.09
+                }
+                3 => (a.floor() + b.floor()).rem_euclid(2.0) < 0.5,
+                _ => (rho / period + phase.0).rem_euclid(1.0) < 0.5,
+            };
+            let shade = 1.0 - 0.18 * (u * lx + v * ly);
+            let col = if marked { pattern } else { base };
+            Some(col.map(|x| x * shade))
+        });
+    }
+    cv.noise(rng, 0.03);
+    cv.image()
+}
+
+/// The grid cells of the five tetrominoes up to mirroring: I, O, T, L (or J), S (or Z).
+const TETROMINOES: [[(f32, f32); 4]; 5] = [
+    [(0.0, 0.0), (1.0, 0.0), (2.0, 0.0), (3.0, 0.0)],
+    [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)],
+    [(0.0, 0.0), (1.0, 0.0), (2.0, 0.0), (1.0, 1.0)],
+    [(0.0, 0.0), (0.0, 1.0), (0.0, 2.0), (1.0, 2.0)],
+    [(1.0, 0.0), (2.0, 0.0), (0.0, 1.0), (1.0, 1.0)],
+];
+
+/// `holdout-b` (held out; this comment is its only description). Classes that differ only in the
+/// arrangement of identical parts: four separate parts (all discs or all squares, one saturated
+/// random colour, the same size) placed on the cells of a tetromino, the class: 0 I, 1 O, 2 T,
+/// 3 L / J, 4 S / Z (mirrored at random, so a horizontal flip keeps the class), at a random
+/// rotation, cell size 0.13-0.18 of the side, gaps of 0.24-0.4 cells between neighbouring parts
+/// and a small jitter of each part. The background is two-colour value noise of muted random
+/// colours, with 2-4 thin random strokes of any colour as distractors. Every class has the same
+/// parts, count, sizes and colour distribution.
+fn draw_holdout_b(rng: &mut ChaCha8Rng, c: usize, s: usize) -> Image {
+    let muted = |rng: &mut ChaCha8Rng| {
+        hsv(
+            rng.gen(),
+            rng.gen_range(0.0..0.35),
+            rng.gen_range(0.25..0.85f32),
+        )
+    };
+    let bg = [muted(rng), muted(rng)];
+    let field = value_noise(rng, 4);
+    let mut cv = Canvas::new(s, [0.0; 3]);
+    for y in 0..s {
+        for x in 0..s {
+            let (u, v) = ((x as f32 + 0.5) / s as f32, (y as f32 + 0.5) / s as f32);
+            cv.px[y * s + x] = mix(bg[0], bg[1], field(u, v));
+        }
+    }
+    for _ in 0..rng.gen_range(2..=4) {
+        let a: (f32, f32) = (rng.gen(), rng.gen());
+        let dir = rng.gen_range(0.0..std::f32::consts::TAU);
+        let len = rng.gen_range(0.1..0.3f32);
+        let b = (a.0 + len * dir.cos(), a.1 + len * dir.sin());
+        let w = rng.gen_range(0.012..0.02f32);
+        let col = random_colour(rng);
+        cv.paint(col, |x, y| seg_dist(x, y, a, b) <= w);
+    }
+    let mirror = if rng.gen_bool(0.5) { -1.0 } else { 1.0 };
+    let cells = TETROMINOES[c].map(|(x, y)| (mirror * x, y));
+    let (mx, my) = (
+        cells.iter().map(|p| p.0).sum::<f32>() / 4.0,
+        cells.iter().map(|p| p.1).sum::<f32>() / 4.0,
+    );
+    let cell = rng.gen_range(0.13..0.18f32);
+    let part = cell * rng.gen_range(0.3..0.38f32);
+    let rot = rng.gen_range(0.0..std::f32::consts::TAU);
+    let (sn, cs) = rot.sin_cos();
+    let reach = cells
+        .iter()
+        .map(|p| ((p.0 - mx).powi(2) + (p.1 - my).powi(2)).sqrt())
+        .fold(0.0f32, f32::max)
+        * cell
+        + part * 1.2;
+    let (cx, cy) = (
+        rng.gen_range(reach..1.0 - reach),
+        rng.gen_range(reach..1.0 - reach),
+    );
+    let kind = rng.gen_range(0..2usize);
+    let col = contrasting_colour(rng, &bg, 0.4, |rng| {
+        hsv(rng.gen(), rng.gen_range(0.6..1.0), rng.gen_range(0.6..1.0))
+    });
+    for p in cells {
+        let (gx, gy) = (
+            (p.0 - mx) * cell + rng.gen_range(-0.08..0.08) * cell,
+            (p.1 - my) * cell + rng.gen_range(-0.08..0.08) * cell,
+        );
+        let pose = Pose {
+            cx: cx + cs * gx - sn * gy,
+            cy: cy + sn * gx + cs * gy,
+            r: part,
+            rot,
+        };
+        cv.paint(col, |x, y| {
+            let (u, v) = pose.local(x, y);
+            filled(kind, u, v)
+        });
+    }
+    cv.noise(rng, 0.04);
+    cv.image()
+}
+
 impl GenSet {
     pub fn len(&self, test: bool) -> usize {
         self.classes * self.per_class(test)
@@ -458,6 +691,8 @@ impl GenSet {
                 cv.noise(rng, 0.03);
                 cv.image()
             }
+            7 => draw_holdout_a(rng, c, s),
+            8 => draw_holdout_b(rng, c, s),
             _ => {
                 let (bg, fg) = (random_colour(rng), random_colour(rng));
                 let mut cv = Canvas::new(s, bg);
@@ -546,7 +781,110 @@ mod tests {
             let (lo, hi) = (a.rgb.iter().min().unwrap(), a.rgb.iter().max().unwrap());
             assert!(hi - lo > 40, "{}: contrast {lo}..{hi}", set.name);
         }
-        assert_eq!(GEN_SETS.iter().filter(|s| s.heldout).count(), 2);
+        assert_eq!(GEN_SETS.iter().filter(|s| s.heldout).count(), 4);
+    }
+
+    const NEW_HELDOUT: [&str; 2] = ["holdout-a", "holdout-b"];
+
+    #[test]
+    fn new_heldout_sets_are_deterministic_per_split_and_refused_without_heldout() {
+        for name in NEW_HELDOUT {
+            let set = gen_set(name).unwrap();
+            assert!(set.heldout, "{name}");
+            assert!(set
+                .folder(Path::new("cache"))
+                .ends_with(format!("{name}-v1-{}", set.len(false))));
+            for c in 0..set.classes {
+                let a = set.draw(false, c, 3);
+                assert_eq!(a, set.draw(false, c, 3), "{name} class {c}");
+                assert_eq!((a.width, a.height), (set.size, set.size));
+                assert_ne!(a, set.draw(false, c, 4), "{name} class {c}");
+                assert_ne!(a, set.draw(true, c, 3), "{name}: the splits share an image");
+                let (lo, hi) = (a.rgb.iter().min().unwrap(), a.rgb.iter().max().unwrap());
+                assert!(hi - lo > 40, "{name} class {c}: contrast {lo}..{hi}");
+            }
+            let o = crate::quality::SuiteOptions {
+                sets: vec![name.to_string()],
+                ..crate::quality::SuiteOptions::defaults()
+            };
+            assert!(!o.sets.is_empty() && !o.heldout);
+            let e = crate::quality::run_suite(&o).unwrap_err().to_string();
+            assert!(e.contains("held out") && e.contains("--heldout"), "{e}");
+        }
+        let defaults = crate::quality::SuiteOptions::defaults();
+        for name in NEW_HELDOUT {
+            assert!(
+                !defaults.sets.iter().any(|n| n == name),
+                "{name} in the default suite"
+            );
+        }
+    }
+
+    /// Top-1 of a 1-nearest-neighbour classifier on the per-image mean colour (RGB, Euclidean),
+    /// `train` images per class as references, `test` per class (the test split) as queries.
+    fn mean_colour_nn_accuracy(set: &GenSet, train: usize, test: usize) -> f64 {
+        let mean = |img: &Image| {
+            let n = (img.width * img.height) as f64;
+            let mut m = [0.0f64; 3];
+            for p in img.rgb.chunks_exact(3) {
+                for ch in 0..3 {
+                    m[ch] += p[ch] as f64 / n;
+                }
+            }
+            m
+        };
+        let refs: Vec<([f64; 3], usize)> = (0..set.classes)
+            .flat_map(|c| (0..train).map(move |i| (c, i)))
+            .map(|(c, i)| (mean(&set.draw(false, c, i)), c))
+            .collect();
+        let mut right = 0;
+        for c in 0..set.classes {
+            for i in 0..test {
+                let q = mean(&set.draw(true, c, i));
+                let d = |m: &[f64; 3]| (0..3).map(|ch| (m[ch] - q[ch]).powi(2)).sum::<f64>();
+                let best = refs
+                    .iter()
+                    .min_by(|a, b| d(&a.0).total_cmp(&d(&b.0)))
+                    .unwrap();
+                right += usize::from(best.1 == c);
+            }
+        }
+        right as f64 / (set.classes * test) as f64
+    }
+
+    #[test]
+    fn new_heldout_classes_are_not_read_from_the_mean_colour() {
+        // 250 queries: at chance (20 %) the standard error is 2.5 points, so 35 % is 6 standard
+        // errors above chance; a mean colour that carried the class would pass it easily.
+        for name in NEW_HELDOUT {
+            let set = gen_set(name).unwrap();
+            let acc = mean_colour_nn_accuracy(&set, 60, 50);
+            let chance = 1.0 / set.classes as f64;
+            eprintln!(
+                "{name}: mean-colour 1-NN {:.1} % (chance {:.1} %)",
+                100.0 * acc,
+                100.0 * chance
+            );
+            assert!(acc < chance + 0.15, "{name}: mean-colour 1-NN {acc}");
+        }
+    }
+
+    /// The same check on the full splits (about a minute): `cargo test -p dinovmf --lib
+    /// mean_colour_full -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn mean_colour_full() {
+        for name in NEW_HELDOUT {
+            let set = gen_set(name).unwrap();
+            let acc = mean_colour_nn_accuracy(&set, set.train_per_class, set.test_per_class);
+            eprintln!(
+                "{name}: mean-colour 1-NN on {} train / {} test images: {:.1} % (chance {:.1} %)",
+                set.len(false),
+                set.len(true),
+                100.0 * acc,
+                100.0 / set.classes as f64
+            );
+        }
     }
 
     #[test]
