@@ -7,8 +7,9 @@
  * communicator is a POSIX shared-memory segment named after the unique id, with one staging
  * slot per rank and a barrier made of two atomic counters. A collective moves the buffer in
  * chunks of SLOT_BYTES: every rank copies its chunk into its slot, waits for all, reads what it
- * needs, waits again. Sums (and maxima) are taken in rank order, ((x0 + x1) + x2) + ..., so every rank gets
- * the same bits (real NCCL's ring sum adds in another order; for two ranks a + b == b + a).
+ * needs, waits again. Sums (and maxima) are taken in rank order, ((x0 + x1) + x2) + ..., so
+ * every rank gets the same bits (real NCCL's ring sum adds in another order; for two ranks
+ * a + b == b + a; a maximum is exact in any order).
  * The stream argument is ignored: the simulator's launches are synchronous. */
 #define _GNU_SOURCE
 #include <errno.h>
