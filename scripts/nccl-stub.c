@@ -7,8 +7,9 @@
  * communicator is a POSIX shared-memory segment named after the unique id, with one staging
  * slot per rank and a barrier made of two atomic counters. A collective moves the buffer in
  * chunks of SLOT_BYTES: every rank copies its chunk into its slot, waits for all, reads what it
- * needs, waits again. Sums are taken in rank order, ((x0 + x1) + x2) + ..., so every rank gets
- * the same bits (real NCCL's ring sum adds in another order; for two ranks a + b == b + a).
+ * needs, waits again. Sums (and maxima) are taken in rank order, ((x0 + x1) + x2) + ..., so
+ * every rank gets the same bits (real NCCL's ring sum adds in another order; for two ranks
+ * a + b == b + a; a maximum is exact in any order).
  * The stream argument is ignored: the simulator's launches are synchronous. */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -37,9 +38,10 @@ typedef enum {
     ncclInvalidUsage = 5,
 } ncclResult_t;
 
-/* The values of nccl.h: ncclFloat32 is 7, ncclSum is 0. */
+/* The values of nccl.h: ncclFloat32 is 7, ncclSum is 0, ncclMax is 2. */
 #define STUB_FLOAT32 7
 #define STUB_SUM 0
+#define STUB_MAX 2
 #define SLOT_BYTES (1 << 20)
 #define MAGIC "dinovmf-nccl-stub"
 
@@ -64,7 +66,7 @@ const char *ncclGetErrorString(ncclResult_t r) {
     case ncclSystemError: return "system error (dinovmf NCCL stub: shared memory)";
     case ncclInternalError: return "internal error (dinovmf NCCL stub)";
     case ncclInvalidArgument:
-        return "invalid argument (dinovmf NCCL stub: only float32 sums and gathers)";
+        return "invalid argument (dinovmf NCCL stub: only float32 sums, maxima and gathers)";
     case ncclInvalidUsage: return "invalid usage (dinovmf NCCL stub)";
     default: return "unknown result (dinovmf NCCL stub)";
     }
@@ -159,7 +161,8 @@ ncclResult_t ncclCommDestroy(ncclComm_t comm) {
 ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count, int datatype,
                            int op, ncclComm_t comm, void *stream) {
     (void)stream;
-    if (!comm || datatype != STUB_FLOAT32 || op != STUB_SUM) return ncclInvalidArgument;
+    if (!comm || datatype != STUB_FLOAT32 || (op != STUB_SUM && op != STUB_MAX))
+        return ncclInvalidArgument;
     if (count && (!sendbuff || !recvbuff)) return ncclInvalidArgument;
     const size_t per = SLOT_BYTES / sizeof(float);
     const float *src = sendbuff;
@@ -171,8 +174,13 @@ ncclResult_t ncclAllReduce(const void *sendbuff, void *recvbuff, size_t count, i
         barrier(comm);
         for (size_t i = 0; i < n; i++) {
             float s = ((const float *)comm->slots)[i];
-            for (int r = 1; r < comm->nranks; r++)
-                s += ((const float *)(comm->slots + (size_t)r * SLOT_BYTES))[i];
+            for (int r = 1; r < comm->nranks; r++) {
+                float x = ((const float *)(comm->slots + (size_t)r * SLOT_BYTES))[i];
+                if (op == STUB_SUM)
+                    s += x;
+                else if (x > s)
+                    s = x;
+            }
             dst[off + i] = s;
         }
         barrier(comm);

@@ -380,9 +380,23 @@ kernels! { OTHER_KERNELS, other_entries, other_sim;
     sinkhorn_columns [EW_BLOCK, None, "ceil(k/256)", "q: n*k"] (q: *mut f32, n: u32, k: u32) |b| {
         sinkhorn::sinkhorn_columns(b, sl_mut(q, us(n) * us(k)), n as usize, k as usize)
     }
-    /// Sinkhorn-Knopp row round (rows to total 1/n; `last != 0`: the rows' softmax, the targets).
-    sinkhorn_rows [WIDE_BLOCK, Small, "n", "q: n*k"] (q: *mut f32, n: u32, k: u32, last: u32) |b| {
-        sinkhorn::sinkhorn_rows(b, sl_mut(q, us(n) * us(k)), n as usize, k as usize, last != 0)
+    /// Sinkhorn-Knopp over ranks, a column round's first piece: `col_max[k]`, the maxima of the
+    /// `n` rows here.
+    sinkhorn_column_max [EW_BLOCK, None, "ceil(k/256)", "col_max: k; q: n*k"] (col_max: *mut f32, q: *const f32, n: u32, k: u32) |b| {
+        sinkhorn::sinkhorn_column_max(b, sl_mut(col_max, us(k)), sl(q, us(n) * us(k)), n as usize, k as usize)
+    }
+    /// Its second piece: `col_sum[k]`, the rows' `exp(q - col_max)` summed per column.
+    sinkhorn_column_sums [EW_BLOCK, None, "ceil(k/256)", "col_sum: k; q: n*k; col_max: k"] (col_sum: *mut f32, q: *const f32, col_max: *const f32, n: u32, k: u32) |b| {
+        sinkhorn::sinkhorn_column_sums(b, sl_mut(col_sum, us(k)), sl(q, us(n) * us(k)), sl(col_max, us(k)), n as usize, k as usize)
+    }
+    /// Its last piece: `q -= col_max + ln col_sum + ln k` per column, one thread per element.
+    sinkhorn_column_scale [EW_BLOCK, None, "ceil(n*k/256)", "q: n*k; col_max: k; col_sum: k"] (q: *mut f32, col_max: *const f32, col_sum: *const f32, n: u32, k: u32) |b| {
+        sinkhorn::sinkhorn_column_scale(b, sl_mut(q, us(n) * us(k)), sl(col_max, us(k)), sl(col_sum, us(k)), n as usize, k as usize)
+    }
+    /// Sinkhorn-Knopp row round on the `n` rows here of a batch of `batch_rows` (rows to total
+    /// 1/batch_rows; `last != 0`: the rows' softmax, the targets).
+    sinkhorn_rows [WIDE_BLOCK, Small, "n", "q: n*k"] (q: *mut f32, n: u32, batch_rows: u32, k: u32, last: u32) |b| {
+        sinkhorn::sinkhorn_rows(b, sl_mut(q, us(n) * us(k)), n as usize, batch_rows as usize, k as usize, last != 0)
     }
     /// `c <- m c + (1 - m) stat`.
     center_update [EW_BLOCK, None, "ceil(k/256)", "center: k; stat: k"] (center: *mut f32, stat: *const f32, momentum: f32, k: u32) |b| {

@@ -18,6 +18,7 @@ use super::launch::head::{
     branch_terms, center_update, row_entropy, xent_columns, BranchDims, LogitTerms, XentColumns,
 };
 use super::ops::{Gemm, Segments};
+use super::ranks::BatchScope;
 
 /// One network's prototype layer on the device: directions `v[K, p]` and radii `g[K]` (the
 /// `[CLS]` last layer, or iBOT's patch layer).
@@ -187,15 +188,6 @@ pub fn branch_forward<D: Device>(
     branch_terms(gpu, out.terms, r, dims)
 }
 
-/// When the `[CLS]` center moves by the batch statistic (`lb.stat`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CenterUpdate {
-    /// At the end of the chain (one rank: the statistic is the whole batch's).
-    InChain,
-    /// Not here: the caller reduces `lb.stat` over ranks first, then moves the center.
-    Deferred,
-}
-
 /// The `[CLS]` loss forward and backward with the teacher at temperature `tau_t`: teacher
 /// targets, center statistic and collapse signals, student loss and `dL/dz_s` (in `lb.dz`),
 /// prototype gradients into `io.grad`, then the center update.
@@ -207,10 +199,13 @@ pub fn cls_loss_forward_backward<D: Device>(
     io: &ClsLoss,
     lb: &LossBufs,
 ) -> Result<()> {
-    cls_loss_forward_backward_with(gpu, cfg, dims, tau_t, io, lb, CenterUpdate::InChain)
+    cls_loss_forward_backward_with(gpu, cfg, dims, tau_t, io, lb, &mut BatchScope::Whole)
 }
 
-/// [`cls_loss_forward_backward`] with the center update where `center` says.
+/// [`cls_loss_forward_backward`] on the rows of `scope`: with a shard, Sinkhorn-Knopp balances
+/// over every rank's rows, and the center is left alone (the statistic `lb.stat`, the collapse
+/// signals and the loss are this rank's; the caller reduces them over ranks and then moves the
+/// center).
 pub fn cls_loss_forward_backward_with<D: Device>(
     gpu: &mut Gpu<D>,
     cfg: &LossConfig,
@@ -218,7 +213,7 @@ pub fn cls_loss_forward_backward_with<D: Device>(
     tau_t: f32,
     io: &ClsLoss,
     lb: &LossBufs,
-    center: CenterUpdate,
+    scope: &mut BatchScope<'_>,
 ) -> Result<()> {
     let LossDims {
         n_crops,
@@ -244,9 +239,8 @@ pub fn cls_loss_forward_backward_with<D: Device>(
         io.center,
         tau_t,
         cfg.centering,
-        nt,
-        k,
-        p,
+        (nt, k, p),
+        scope,
     )?;
     row_entropy(gpu, lb.ent, lb.p_t, nt, k)?;
     gpu.reduce_final(
@@ -315,10 +309,8 @@ pub fn cls_loss_forward_backward_with<D: Device>(
     gpu.l2norm_backward(io.grad.v, lb.dmu, s.mu, s.vn, k, p, eps)?;
 
     // The center moves after the targets used the old one.
-    match center {
-        CenterUpdate::InChain => {
-            center_update(gpu, io.center, lb.stat, cfg.center_momentum as f32, k)
-        }
-        CenterUpdate::Deferred => Ok(()),
+    if scope.center_moves_in_place() {
+        center_update(gpu, io.center, lb.stat, cfg.center_momentum as f32, k)?;
     }
+    Ok(())
 }

@@ -154,26 +154,22 @@ fn on_ranks<D: device::Device + 'static>(
     cfg: &BackendConfig,
     host: &mut dyn super::Collective,
 ) -> Result<Box<dyn Backend>> {
-    anyhow::ensure!(
-        cfg.ibot.is_none(),
-        "iBOT over several CUDA ranks is not implemented (its patch statistics are not reduced \
-         over NCCL yet): use the CPU backend under MPI, or one GPU"
-    );
     dev.bind()?;
     let lib = nccl::NcclLibrary::open(&nccl::NcclSearch::from_env())?;
     let comm = nccl::NcclComm::init(lib, host)?;
-    let be = step::GpuBackend::new(
-        dev,
-        cfg.model,
-        cfg.loss,
-        cfg.shapes,
-        Box::new(super::SingleProcess),
-    )?;
-    Ok(Box::new(be.with_device_ranks(Box::new(comm))?))
+    Ok(Box::new(
+        build(dev, cfg)?.with_device_ranks(Box::new(comm))?,
+    ))
 }
 
 #[cfg(feature = "gpu-sim")]
 fn on<D: device::Device + 'static>(dev: D, cfg: &BackendConfig) -> Result<Box<dyn Backend>> {
+    Ok(Box::new(build(dev, cfg)?))
+}
+
+/// The backend of `cfg` on `dev`: its precision, and iBOT when `cfg` asks for it.
+#[cfg(feature = "gpu-sim")]
+fn build<D: device::Device + 'static>(dev: D, cfg: &BackendConfig) -> Result<step::GpuBackend<D>> {
     let be = step::GpuBackend::new(
         dev,
         cfg.model,
@@ -185,8 +181,8 @@ fn on<D: device::Device + 'static>(dev: D, cfg: &BackendConfig) -> Result<Box<dy
         crate::backend::Precision::F32 => ops::MatmulPrecision::F32,
         crate::backend::Precision::Bf16 => ops::MatmulPrecision::Bf16,
     });
-    Ok(Box::new(match cfg.ibot {
-        None => be,
-        Some(ib) => be.with_ibot(ib)?,
-    }))
+    match cfg.ibot {
+        None => Ok(be),
+        Some(ib) => be.with_ibot(ib),
+    }
 }

@@ -33,9 +33,10 @@ pub struct UniqueId {
 }
 
 type Comm = *mut c_void;
-/// `ncclFloat32` and `ncclSum` of nccl.h.
+/// `ncclFloat32`, `ncclSum` and `ncclMax` of nccl.h.
 const FLOAT32: c_int = 7;
 const SUM: c_int = 0;
+const MAX: c_int = 2;
 
 type GetUniqueIdFn = unsafe extern "C" fn(*mut UniqueId) -> c_int;
 type CommInitRankFn = unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> c_int;
@@ -271,14 +272,19 @@ impl Drop for NcclComm {
     }
 }
 
-impl DeviceCollective for NcclComm {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world_size(&self) -> usize {
-        self.world
-    }
-    unsafe fn sum_f32(&mut self, send: u64, recv: u64, n: usize, stream: u64) -> Result<()> {
+impl NcclComm {
+    /// `ncclAllReduce` of `n` f32 with `op` (`SUM` or `MAX`).
+    ///
+    /// # Safety
+    /// As [`DeviceCollective::sum_f32`].
+    unsafe fn all_reduce(
+        &mut self,
+        send: u64,
+        recv: u64,
+        n: usize,
+        op: c_int,
+        stream: u64,
+    ) -> Result<()> {
         let t = Instant::now();
         // SAFETY: the caller's contract (device buffers of n f32 on this rank's device).
         let r = unsafe {
@@ -287,7 +293,7 @@ impl DeviceCollective for NcclComm {
                 recv as usize as *mut c_void,
                 n,
                 FLOAT32,
-                SUM,
+                op,
                 self.comm,
                 stream as usize as *mut c_void,
             )
@@ -298,6 +304,23 @@ impl DeviceCollective for NcclComm {
         self.bytes_sent += 2 * (w - 1) * 4 * n as u64 / w;
         self.seconds += t.elapsed().as_secs_f64();
         Ok(())
+    }
+}
+
+impl DeviceCollective for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    unsafe fn sum_f32(&mut self, send: u64, recv: u64, n: usize, stream: u64) -> Result<()> {
+        // SAFETY: the caller's contract.
+        unsafe { self.all_reduce(send, recv, n, SUM, stream) }
+    }
+    unsafe fn max_f32(&mut self, send: u64, recv: u64, n: usize, stream: u64) -> Result<()> {
+        // SAFETY: the caller's contract.
+        unsafe { self.all_reduce(send, recv, n, MAX, stream) }
     }
     unsafe fn all_gather_f32(&mut self, send: u64, recv: u64, n: usize, stream: u64) -> Result<()> {
         let t = Instant::now();

@@ -10,7 +10,11 @@ use super::launch::head::{
     gemm_logits_f32, lse_combine, teacher_stat, teacher_targets as teacher_targets_launch,
     TeacherIn,
 };
-use super::launch::sinkhorn::{sinkhorn_columns, sinkhorn_logits, sinkhorn_rows};
+use super::launch::sinkhorn::{
+    sinkhorn_column_max, sinkhorn_column_scale, sinkhorn_column_sums, sinkhorn_columns,
+    sinkhorn_logits, sinkhorn_rows,
+};
+use super::ranks::{BatchScope, RankShard};
 use dinovmf_ptx::kernels::reduce::RedOp;
 
 /// One (batched) GEMM: `C = alpha op(A) op(B) (+ bias) (+ beta C)` (see the kernel's docs for
@@ -417,8 +421,8 @@ impl<D: Device> Gpu<D> {
     /// Teacher targets of the unit rows `y[n, p]`: raw dots `y mu^T`, then `p_t` (centered with
     /// `center` by `centering`) with its log-sum-exp, and the batch statistic `stat[k]` the center
     /// update reads. The [CLS] and the iBOT patch teachers share it. With Sinkhorn-Knopp the
-    /// targets are the balanced batch ([`Self::sinkhorn_targets`]), `stat` their mean, and
-    /// `lse_raw` is not written.
+    /// targets are the balanced batch ([`Self::sinkhorn_targets`]; over every rank's rows when
+    /// `scope` is a shard), `stat` their mean over the rows here, and `lse_raw` is not written.
     #[allow(clippy::too_many_arguments)]
     pub fn teacher_targets(
         &mut self,
@@ -430,13 +434,12 @@ impl<D: Device> Gpu<D> {
         center: Buf<f32>,
         tau_t: f32,
         centering: Centering,
-        n: usize,
-        k: usize,
-        p: usize,
+        (n, k, p): (usize, usize, usize),
+        scope: &mut BatchScope<'_>,
     ) -> Result<()> {
         self.gemm(&Gemm::plain(false, true, n, k, p), dots, y, mu, None)?;
         if let Centering::Sinkhorn { iters } = centering {
-            self.sinkhorn_targets(p_t, dots, scale, bias, iters, n, k)?;
+            self.sinkhorn_targets(p_t, dots, scale, bias, iters, (n, k), scope)?;
             // `dots` is free once the logits are in `p_t`: its first row takes the column sums.
             let sums = dots.sub(0, k);
             self.column_sum(sums, p_t, n, k, false)?;
@@ -458,6 +461,8 @@ impl<D: Device> Gpu<D> {
 
     /// Sinkhorn-Knopp targets `p_t[n, k]` of the logits `scale dots + bias` (`dots[n, k]`):
     /// `iters` rounds of a column and a row launch, the last row launch writing the softmax.
+    /// With `scope` a shard, the `n` rows are this rank's part of the batch: each column round
+    /// is [`Self::sinkhorn_columns_over_ranks`] and the rows total `1 / (the whole batch's rows)`.
     #[allow(clippy::too_many_arguments)]
     pub fn sinkhorn_targets(
         &mut self,
@@ -466,16 +471,43 @@ impl<D: Device> Gpu<D> {
         scale: Buf<f32>,
         bias: Buf<f32>,
         iters: u32,
-        n: usize,
-        k: usize,
+        (n, k): (usize, usize),
+        scope: &mut BatchScope<'_>,
     ) -> Result<()> {
         sinkhorn_logits(self, p_t, dots, scale, bias, n, k)?;
         let rounds = iters.max(1);
+        let batch_rows = scope.batch_rows(n);
         for r in 0..rounds {
-            sinkhorn_columns(self, p_t, n, k)?;
-            sinkhorn_rows(self, p_t, n, k, r + 1 == rounds)?;
+            match scope {
+                BatchScope::Whole => sinkhorn_columns(self, p_t, n, k)?,
+                BatchScope::Shard(s) => self.sinkhorn_columns_over_ranks(p_t, s, n, k)?,
+            }
+            sinkhorn_rows(self, p_t, n, batch_rows, k, r + 1 == rounds)?;
         }
         Ok(())
+    }
+
+    /// One Sinkhorn column round on this rank's rows `q[n, k]` of a batch split over ranks:
+    /// the local column maxima, their maximum over ranks, the local sums of `exp(q - max)`,
+    /// their sum over ranks, then the scaling (core's `sinkhorn_columns_over_ranks`). The
+    /// collectives run on the device's stream, between the launches.
+    pub fn sinkhorn_columns_over_ranks(
+        &mut self,
+        q: Buf<f32>,
+        s: &mut RankShard<'_>,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let (col_max, col_sum) = (s.col_max.sub(0, k), s.col_sum.sub(0, k));
+        let stream = self.dev.stream();
+        sinkhorn_column_max(self, col_max, q, n, k)?;
+        // SAFETY: `col_max` and `col_sum` are `k` f32 of this device's memory, owned by the
+        // caller's backend for longer than the step.
+        unsafe { s.coll.max_f32(col_max.addr, col_max.addr, k, stream)? };
+        sinkhorn_column_sums(self, col_sum, q, col_max, n, k)?;
+        // SAFETY: as above.
+        unsafe { s.coll.sum_f32(col_sum.addr, col_sum.addr, k, stream)? };
+        sinkhorn_column_scale(self, q, col_max, col_sum, n, k)
     }
 
     /// Logits `dots[n, k]` of the unit rows `y[n, p]` against the prototypes `mu[k, p]`

@@ -20,6 +20,7 @@ use crate::backend::cuda::launch::head::{center_update, row_entropy};
 use crate::backend::cuda::launch::ibot::{xent_masked, XentMasked};
 use crate::backend::cuda::loss::{branch_forward, Prototypes};
 use crate::backend::cuda::ops::Gemm;
+use crate::backend::cuda::ranks::BatchScope;
 use crate::backend::step::StepMasks;
 use crate::backend::StepMetrics;
 use dinovmf_ptx::kernels::reduce::RedOp;
@@ -66,14 +67,17 @@ pub struct IbotGpu {
     pub center: Buf<f32>,
 }
 
+impl IbotGpu {
+    /// The patch center and its batch statistic of the last patch loss (this rank's rows).
+    pub(super) fn center_and_stat(&self) -> (Buf<f32>, Buf<f32>) {
+        (self.center, self.stat)
+    }
+}
+
 impl<D: Device> GpuBackend<D> {
-    /// Turns this backend into an iBOT one (the model must have the mask token).
+    /// Turns this backend into an iBOT one (the model must have the mask token); as a rank of
+    /// a data-parallel run too (see `step/ranks.rs`).
     pub fn with_ibot(mut self, cfg: IbotConfig) -> Result<Self> {
-        ensure!(
-            self.rank_shard().1 == 1,
-            "iBOT over several CUDA ranks is not implemented (its patch statistics are not \
-             reduced over NCCL yet): use the CPU backend under MPI, or one GPU"
-        );
         let lay = self.cx.lay;
         ensure!(
             lay.mask_token.is_some(),
@@ -201,7 +205,13 @@ impl<D: Device> GpuBackend<D> {
         let cent = cfg.centering;
         let mt = self.metrics;
 
-        // Teacher: every patch row (after the 2B `[CLS]` rows of the head output).
+        let mut scope = match self.ranks.as_mut() {
+            Some(r) => r.scope(),
+            None => BatchScope::Whole,
+        };
+
+        // Teacher: every patch row (after the 2B `[CLS]` rows of the head output); with
+        // Sinkhorn-Knopp balanced over every rank's patch rows.
         let z_t = self.head_t.z().sub(n_g * p, rows_t * p);
         gpu.l2norm_forward(ib.y_t, ib.zn_t, z_t, rows_t, p, eps)?;
         gpu.teacher_targets(
@@ -213,9 +223,8 @@ impl<D: Device> GpuBackend<D> {
             ib.center,
             tau_t,
             cent,
-            rows_t,
-            k,
-            p,
+            (rows_t, k, p),
+            &mut scope,
         )?;
         row_entropy(gpu, ib.ent, ib.p_t, rows_t, k)?;
         gpu.reduce_final(
@@ -291,9 +300,13 @@ impl<D: Device> GpuBackend<D> {
             gpu.l2norm_backward(ib.dv, lb.dmu, s.mu, s.vn, k, p, eps)?;
             gpu.axpy(self.grads.sub(lay.patch_v, k * p), ib.dv, 1.0, k * p)?;
         }
-        // The patch center moves after the targets used the old one.
-        let momentum = ib.cfg.patch_center_momentum as f32;
-        center_update(gpu, ib.center, ib.stat, momentum, k)
+        // The patch center moves after the targets used the old one (over ranks: in the
+        // reduce phase, from the global statistic).
+        if scope.center_moves_in_place() {
+            let momentum = ib.cfg.patch_center_momentum as f32;
+            center_update(gpu, ib.center, ib.stat, momentum, k)?;
+        }
+        Ok(())
     }
 
     /// The metrics of an iBOT step from the downloaded metrics buffer.

@@ -10,6 +10,7 @@ use crate::backend::cuda::device::Device;
 use crate::backend::cuda::head;
 use crate::backend::cuda::launch::ibot::gather_rows;
 use crate::backend::cuda::loss::{cls_loss_forward_backward_with, ClsLoss, ClsMetrics, Prototypes};
+use crate::backend::cuda::ranks::BatchScope;
 use crate::backend::cuda::vit::{self, Masks, PatchMask};
 use crate::backend::step::{Backward, Crops, Forward, Head, Passes, Phase, StepMasks};
 use crate::backend::{Net, StepHyper, StepMetrics, StepShapes};
@@ -165,7 +166,10 @@ impl<D: Device> Passes for GpuBackend<D> {
             p,
         };
         let cfg = self.loss_cfg;
-        let center = self.center_update_mode();
+        let mut scope = match self.ranks.as_mut() {
+            Some(r) => r.scope(),
+            None => BatchScope::Whole,
+        };
         cls_loss_forward_backward_with(
             &mut self.gpu,
             &cfg,
@@ -173,7 +177,7 @@ impl<D: Device> Passes for GpuBackend<D> {
             teacher_temp,
             &io,
             &self.lb,
-            center,
+            &mut scope,
         )
     }
 

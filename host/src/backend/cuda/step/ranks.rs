@@ -1,37 +1,48 @@
 //! The CUDA backend as one rank of a data-parallel run: its reduce phase on device buffers
 //! through a [`DeviceCollective`] (NCCL), as the CPU backend's `reduce()` does on the host.
 //!
-//! With more than one rank the `[CLS]` chain leaves the center where it is
-//! ([`CenterUpdate::Deferred`]); the reduce phase then takes the mean over ranks of the
-//! gradients and of the batch statistics (the center's statistic `[K]`, the batch-mean teacher
-//! distribution `[K]`, the loss and the mean row entropy; equal shards, so the mean of the shard
-//! means is the global batch mean), and computes the entropy of the mean, its largest mass and
-//! the next center from the global values, as one process would. Clipping, AdamW and the EMA
-//! then run identically on every rank.
+//! With more than one rank the loss chains run on a [`BatchScope::Shard`]: the `[CLS]` center
+//! and iBOT's patch center stay where they are, and Sinkhorn-Knopp (`--centering sinkhorn`, for
+//! the `[CLS]` and the patch teacher) takes each round's column maxima and sums over every
+//! rank's rows (a max and a sum all-reduce of `K` floats per round, between the launches) and
+//! scales the rows by the whole batch's row count. The reduce phase then takes the mean over
+//! ranks of the gradients and of the batch statistics (the center's statistic `[K]`, the
+//! batch-mean teacher distribution `[K]`, the loss and the mean row entropy; with iBOT also the
+//! patch center's statistic `[K]`, the patch loss and the patch teachers' mean entropy; equal
+//! shards, so the mean of the shard means is the global batch mean), and computes the entropy
+//! of the mean, its largest mass and the next centers from the global values, as one process
+//! would. Clipping, AdamW and the EMA then run identically on every rank.
+//!
+//! iBOT's masks are drawn for the whole batch and each rank takes its images' rows
+//! (`StepMasks::draw_shard`); the patch loss weighs each masked row by `1 / (2 b count)` with
+//! the local batch `b` and the image's own masked count, so the mean over ranks is the whole
+//! batch's loss and gradient.
 //!
 //! KoLeo on features (`--koleo`): per global view, every rank all-gathers the view's student
 //! `[CLS]` rows over NCCL (rank order = the whole batch's row order), computes the whole
 //! batch's KoLeo gradient on the host (core's one formula, as on one rank) and keeps its own
 //! rows, weighted by the rank count (the reduce phase's mean divides it again), as the CPU
 //! backend does.
-use anyhow::{ensure, Result};
+use anyhow::Result;
 
-use dinovmf_core::centering::Centering;
 use dinovmf_ptx::kernels::reduce::RedOp;
 
-use super::{GpuBackend, M_LOSS, M_MAX_MASS, M_MEAN_ENT, M_ROW_ENT};
-use crate::backend::cuda::device::{Buf, Device};
+use super::{GpuBackend, M_LOSS, M_MAX_MASS, M_MEAN_ENT, M_MIM, M_PATCH_ENT, M_ROW_ENT};
+use crate::backend::cuda::device::{Buf, Device, Gpu};
 use crate::backend::cuda::launch::head::{center_update, row_entropy};
-use crate::backend::cuda::loss::CenterUpdate;
-use crate::backend::cuda::ranks::DeviceCollective;
+use crate::backend::cuda::ranks::{BatchScope, DeviceCollective, RankShard};
 
 /// A rank's collective and the device buffers of its reduce phase.
 pub(super) struct RankBufs {
     pub coll: Box<dyn DeviceCollective>,
     /// The sum over ranks of the gradients (then scaled into `grads`).
     grad_sum: Buf<f32>,
-    /// `[stat K | mean_p K | loss | row entropy]`, summed in place.
+    /// `[stat K | mean_p K | loss | row entropy]`, with iBOT then `[patch stat K | L_mim |
+    /// patch entropy]`, summed in place.
     stats: Buf<f32>,
+    /// Sinkhorn-Knopp's column maxima and sums over ranks `[K]` each.
+    col_max: Buf<f32>,
+    col_sum: Buf<f32>,
     /// KoLeo: every rank's global-view `[CLS]` rows `[ranks][2][b][d]`, and host scratch.
     koleo_rows: Buf<f32>,
     koleo_x: Vec<f32>,
@@ -40,34 +51,37 @@ pub(super) struct RankBufs {
     koleo_scratch: Vec<f32>,
 }
 
+impl RankBufs {
+    /// The loss chains' view of this rank: a shard of the batch, with Sinkhorn's scratch.
+    pub(super) fn scope(&mut self) -> BatchScope<'_> {
+        BatchScope::Shard(RankShard {
+            coll: self.coll.as_mut(),
+            col_max: self.col_max,
+            col_sum: self.col_sum,
+        })
+    }
+}
+
 impl<D: Device> GpuBackend<D> {
     /// This backend as rank `coll.rank()` of `coll.world_size()`: its shapes are the rank's
-    /// shard of the batch. One rank changes nothing. Sinkhorn centering and iBOT over ranks are
-    /// refused with an error (their statistics over the batch are not reduced on the device
-    /// yet).
+    /// shard of the batch. One rank changes nothing. Any centering and iBOT (before or after
+    /// [`GpuBackend::with_ibot`]) run over ranks; see the module doc.
     pub fn with_device_ranks(mut self, coll: Box<dyn DeviceCollective>) -> Result<Self> {
         let world = coll.world_size();
         if world == 1 {
             return Ok(self);
         }
-        ensure!(
-            !matches!(self.loss_cfg.centering, Centering::Sinkhorn { .. }),
-            "--centering sinkhorn over {world} CUDA ranks is not implemented (its column sums \
-             are not reduced over NCCL yet): use the CPU backend under MPI, or one GPU"
-        );
-        ensure!(
-            self.ibot.is_none(),
-            "iBOT over {world} CUDA ranks is not implemented (its patch statistics are not \
-             reduced over NCCL yet): use the CPU backend under MPI, or one GPU"
-        );
         let k = self.center.len;
         let grad_sum = self.gpu.alloc(self.n_params)?;
-        let stats = self.gpu.alloc(2 * k + 2)?;
+        let stats = self.gpu.alloc(3 * k + 4)?;
+        let (col_max, col_sum) = (self.gpu.alloc(k)?, self.gpu.alloc(k)?);
         let koleo_rows = self.gpu.alloc(world * 2 * self.shapes.batch * self.cx.d)?;
         self.ranks = Some(RankBufs {
             coll,
             grad_sum,
             stats,
+            col_max,
+            col_sum,
             koleo_rows,
             koleo_x: Vec::new(),
             koleo_view: Vec::new(),
@@ -82,14 +96,6 @@ impl<D: Device> GpuBackend<D> {
         match &self.ranks {
             Some(r) => (r.coll.rank(), r.coll.world_size()),
             None => (0, 1),
-        }
-    }
-
-    /// Where the `[CLS]` chain moves the center.
-    pub(super) fn center_update_mode(&self) -> CenterUpdate {
-        match self.ranks {
-            Some(_) => CenterUpdate::Deferred,
-            None => CenterUpdate::InChain,
         }
     }
 
@@ -114,23 +120,40 @@ impl<D: Device> GpuBackend<D> {
         gpu.axpy(self.grads, r.grad_sum, inv, n)?;
 
         let slot = |i: usize| self.metrics.sub(i, 1);
-        gpu.copy(r.stats.sub(0, k), lb.stat)?;
-        gpu.copy(r.stats.sub(k, k), lb.mean_p)?;
-        gpu.copy(r.stats.sub(2 * k, 1), slot(M_LOSS))?;
-        gpu.copy(r.stats.sub(2 * k + 1, 1), slot(M_ROW_ENT))?;
+        let patch = self.ibot.as_ref().map(|ib| ib.center_and_stat());
+        // `(statistic, its offset in stats)`, packed in the order of the module doc.
+        let mut parts = vec![
+            (lb.stat, 0),
+            (lb.mean_p, k),
+            (slot(M_LOSS), 2 * k),
+            (slot(M_ROW_ENT), 2 * k + 1),
+        ];
+        if let Some((_, patch_stat)) = patch {
+            parts.extend([
+                (patch_stat, 2 * k + 2),
+                (slot(M_MIM), 3 * k + 2),
+                (slot(M_PATCH_ENT), 3 * k + 3),
+            ]);
+        }
+        let len = parts.iter().map(|&(b, at)| at + b.len).max().unwrap_or(0);
+        for &(src, at) in &parts {
+            gpu.copy(r.stats.sub(at, src.len), src)?;
+        }
         // SAFETY: as above.
         unsafe {
-            r.coll
-                .sum_f32(r.stats.addr, r.stats.addr, 2 * k + 2, stream)?;
+            r.coll.sum_f32(r.stats.addr, r.stats.addr, len, stream)?;
         }
-        let mean_into = |gpu: &mut crate::backend::cuda::device::Gpu<D>, dst: Buf<f32>, off| {
+        let mean_into = |gpu: &mut Gpu<D>, dst: Buf<f32>, off| {
             gpu.fill(dst, 0.0)?;
             gpu.axpy(dst, r.stats.sub(off, dst.len), inv, dst.len)
         };
-        mean_into(gpu, lb.stat, 0)?;
-        mean_into(gpu, lb.mean_p, k)?;
-        mean_into(gpu, slot(M_LOSS), 2 * k)?;
-        mean_into(gpu, slot(M_ROW_ENT), 2 * k + 1)?;
+        for &(dst, at) in &parts {
+            mean_into(gpu, dst, at)?;
+        }
+        if let (Some((patch_center, patch_stat)), Some(ib)) = (patch, self.ibot.as_ref()) {
+            let momentum = ib.cfg.patch_center_momentum as f32;
+            center_update(gpu, patch_center, patch_stat, momentum, k)?;
+        }
 
         // The signals of the global batch mean, and the next center from the global statistic.
         row_entropy(gpu, slot(M_MEAN_ENT), lb.mean_p, 1, k)?;
