@@ -62,3 +62,30 @@ fn the_suite_runs_on_a_tiny_config_and_writes_its_table() {
     assert!(e.contains("unknown set 'nope'"), "{e}");
     std::fs::remove_dir_all(&root).ok();
 }
+
+#[test]
+fn heldout_runs_the_named_heldout_sets_or_all_of_them() {
+    use dinovmf::quality::sets_to_run;
+    let with = |sets: &[&str], heldout: bool| SuiteOptions {
+        sets: sets.iter().map(|s| s.to_string()).collect(),
+        heldout,
+        ..SuiteOptions::defaults()
+    };
+    // Naming held-out sets runs just those.
+    assert_eq!(
+        sets_to_run(&with(&["holdout-a"], true)).unwrap(),
+        vec!["holdout-a".to_string()]
+    );
+    // Tuning sets only: --heldout appends every held-out set once, after them.
+    let all = sets_to_run(&with(&["textures"], true)).unwrap();
+    assert_eq!(all[0], "textures");
+    for h in ["counts", "glyphs", "holdout-a", "holdout-b"] {
+        assert_eq!(all.iter().filter(|n| *n == h).count(), 1, "{all:?}");
+    }
+    // Without --heldout a held-out set is refused and none is added.
+    assert!(sets_to_run(&with(&["holdout-b"], false)).is_err());
+    assert_eq!(
+        sets_to_run(&with(&["textures"], false)).unwrap(),
+        vec!["textures".to_string()]
+    );
+}

@@ -57,7 +57,7 @@ pub struct QualityArgs {
     #[arg(long, value_delimiter = ',')]
     pub sets: Option<Vec<String>>,
     /// Also run the held-out sets (counts, glyphs, holdout-a, holdout-b): they are not for
-    /// tuning; run them once.
+    /// tuning; run them once. With --sets naming some of them, only those run.
     #[arg(long)]
     pub heldout: bool,
     #[arg(long, default_value = "small32")]

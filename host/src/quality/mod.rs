@@ -191,13 +191,10 @@ fn run_set(name: &str, data: DataSpec, o: &SuiteOptions) -> Result<SuiteRow> {
     })
 }
 
-/// Runs the suite; writes `quality.json` and `quality.md` into `o.out` and returns the rows.
-pub fn run_suite(o: &SuiteOptions) -> Result<Vec<SuiteRow>> {
-    anyhow::ensure!(
-        o.scale > 0.0 && o.scale.is_finite(),
-        "--scale must be positive, got {}",
-        o.scale
-    );
+/// The sets a suite runs, in order: `o.sets` checked (a held-out set only with `--heldout`),
+/// then, with `--heldout` and no held-out set named, every held-out set. Naming held-out sets
+/// runs just those (`--heldout --sets holdout-a` runs one set, not four).
+pub fn sets_to_run(o: &SuiteOptions) -> Result<Vec<String>> {
     for n in &o.sets {
         if let Some(s) = gen_set(n) {
             if s.heldout && !o.heldout {
@@ -214,13 +211,25 @@ pub fn run_suite(o: &SuiteOptions) -> Result<Vec<SuiteRow>> {
         }
     }
     let mut sets = o.sets.clone();
-    if o.heldout {
+    let names_heldout = sets.iter().any(|n| gen_set(n).is_some_and(|s| s.heldout));
+    if o.heldout && !names_heldout {
         for s in GEN_SETS.iter().filter(|s| s.heldout) {
             if !sets.iter().any(|n| n == s.name) {
                 sets.push(s.name.to_string());
             }
         }
     }
+    Ok(sets)
+}
+
+/// Runs the suite; writes `quality.json` and `quality.md` into `o.out` and returns the rows.
+pub fn run_suite(o: &SuiteOptions) -> Result<Vec<SuiteRow>> {
+    anyhow::ensure!(
+        o.scale > 0.0 && o.scale.is_finite(),
+        "--scale must be positive, got {}",
+        o.scale
+    );
+    let sets = sets_to_run(o)?;
     std::fs::create_dir_all(&o.out)?;
     let base = TrainConfig::preset(&o.preset, o.loss)?;
     let mut rows = Vec::new();
