@@ -44,6 +44,18 @@ pub enum CollapseKind {
     Rank,
 }
 
+impl CollapseKind {
+    /// A few words for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            CollapseKind::Uniform => "a uniform teacher",
+            CollapseKind::InputIndependent => "a teacher that ignores its input",
+            CollapseKind::OnePrototype => "one prototype",
+            CollapseKind::Rank => "features of rank about 1",
+        }
+    }
+}
+
 /// Watches a run; [`CollapseWatch::step`] and [`CollapseWatch::diag`] return a warning the first
 /// time a signature is established.
 #[derive(Clone, Debug)]
@@ -151,14 +163,58 @@ impl CollapseWatch {
     }
 }
 
+/// The anti-collapse options a run already uses, so that advice does not suggest them again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AntiCollapseInUse {
+    /// `--centering sinkhorn`.
+    pub sinkhorn: bool,
+    /// `--koleo` above 0.
+    pub koleo: bool,
+}
+
 /// The end-of-run verdict when the trained features score below the network at initialisation
-/// (k-NN at `k` on the held-out split).
-pub fn below_init_warning(k: usize, trained: f64, init: f64) -> Option<String> {
+/// (k-NN at `k` on the held-out split). What it advises depends on whether the watch saw a
+/// collapse during the run (`collapsed`) and on what the run already uses (`in_use`).
+pub fn below_init_warning(
+    k: usize,
+    trained: f64,
+    init: f64,
+    collapsed: &[CollapseKind],
+    in_use: AntiCollapseInUse,
+) -> Option<String> {
     (trained < init).then(|| {
+        let advice = if collapsed.is_empty() {
+            "No collapse was detected during the run (the teacher's outputs depend on the \
+             image), so the network learned features that these labels do not follow. Check \
+             a linear probe (`dinovmf eval linear`) before trusting the k-NN number; more \
+             steps (--epochs) may help. On the quality suite's cluttered sets the recipe's \
+             settings changed little (docs/quality.md)."
+                .to_string()
+        } else {
+            let mut tries = Vec::new();
+            if !in_use.sinkhorn {
+                tries.push("a balanced teacher (--centering sinkhorn)");
+            }
+            if !in_use.koleo {
+                tries.push("spreading the features (--koleo 0.1)");
+            } else {
+                tries.push("a stronger --koleo");
+            }
+            tries.push("a sharper teacher (lower --teacher-temp)");
+            if in_use.sinkhorn {
+                tries.push("fewer --prototypes");
+            }
+            let kinds: Vec<_> = collapsed.iter().map(|c| c.name()).collect();
+            format!(
+                "The teacher collapsed during the run ({}). Try: {}.",
+                kinds.join(", "),
+                tries.join(", ")
+            )
+        };
         format!(
             "warning: the trained features are WORSE than the untrained network: k-NN (k = {k}) \
              {:.1}% trained against {:.1}% at initialisation. Training did not learn on this \
-             data with these options. {TRY_CONSTANT}",
+             data with these options. {advice}",
             100.0 * trained,
             100.0 * init
         )
@@ -246,11 +302,39 @@ mod tests {
 
     #[test]
     fn below_init_is_said_plainly() {
-        assert_eq!(below_init_warning(20, 0.5, 0.4), None);
-        let m = below_init_warning(20, 0.464, 0.528).unwrap();
+        let none = AntiCollapseInUse::default();
+        assert_eq!(below_init_warning(20, 0.5, 0.4, &[], none), None);
+        let m = below_init_warning(20, 0.464, 0.528, &[CollapseKind::Uniform], none).unwrap();
         assert!(
             m.contains("WORSE") && m.contains("46.4%") && m.contains("52.8%"),
             "{m}"
         );
+        assert!(
+            m.contains("--centering sinkhorn") && m.contains("--koleo 0.1"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn below_init_advice_follows_the_run() {
+        let both = AntiCollapseInUse {
+            sinkhorn: true,
+            koleo: true,
+        };
+        // A collapsed run that already balances and spreads is not told to do so again.
+        let m = below_init_warning(20, 0.2, 0.3, &[CollapseKind::OnePrototype], both).unwrap();
+        assert!(m.contains("one prototype"), "{m}");
+        assert!(
+            !m.contains("--centering sinkhorn") && !m.contains("--koleo 0.1"),
+            "{m}"
+        );
+        assert!(m.contains("fewer --prototypes"), "{m}");
+        // No collapse seen: the advice says so and points at the linear probe instead.
+        let m = below_init_warning(20, 0.197, 0.217, &[], both).unwrap();
+        assert!(
+            m.contains("No collapse was detected") && m.contains("eval linear"),
+            "{m}"
+        );
+        assert!(!m.contains("Try:"), "{m}");
     }
 }

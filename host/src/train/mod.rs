@@ -26,7 +26,7 @@ use crate::checkpoint::{write_atomic, LoadOptions};
 use crate::config::{backend_config, crop_config};
 use crate::data::{self, Dataset, Loader, OnError};
 use crate::eval::knn::{knn_accuracy, KnnScore, KNN_KS, KNN_TEMPERATURE};
-use collapse_watch::{below_init_warning, CollapseWatch};
+use collapse_watch::{below_init_warning, AntiCollapseInUse, CollapseWatch};
 pub use config::{
     CenteringKind, DataSpec, IbotSpec, LossKind, Method, ModelSpec, Precision, TrainConfig,
 };
@@ -767,7 +767,11 @@ pub fn train(cfg: &TrainConfig, opts: &RunOptions) -> Result<TrainSummary> {
                 .and_then(|v| v.iter().find(|x| x.0 == 20).or(v.first()).copied())
         };
         if let (Some((k, fin)), Some((_, init))) = (at20(&knn_final), at20(&knn_init)) {
-            if let Some(w) = below_init_warning(k, fin, init) {
+            let in_use = AntiCollapseInUse {
+                sinkhorn: cfg.centering == CenteringKind::Sinkhorn,
+                koleo: cfg.koleo > 0.0,
+            };
+            if let Some(w) = below_init_warning(k, fin, init, watch.warned(), in_use) {
                 eprintln!("{w}");
                 warnings.push(w);
             }
