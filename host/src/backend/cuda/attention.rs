@@ -59,6 +59,17 @@ impl AttentionGemms {
             inner: h,
             ..Gemm::plain(ta, tb, m, nn, k)
         };
+        // dQ = dS K and dK = dS^T Q (both scaled): the same view but for the transpose of dS.
+        let d_qk = |trans_ds| Gemm {
+            lda: t,
+            ldb: 3 * d,
+            ldc: 3 * d,
+            sa: att_s,
+            sb: qkv_s,
+            sc: qkv_s,
+            alpha: scale,
+            ..head(trans_ds, false, t, hd, t)
+        };
         Self {
             scores: Gemm {
                 lda: 3 * d,
@@ -97,26 +108,8 @@ impl AttentionGemms {
                 sc: qkv_s,
                 ..head(true, false, t, hd, t)
             },
-            d_q: Gemm {
-                lda: t,
-                ldb: 3 * d,
-                ldc: 3 * d,
-                sa: att_s,
-                sb: qkv_s,
-                sc: qkv_s,
-                alpha: scale,
-                ..head(false, false, t, hd, t)
-            },
-            d_k: Gemm {
-                lda: t,
-                ldb: 3 * d,
-                ldc: 3 * d,
-                sa: att_s,
-                sb: qkv_s,
-                sc: qkv_s,
-                alpha: scale,
-                ..head(true, false, t, hd, t)
-            },
+            d_q: d_qk(false),
+            d_k: d_qk(true),
         }
     }
 }
