@@ -7,8 +7,11 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use dinovmf::backend::cpu::CpuBackend;
-use dinovmf::backend::{random_batch, Backend, StepHyper, TrainState};
+use dinovmf::backend::{random_batch, Backend, TrainState};
 use dinovmf::config::backend_config;
 use dinovmf::train::{LossKind, Method, TrainConfig};
 
@@ -46,16 +49,7 @@ fn per_step(cfg: &TrainConfig) -> (u64, u64) {
     be.set_state(&TrainState::initial(&bc.model, bc.loss.centering, 0))
         .unwrap();
     let batch = random_batch(&bc.shapes, bc.model.vit.in_chans, 1);
-    let mut hp = StepHyper {
-        lr: 1e-3,
-        weight_decay: 0.04,
-        teacher_momentum: 0.99,
-        teacher_temp: 0.04,
-        freeze_last_layer: false,
-        clip_grad: 3.0,
-        seed: 0,
-        patch_teacher_temp: 0.04,
-    };
+    let mut hp = common::step_hyper(0);
     for s in 0..2 {
         hp.seed = s;
         be.train_step(&batch, &hp).unwrap();

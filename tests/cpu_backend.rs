@@ -43,16 +43,7 @@ fn loss_cfg(vmf: bool, norm_last: bool) -> LossConfig {
 }
 
 fn hyper(seed: u64) -> StepHyper {
-    StepHyper {
-        lr: 1e-3,
-        weight_decay: 0.04,
-        teacher_momentum: 0.99,
-        teacher_temp: 0.04,
-        freeze_last_layer: false,
-        clip_grad: 3.0,
-        seed,
-        patch_teacher_temp: 0.04,
-    }
+    common::step_hyper(seed)
 }
 
 fn backend(cfg: &ModelConfig, loss: &LossConfig, st: &TrainState) -> CpuBackend {

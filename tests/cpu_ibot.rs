@@ -11,7 +11,7 @@ use dinovmf::data::Batch;
 use dinovmf_core::loss::{
     multicrop_loss_forward_backward, scratch_len, LossConfig, LossDims, LossGrads, LossInputs,
 };
-use dinovmf_core::masking::{step_masks, MaskConfig};
+use dinovmf_core::masking::step_masks;
 use dinovmf_core::mim_loss::{
     mim_loss_forward_backward, mim_scratch_len, IbotConfig, MimDims, MimGrads, MimInputs,
 };
@@ -37,28 +37,10 @@ fn shapes() -> StepShapes {
     common::shapes(B, N_LOCAL, G, L)
 }
 
-fn ibot_cfg() -> IbotConfig {
-    IbotConfig {
-        mask: MaskConfig {
-            prob: 0.8,
-            ratio: (0.2, 0.6),
-            ..Default::default()
-        },
-        mim_weight: 0.7,
-        patch_center_momentum: 0.8,
-    }
-}
-
 fn hyper(seed: u64) -> StepHyper {
     StepHyper {
-        lr: 1e-3,
-        weight_decay: 0.04,
-        teacher_momentum: 0.99,
-        teacher_temp: 0.04,
-        freeze_last_layer: false,
-        clip_grad: 3.0,
-        seed,
         patch_teacher_temp: 0.05,
+        ..common::step_hyper(seed)
     }
 }
 
@@ -252,7 +234,7 @@ fn check_centering(
     if let Some(c) = centering {
         lc.centering = c;
     }
-    let ib = ibot_cfg();
+    let ib = common::ibot_config();
     let st = perturbed_state(&cfg, &lc, 3 + vmf as u64);
     let bt = random_batch(&shapes(), 5);
     let hp = hyper(99);
@@ -334,7 +316,7 @@ fn ibot_step_is_deterministic_and_the_state_carries_the_patch_center() {
     let mk = || {
         let mut be = CpuBackend::new(cfg, lc, shapes(), Box::new(SingleProcess))
             .unwrap()
-            .with_ibot(ibot_cfg())
+            .with_ibot(common::ibot_config())
             .unwrap();
         be.set_state(&st).unwrap();
         be
@@ -366,7 +348,7 @@ fn ibot_step_is_deterministic_and_the_state_carries_the_patch_center() {
     };
     let e = CpuBackend::new(dino, lc, shapes(), Box::new(SingleProcess))
         .unwrap()
-        .with_ibot(ibot_cfg())
+        .with_ibot(common::ibot_config())
         .err()
         .map(|e| format!("{e:#}"))
         .unwrap();

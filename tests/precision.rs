@@ -9,16 +9,7 @@ use dinovmf::config::backend_config;
 use dinovmf::train::{LossKind, Method};
 
 fn hyper() -> StepHyper {
-    StepHyper {
-        lr: 1e-3,
-        weight_decay: 0.04,
-        teacher_momentum: 0.99,
-        teacher_temp: 0.04,
-        freeze_last_layer: false,
-        clip_grad: 3.0,
-        seed: 5,
-        patch_teacher_temp: 0.04,
-    }
+    common::step_hyper(5)
 }
 
 /// One step's raw gradients and loss in `prec` from a perturbed state, on `threads` threads.

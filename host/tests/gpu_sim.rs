@@ -7,8 +7,6 @@ use dinovmf::backend::cuda::compare::{
 use dinovmf::backend::cuda::sim::SimDevice;
 use dinovmf::backend::StepShapes;
 use dinovmf_core::loss::LossConfig;
-use dinovmf_core::masking::MaskConfig;
-use dinovmf_core::mim_loss::IbotConfig;
 use dinovmf_core::model::{IbotParts, ModelConfig};
 
 // The root suite's shared test helpers (host/tests is another crate's test folder).
@@ -114,18 +112,6 @@ fn ibot_model(norm_last: bool, separate: bool) -> ModelConfig {
     m
 }
 
-fn ibot_cfg() -> IbotConfig {
-    IbotConfig {
-        mask: MaskConfig {
-            prob: 0.8,
-            ratio: (0.2, 0.6),
-            ..Default::default()
-        },
-        mim_weight: 0.7,
-        patch_center_momentum: 0.8,
-    }
-}
-
 /// [`check`] plus iBOT's own metrics: both losses and the patch target entropy per step, and
 /// (through `c.state`) every parameter tensor, both centers and the moments after the steps.
 fn check_ibot(c: &Comparison, what: &str) {
@@ -196,7 +182,7 @@ fn ibot_vmf_step_on_the_simulator_matches_cpu_rel_1e4() {
         SimDevice::new(),
         ibot_model(false, false),
         LossConfig::vmf(),
-        Some(ibot_cfg()),
+        Some(common::ibot_config()),
         shapes(2, 2),
         2,
         21,
@@ -219,7 +205,7 @@ fn ibot_sinkhorn_step_on_the_simulator_matches_cpu_rel_1e4() {
         SimDevice::new(),
         ibot_model(false, false),
         loss,
-        Some(ibot_cfg()),
+        Some(common::ibot_config()),
         shapes(2, 1),
         2,
         23,
@@ -234,7 +220,7 @@ fn ibot_dino_separate_head_step_on_the_simulator_matches_cpu_rel_1e4() {
         SimDevice::new(),
         ibot_model(true, true),
         LossConfig::dino(),
-        Some(ibot_cfg()),
+        Some(common::ibot_config()),
         shapes(2, 1),
         2,
         22,

@@ -15,7 +15,6 @@ use dinovmf::backend::{
 };
 use dinovmf_core::centering::Centering;
 use dinovmf_core::loss::LossConfig;
-use dinovmf_core::masking::MaskConfig;
 use dinovmf_core::mim_loss::IbotConfig;
 use dinovmf_core::model::{IbotParts, ModelConfig};
 
@@ -66,15 +65,7 @@ impl Setup {
             mask_token: true,
             separate_patch_head: false,
         };
-        let ibot = IbotConfig {
-            mask: MaskConfig {
-                prob: 0.8,
-                ratio: (0.2, 0.6),
-                ..Default::default()
-            },
-            mim_weight: 0.7,
-            patch_center_momentum: 0.8,
-        };
+        let ibot = common::ibot_config();
         Self {
             ibot: Some(ibot),
             ..Self::plain(model, loss)

@@ -1,16 +1,18 @@
 //! What the tests share: the small test model, step shapes, a random batch, a state away from
-//! initialisation, a normal draw and the relative error they assert on; the tiny trainer
+//! initialisation, a normal draw and the relative error they assert on; the iBOT settings; the tiny trainer
 //! config, a scratch folder and quiet run options. Each test file includes it with
 //! `mod common;` (`host/tests` by path) and uses the parts it needs.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
-use dinovmf::backend::{StepShapes, TrainState};
+use dinovmf::backend::{StepHyper, StepShapes, TrainState};
 use dinovmf::data::Batch;
 use dinovmf::train::{LossKind, Method, RunOptions, TrainConfig};
 use dinovmf_core::centering::{center_init, Centering};
 use dinovmf_core::loss::LossConfig;
+use dinovmf_core::masking::MaskConfig;
+use dinovmf_core::mim_loss::IbotConfig;
 use dinovmf_core::model::{
     init_params, num_params, HeadConfig, IbotParts, Layout, ModelConfig, VitConfig,
 };
@@ -48,6 +50,35 @@ pub fn test_model(norm_last_layer: bool, drop_path: f32, ibot: IbotParts) -> Mod
 }
 
 /// The `tiny` preset for a method and a loss.
+/// The backend tests' step hyper-parameters (LR 1e-3, teacher and patch temperature 0.04,
+/// momentum 0.99, clipping 3), with the step's seed.
+pub fn step_hyper(seed: u64) -> StepHyper {
+    StepHyper {
+        lr: 1e-3,
+        weight_decay: 0.04,
+        teacher_momentum: 0.99,
+        teacher_temp: 0.04,
+        freeze_last_layer: false,
+        clip_grad: 3.0,
+        seed,
+        patch_teacher_temp: 0.04,
+    }
+}
+
+/// The backend tests' iBOT settings: most crops masked, a wide ratio, a patch loss weight and a
+/// patch center momentum away from their defaults so that each shows in the results.
+pub fn ibot_config() -> IbotConfig {
+    IbotConfig {
+        mask: MaskConfig {
+            prob: 0.8,
+            ratio: (0.2, 0.6),
+            ..Default::default()
+        },
+        mim_weight: 0.7,
+        patch_center_momentum: 0.8,
+    }
+}
+
 pub fn tiny_config(method: Method, loss: LossKind) -> TrainConfig {
     TrainConfig::preset_for("tiny", method, loss).unwrap()
 }
