@@ -122,21 +122,23 @@ impl<D: Device> GpuBackend<D> {
         let slot = |i: usize| self.metrics.sub(i, 1);
         let patch = self.ibot.as_ref().map(|ib| ib.center_and_stat());
         // `(statistic, its offset in stats)`, packed in the order of the module doc.
-        let mut parts = vec![
+        let cls = [
             (lb.stat, 0),
             (lb.mean_p, k),
             (slot(M_LOSS), 2 * k),
             (slot(M_ROW_ENT), 2 * k + 1),
         ];
-        if let Some((_, patch_stat)) = patch {
-            parts.extend([
+        let mim = patch.map(|(_, patch_stat)| {
+            [
                 (patch_stat, 2 * k + 2),
                 (slot(M_MIM), 3 * k + 2),
                 (slot(M_PATCH_ENT), 3 * k + 3),
-            ]);
-        }
-        let len = parts.iter().map(|&(b, at)| at + b.len).max().unwrap_or(0);
-        for &(src, at) in &parts {
+            ]
+        });
+        // No allocation in the step: the parts are two fixed arrays, the second optional.
+        let parts = || cls.iter().chain(mim.iter().flatten());
+        let len = parts().map(|&(b, at)| at + b.len).max().unwrap_or(0);
+        for &(src, at) in parts() {
             gpu.copy(r.stats.sub(at, src.len), src)?;
         }
         // SAFETY: as above.
@@ -147,7 +149,7 @@ impl<D: Device> GpuBackend<D> {
             gpu.fill(dst, 0.0)?;
             gpu.axpy(dst, r.stats.sub(off, dst.len), inv, dst.len)
         };
-        for &(dst, at) in &parts {
+        for &(dst, at) in parts() {
             mean_into(gpu, dst, at)?;
         }
         if let (Some((patch_center, patch_stat)), Some(ib)) = (patch, self.ibot.as_ref()) {
