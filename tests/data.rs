@@ -761,6 +761,47 @@ fn crop_config_scales_with_image_size() {
     assert_eq!(CropConfig::ibot(224, 8).global_scale, (0.25, 1.0));
 }
 
+#[test]
+fn flip_option_sets_how_often_a_crop_is_mirrored() {
+    // `--flip P` reaches the pipeline: full-image crops of an asymmetric image come out mirrored
+    // never at 0, always at 1, and sometimes (not always) at the default 0.5.
+    let img = random_image(12, 12, 3);
+    let mut train =
+        dinovmf::train::TrainConfig::preset("small32", dinovmf::train::LossKind::Vmf).unwrap();
+    assert_eq!(train.flip, 0.5);
+    let mut mirrored_of = |flip: f32| {
+        train.flip = flip;
+        let mut cfg = plain_crops(12);
+        cfg.flip_p = dinovmf::config::crop_config(&train).flip_p;
+        cfg.global_scale = (1.0, 1.0);
+        cfg.ratio = (1.0, 1.0);
+        let plain = eval_transform(&img, 12);
+        // The same planar crop with every row reversed.
+        let mirror: Vec<f32> = plain
+            .chunks_exact(12)
+            .flat_map(|row| row.iter().rev().copied())
+            .collect();
+        let mut out = vec![0.0; cfg.global_len()];
+        let mut n = 0;
+        for seed in 0..40 {
+            augment_crop(&img, &cfg, CropKind::Global(0), &mut rng(seed), &mut out);
+            if bits(&out) == bits(&mirror) {
+                n += 1;
+            } else {
+                assert!(
+                    bits(&out) == bits(&plain),
+                    "flip {flip}, seed {seed}: neither"
+                );
+            }
+        }
+        n
+    };
+    assert_eq!(mirrored_of(0.0), 0);
+    assert_eq!(mirrored_of(1.0), 40);
+    let half = mirrored_of(0.5);
+    assert!(half > 0 && half < 40, "{half} of 40 mirrored at 0.5");
+}
+
 // ---------------------------------------------------------------- image folder
 
 fn write_tree(root: &Path) -> (Vec<Image>, Vec<Image>) {

@@ -118,5 +118,6 @@ pub fn crop_config(cfg: &TrainConfig) -> CropConfig {
     c.local_scale = cfg.local_scale;
     c.jitter.p *= cfg.color_aug;
     c.grayscale_p *= cfg.color_aug;
+    c.flip_p = cfg.flip;
     c
 }

@@ -179,6 +179,10 @@ pub struct TrainArgs {
     /// 0.2; 0 = none).
     #[arg(long)]
     pub color_aug: Option<f32>,
+    /// Probability of a horizontal flip of each crop (DINO: 0.5). Use 0 when a mirrored image
+    /// means something else (digits, text).
+    #[arg(long)]
+    pub flip: Option<f32>,
     /// Number of local crops.
     #[arg(long)]
     pub n_local: Option<usize>,
@@ -246,7 +250,7 @@ impl TrainArgs {
              momentum_teacher => momentum_teacher, center_momentum => center_momentum,
              weight_decay => weight_decay, weight_decay_end => weight_decay_end,
              clip_grad => clip_grad, freeze_last_layer_epochs => freeze_last_layer_epochs,
-             min_lr => min_lr, global_scale => global_scale, local_scale => local_scale, n_local => n_local, color_aug => color_aug, drop_path => model.drop_path, seed => seed);
+             min_lr => min_lr, global_scale => global_scale, local_scale => local_scale, n_local => n_local, color_aug => color_aug, flip => flip, drop_path => model.drop_path, seed => seed);
         set!(mim_weight => ibot.mim_weight, patch_teacher_temp => ibot.patch_teacher_temp,
              warmup_patch_teacher_temp => ibot.warmup_patch_teacher_temp,
              warmup_patch_teacher_temp_epochs => ibot.warmup_patch_teacher_temp_epochs,

@@ -155,6 +155,10 @@ pub struct TrainConfig {
     /// 1 is DINO's recipe, 0 turns both off.
     #[serde(default = "one")]
     pub color_aug: f32,
+    /// Probability of a horizontal flip of each crop (DINO: 0.5). 0 for data whose mirror image
+    /// is another class or no image at all (digits, text).
+    #[serde(default = "half")]
+    pub flip: f32,
     pub seed: u64,
     pub data: DataSpec,
     /// Weight of the KoLeo-proto regulariser on the student's prototypes (0 = off).
@@ -177,6 +181,10 @@ fn sinkhorn_default_iters() -> u32 {
 
 fn one() -> f32 {
     1.0
+}
+
+fn half() -> f32 {
+    0.5
 }
 
 /// Names of the shipped presets, for help texts.
@@ -252,6 +260,7 @@ impl TrainConfig {
             global_scale: (0.4, 1.0),
             local_scale: (0.05, 0.4),
             color_aug: 1.0,
+            flip: 0.5,
             seed: 0,
             data: builtin.clone(),
             koleo_proto: 0.0,

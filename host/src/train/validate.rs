@@ -162,6 +162,7 @@ pub fn validate_config(cfg: &TrainConfig) -> Result<()> {
     opt("--global-scale", "global_scale").pair(f(cfg.global_scale), 0.0, 1.0, true)?;
     opt("--local-scale", "local_scale").pair(f(cfg.local_scale), 0.0, 1.0, true)?;
     opt("--color-aug", "color_aug").finite_in(cfg.color_aug as f64, 0.0, 1.0, false, false)?;
+    opt("--flip", "flip").finite_in(cfg.flip as f64, 0.0, 1.0, false, false)?;
     opt("--koleo-proto", "koleo_proto").non_negative(cfg.koleo_proto)?;
     opt("--koleo", "koleo").non_negative(cfg.koleo)?;
     opt("--sinkhorn-iters", "sinkhorn_iters").count(cfg.sinkhorn_iters as u64, 1, 1000)?;
@@ -375,6 +376,7 @@ mod tests {
                 Box::new(|c| c.warmup_teacher_temp = 0.0),
             ),
             ("--color-aug", Box::new(|c| c.color_aug = -1.0)),
+            ("--flip", Box::new(|c| c.flip = 1.5)),
             (
                 "--prototypes",
                 Box::new(|c| c.model.prototypes = 100_000_000),
