@@ -315,6 +315,31 @@ pub fn softmax_in_place(row: &mut [f32]) {
 mod tests {
     use super::*;
 
+    /// `scripts/check-no-avx512.sh` runs these tests on emulated CPUs and names, in
+    /// `DINOVMF_EXPECT_SIMD` (and `DINOVMF_EXPECT_BF16`: amx, avx512bf16 or emulated), what the
+    /// run-time dispatch must pick there, so a detection that fell through to the wrong path
+    /// fails instead of passing on whichever path it took. Unset: checks nothing beyond
+    /// consistency.
+    #[test]
+    fn dispatch_picks_the_level_the_cpu_has() {
+        let level = simd_level();
+        assert!(level <= detected_simd_level());
+        let bf16 = super::super::gemm_bf16::bf16_kernel();
+        if level < SimdLevel::Avx512 {
+            assert_eq!(bf16, super::super::gemm_bf16::Bf16Kernel::Emulated);
+        }
+        if let Ok(want) = std::env::var("DINOVMF_EXPECT_SIMD") {
+            let want =
+                parse_simd_level(&want).expect("DINOVMF_EXPECT_SIMD: baseline, avx2 or avx512");
+            assert_eq!(detected_simd_level(), want, "detected SIMD level");
+            assert_eq!(level, want, "SIMD level in use");
+        }
+        if let Ok(want) = std::env::var("DINOVMF_EXPECT_BF16") {
+            let got = format!("{bf16:?}").to_ascii_lowercase();
+            assert_eq!(got, want.to_ascii_lowercase(), "bf16 kernel");
+        }
+    }
+
     #[test]
     fn exp_within_2p5e7_rel_of_f64() {
         let mut x = -87.0f32;
