@@ -302,6 +302,8 @@ multiversion! {
 #[inline(always)]
 fn layernorm_row(y: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (f32, f32) {
     let d = gamma.len();
+    // Every slice cut to `d` up front, so the loop below has no bounds checks left.
+    let (y, x, beta) = (&mut y[..d], &x[..d], &beta[..d]);
     let inv_d = 1.0 / d as f32;
     let mu = lane_sum(x, |v| v) * inv_d;
     let var = lane_sum(x, |v| (v - mu) * (v - mu)) * inv_d;
@@ -334,6 +336,7 @@ multiversion! {
         eps: f32,
     ) {
         let d = gamma.len();
+        let bias = &bias[..d];
         for (((((or, yr), xr), br), m), r) in out
             .chunks_exact_mut(d)
             .zip(y.chunks_exact_mut(d))
@@ -342,8 +345,8 @@ multiversion! {
             .zip(mean.iter_mut())
             .zip(rstd.iter_mut())
         {
-            for i in 0..d {
-                or[i] = xr[i] + scale * (br[i] + bias[i]);
+            for (((o, &x), &b), &bb) in or.iter_mut().zip(xr).zip(br).zip(bias) {
+                *o = x + scale * (b + bb);
             }
             (*m, *r) = layernorm_row(yr, or, gamma, beta, eps);
         }
