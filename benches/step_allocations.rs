@@ -12,7 +12,8 @@
 //! `tests/step_allocations.rs` asserts that the step's own count is zero on one thread.
 //!
 //! `cargo bench -p dinovmf-suite --bench step_allocations`; `DINOVMF_ALLOC_TRACE=1` prints a
-//! backtrace of every allocation outside the `gemm` crate.
+//! backtrace of every allocation outside the `gemm` crate, `DINOVMF_BENCH_PRECISION=bf16` runs
+//! `--precision bf16`.
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -82,7 +83,10 @@ static A: Counting = Counting;
 /// Per warm step: `[gemm count, gemm bytes, own count, own bytes]`, the steps run inside
 /// `pool.install` (`Some`) or from this thread on the global pool (`None`).
 fn per_step(cfg: &TrainConfig, pool: Option<&rayon::ThreadPool>) -> [u64; 4] {
-    let bc = backend_config(cfg);
+    let mut bc = backend_config(cfg);
+    if std::env::var("DINOVMF_BENCH_PRECISION").is_ok_and(|v| v == "bf16") {
+        bc.precision = dinovmf::backend::Precision::Bf16;
+    }
     let mut be = CpuBackend::open(&bc).unwrap();
     be.set_state(&TrainState::initial(&bc.model, bc.loss.centering, 0))
         .unwrap();
