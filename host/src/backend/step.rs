@@ -167,6 +167,24 @@ pub struct StepMasks {
     pub patch: Vec<f32>,
     pub counts: Vec<usize>,
     scratch: Vec<bool>,
+    /// [`StepMasks::draw_shard`]'s masks of the whole batch (every rank's images), kept from
+    /// step to step so that drawing allocates nothing once warm.
+    whole: WholeBatch,
+}
+
+/// The whole batch's masks, which [`StepMasks::draw_shard`] draws before keeping its rank's.
+#[derive(Clone, Debug, Default)]
+struct WholeBatch {
+    global: Vec<f32>,
+    local: Vec<f32>,
+    patch: Vec<f32>,
+    counts: Vec<usize>,
+}
+
+/// `v` resized to `len` (allocating only when it grows past what it had).
+fn sized<T: Clone + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    v.resize(len, T::default());
+    &mut v[..]
 }
 
 impl StepMasks {
@@ -182,6 +200,7 @@ impl StepMasks {
             patch: vec![0.0; n_g * np],
             counts: vec![0; if ibot { n_g } else { 0 }],
             scratch: vec![false; np],
+            whole: WholeBatch::default(),
         }
     }
 
@@ -201,12 +220,13 @@ impl StepMasks {
         let whole = b * ranks;
         let (n_g, n_l) = (2 * whole, shapes.n_local * whole);
         let depth = model.vit.depth;
-        let mut global = vec![0.0; depth * 2 * n_g];
-        let mut local = vec![0.0; depth * 2 * n_l];
-        draw_drop_masks(model, seed, n_g, n_l, &mut global, &mut local);
+        let w = &mut self.whole;
+        let global = sized(&mut w.global, depth * 2 * n_g);
+        let local = sized(&mut w.local, depth * 2 * n_l);
+        draw_drop_masks(model, seed, n_g, n_l, global, local);
         for (mine, all, crops) in [
-            (&mut self.drop_global, &global, 2),
-            (&mut self.drop_local, &local, shapes.n_local),
+            (&mut self.drop_global, &*global, 2),
+            (&mut self.drop_local, &*local, shapes.n_local),
         ] {
             // `[depth][2][crops][whole]` -> `[depth][2][crops][b]`: this rank's rows of each crop.
             for (o, a) in mine.chunks_exact_mut(b).zip(all.chunks_exact(whole)) {
@@ -217,11 +237,11 @@ impl StepMasks {
         if let Some(ib) = ibot {
             let grid = shapes.global_size / model.vit.patch;
             let np = grid * grid;
-            let mut patch = vec![0.0; n_g * np];
-            let mut counts = vec![0; n_g];
+            let patch = sized(&mut w.patch, n_g * np);
+            let counts = sized(&mut w.counts, n_g);
             step_masks(
-                &mut patch,
-                &mut counts,
+                patch,
+                counts,
                 &mut self.scratch,
                 2,
                 whole,

@@ -1,5 +1,5 @@
 //! Branch-free f32 `exp` and GELU that the compiler can vectorise, and the slice kernels built
-//! on them (bias + GELU, softmax, LayerNorm forward).
+//! on them (bias + GELU, softmax, LayerNorm forward, residual + LayerNorm forward).
 //!
 //! The step evaluates ~50 M GELUs (erf + exp) and ~15 M softmax exponentials; libm's scalar
 //! `erff`/`expf` calls cost more than all the GEMMs of the MLP. These versions are plain
@@ -285,21 +285,70 @@ multiversion! {
         eps: f32,
     ) {
         let d = gamma.len();
-        let inv_d = 1.0 / d as f32;
         for (((yr, xr), m), r) in y
             .chunks_exact_mut(d)
             .zip(x.chunks_exact(d))
             .zip(mean.iter_mut())
             .zip(rstd.iter_mut())
         {
-            let mu = lane_sum(xr, |v| v) * inv_d;
-            let var = lane_sum(xr, |v| (v - mu) * (v - mu)) * inv_d;
-            let s = 1.0 / (var + eps).sqrt();
-            *m = mu;
-            *r = s;
-            for i in 0..d {
-                yr[i] = (xr[i] - mu) * s * gamma[i] + beta[i];
+            (*m, *r) = layernorm_row(yr, xr, gamma, beta, eps);
+        }
+    }
+}
+
+/// One row of [`layernorm_rows`]: `y = (x - mean) rstd gamma + beta`; returns `(mean, rstd)`.
+/// The one place the LayerNorm row arithmetic is written, so that the fused
+/// [`residual_layernorm_rows`] gives the same bits as the separate passes.
+#[inline(always)]
+fn layernorm_row(y: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], eps: f32) -> (f32, f32) {
+    let d = gamma.len();
+    // Every slice cut to `d` up front, so the loop below has no bounds checks left.
+    let (y, x, beta) = (&mut y[..d], &x[..d], &beta[..d]);
+    let inv_d = 1.0 / d as f32;
+    let mu = lane_sum(x, |v| v) * inv_d;
+    let var = lane_sum(x, |v| (v - mu) * (v - mu)) * inv_d;
+    let s = 1.0 / (var + eps).sqrt();
+    for i in 0..d {
+        y[i] = (x[i] - mu) * s * gamma[i] + beta[i];
+    }
+    (mu, s)
+}
+
+multiversion! {
+    /// A residual step and the LayerNorm that reads its result, in one pass over each row of
+    /// `[rows, d]` (`d = gamma.len()`): `out = x + scale (branch + bias)` (the residual stream
+    /// after a branch, its drop-path factor and its output bias), then `y`, `mean`, `rstd` the
+    /// LayerNorm of `out` exactly as [`layernorm_rows`] computes them. Each row of `out` is
+    /// still in cache when its statistics read it; the bits equal those of the residual pass
+    /// followed by [`layernorm_rows`] (same operations in the same order, no FMA contraction).
+    #[allow(clippy::too_many_arguments)]
+    pub fn residual_layernorm_rows / residual_layernorm_rows_at(
+        out: &mut [f32],
+        y: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        x: &[f32],
+        branch: &[f32],
+        bias: &[f32],
+        scale: f32,
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+    ) {
+        let d = gamma.len();
+        let bias = &bias[..d];
+        for (((((or, yr), xr), br), m), r) in out
+            .chunks_exact_mut(d)
+            .zip(y.chunks_exact_mut(d))
+            .zip(x.chunks_exact(d))
+            .zip(branch.chunks_exact(d))
+            .zip(mean.iter_mut())
+            .zip(rstd.iter_mut())
+        {
+            for (((o, &x), &b), &bb) in or.iter_mut().zip(xr).zip(br).zip(bias) {
+                *o = x + scale * (b + bb);
             }
+            (*m, *r) = layernorm_row(yr, or, gamma, beta, eps);
         }
     }
 }
@@ -427,7 +476,14 @@ mod tests {
             softmax_rows_at(level, &mut sm, 19);
             let (mut y, mut m, mut r) = (vec![f32::NAN; n], vec![f32::NAN; 37], vec![f32::NAN; 37]);
             layernorm_rows_at(level, &mut y, &mut m, &mut r, &x, &gamma, &bias, 1e-6);
-            [pre, act, dg, sm, y, m, r].map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+            let (mut o2, mut y2) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+            let (mut m2, mut r2) = (vec![f32::NAN; 37], vec![f32::NAN; 37]);
+            residual_layernorm_rows_at(
+                level, &mut o2, &mut y2, &mut m2, &mut r2, &x, &sm, &bias, 1.25, &gamma, &bias,
+                1e-6,
+            );
+            [pre, act, dg, sm, y, m, r, o2, y2, m2, r2]
+                .map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
         };
         let best = run(detected_simd_level());
         assert!(best

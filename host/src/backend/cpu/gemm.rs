@@ -4,6 +4,57 @@
 //! time and parallelises with rayon; on the 2-core Zen 4 dev machine it beats `matrixmultiply`
 //! on the skinny shapes of a small ViT (see `benches/` and the project notes).
 
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+thread_local! {
+    /// Calls into the `gemm` crate open on this thread (see [`inside_gemm_crate`]).
+    static GEMM_CALLS_HERE: Cell<u32> = const { Cell::new(0) };
+}
+/// Multi-threaded calls into the `gemm` crate in flight, in the whole process.
+static PARALLEL_GEMM_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether an allocation made now on this thread is the `gemm` crate's: true while this thread
+/// is inside a call to `gemm::gemm`, or while any multi-threaded call is in flight (its tasks
+/// run on other rayon threads, which do not know they work for it).
+///
+/// `gemm` 0.19 allocates its packing buffers on every call and has no entry point that takes
+/// the caller's memory, so a warm training step still allocates there; everything else the
+/// step needs is allocated once, up front. This is how a counting allocator (the test
+/// `tests/step_allocations.rs`, the bench `step_allocations`) tells the two apart. Exact when
+/// the step runs on a one-thread pool; with more threads and one step at a time, everything
+/// that runs while a parallel product is in flight belongs to that product too, since the
+/// step waits for it.
+pub fn inside_gemm_crate() -> bool {
+    PARALLEL_GEMM_CALLS.load(Ordering::Relaxed) > 0
+        || GEMM_CALLS_HERE.try_with(|c| c.get() > 0).unwrap_or(false)
+}
+
+/// Marks one call into the `gemm` crate for [`inside_gemm_crate`], from creation to drop.
+struct GemmCall {
+    parallel: bool,
+}
+
+impl GemmCall {
+    fn enter(par: gemm::Parallelism) -> Self {
+        let parallel = !matches!(par, gemm::Parallelism::None);
+        if parallel {
+            PARALLEL_GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
+        }
+        GEMM_CALLS_HERE.with(|c| c.set(c.get() + 1));
+        Self { parallel }
+    }
+}
+
+impl Drop for GemmCall {
+    fn drop(&mut self) {
+        GEMM_CALLS_HERE.with(|c| c.set(c.get() - 1));
+        if self.parallel {
+            PARALLEL_GEMM_CALLS.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// How an operand is stored: `N` = as given (row-major rows x cols), `T` = transposed view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -53,6 +104,7 @@ pub fn matmul(
     } else {
         gemm::Parallelism::None
     };
+    let _call = GemmCall::enter(par);
     // SAFETY: the asserts above bound every index the strides reach; c does not alias a or b
     // (distinct borrows).
     unsafe {
@@ -170,6 +222,7 @@ pub fn matmul_strided(
     } else {
         gemm::Parallelism::None
     };
+    let _call = GemmCall::enter(par);
     // SAFETY: `fits` bounds every index the views reach; `c` is a distinct mutable borrow.
     unsafe {
         gemm::gemm(

@@ -16,6 +16,8 @@
 //!
 //! All are checked against f64 sums of the same bf16 products (`tests` below); they differ
 //! from each other in the order of the f32 sums only.
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
 use super::fastmath::{detected_simd_level, simd_level, SimdLevel};
@@ -128,9 +130,74 @@ pub fn matmul_bf16_with(
         }
     }
     let _ = kernel;
-    let ra: Vec<f32> = a[..m * k].iter().map(|&x| round_bf16(x)).collect();
-    let rb: Vec<f32> = b[..k * n].iter().map(|&x| round_bf16(x)).collect();
-    matmul(m, n, k, &ra, op_a, &rb, op_b, c, accumulate);
+    with_scratch(|s| {
+        let ra = grown(&mut s.rounded_a, m * k);
+        let rb = grown(&mut s.rounded_b, k * n);
+        for (r, &x) in ra.iter_mut().zip(&a[..m * k]) {
+            *r = round_bf16(x);
+        }
+        for (r, &x) in rb.iter_mut().zip(&b[..k * n]) {
+            *r = round_bf16(x);
+        }
+        matmul(m, n, k, ra, op_a, rb, op_b, c, accumulate);
+    });
+}
+
+/// The packing memory of the bf16 products on one thread: grown to the largest product the
+/// thread has run, then kept, so that a warm training step allocates nothing here.
+struct Scratch {
+    /// A as bf16 rows ([`pack_rows_bf16`]), B as pair panels ([`pack_panels`]).
+    a: Vec<u16>,
+    b: Vec<u32>,
+    /// A transposed operand converted to bf16 before it is rearranged.
+    t: Vec<u16>,
+    /// The emulation's operands rounded to bf16 (kept as f32).
+    rounded_a: Vec<f32>,
+    rounded_b: Vec<f32>,
+}
+
+impl Scratch {
+    const fn new() -> Self {
+        Self {
+            a: Vec::new(),
+            b: Vec::new(),
+            t: Vec::new(),
+            rounded_a: Vec::new(),
+            rounded_b: Vec::new(),
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = const { RefCell::new(Scratch::new()) };
+    /// One column of B in bf16, per rayon thread ([`pack_panels`]).
+    static COLUMN: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `f` on this thread's [`Scratch`]; on a fresh one if it is in use (a rayon thread waiting
+/// inside one product that picked up another's task: not something the step does, but safe).
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut Scratch::new()),
+    })
+}
+
+/// `f` on this thread's [`COLUMN`] (on a fresh one if it is in use, as [`with_scratch`]).
+fn with_column<R>(f: impl FnOnce(&mut Vec<u16>) -> R) -> R {
+    COLUMN.with(|c| match c.try_borrow_mut() {
+        Ok(mut c) => f(&mut c),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
+/// The first `len` elements of `v`, growing it (with zeros) if it is shorter; what the
+/// elements held before is left for the caller to overwrite.
+fn grown<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    if v.len() < len {
+        v.resize(len, T::default());
+    }
+    &mut v[..len]
 }
 
 /// `dst[i] = bf16(src[i])` (AVX512-BF16's `vcvtne2ps2bf16` where the CPU has it: round to
@@ -164,33 +231,44 @@ unsafe fn to_bf16_avx512(src: &[f32], dst: &mut [u16]) -> usize {
 }
 
 /// The logical `m x k` matrix as bf16 rows of `kpad` (zero past k), rows padded with zeros to
-/// a multiple of `row_multiple` (the kernel's row block). Row `i`'s bf16 values, read as
-/// 32-bit words, are its `(A[i, 2p], A[i, 2p + 1])` pairs.
-fn pack_rows_bf16(
+/// a multiple of `row_multiple` (the kernel's row block), into `out` (grown if short; `t` is
+/// scratch). Row `i`'s bf16 values, read as 32-bit words, are its `(A[i, 2p], A[i, 2p + 1])`
+/// pairs.
+#[allow(clippy::too_many_arguments)]
+fn pack_rows_bf16<'o>(
     m: usize,
     k: usize,
     a: &[f32],
     op: Op,
     kpad: usize,
     row_multiple: usize,
-) -> Vec<u16> {
+    out: &'o mut Vec<u16>,
+    t: &mut Vec<u16>,
+) -> &'o [u16] {
     let mpad = m.div_ceil(row_multiple) * row_multiple;
-    let mut out = vec![0u16; mpad * kpad];
+    let out = grown(out, mpad * kpad);
     match op {
-        Op::N => out
-            .par_chunks_mut(kpad)
-            .take(m)
-            .zip(a.par_chunks(k))
-            .for_each(|(row, src)| to_bf16_row(src, &mut row[..k])),
+        Op::N => {
+            out[..m * kpad]
+                .par_chunks_mut(kpad)
+                .zip(a[..m * k].par_chunks(k))
+                .for_each(|(row, src)| {
+                    to_bf16_row(src, &mut row[..k]);
+                    row[k..].fill(0);
+                });
+            out[m * kpad..].fill(0);
+        }
         Op::T => {
             // Stored k x m: convert the stored rows, then transpose in 32 x 32 blocks.
-            let mut t = vec![0u16; k * m];
+            let t = grown(t, k * m);
             t.par_chunks_mut(m)
                 .zip(a[..k * m].par_chunks(m))
                 .for_each(|(d, s)| to_bf16_row(s, d));
+            let t = &*t;
             out.par_chunks_mut(32 * kpad)
                 .enumerate()
                 .for_each(|(ib, blk)| {
+                    blk.fill(0);
                     for t0 in (0..k).step_by(32) {
                         for i in ib * 32..(ib * 32 + 32).min(m) {
                             let row = &mut blk[(i - ib * 32) * kpad..];
@@ -206,38 +284,55 @@ fn pack_rows_bf16(
 }
 
 /// The logical `k x n` matrix as panels of 16 columns, each `kp` rows of 16 bf16 pairs
-/// (`(B[2p, j], B[2p + 1, j])`, zero past k and n); `ceil(n / 32) * 2` panels.
-fn pack_panels(k: usize, n: usize, b: &[f32], op: Op, kp: usize) -> Vec<u32> {
+/// (`(B[2p, j], B[2p + 1, j])`, zero past k and n); `ceil(n / 32) * 2` panels, into `out`
+/// (grown if short; `t` is scratch).
+fn pack_panels<'o>(
+    k: usize,
+    n: usize,
+    b: &[f32],
+    op: Op,
+    kp: usize,
+    out: &'o mut Vec<u32>,
+    t: &mut Vec<u16>,
+) -> &'o [u32] {
     let panels = n.div_ceil(32) * 2;
-    let mut out = vec![0u32; panels * kp * 16];
+    let out = grown(out, panels * kp * 16);
     match op {
         Op::T => {
             // Stored n x k: row j of the storage is column j, its pairs consecutive.
             out.par_chunks_mut(kp * 16)
                 .enumerate()
                 .for_each(|(q, panel)| {
-                    let mut row = vec![0u16; 2 * kp];
-                    for jj in 0..16 {
-                        let j = q * 16 + jj;
-                        if j >= n {
-                            break;
+                    panel.fill(0);
+                    with_column(|col| {
+                        let row = grown(col, 2 * kp);
+                        row[k..].fill(0);
+                        for jj in 0..16 {
+                            let j = q * 16 + jj;
+                            if j >= n {
+                                break;
+                            }
+                            to_bf16_row(&b[j * k..(j + 1) * k], &mut row[..k]);
+                            for p in 0..kp {
+                                panel[p * 16 + jj] =
+                                    row[2 * p] as u32 | (row[2 * p + 1] as u32) << 16;
+                            }
                         }
-                        to_bf16_row(&b[j * k..(j + 1) * k], &mut row[..k]);
-                        for p in 0..kp {
-                            panel[p * 16 + jj] = row[2 * p] as u32 | (row[2 * p + 1] as u32) << 16;
-                        }
-                    }
+                    });
                 });
         }
         Op::N => {
             // Stored k x n: rows 2p and 2p + 1 interleave into pair row p.
-            let mut t = vec![0u16; 2 * kp * n];
+            let t = grown(t, 2 * kp * n);
             t.par_chunks_mut(n)
                 .zip(b[..k * n].par_chunks(n))
                 .for_each(|(d, s)| to_bf16_row(s, d));
+            t[k * n..].fill(0);
+            let t = &*t;
             out.par_chunks_mut(kp * 16)
                 .enumerate()
                 .for_each(|(q, panel)| {
+                    panel.fill(0);
                     for p in 0..kp {
                         let (lo, hi) = (&t[2 * p * n..], &t[(2 * p + 1) * n..]);
                         for jj in 0..16 {
@@ -265,9 +360,9 @@ struct Operands<'a> {
 
 /// A and B packed for the bf16 kernels: A by [`pack_rows_bf16`] (rows of `kpad`), B by
 /// [`pack_panels`] (16-column panels of `kp = kpad / 2` pair rows).
-struct Packed {
-    a: Vec<u16>,
-    b: Vec<u32>,
+struct Packed<'s> {
+    a: &'s [u16],
+    b: &'s [u32],
     kpad: usize,
     kp: usize,
 }
@@ -284,15 +379,30 @@ fn packed_matmul(
     x: Operands<'_>,
     c: &mut [f32],
     (k_multiple, rows): (usize, usize),
-    block: impl Fn(usize, &mut [f32], &Packed) + Sync,
+    block: impl Fn(usize, &mut [f32], &Packed<'_>) + Sync,
 ) {
     debug_assert!(k > 0, "matmul_bf16_with handles k = 0");
+    with_scratch(|s| packed_in(m, n, k, x, c, (k_multiple, rows), block, s))
+}
+
+/// [`packed_matmul`] with its packing memory.
+#[allow(clippy::too_many_arguments)]
+fn packed_in(
+    m: usize,
+    n: usize,
+    k: usize,
+    x: Operands<'_>,
+    c: &mut [f32],
+    (k_multiple, rows): (usize, usize),
+    block: impl Fn(usize, &mut [f32], &Packed<'_>) + Sync,
+    s: &mut Scratch,
+) {
     let c = &mut c[..m * n];
     let kpad = k.div_ceil(k_multiple) * k_multiple;
     let kp = kpad / 2;
     let p = Packed {
-        a: pack_rows_bf16(m, k, x.a, x.op_a, kpad, rows),
-        b: pack_panels(k, n, x.b, x.op_b, kp),
+        a: pack_rows_bf16(m, k, x.a, x.op_a, kpad, rows, &mut s.a, &mut s.t),
+        b: pack_panels(k, n, x.b, x.op_b, kp, &mut s.b, &mut s.t),
         kpad,
         kp,
     };
@@ -616,6 +726,48 @@ mod tests {
             }
         }
         c
+    }
+
+    /// The per-thread packing memory is reused from product to product: a product after a
+    /// larger one (whose values are still in that memory, past where the smaller one writes)
+    /// gives the bits it gives on threads that never ran one, for every kernel and layout.
+    #[test]
+    fn bf16_gemm_bits_do_not_depend_on_the_product_before() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut rnd =
+            |len: usize| -> Vec<f32> { (0..len).map(|_| rng.gen_range(-1.0..1.0)).collect() };
+        let (big, small) = ((45, 70, 97), (13, 33, 5));
+        let (ab, bb) = (rnd(big.0 * big.2), rnd(big.2 * big.1));
+        let (a, b) = (rnd(small.0 * small.2), rnd(small.2 * small.1));
+        let (m, n, k) = small;
+        for kernel in [
+            Bf16Kernel::Amx,
+            Bf16Kernel::Avx512Bf16,
+            Bf16Kernel::Emulated,
+        ] {
+            for (oa, ob) in [(Op::N, Op::T), (Op::N, Op::N), (Op::T, Op::N)] {
+                // A fresh two-thread pool each time: its threads' packing memory is new.
+                let run = |after_big: bool| {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(2)
+                        .build()
+                        .unwrap();
+                    pool.install(|| {
+                        if after_big {
+                            let (bm, bn, bk) = big;
+                            let mut c = vec![0.0; bm * bn];
+                            matmul_bf16_with(kernel, bm, bn, bk, &ab, oa, &bb, ob, &mut c, false);
+                        }
+                        let mut c = vec![f32::NAN; m * n];
+                        matmul_bf16_with(kernel, m, n, k, &a, oa, &b, ob, &mut c, false);
+                        c.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                    })
+                };
+                let fresh = run(false);
+                assert!(fresh.iter().all(|&x| f32::from_bits(x).is_finite()));
+                assert!(fresh == run(true), "{kernel:?} {oa:?} {ob:?}");
+            }
+        }
     }
 
     /// Both kernels, every layout, ragged sizes around the 12 x 32 tile and odd k, beta 0 into

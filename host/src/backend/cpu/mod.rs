@@ -5,8 +5,12 @@
 //! output tiles only (fixed summation order along k), and every reduction over rows runs over a
 //! fixed partition (see `rows`). Results are bit-identical run to run, whatever the scheduling.
 //!
-//! Every activation and scratch buffer of the step is allocated once, in [`CpuBackend::new`];
-//! the only allocations inside a step are the packing buffers the `gemm` crate makes per call.
+//! Every activation and scratch buffer of the step is allocated once, in [`CpuBackend::new`]
+//! (bf16's packing memory: per thread, grown once, in `gemm_bf16`); the only allocations
+//! inside a warm step are the packing buffers the `gemm` crate makes per call, which
+//! [`gemm::inside_gemm_crate`] tells apart (`tests/step_allocations.rs` asserts that nothing
+//! else allocates). With several ranks the collective (and Sinkhorn-Knopp's gather of the
+//! column maxima, `reduce::SinkhornOver`) still allocate.
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
@@ -115,6 +119,10 @@ pub struct CpuBackend {
     koleo_gathered: Vec<f32>,
     /// iBOT's buffers and patch center (see [`CpuBackend::with_ibot`]); `None` for DINO.
     ibot: Option<ibot::IbotCpu>,
+    /// With several ranks: the batch statistics the reduce phase averages over them (the
+    /// center's, the mean teacher distribution, two scalars; iBOT: the patch center's and two
+    /// more), `3 K + 4` values at most, allocated once.
+    reduce_stats: Vec<f32>,
 }
 
 /// Masks to the factors `mask / keep` the forward multiplies by (as core's drop path, in f32).
@@ -207,6 +215,7 @@ impl CpuBackend {
             koleo_scratch: Vec::new(),
             koleo_gathered: Vec::new(),
             ibot: None,
+            reduce_stats: Vec::with_capacity(3 * k + 4),
             cx,
         })
     }

@@ -390,7 +390,8 @@ impl Passes for CpuBackend {
         self.reducer.mean_f32(&mut self.grads)?;
         let k = self.center.len();
         let lb = &self.lossb;
-        let mut stats = Vec::with_capacity(3 * k + 4);
+        let stats = &mut self.reduce_stats;
+        stats.clear();
         stats.extend_from_slice(&lb.stat[..k]);
         stats.extend_from_slice(&lb.mean_p[..k]);
         stats.extend_from_slice(&[self.report.cls_loss, self.report.teacher_entropy]);
@@ -398,7 +399,7 @@ impl Passes for CpuBackend {
             stats.extend_from_slice(&ib.mimb.stat[..k]);
             stats.extend_from_slice(&[self.report.mim_loss, self.report.patch_teacher_entropy]);
         }
-        self.reducer.mean_f32(&mut stats)?;
+        self.reducer.mean_f32(stats)?;
         let (stat, rest) = stats.split_at(k);
         let (mean_p, rest) = rest.split_at(k);
         let (scalars, patch) = rest.split_at(2);

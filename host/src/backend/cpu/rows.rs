@@ -165,7 +165,10 @@ pub fn mul_inplace(d: &mut [f32], dgelu: &[f32], n: usize) {
 
 /// `out[img] = x[img] + scale[img] * (branch[img] + bias)` with `per` = `t * d` elements per
 /// image and `bias` of length `d` (residual + drop path + the branch's bias, in one pass).
-/// `scale = None` means 1 for every image (no drop path).
+/// `scale = None` means 1 for every image (no drop path). The step runs it fused with the
+/// LayerNorm that reads its output ([`residual_drop_layernorm`]); this one stays as what the
+/// fused pass is tested against.
+#[cfg(test)]
 pub fn residual_drop(
     out: &mut [f32],
     x: &[f32],
@@ -192,6 +195,48 @@ pub fn residual_drop(
                     *o = x + s * (b + bb);
                 }
             }
+        });
+}
+
+/// The LayerNorm that reads a residual's result, fused into [`residual_drop_layernorm`]: its
+/// outputs `y[rows, d]`, `mean[rows]`, `rstd[rows]` and its parameters.
+pub struct NormOut<'a> {
+    pub y: &'a mut [f32],
+    pub mean: &'a mut [f32],
+    pub rstd: &'a mut [f32],
+    pub gamma: &'a [f32],
+    pub beta: &'a [f32],
+    pub eps: f32,
+}
+
+/// [`residual_drop`] and then [`layernorm_fwd`] of its output, in one pass over each row
+/// ([`fastmath::residual_layernorm_rows`], parallel over images): `out` gets the residual
+/// stream, `ln` its LayerNorm and statistics, to the bit what the two calls give.
+#[allow(clippy::too_many_arguments)]
+pub fn residual_drop_layernorm(
+    out: &mut [f32],
+    ln: NormOut<'_>,
+    x: &[f32],
+    branch: &[f32],
+    bias: &[f32],
+    scale: Option<&[f32]>,
+    n_img: usize,
+    per: usize,
+) {
+    let d = bias.len();
+    let rows_per = per / d.max(1);
+    let (gamma, beta, eps) = (&ln.gamma[..d], &ln.beta[..d], ln.eps);
+    out[..n_img * per]
+        .par_chunks_mut(per)
+        .zip(ln.y[..n_img * per].par_chunks_mut(per))
+        .zip(ln.mean[..n_img * rows_per].par_chunks_mut(rows_per))
+        .zip(ln.rstd[..n_img * rows_per].par_chunks_mut(rows_per))
+        .zip(x[..n_img * per].par_chunks(per))
+        .zip(branch[..n_img * per].par_chunks(per))
+        .enumerate()
+        .for_each(|(i, (((((o, y), m), r), x), br))| {
+            let s = scale.map_or(1.0, |s| s[i]);
+            fastmath::residual_layernorm_rows(o, y, m, r, x, br, bias, s, gamma, beta, eps);
         });
 }
 
@@ -275,6 +320,133 @@ mod tests {
         for j in 0..d {
             let want: f64 = 1.0 + (0..n).map(|i| dy64[i * d + j]).sum::<f64>();
             assert!(close(cs[j], want, 10.0), "colsum[{j}]");
+        }
+    }
+
+    /// The two passes the fused [`residual_drop_layernorm`] replaces.
+    #[allow(clippy::too_many_arguments)]
+    fn unfused(
+        x: &[f32],
+        br: &[f32],
+        bias: &[f32],
+        scale: Option<&[f32]>,
+        gamma: &[f32],
+        beta: &[f32],
+        n_img: usize,
+        per: usize,
+    ) -> [Vec<f32>; 4] {
+        let (d, rows) = (bias.len(), n_img * per / bias.len());
+        let mut out = vec![f32::NAN; n_img * per];
+        residual_drop(&mut out, x, br, bias, scale, n_img, per);
+        let (mut y, mut m, mut r) = (vec![f32::NAN; rows * d], vec![0.0; rows], vec![0.0; rows]);
+        layernorm_fwd(&mut y, &mut m, &mut r, &out, gamma, beta, rows, d, 1e-6);
+        [out, y, m, r]
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fused(
+        x: &[f32],
+        br: &[f32],
+        bias: &[f32],
+        scale: Option<&[f32]>,
+        gamma: &[f32],
+        beta: &[f32],
+        n_img: usize,
+        per: usize,
+    ) -> [Vec<f32>; 4] {
+        let (d, rows) = (bias.len(), n_img * per / bias.len());
+        let mut out = vec![f32::NAN; n_img * per];
+        let (mut y, mut m, mut r) = (vec![f32::NAN; rows * d], vec![0.0; rows], vec![0.0; rows]);
+        let ln = NormOut {
+            y: &mut y,
+            mean: &mut m,
+            rstd: &mut r,
+            gamma,
+            beta,
+            eps: 1e-6,
+        };
+        residual_drop_layernorm(&mut out, ln, x, br, bias, scale, n_img, per);
+        [out, y, m, r]
+    }
+
+    #[test]
+    fn fused_residual_layernorm_is_bit_identical_to_the_two_passes() {
+        // Ragged sizes: widths that are not multiples of the eight lanes (or of 16), one row
+        // per image (the last block's [CLS] rows) and many, drop path on and off.
+        let mut seed = 7;
+        for &(n_img, t, d) in &[
+            (1, 1, 1),
+            (3, 1, 24),
+            (5, 17, 7),
+            (2, 65, 96),
+            (7, 5, 33),
+            (4, 10, 129),
+        ] {
+            seed += 10;
+            let per = t * d;
+            let x: Vec<f32> = rnd(n_img * per, seed).iter().map(|v| 4.0 * v).collect();
+            let br = rnd(n_img * per, seed + 1);
+            let bias = rnd(d, seed + 2);
+            let gamma: Vec<f32> = rnd(d, seed + 3).iter().map(|v| 1.0 + 0.5 * v).collect();
+            let beta = rnd(d, seed + 4);
+            let scale: Vec<f32> = (0..n_img).map(|i| [0.0, 1.25, 1.0][i % 3]).collect();
+            for sc in [None, Some(&scale[..])] {
+                let a = unfused(&x, &br, &bias, sc, &gamma, &beta, n_img, per);
+                let b = fused(&x, &br, &bias, sc, &gamma, &beta, n_img, per);
+                for (k, (u, f)) in a.iter().zip(&b).enumerate() {
+                    assert!(
+                        u.iter().all(|v| v.is_finite()),
+                        "{n_img}x{t}x{d} output {k}"
+                    );
+                    let (ub, fb): (Vec<u32>, Vec<u32>) = (
+                        u.iter().map(|v| v.to_bits()).collect(),
+                        f.iter().map(|v| v.to_bits()).collect(),
+                    );
+                    assert!(ub == fb, "{n_img}x{t}x{d} scale {sc:?}: output {k} differs");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_residual_layernorm_matches_f64_rel_1e5() {
+        let (n_img, t, d) = (6, 9, 40);
+        let per = t * d;
+        let x: Vec<f32> = rnd(n_img * per, 41).iter().map(|v| 3.0 * v + 0.5).collect();
+        let br = rnd(n_img * per, 42);
+        let bias = rnd(d, 43);
+        let gamma: Vec<f32> = rnd(d, 44).iter().map(|v| 1.0 + 0.3 * v).collect();
+        let beta = rnd(d, 45);
+        let scale = [1.0f32, 0.0, 1.5, 1.5, 0.0, 1.0];
+        let [out, y, m, r] = fused(&x, &br, &bias, Some(&scale), &gamma, &beta, n_img, per);
+        let rows = n_img * t;
+        let mut out64 = vec![0.0f64; rows * d];
+        for i in 0..rows * d {
+            let s = scale[i / per] as f64;
+            out64[i] = x[i] as f64 + s * (br[i] as f64 + bias[i % d] as f64);
+        }
+        let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        let mut y64 = vec![0.0; rows * d];
+        let (mut m64, mut r64) = (vec![0.0; rows], vec![0.0; rows]);
+        layernorm_forward(
+            &mut y64,
+            &mut m64,
+            &mut r64,
+            &out64,
+            &f(&gamma),
+            &f(&beta),
+            rows,
+            d,
+            1e-6,
+        );
+        let close = |a: f32, b: f64, scale: f64| (a as f64 - b).abs() <= 1e-5 * scale;
+        for i in 0..rows * d {
+            assert!(close(out[i], out64[i], 1.0 + out64[i].abs()), "out[{i}]");
+            assert!(close(y[i], y64[i], 3.0), "y[{i}]");
+        }
+        for i in 0..rows {
+            assert!(close(m[i], m64[i], 1.0), "mean[{i}]");
+            assert!(close(r[i], r64[i], r64[i]), "rstd[{i}]");
         }
     }
 

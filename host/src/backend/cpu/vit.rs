@@ -13,7 +13,7 @@ use dinovmf_core::ops::{patchify, pos_embed_for_grid_backward, pos_embed_for_gri
 
 use super::attention;
 use super::gemm::{linear_matmul, Op};
-use super::rows::{self, n_chunks};
+use super::rows::{self, n_chunks, NormOut};
 
 pub use crate::backend::shapes::Cx;
 
@@ -292,19 +292,75 @@ pub fn forward_ext(
             });
     }
 
+    // LayerNorm 1 of the first block; every later LayerNorm (the next block's LayerNorm 1, the
+    // final one) runs inside the residual that makes its input (see `Next`).
+    {
+        let o = lay.block(0);
+        let bb = &mut g.blocks[0];
+        rows::layernorm_fwd(
+            &mut bb.ln1,
+            &mut bb.ln1_mean,
+            &mut bb.ln1_rstd,
+            &g.stream[0][..n * t * d],
+            &p[o.norm1_w..o.norm1_w + d],
+            &p[o.norm1_b..o.norm1_b + d],
+            n * t,
+            d,
+            cx.eps,
+        );
+    }
     for i in 0..v.depth {
-        let (bi, si, so) = if save {
-            (i, i, i + 1)
+        let (si, so) = if save {
+            (i, i + 1)
         } else {
-            (0, i % 2, (i + 1) % 2)
+            (i % 2, (i + 1) % 2)
         };
+        let last = i + 1 == v.depth;
         let (sa, sm) = branch_scales(scales, i, n);
         let (x, xout) = two(&mut g.stream, si, so);
+        let (bb, next) = if last {
+            let (gamma, beta) = (
+                &p[lay.norm_w..lay.norm_w + d],
+                &p[lay.norm_b..lay.norm_b + d],
+            );
+            let (y, mean, rstd) = if all_tokens {
+                (&mut g.norm_all, &mut g.norm_mean, &mut g.norm_rstd)
+            } else {
+                (&mut g.cls, &mut g.cls_mean, &mut g.cls_rstd)
+            };
+            let norm = NormOut {
+                y,
+                mean,
+                rstd,
+                gamma,
+                beta,
+                eps: cx.eps,
+            };
+            (&mut g.blocks[if save { i } else { 0 }], Next::Norm(norm))
+        } else {
+            let o = lay.block(i + 1);
+            let (gamma, beta) = (&p[o.norm1_w..o.norm1_w + d], &p[o.norm1_b..o.norm1_b + d]);
+            if save {
+                let (done, rest) = g.blocks.split_at_mut(i + 1);
+                let nb = &mut rest[0];
+                let norm = NormOut {
+                    y: &mut nb.ln1,
+                    mean: &mut nb.ln1_mean,
+                    rstd: &mut nb.ln1_rstd,
+                    gamma,
+                    beta,
+                    eps: cx.eps,
+                };
+                (&mut done[i], Next::Norm(norm))
+            } else {
+                (&mut g.blocks[0], Next::OwnLn1 { gamma, beta })
+            }
+        };
         block_forward(
             cx,
             p,
             &lay.block(i),
-            &mut g.blocks[bi],
+            bb,
             x,
             xout,
             &mut g.tmp,
@@ -315,43 +371,30 @@ pub fn forward_ext(
             sa,
             sm,
             save,
-            !all_tokens && i + 1 == v.depth,
+            !all_tokens && last,
+            next,
         );
     }
 
-    let last = if save { v.depth } else { v.depth % 2 };
     if all_tokens {
-        let r = n * t;
-        rows::layernorm_fwd(
-            &mut g.norm_all,
-            &mut g.norm_mean,
-            &mut g.norm_rstd,
-            &g.stream[last][..r * d],
-            &p[lay.norm_w..lay.norm_w + d],
-            &p[lay.norm_b..lay.norm_b + d],
-            r,
-            d,
-            cx.eps,
-        );
+        // The final LayerNorm of every token is in `g.norm_all`; `g.cls` gets its [CLS] rows.
         let na = &g.norm_all;
         g.cls[..n * d]
             .par_chunks_mut(d)
             .enumerate()
             .for_each(|(b, o)| o.copy_from_slice(&na[b * t * d..b * t * d + d]));
-        return;
     }
-    // Final LayerNorm: the last block produced the [CLS] rows `[n, d]` only.
-    rows::layernorm_fwd(
-        &mut g.cls,
-        &mut g.cls_mean,
-        &mut g.cls_rstd,
-        &g.stream[last],
-        &p[lay.norm_w..lay.norm_w + d],
-        &p[lay.norm_b..lay.norm_b + d],
-        n,
-        d,
-        cx.eps,
-    );
+}
+
+/// The LayerNorm that reads a block's output, which the block's last residual computes in the
+/// same pass ([`rows::residual_drop_layernorm`]).
+enum Next<'a> {
+    /// Into these buffers: the next block's LayerNorm 1 when every block keeps its
+    /// activations, or the final LayerNorm after the last block.
+    Norm(NormOut<'a>),
+    /// The next block's LayerNorm 1 (these parameters) into this block's own `ln1` buffers,
+    /// which the next block reuses (nothing saved: teacher, `embed`).
+    OwnLn1 { gamma: &'a [f32], beta: &'a [f32] },
 }
 
 /// `(&v[a], &mut v[b])` for `a != b`.
@@ -365,10 +408,12 @@ fn two(v: &mut [Vec<f32>], a: usize, b: usize) -> (&[f32], &mut [f32]) {
     }
 }
 
-/// One block. With `cls_only` (the last block) only the `[CLS]` rows of its output are made:
-/// LayerNorm 1 and `qkv` run on every token (keys and values), attention for query 0 only,
-/// and projection, LayerNorm 2 and MLP on `n` rows; `xout` then holds `[n, d]` and `xc` the
-/// block input's `[CLS]` rows (the residual).
+/// One block, whose LayerNorm 1 of `x` is already in `bb.ln1` (the previous block's last
+/// residual, or the first LayerNorm, made it); its output residual also makes `next`. With
+/// `cls_only` (the last block) only the `[CLS]` rows of its output are made: LayerNorm 1 and
+/// `qkv` run on every token (keys and values), attention for query 0 only, and projection,
+/// LayerNorm 2 and MLP on `n` rows; `xout` then holds `[n, d]` and `xc` the block input's
+/// `[CLS]` rows (the residual).
 #[allow(clippy::too_many_arguments)]
 fn block_forward(
     cx: &Cx,
@@ -386,21 +431,11 @@ fn block_forward(
     sm: Option<&[f32]>,
     save: bool,
     cls_only: bool,
+    next: Next<'_>,
 ) {
     let (d, mh) = (cx.d, cx.mh);
     let rows = n * t;
     let w = |off: usize, len: usize| &p[off..off + len];
-    rows::layernorm_fwd(
-        &mut bb.ln1,
-        &mut bb.ln1_mean,
-        &mut bb.ln1_rstd,
-        x,
-        w(o.norm1_w, d),
-        w(o.norm1_b, d),
-        rows,
-        d,
-        cx.eps,
-    );
     let acc = match o.qkv_b {
         Some(b) => {
             rows::fill_rows(&mut bb.qkv, w(b, 3 * d), rows);
@@ -445,18 +480,15 @@ fn block_forward(
         tmp,
         false,
     );
-    rows::residual_drop(&mut bb.x_mid, xres, tmp, w(o.proj_b, d), sa, n, per);
-    rows::layernorm_fwd(
-        &mut bb.ln2,
-        &mut bb.ln2_mean,
-        &mut bb.ln2_rstd,
-        &bb.x_mid,
-        w(o.norm2_w, d),
-        w(o.norm2_b, d),
-        r,
-        d,
-        cx.eps,
-    );
+    let ln2 = NormOut {
+        y: &mut bb.ln2,
+        mean: &mut bb.ln2_mean,
+        rstd: &mut bb.ln2_rstd,
+        gamma: w(o.norm2_w, d),
+        beta: w(o.norm2_b, d),
+        eps: cx.eps,
+    };
+    rows::residual_drop_layernorm(&mut bb.x_mid, ln2, xres, tmp, w(o.proj_b, d), sa, n, per);
     linear_matmul(
         cx.prec,
         r,
@@ -483,7 +515,18 @@ fn block_forward(
         tmp,
         false,
     );
-    rows::residual_drop(xout, &bb.x_mid, tmp, w(o.fc2_b, d), sm, n, per);
+    let norm = match next {
+        Next::Norm(norm) => norm,
+        Next::OwnLn1 { gamma, beta } => NormOut {
+            y: &mut bb.ln1,
+            mean: &mut bb.ln1_mean,
+            rstd: &mut bb.ln1_rstd,
+            gamma,
+            beta,
+            eps: cx.eps,
+        },
+    };
+    rows::residual_drop_layernorm(xout, norm, &bb.x_mid, tmp, w(o.fc2_b, d), sm, n, per);
 }
 
 /// Backward of [`forward`] (which must have run with `g.saved`) from `dcls[n, d]`, the
