@@ -25,7 +25,7 @@ import sys
 import time
 
 
-def build_vit(dino_dir, img, patch, classes):
+def build_vit(dino_dir, img, patch, classes, conv_stem=False, mean_pool=False):
     import torch.nn as nn
     sys.path.insert(0, dino_dir)
     import vision_transformer as vits
@@ -36,10 +36,28 @@ def build_vit(dino_dir, img, patch, classes):
             self.backbone = vits.VisionTransformer(
                 img_size=[img], patch_size=patch, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4,
                 qkv_bias=True, drop_path_rate=0.1)
+            if conv_stem:
+                # Instead of one patch x patch linear projection: log2(patch) 3 x 3 convolutions
+                # of stride 2 (batch norm, ReLU), then a 1 x 1 convolution to the width, so the
+                # token grid (and everything after it) is the same as the patch embedding's.
+                layers, c = [], 3
+                for i in range(patch.bit_length() - 1):
+                    o = 96 >> (patch.bit_length() - 2 - i)
+                    layers += [nn.Conv2d(c, o, 3, stride=2, padding=1, bias=False),
+                               nn.BatchNorm2d(o), nn.ReLU()]
+                    c = o
+                layers.append(nn.Conv2d(c, 96, 1))
+                self.backbone.patch_embed.proj = nn.Sequential(*layers)
             self.fc = nn.Linear(96, classes)
 
         def forward(self, x):
-            return self.fc(self.backbone(x))
+            if not mean_pool:
+                return self.fc(self.backbone(x))
+            b = self.backbone
+            x = b.prepare_tokens(x)
+            for blk in b.blocks:
+                x = blk(x)
+            return self.fc(b.norm(x)[:, 1:].mean(1))
 
     return Net()
 
@@ -59,8 +77,12 @@ def build_cnn(classes):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="folder with train/ and test/ class folders")
-    ap.add_argument("--arch", choices=["vit", "cnn"], default="vit")
+    ap.add_argument("--arch", choices=["vit", "vit-conv", "cnn"], default="vit",
+                    help="vit: the small32 ViT; vit-conv: the same with a convolutional stem "
+                    "in place of the patch embedding; cnn: a small CNN")
     ap.add_argument("--img", type=int, default=32)
+    ap.add_argument("--pool", choices=["cls", "mean"], default="cls",
+                    help="ViT readout: its [CLS] token, or the mean of its patch tokens")
     ap.add_argument("--patch", type=int, default=8, help="ViT patch size")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -90,7 +112,9 @@ def main():
     classes = len(train.classes)
     tl = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True, drop_last=True)
     vl = torch.utils.data.DataLoader(test, batch_size=256)
-    net = build_vit(a.dino_dir, a.img, a.patch, classes) if a.arch == "vit" else build_cnn(classes)
+    net = (build_cnn(classes) if a.arch == "cnn"
+           else build_vit(a.dino_dir, a.img, a.patch, classes, conv_stem=a.arch == "vit-conv",
+                                  mean_pool=a.pool == "mean"))
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=0.05)
     steps = a.epochs * len(tl)
     warm = len(tl)
@@ -109,7 +133,7 @@ def main():
         return 100.0 * right / len(test)
 
     print(f"{a.data}: {len(train)} train / {len(test)} test images, {classes} classes, "
-          f"{a.arch} at {a.img} px{f' patch {a.patch}' if a.arch == 'vit' else ''}, {a.epochs} epochs ({steps} steps); chance "
+          f"{a.arch} at {a.img} px{f' patch {a.patch}' if a.arch != 'cnn' else ''}, {a.epochs} epochs ({steps} steps); chance "
           f"{100.0 / classes:.1f} %", flush=True)
     t0 = time.time()
     for e in range(1, a.epochs + 1):
