@@ -473,7 +473,18 @@ impl Backend for CpuBackend {
     }
 
     fn train_step(&mut self, batch: &Batch, hp: &StepHyper) -> Result<StepMetrics> {
-        step::train_step(self, batch, hp)
+        // One rank: the whole step runs on one worker of the current rayon pool (at once when
+        // called from one), so its parallel loops start from that worker's own queue. Called
+        // from outside the pool (`dinovmf train`'s main thread), each loop would otherwise be
+        // handed in through the pool's injector queue, which allocates a block per 63 jobs; now
+        // only the step itself is, once per step. Not with several ranks: their collectives
+        // block until every rank arrives, and a worker waiting inside one rank's step may pick
+        // up another rank's step from the queue and run it beneath, which then never returns.
+        if self.reducer.world_size() == 1 {
+            rayon::scope(|_| step::train_step(self, batch, hp))
+        } else {
+            step::train_step(self, batch, hp)
+        }
     }
 
     fn embed(&mut self, net: Net, images: &[f32], n: usize, size: usize) -> Result<Vec<f32>> {
