@@ -31,6 +31,16 @@ pub mod step;
 pub use reduce::{Collective, SingleProcess, ThreadCollective};
 pub use shapes::{random_batch, Precision, StepShapes};
 
+/// The first `len` elements of a scratch buffer kept from step to step, growing it (with
+/// zeros) when it is shorter, so that a warm step allocates nothing; what the elements held
+/// before is left for the caller to overwrite.
+pub(crate) fn grown<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    if v.len() < len {
+        v.resize(len, T::default());
+    }
+    &mut v[..len]
+}
+
 /// Where the training step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]

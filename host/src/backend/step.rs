@@ -19,7 +19,7 @@ use dinovmf_core::masking::step_masks;
 use dinovmf_core::mim_loss::IbotConfig;
 use dinovmf_core::model::ModelConfig;
 
-use super::{Net, StepHyper, StepMetrics, StepShapes, TrainState};
+use super::{grown, Net, StepHyper, StepMetrics, StepShapes, TrainState};
 use crate::data::Batch;
 
 /// Which crops a forward or backward pass runs on.
@@ -181,12 +181,6 @@ struct WholeBatch {
     counts: Vec<usize>,
 }
 
-/// `v` resized to `len` (allocating only when it grows past what it had).
-fn sized<T: Clone + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
-    v.resize(len, T::default());
-    &mut v[..]
-}
-
 impl StepMasks {
     /// Buffers for `shapes` (patch masks only when `ibot`).
     pub fn new(model: &ModelConfig, shapes: &StepShapes, ibot: bool) -> Self {
@@ -221,8 +215,8 @@ impl StepMasks {
         let (n_g, n_l) = (2 * whole, shapes.n_local * whole);
         let depth = model.vit.depth;
         let w = &mut self.whole;
-        let global = sized(&mut w.global, depth * 2 * n_g);
-        let local = sized(&mut w.local, depth * 2 * n_l);
+        let global = grown(&mut w.global, depth * 2 * n_g);
+        let local = grown(&mut w.local, depth * 2 * n_l);
         draw_drop_masks(model, seed, n_g, n_l, global, local);
         for (mine, all, crops) in [
             (&mut self.drop_global, &*global, 2),
@@ -237,8 +231,8 @@ impl StepMasks {
         if let Some(ib) = ibot {
             let grid = shapes.global_size / model.vit.patch;
             let np = grid * grid;
-            let patch = sized(&mut w.patch, n_g * np);
-            let counts = sized(&mut w.counts, n_g);
+            let patch = grown(&mut w.patch, n_g * np);
+            let counts = grown(&mut w.counts, n_g);
             step_masks(
                 patch,
                 counts,

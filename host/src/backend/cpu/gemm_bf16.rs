@@ -17,11 +17,13 @@
 //! All are checked against f64 sums of the same bf16 products (`tests` below); they differ
 //! from each other in the order of the f32 sums only.
 use std::cell::RefCell;
+use std::thread::LocalKey;
 
 use rayon::prelude::*;
 
 use super::fastmath::{detected_simd_level, simd_level, SimdLevel};
 use super::gemm::{matmul, Op};
+use crate::backend::grown;
 
 /// bf16 bits of `x`, rounded to nearest even (NaN stays NaN, quiet).
 #[inline]
@@ -130,7 +132,7 @@ pub fn matmul_bf16_with(
         }
     }
     let _ = kernel;
-    with_scratch(|s| {
+    with_local(&SCRATCH, |s| {
         let ra = grown(&mut s.rounded_a, m * k);
         let rb = grown(&mut s.rounded_b, k * n);
         for (r, &x) in ra.iter_mut().zip(&a[..m * k]) {
@@ -145,6 +147,7 @@ pub fn matmul_bf16_with(
 
 /// The packing memory of the bf16 products on one thread: grown to the largest product the
 /// thread has run, then kept, so that a warm training step allocates nothing here.
+#[derive(Default)]
 struct Scratch {
     /// A as bf16 rows ([`pack_rows_bf16`]), B as pair panels ([`pack_panels`]).
     a: Vec<u16>,
@@ -156,48 +159,22 @@ struct Scratch {
     rounded_b: Vec<f32>,
 }
 
-impl Scratch {
-    const fn new() -> Self {
-        Self {
-            a: Vec::new(),
-            b: Vec::new(),
-            t: Vec::new(),
-            rounded_a: Vec::new(),
-            rounded_b: Vec::new(),
-        }
-    }
-}
-
 thread_local! {
-    static SCRATCH: RefCell<Scratch> = const { RefCell::new(Scratch::new()) };
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
     /// One column of B in bf16, per rayon thread ([`pack_panels`]).
     static COLUMN: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `f` on this thread's [`Scratch`]; on a fresh one if it is in use (a rayon thread waiting
+/// `f` on this thread's buffer `key`; on a fresh one if it is in use (a rayon thread waiting
 /// inside one product that picked up another's task: not something the step does, but safe).
-fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
-    SCRATCH.with(|s| match s.try_borrow_mut() {
+fn with_local<T: Default + 'static, R>(
+    key: &'static LocalKey<RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    key.with(|s| match s.try_borrow_mut() {
         Ok(mut s) => f(&mut s),
-        Err(_) => f(&mut Scratch::new()),
+        Err(_) => f(&mut T::default()),
     })
-}
-
-/// `f` on this thread's [`COLUMN`] (on a fresh one if it is in use, as [`with_scratch`]).
-fn with_column<R>(f: impl FnOnce(&mut Vec<u16>) -> R) -> R {
-    COLUMN.with(|c| match c.try_borrow_mut() {
-        Ok(mut c) => f(&mut c),
-        Err(_) => f(&mut Vec::new()),
-    })
-}
-
-/// The first `len` elements of `v`, growing it (with zeros) if it is shorter; what the
-/// elements held before is left for the caller to overwrite.
-fn grown<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
-    if v.len() < len {
-        v.resize(len, T::default());
-    }
-    &mut v[..len]
 }
 
 /// `dst[i] = bf16(src[i])` (AVX512-BF16's `vcvtne2ps2bf16` where the CPU has it: round to
@@ -304,7 +281,7 @@ fn pack_panels<'o>(
                 .enumerate()
                 .for_each(|(q, panel)| {
                     panel.fill(0);
-                    with_column(|col| {
+                    with_local(&COLUMN, |col| {
                         let row = grown(col, 2 * kp);
                         row[k..].fill(0);
                         for jj in 0..16 {
@@ -371,7 +348,7 @@ struct Packed<'s> {
 /// `k_multiple`, A's rows to a multiple of `rows`), and `block(blk, c_rows, packed)` over the
 /// row blocks of `rows` rows of C, split over rayon when the product is large. Each element of
 /// C is written by one block with its k-sum in a fixed order, so the bits do not depend on the
-/// thread count.
+/// thread count. The packing memory is this thread's [`Scratch`].
 fn packed_matmul(
     m: usize,
     n: usize,
@@ -382,39 +359,26 @@ fn packed_matmul(
     block: impl Fn(usize, &mut [f32], &Packed<'_>) + Sync,
 ) {
     debug_assert!(k > 0, "matmul_bf16_with handles k = 0");
-    with_scratch(|s| packed_in(m, n, k, x, c, (k_multiple, rows), block, s))
-}
-
-/// [`packed_matmul`] with its packing memory.
-#[allow(clippy::too_many_arguments)]
-fn packed_in(
-    m: usize,
-    n: usize,
-    k: usize,
-    x: Operands<'_>,
-    c: &mut [f32],
-    (k_multiple, rows): (usize, usize),
-    block: impl Fn(usize, &mut [f32], &Packed<'_>) + Sync,
-    s: &mut Scratch,
-) {
     let c = &mut c[..m * n];
     let kpad = k.div_ceil(k_multiple) * k_multiple;
     let kp = kpad / 2;
-    let p = Packed {
-        a: pack_rows_bf16(m, k, x.a, x.op_a, kpad, rows, &mut s.a, &mut s.t),
-        b: pack_panels(k, n, x.b, x.op_b, kp, &mut s.b, &mut s.t),
-        kpad,
-        kp,
-    };
-    if m * n * k >= 1 << 16 {
-        c.par_chunks_mut(rows * n)
-            .enumerate()
-            .for_each(|(blk, cr)| block(blk, cr, &p));
-    } else {
-        c.chunks_mut(rows * n)
-            .enumerate()
-            .for_each(|(blk, cr)| block(blk, cr, &p));
-    }
+    with_local(&SCRATCH, |s| {
+        let p = Packed {
+            a: pack_rows_bf16(m, k, x.a, x.op_a, kpad, rows, &mut s.a, &mut s.t),
+            b: pack_panels(k, n, x.b, x.op_b, kp, &mut s.b, &mut s.t),
+            kpad,
+            kp,
+        };
+        if m * n * k >= 1 << 16 {
+            c.par_chunks_mut(rows * n)
+                .enumerate()
+                .for_each(|(blk, cr)| block(blk, cr, &p));
+        } else {
+            c.chunks_mut(rows * n)
+                .enumerate()
+                .for_each(|(blk, cr)| block(blk, cr, &p));
+        }
+    })
 }
 
 /// AMX: A packed as bf16 rows padded to 32 rows and to `kpad` (a multiple of 32) columns, B
