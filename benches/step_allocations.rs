@@ -14,71 +14,17 @@
 //! `cargo bench -p dinovmf-suite --bench step_allocations`; `DINOVMF_ALLOC_TRACE=1` prints a
 //! backtrace of every allocation outside the `gemm` crate, `DINOVMF_BENCH_PRECISION=bf16` runs
 //! `--precision bf16`.
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use dinovmf::backend::cpu::gemm::inside_gemm_crate;
+use common::alloc_count;
 use dinovmf::backend::cpu::CpuBackend;
 use dinovmf::backend::{random_batch, Backend, TrainState};
 use dinovmf::config::backend_config;
 use dinovmf::train::{LossKind, Method, TrainConfig};
 
-struct Counting;
-/// Allocations (count, bytes) inside the `gemm` crate, then outside it.
-static GEMM: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
-static OWN: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
-static TRACE: AtomicBool = AtomicBool::new(false);
-
-thread_local! {
-    /// Set while this thread records a backtrace (whose own allocations are not counted).
-    static TRACING: Cell<bool> = const { Cell::new(false) };
-}
-
-impl Counting {
-    fn count(&self, size: usize) {
-        if TRACING.with(|t| t.get()) {
-            return;
-        }
-        let c = if inside_gemm_crate() { &GEMM } else { &OWN };
-        c[0].fetch_add(1, Ordering::Relaxed);
-        c[1].fetch_add(size as u64, Ordering::Relaxed);
-        if TRACE.load(Ordering::Relaxed) && !inside_gemm_crate() {
-            TRACING.with(|t| t.set(true));
-            eprintln!(
-                "allocation of {size} bytes outside gemm:\n{}",
-                std::backtrace::Backtrace::force_capture()
-            );
-            TRACING.with(|t| t.set(false));
-        }
-    }
-}
-
-// SAFETY: every call goes to the system allocator unchanged; counting touches atomics and a
-// const-initialised thread-local only.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        self.count(l.size());
-        System.alloc(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l)
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        self.count(l.size());
-        System.alloc_zeroed(l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        self.count(n);
-        System.realloc(p, l, n)
-    }
-}
-
 #[global_allocator]
-static A: Counting = Counting;
+static A: alloc_count::Counting = alloc_count::Counting;
 
 /// Per warm step: `[gemm count, gemm bytes, own count, own bytes]`, the steps run inside
 /// `pool.install` (`Some`) or from this thread on the global pool (`None`).
@@ -91,31 +37,13 @@ fn per_step(cfg: &TrainConfig, pool: Option<&rayon::ThreadPool>) -> [u64; 4] {
     be.set_state(&TrainState::initial(&bc.model, bc.loss.centering, 0))
         .unwrap();
     let batch = random_batch(&bc.shapes, bc.model.vit.in_chans, 1);
-    let mut hp = common::step_hyper(0);
-    let mut run = || {
-        for s in 0..2 {
-            hp.seed = s;
-            be.train_step(&batch, &hp).unwrap();
-        }
-        let read = || [&GEMM[0], &GEMM[1], &OWN[0], &OWN[1]].map(|c| c.load(Ordering::Relaxed));
-        let before = read();
-        TRACE.store(
-            std::env::var_os("DINOVMF_ALLOC_TRACE").is_some(),
-            Ordering::Relaxed,
-        );
-        let steps = 3;
-        for s in 2..2 + steps {
-            hp.seed = s;
-            be.train_step(&batch, &hp).unwrap();
-        }
-        TRACE.store(false, Ordering::Relaxed);
-        let after = read();
-        [0, 1, 2, 3].map(|i| (after[i] - before[i]) / steps)
-    };
-    match pool {
+    let steps = 3;
+    let mut run = || alloc_count::warm_steps(&mut be, &batch, steps);
+    let total = match pool {
         Some(p) => p.install(run),
         None => run(),
-    }
+    };
+    total.map(|c| c / steps)
 }
 
 fn main() {

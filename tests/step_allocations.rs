@@ -9,76 +9,16 @@
 //!
 //! With `DINOVMF_ALLOC_TRACE=1` the test prints a backtrace of every allocation it counts
 //! outside the `gemm` crate (for finding where they come from).
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
 mod common;
 
-use dinovmf::backend::cpu::gemm::inside_gemm_crate;
+use common::alloc_count;
 use dinovmf::backend::cpu::CpuBackend;
 use dinovmf::backend::{random_batch, Backend, Precision, TrainState};
 use dinovmf::config::backend_config;
 use dinovmf::train::{LossKind, Method, TrainConfig};
 
-/// Counts allocations while [`COUNTING`] is set: those made inside the `gemm` crate and the rest.
-struct Counting;
-
-static COUNTING: AtomicBool = AtomicBool::new(false);
-static TRACE: AtomicBool = AtomicBool::new(false);
-static IN_GEMM: AtomicU64 = AtomicU64::new(0);
-static OUTSIDE: AtomicU64 = AtomicU64::new(0);
-static OUTSIDE_BYTES: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    /// Set while this thread records a backtrace (whose own allocations are not counted).
-    static TRACING: Cell<bool> = const { Cell::new(false) };
-}
-
-impl Counting {
-    fn count(&self, size: usize) {
-        if !COUNTING.load(Ordering::Relaxed) || TRACING.with(|t| t.get()) {
-            return;
-        }
-        if inside_gemm_crate() {
-            IN_GEMM.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        OUTSIDE.fetch_add(1, Ordering::Relaxed);
-        OUTSIDE_BYTES.fetch_add(size as u64, Ordering::Relaxed);
-        if TRACE.load(Ordering::Relaxed) {
-            TRACING.with(|t| t.set(true));
-            eprintln!(
-                "allocation of {size} bytes outside gemm:\n{}",
-                std::backtrace::Backtrace::force_capture()
-            );
-            TRACING.with(|t| t.set(false));
-        }
-    }
-}
-
-// SAFETY: every call goes to the system allocator unchanged; counting touches atomics and a
-// const-initialised thread-local only (no allocation, no panic).
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        self.count(l.size());
-        System.alloc(l)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l)
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        self.count(l.size());
-        System.alloc_zeroed(l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        self.count(n);
-        System.realloc(p, l, n)
-    }
-}
-
 #[global_allocator]
-static A: Counting = Counting;
+static A: alloc_count::Counting = alloc_count::Counting;
 
 /// `(inside gemm, outside gemm, bytes outside)` allocated by `steps` warm steps (after two
 /// warm-up steps) of `cfg`'s backend in `precision` on a one-thread pool.
@@ -93,30 +33,9 @@ fn warm_step_allocations(cfg: &TrainConfig, precision: Precision, steps: u64) ->
     be.set_state(&TrainState::initial(&bc.model, bc.loss.centering, 0))
         .unwrap();
     let batch = random_batch(&bc.shapes, bc.model.vit.in_chans, 1);
-    let mut hp = common::step_hyper(0);
-    pool.install(|| {
-        for s in 0..2 {
-            hp.seed = s;
-            be.train_step(&batch, &hp).unwrap();
-        }
-        TRACE.store(
-            std::env::var_os("DINOVMF_ALLOC_TRACE").is_some(),
-            Ordering::Relaxed,
-        );
-        let before = [&IN_GEMM, &OUTSIDE, &OUTSIDE_BYTES].map(|c| c.load(Ordering::Relaxed));
-        COUNTING.store(true, Ordering::Relaxed);
-        for s in 2..2 + steps {
-            hp.seed = s;
-            be.train_step(&batch, &hp).unwrap();
-        }
-        COUNTING.store(false, Ordering::Relaxed);
-        let after = [&IN_GEMM, &OUTSIDE, &OUTSIDE_BYTES].map(|c| c.load(Ordering::Relaxed));
-        (
-            after[0] - before[0],
-            after[1] - before[1],
-            after[2] - before[2],
-        )
-    })
+    let [gemm, _, outside, bytes] =
+        pool.install(|| alloc_count::warm_steps(&mut be, &batch, steps));
+    (gemm, outside, bytes)
 }
 
 /// One test for every configuration: the counters are global, so the runs must not overlap.

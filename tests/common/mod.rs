@@ -4,6 +4,8 @@
 //! `mod common;` (`host/tests` by path) and uses the parts it needs.
 #![allow(dead_code)]
 
+pub mod alloc_count;
+
 use std::path::{Path, PathBuf};
 
 use dinovmf::backend::{StepHyper, StepShapes, TrainState};
