@@ -6,26 +6,12 @@
 //! the machine's load hits both) and prints the median time of each over the rounds.
 //!
 //! `cargo bench -p dinovmf-suite --bench epilogue`
-use std::time::Instant;
+mod timing;
 
 use dinovmf::backend::cpu::fastmath::{layernorm_rows, residual_layernorm_rows};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-/// Seconds per call of `f`, over `reps` calls after one warm-up call.
-fn time(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let t = Instant::now();
-    for _ in 0..reps {
-        f();
-    }
-    t.elapsed().as_secs_f64() / reps as f64
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
+use timing::{median, time};
 
 fn main() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
@@ -54,22 +40,12 @@ fn main() {
         let fused = |out: &mut [f32], y: &mut [f32], m: &mut [f32], r: &mut [f32]| {
             residual_layernorm_rows(out, y, m, r, &x, &br, &bias, s, &gamma, &beta, 1e-6);
         };
+        let bits =
+            |vs: [&[f32]; 4]| -> Vec<u32> { vs.concat().iter().map(|v| v.to_bits()).collect() };
         two(&mut out, &mut y, &mut m, &mut r);
-        let want: Vec<u32> = out
-            .iter()
-            .chain(&y)
-            .chain(&m)
-            .chain(&r)
-            .map(|v| v.to_bits())
-            .collect();
+        let want = bits([&out, &y, &m, &r]);
         fused(&mut out, &mut y, &mut m, &mut r);
-        let got: Vec<u32> = out
-            .iter()
-            .chain(&y)
-            .chain(&m)
-            .chain(&r)
-            .map(|v| v.to_bits())
-            .collect();
+        let got = bits([&out, &y, &m, &r]);
         assert!(
             want == got,
             "fused and two-pass results differ at {rows} x {d}"

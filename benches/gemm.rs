@@ -6,21 +6,13 @@
 //! the machine's load hits both.
 //!
 //! `cargo bench -p dinovmf-suite --bench gemm` (`RAYON_NUM_THREADS` sets the threads).
-use std::time::Instant;
+mod timing;
 
 use dinovmf::backend::cpu::gemm::{matmul, Op};
 use dinovmf::backend::cpu::gemm_bf16::{bf16_kernel, matmul_bf16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-fn time(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let t = Instant::now();
-    for _ in 0..reps {
-        f();
-    }
-    t.elapsed().as_secs_f64() / reps as f64
-}
+use timing::time;
 
 fn main() {
     println!(

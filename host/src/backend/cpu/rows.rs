@@ -323,28 +323,11 @@ mod tests {
         }
     }
 
-    /// The two passes the fused [`residual_drop_layernorm`] replaces.
+    /// `[out, y, mean, rstd]` of the residual and the LayerNorm of its result: fused
+    /// ([`residual_drop_layernorm`]) or as the two passes it replaces.
     #[allow(clippy::too_many_arguments)]
-    fn unfused(
-        x: &[f32],
-        br: &[f32],
-        bias: &[f32],
-        scale: Option<&[f32]>,
-        gamma: &[f32],
-        beta: &[f32],
-        n_img: usize,
-        per: usize,
-    ) -> [Vec<f32>; 4] {
-        let (d, rows) = (bias.len(), n_img * per / bias.len());
-        let mut out = vec![f32::NAN; n_img * per];
-        residual_drop(&mut out, x, br, bias, scale, n_img, per);
-        let (mut y, mut m, mut r) = (vec![f32::NAN; rows * d], vec![0.0; rows], vec![0.0; rows]);
-        layernorm_fwd(&mut y, &mut m, &mut r, &out, gamma, beta, rows, d, 1e-6);
-        [out, y, m, r]
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn fused(
+    fn residual_then_norm(
+        fuse: bool,
         x: &[f32],
         br: &[f32],
         bias: &[f32],
@@ -357,15 +340,20 @@ mod tests {
         let (d, rows) = (bias.len(), n_img * per / bias.len());
         let mut out = vec![f32::NAN; n_img * per];
         let (mut y, mut m, mut r) = (vec![f32::NAN; rows * d], vec![0.0; rows], vec![0.0; rows]);
-        let ln = NormOut {
-            y: &mut y,
-            mean: &mut m,
-            rstd: &mut r,
-            gamma,
-            beta,
-            eps: 1e-6,
-        };
-        residual_drop_layernorm(&mut out, ln, x, br, bias, scale, n_img, per);
+        if fuse {
+            let ln = NormOut {
+                y: &mut y,
+                mean: &mut m,
+                rstd: &mut r,
+                gamma,
+                beta,
+                eps: 1e-6,
+            };
+            residual_drop_layernorm(&mut out, ln, x, br, bias, scale, n_img, per);
+        } else {
+            residual_drop(&mut out, x, br, bias, scale, n_img, per);
+            layernorm_fwd(&mut y, &mut m, &mut r, &out, gamma, beta, rows, d, 1e-6);
+        }
         [out, y, m, r]
     }
 
@@ -391,8 +379,8 @@ mod tests {
             let beta = rnd(d, seed + 4);
             let scale: Vec<f32> = (0..n_img).map(|i| [0.0, 1.25, 1.0][i % 3]).collect();
             for sc in [None, Some(&scale[..])] {
-                let a = unfused(&x, &br, &bias, sc, &gamma, &beta, n_img, per);
-                let b = fused(&x, &br, &bias, sc, &gamma, &beta, n_img, per);
+                let a = residual_then_norm(false, &x, &br, &bias, sc, &gamma, &beta, n_img, per);
+                let b = residual_then_norm(true, &x, &br, &bias, sc, &gamma, &beta, n_img, per);
                 for (k, (u, f)) in a.iter().zip(&b).enumerate() {
                     assert!(
                         u.iter().all(|v| v.is_finite()),
@@ -418,7 +406,17 @@ mod tests {
         let gamma: Vec<f32> = rnd(d, 44).iter().map(|v| 1.0 + 0.3 * v).collect();
         let beta = rnd(d, 45);
         let scale = [1.0f32, 0.0, 1.5, 1.5, 0.0, 1.0];
-        let [out, y, m, r] = fused(&x, &br, &bias, Some(&scale), &gamma, &beta, n_img, per);
+        let [out, y, m, r] = residual_then_norm(
+            true,
+            &x,
+            &br,
+            &bias,
+            Some(&scale),
+            &gamma,
+            &beta,
+            n_img,
+            per,
+        );
         let rows = n_img * t;
         let mut out64 = vec![0.0f64; rows * d];
         for i in 0..rows * d {
