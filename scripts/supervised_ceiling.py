@@ -37,6 +37,8 @@ def build_vit(dino_dir, img, patch, classes, conv_stem=False, mean_pool=False):
                 img_size=[img], patch_size=patch, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4,
                 qkv_bias=True, drop_path_rate=0.1)
             if conv_stem:
+                if patch & (patch - 1):
+                    raise SystemExit(f"--arch vit-conv needs a power-of-two patch, not {patch}")
                 # Instead of one patch x patch linear projection: log2(patch) 3 x 3 convolutions
                 # of stride 2 (batch norm, ReLU), then a 1 x 1 convolution to the width, so the
                 # token grid (and everything after it) is the same as the patch embedding's.
