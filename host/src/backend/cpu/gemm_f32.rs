@@ -325,6 +325,9 @@ const LHS_CAP: usize = 1 << 18;
 /// never touch a thread-local buffer, so no thread first needs one in a warm step).
 #[cfg(target_arch = "x86_64")]
 const LHS_STACK: usize = 1 << 14;
+/// A smaller stack buffer for the smallest products (fewer stack pages to probe per call).
+#[cfg(target_arch = "x86_64")]
+const LHS_STACK_SMALL: usize = 1 << 11;
 /// Floats of packed `rhs` panels, on each task's stack (64 KiB; one depth block of `nc`
 /// columns, the panel in use staying in L1 while the `lhs` block streams from L2).
 #[cfg(target_arch = "x86_64")]
@@ -337,9 +340,10 @@ thread_local! {
     static PACKED_LHS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `f` on `len <= N` uninitialised floats on the stack (64-byte aligned).
+/// `f` on `N` uninitialised floats on the stack (64-byte aligned). Not inlined, so that only
+/// a call that takes this path has the array in its frame (and probes its stack pages).
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
+#[inline(never)]
 fn with_stack<const N: usize, R>(f: impl FnOnce(*mut f32) -> R) -> R {
     #[repr(C, align(64))]
     struct Block<const N: usize>([std::mem::MaybeUninit<f32>; N]);
@@ -407,6 +411,9 @@ unsafe fn blocked(kern: &Kernels, p: &Problem, parallel: bool) {
         mc_panels: (l2 / 2 / (mr * kc * 4)).max(1),
         nc_panels: (RHS_STACK / (nr * kc)).max(1),
         pack_rhs,
+        // `lhs` in place when its columns are contiguous, whole registers tall and read by
+        // few column panels, as the crate decides for one thread.
+        lhs_in_place: p.lrs == 1 && p.m.is_multiple_of(kern.lanes) && p.n <= 8 * nr,
     };
     let tasks = if par { (2 * threads).min(n_panels) } else { 1 };
     let full = m_panels * mr;
@@ -431,8 +438,10 @@ unsafe fn blocked(kern: &Kernels, p: &Problem, parallel: bool) {
             };
             let lhs_len = ph.panels.len() * mr * ph.depth.len();
             let phase = |packed: *mut f32| {
-                // SAFETY: `packed` has room for `lhs_len`; the caller's bounds.
-                unsafe { pack_lhs_phase(kern, p, &geo, &ph, packed, lhs_len, par) };
+                if !geo.lhs_in_place {
+                    // SAFETY: `packed` has room for `lhs_len`; the caller's bounds.
+                    unsafe { pack_lhs_phase(kern, p, &geo, &ph, packed, lhs_len, par) };
+                }
                 let packed = Shared(packed as *const f32);
                 let task = |t: usize| {
                     let cols = t * n_panels / tasks..(t + 1) * n_panels / tasks;
@@ -454,7 +463,11 @@ unsafe fn blocked(kern: &Kernels, p: &Problem, parallel: bool) {
                     task(0);
                 }
             };
-            if on_stack {
+            if geo.lhs_in_place {
+                phase(std::ptr::null_mut());
+            } else if on_stack && lhs_len <= LHS_STACK_SMALL {
+                with_stack::<LHS_STACK_SMALL, _>(phase);
+            } else if on_stack {
                 with_stack::<LHS_STACK, _>(phase);
             } else {
                 with_buffer(&PACKED_LHS, lhs_len, LHS_CAP, |b| phase(b.as_mut_ptr()));
@@ -474,6 +487,7 @@ struct Geometry {
     mc_panels: usize,
     nc_panels: usize,
     pack_rhs: bool,
+    lhs_in_place: bool,
 }
 
 /// One phase of [`blocked`]: the depth `depth` (whole blocks of `kc`, starting at a multiple of
@@ -585,17 +599,22 @@ unsafe fn columns(
                     for ip in ib..ib_end {
                         let i0 = ip * mr;
                         let rows = mr.min(p.m - i0);
+                        let (lhs, lcs) = if geo.lhs_in_place {
+                            (p.lhs.add(i0 + d * p.lcs), p.lcs)
+                        } else {
+                            (packed_lhs.add(ph.offset(mr, d, kb, ip)), mr)
+                        };
                         let f = kern.ukr[(rows.div_ceil(kern.lanes) - 1) * nr + cols_here - 1];
                         f(
                             rows,
                             cols_here,
                             kb,
                             p.dst.add(i0 * p.drs + j0 * p.dcs),
-                            packed_lhs.add(ph.offset(mr, d, kb, ip)),
+                            lhs,
                             rhs,
                             p.dcs as isize,
                             p.drs as isize,
-                            mr as isize,
+                            lcs as isize,
                             rrs as isize,
                             rcs as isize,
                             alpha,
@@ -916,6 +935,9 @@ mod tests {
         }
         v.extend([
             (16, 16, 40),
+            (17, 32, 17),
+            (30, 64, 20),
+            (40, 128, 9),
             (17, 15, 40),
             (12, 6, 511),
             (20, 30, 512),
