@@ -351,26 +351,37 @@ fn with_stack<const N: usize, R>(f: impl FnOnce(*mut f32) -> R) -> R {
     f(b.0.as_mut_ptr().cast())
 }
 
-/// `f` on the first `len` elements of this thread's buffer `key`, 64-byte aligned; the buffer
-/// is allocated once with room for `cap` (or `len` if larger) and kept. On a fresh buffer if
-/// this thread's is in use (a rayon thread waiting inside one product that picked up a task
-/// which starts another: not something the step does, but safe).
+/// The packed `lhs` of the multi-threaded products: one buffer for the process, not the
+/// calling thread's, since which pool thread calls them can change from step to step (a step
+/// called from outside the pool runs on any of its threads); they run one at a time in a step.
 #[cfg(target_arch = "x86_64")]
-fn with_buffer<R>(
-    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
-    len: usize,
-    cap: usize,
-    f: impl FnOnce(&mut [f32]) -> R,
-) -> R {
-    fn aligned(v: &mut Vec<f32>, len: usize, cap: usize) -> &mut [f32] {
-        if v.len() < len + 16 {
-            crate::backend::grown(v, len.max(cap) + 16);
-        }
-        let skip = v.as_ptr().align_offset(64).min(16);
-        &mut v[skip..skip + len]
+static SHARED_LHS: std::sync::Mutex<Vec<f32>> = std::sync::Mutex::new(Vec::new());
+
+/// The first `len` elements of `v`, 64-byte aligned, allocating once room for `cap` (or `len`
+/// if larger).
+#[cfg(target_arch = "x86_64")]
+fn aligned(v: &mut Vec<f32>, len: usize, cap: usize) -> &mut [f32] {
+    if v.len() < len + 16 {
+        crate::backend::grown(v, len.max(cap) + 16);
     }
-    key.with(|s| match s.try_borrow_mut() {
-        Ok(mut s) => f(aligned(&mut s, len, cap)),
+    let skip = v.as_ptr().align_offset(64).min(16);
+    &mut v[skip..skip + len]
+}
+
+/// `f` on `len` floats of packed-`lhs` memory: [`SHARED_LHS`] for a multi-threaded product
+/// (unless another holds it), else this thread's [`PACKED_LHS`]; allocated once with room for
+/// [`LHS_CAP`] and kept. On a fresh buffer if both are in use (a rayon thread waiting inside
+/// one product that picked up a task which starts another: not something the step does, but
+/// safe).
+#[cfg(target_arch = "x86_64")]
+fn with_lhs_buffer<R>(par: bool, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    if par {
+        if let Ok(mut v) = SHARED_LHS.try_lock() {
+            return f(aligned(&mut v, len, LHS_CAP));
+        }
+    }
+    PACKED_LHS.with(|s| match s.try_borrow_mut() {
+        Ok(mut s) => f(aligned(&mut s, len, LHS_CAP)),
         Err(_) => f(aligned(&mut Vec::new(), len, 0)),
     })
 }
@@ -470,7 +481,7 @@ unsafe fn blocked(kern: &Kernels, p: &Problem, parallel: bool) {
             } else if on_stack {
                 with_stack::<LHS_STACK, _>(phase);
             } else {
-                with_buffer(&PACKED_LHS, lhs_len, LHS_CAP, |b| phase(b.as_mut_ptr()));
+                with_lhs_buffer(par, lhs_len, |b| phase(b.as_mut_ptr()));
             }
             i0 += group;
         }
