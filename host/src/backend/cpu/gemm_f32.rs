@@ -15,12 +15,16 @@
 //! In the microkernels' terms (column-major, like the crate after it transposes a row-major
 //! destination): `dst[m x n] = alpha dst + beta lhs[m x k] rhs[k x n]`; the kernel computes an
 //! `MR x NR` tile from `lhs` packed in panels of `MR` rows (`k` steps of `MR` contiguous values)
-//! and `rhs` either packed in panels of `NR` columns or read in place. Here the whole `lhs`
-//! (all depth blocks) is packed once per call into the calling thread's buffer, in parallel
-//! when large, and shared by the tasks; the tasks split the columns of `dst` (for the row-major
-//! products of the ViT: its rows, the tokens) and pack their own `rhs` panels, once per depth
-//! block, into their thread's buffer. Both buffers are thread-local, grown once and reused, so
-//! a warm call allocates nothing (the parallel loops run on rayon's pool from inside it).
+//! and `rhs` either packed in panels of `NR` columns or read in place. Here `lhs` is packed
+//! once per call (in phases of at most 1 MiB: runs of depth blocks, or groups of row panels),
+//! in parallel when large, and shared by the tasks; the tasks split the columns of `dst` (for
+//! the row-major products of the ViT: its rows, the tokens) and pack their own `rhs` panels,
+//! once per depth block, on their stack. The packed `lhs` lives on the stack for small
+//! single-threaded products (the attention's), in one process-wide buffer for multi-threaded
+//! ones and in the calling thread's buffer otherwise, each allocated once at its full size and
+//! reused, so a warm call allocates nothing (the parallel loops run on rayon's pool from inside
+//! it). `lhs` is read in place, like the crate does, when its columns are contiguous and whole
+//! registers tall.
 //! Tasks never share an element of `dst` and each sums over `k` in a fixed order, so the bits
 //! do not depend on the thread count.
 
