@@ -1,19 +1,17 @@
 //! How much one CPU training step allocates once warm (issue 16: "no allocation inside a
 //! step"): a counting global allocator around the system one, two warm-up steps, then the
 //! allocations and bytes of the next three steps, per step, for the tiny preset and the
-//! default small32 one. Each allocation is counted as the `gemm` crate's (its per-call packing
-//! buffers, which it gives no way to hand in) when
-//! `dinovmf::backend::cpu::gemm::inside_gemm_crate` says so, else as the step's own.
+//! default small32 one (every allocation on every thread; the GEMMs pack into thread-local
+//! buffers grown once, so a warm step in the pool makes none).
 //!
 //! Each configuration runs twice: inside `install` of a rayon pool of the default thread
 //! count (every parallel loop of the step starts on a pool thread; what `dinovmf train` gets
 //! is the same but for the next line), and called from the main thread on the global pool, where
 //! rayon's injector allocates to hand each parallel loop to the pool (the difference).
-//! `tests/step_allocations.rs` asserts that the step's own count is zero on one thread.
+//! `tests/step_allocations.rs` asserts that the count is zero on one and two threads.
 //!
 //! `cargo bench -p dinovmf-suite --bench step_allocations`; `DINOVMF_ALLOC_TRACE=1` prints a
-//! backtrace of every allocation outside the `gemm` crate, `DINOVMF_BENCH_PRECISION=bf16` runs
-//! `--precision bf16`.
+//! backtrace of every allocation, `DINOVMF_BENCH_PRECISION=bf16` runs `--precision bf16`.
 #[path = "../tests/common/mod.rs"]
 mod common;
 
@@ -26,9 +24,9 @@ use dinovmf::train::{LossKind, Method, TrainConfig};
 #[global_allocator]
 static A: alloc_count::Counting = alloc_count::Counting;
 
-/// Per warm step: `[gemm count, gemm bytes, own count, own bytes]`, the steps run inside
-/// `pool.install` (`Some`) or from this thread on the global pool (`None`).
-fn per_step(cfg: &TrainConfig, pool: Option<&rayon::ThreadPool>) -> [u64; 4] {
+/// Per warm step: `[count, bytes]`, the steps run inside `pool.install` (`Some`) or from this
+/// thread on the global pool (`None`).
+fn per_step(cfg: &TrainConfig, pool: Option<&rayon::ThreadPool>) -> [u64; 2] {
     let mut bc = backend_config(cfg);
     if std::env::var("DINOVMF_BENCH_PRECISION").is_ok_and(|v| v == "bf16") {
         bc.precision = dinovmf::backend::Precision::Bf16;
@@ -49,7 +47,7 @@ fn per_step(cfg: &TrainConfig, pool: Option<&rayon::ThreadPool>) -> [u64; 4] {
 fn main() {
     let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
     println!(
-        "{} threads; per warm step: allocations (bytes) inside the gemm crate / the step's own",
+        "{} threads; per warm step: allocations (bytes)",
         pool.current_num_threads()
     );
     let tiny = |loss| TrainConfig::preset_for("tiny", Method::Dino, loss).unwrap();
@@ -62,8 +60,8 @@ fn main() {
         ),
     ] {
         for (how, p) in [("in the pool", Some(&pool)), ("from outside", None)] {
-            let [gn, gb, on, ob] = per_step(&cfg, p);
-            println!("{name}, {how}: gemm {gn} ({gb} B), own {on} ({ob} B)");
+            let [n, b] = per_step(&cfg, p);
+            println!("{name}, {how}: {n} ({b} B)");
         }
     }
 }

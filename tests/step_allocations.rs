@@ -1,17 +1,21 @@
-//! Issue 16, "no allocation inside a step": a warm CPU training step allocates nothing but the
-//! `gemm` crate's per-call packing buffers (which that crate gives no way to hand in).
+//! Issue 16, "no allocation inside a step": a warm CPU training step allocates nothing, and
+//! neither does a warm matrix product (`backend::cpu::gemm_f32`, our driver around the
+//! `gemm-f32` microkernels, packs into thread-local buffers grown once).
 //!
-//! This file is its own test binary so that it can install a counting `#[global_allocator]`:
-//! every allocation is counted, and attributed to the `gemm` crate when
-//! `dinovmf::backend::cpu::gemm::inside_gemm_crate` says so. The steps run on a one-thread
-//! rayon pool (inside `install`, so rayon's injector never allocates for them and every
-//! parallel loop runs on the calling thread): attribution is then exact.
+//! This file is its own test binary so that it can install a counting `#[global_allocator]`
+//! that counts every allocation on every thread while a measurement runs. The steps run on a
+//! rayon pool of one and of two threads, inside `install` (so rayon's injector never allocates
+//! for them: every parallel loop starts on a pool thread, as in `dinovmf train`, whose
+//! one-rank step runs inside `rayon::scope`).
 //!
-//! With `DINOVMF_ALLOC_TRACE=1` the test prints a backtrace of every allocation it counts
-//! outside the `gemm` crate (for finding where they come from).
+//! With `DINOVMF_ALLOC_TRACE=1` the test prints a backtrace of every allocation it counts (for
+//! finding where they come from).
 mod common;
 
+use std::sync::Mutex;
+
 use common::alloc_count;
+use dinovmf::backend::cpu::gemm::{matmul, matmul_strided, Op, View};
 use dinovmf::backend::cpu::CpuBackend;
 use dinovmf::backend::{random_batch, Backend, Precision, TrainState};
 use dinovmf::config::backend_config;
@@ -20,29 +24,40 @@ use dinovmf::train::{LossKind, Method, TrainConfig};
 #[global_allocator]
 static A: alloc_count::Counting = alloc_count::Counting;
 
-/// `(inside gemm, outside gemm, bytes outside)` allocated by `steps` warm steps (after two
-/// warm-up steps) of `cfg`'s backend in `precision` on a one-thread pool.
-fn warm_step_allocations(cfg: &TrainConfig, precision: Precision, steps: u64) -> (u64, u64, u64) {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
+/// The counters are global: the tests take this lock so that their measurements never overlap.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// `(allocations, bytes)` made by `steps` warm steps (after two warm-up steps) of `cfg`'s
+/// backend in `precision` on a pool of `threads`.
+fn warm_step_allocations(
+    cfg: &TrainConfig,
+    precision: Precision,
+    threads: usize,
+    steps: u64,
+) -> (u64, u64) {
+    let pool = pool(threads);
     let mut bc = backend_config(cfg);
     bc.precision = precision;
     let mut be = CpuBackend::open(&bc).unwrap();
     be.set_state(&TrainState::initial(&bc.model, bc.loss.centering, 0))
         .unwrap();
     let batch = random_batch(&bc.shapes, bc.model.vit.in_chans, 1);
-    let [gemm, _, outside, bytes] =
-        pool.install(|| alloc_count::warm_steps(&mut be, &batch, steps));
-    (gemm, outside, bytes)
+    let [count, bytes] = pool.install(|| alloc_count::warm_steps(&mut be, &batch, steps));
+    (count, bytes)
 }
 
-/// One test for every configuration: the counters are global, so the runs must not overlap.
 /// The tiny preset: DINO-vMF, DINO and iBOT in f32, and DINO-vMF in bf16 (its packing memory
-/// is per thread, grown once; on a CPU without AVX512-BF16 the emulation's rounded operands).
+/// is per thread, grown once; its weight gradients are f32 products), on one and two threads.
 #[test]
-fn warm_tiny_steps_allocate_only_inside_the_gemm_crate() {
+fn warm_tiny_steps_allocate_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let tiny = |method, loss| TrainConfig::preset_for("tiny", method, loss).unwrap();
     for (name, cfg, precision) in [
         (
@@ -62,15 +77,58 @@ fn warm_tiny_steps_allocate_only_inside_the_gemm_crate() {
             Precision::Bf16,
         ),
     ] {
-        let (gemm, outside, bytes) = warm_step_allocations(&cfg, precision, 3);
-        eprintln!("{name}: {gemm} allocations inside gemm, {outside} ({bytes} bytes) outside");
-        // The counter sees the step at all: gemm's packing buffers are there every step (bf16:
-        // the weight gradients' products are f32 ones).
-        assert!(gemm > 0, "{name}: no allocation counted inside gemm");
-        assert_eq!(
-            outside, 0,
-            "{name}: 3 warm steps made {outside} allocations ({bytes} bytes) outside the gemm \
-             crate (DINOVMF_ALLOC_TRACE=1 prints where)"
-        );
+        for threads in [1, 2] {
+            let (count, bytes) = warm_step_allocations(&cfg, precision, threads, 3);
+            eprintln!("{name}, {threads} threads: {count} allocations ({bytes} bytes)");
+            assert_eq!(
+                count, 0,
+                "{name}, {threads} threads: 3 warm steps made {count} allocations ({bytes} \
+                 bytes) (DINOVMF_ALLOC_TRACE=1 prints where)"
+            );
+        }
     }
+}
+
+/// Warm products of every kind (small and large, every transpose, the parallel path, strided
+/// views as the attention uses them) allocate nothing on a two-thread pool.
+#[test]
+fn warm_matrix_products_allocate_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let shapes = [
+        (1, 1, 1),
+        (17, 17, 32),
+        (65, 40, 700),
+        (300, 200, 96),
+        (2176, 96, 384),
+        (384, 96, 2176),
+    ];
+    let big = 2176 * 2176;
+    let (a, b) = (vec![0.5f32; big], vec![0.25f32; big]);
+    let mut c = vec![0f32; big];
+    let products = |c: &mut [f32]| {
+        for &(m, n, k) in &shapes {
+            for op_a in [Op::N, Op::T] {
+                for op_b in [Op::N, Op::T] {
+                    matmul(m, n, k, &a, op_a, &b, op_b, c, false);
+                    matmul(m, n, k, &a, op_a, &b, op_b, c, true);
+                }
+            }
+            let (va, vb, vc) = (
+                View::rows(3, k + 5),
+                View::t(1, k + 2),
+                View::rows(2, n + 3),
+            );
+            matmul_strided(m, n, k, &a, va, &b, vb, c, vc, 0.5, false, false);
+            matmul_strided(m, n, k, &a, va, &b, vb, c, vc, 0.5, true, true);
+        }
+    };
+    pool(2).install(|| {
+        products(&mut c);
+        let ((), [count, bytes]) = alloc_count::counted(|| products(&mut c));
+        eprintln!("warm products: {count} allocations ({bytes} bytes)");
+        assert_eq!(
+            count, 0,
+            "warm products made {count} allocations ({bytes} bytes)"
+        );
+    });
 }

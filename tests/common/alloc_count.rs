@@ -1,17 +1,14 @@
 //! A counting global allocator for `tests/step_allocations.rs` and the `step_allocations`
 //! bench (issue 16, "no allocation inside a step"): while [`counted`] runs its closure, every
-//! allocation is counted, as the `gemm` crate's (its per-call packing buffers, which it gives
-//! no way to hand in) when `dinovmf::backend::cpu::gemm::inside_gemm_crate` says so, else as
-//! the step's own. A binary installs it with
+//! allocation (on any thread) is counted. A binary installs it with
 //! `#[global_allocator] static A: common::alloc_count::Counting = common::alloc_count::Counting;`.
 //!
-//! With `DINOVMF_ALLOC_TRACE=1` it prints a backtrace of every allocation counted outside the
-//! `gemm` crate (for finding where they come from).
+//! With `DINOVMF_ALLOC_TRACE=1` it prints a backtrace of every allocation it counts (for
+//! finding where they come from).
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use dinovmf::backend::cpu::gemm::inside_gemm_crate;
 use dinovmf::backend::cpu::CpuBackend;
 use dinovmf::backend::Backend;
 use dinovmf::data::Batch;
@@ -20,9 +17,8 @@ pub struct Counting;
 
 static COUNTING: AtomicBool = AtomicBool::new(false);
 static TRACE: AtomicBool = AtomicBool::new(false);
-/// Allocations (count, bytes) inside the `gemm` crate, then outside it.
-static GEMM: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
-static OWN: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+/// Allocations counted: how many, how many bytes.
+static COUNT: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
 thread_local! {
     /// Set while this thread records a backtrace (whose own allocations are not counted).
@@ -34,14 +30,12 @@ impl Counting {
         if !COUNTING.load(Ordering::Relaxed) || TRACING.with(|t| t.get()) {
             return;
         }
-        let gemm = inside_gemm_crate();
-        let c = if gemm { &GEMM } else { &OWN };
-        c[0].fetch_add(1, Ordering::Relaxed);
-        c[1].fetch_add(size as u64, Ordering::Relaxed);
-        if !gemm && TRACE.load(Ordering::Relaxed) {
+        COUNT[0].fetch_add(1, Ordering::Relaxed);
+        COUNT[1].fetch_add(size as u64, Ordering::Relaxed);
+        if TRACE.load(Ordering::Relaxed) {
             TRACING.with(|t| t.set(true));
             eprintln!(
-                "allocation of {size} bytes outside gemm:\n{}",
+                "allocation of {size} bytes:\n{}",
                 std::backtrace::Backtrace::force_capture()
             );
             TRACING.with(|t| t.set(false));
@@ -69,10 +63,10 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
-/// `f`'s result and what was allocated while it ran: `[gemm count, gemm bytes, own count,
-/// own bytes]`. The counters are global: calls must not overlap.
-pub fn counted<R>(f: impl FnOnce() -> R) -> (R, [u64; 4]) {
-    let read = || [&GEMM[0], &GEMM[1], &OWN[0], &OWN[1]].map(|c| c.load(Ordering::Relaxed));
+/// `f`'s result and what was allocated while it ran: `[count, bytes]`. The counters are
+/// global: calls must not overlap.
+pub fn counted<R>(f: impl FnOnce() -> R) -> (R, [u64; 2]) {
+    let read = || COUNT.each_ref().map(|c| c.load(Ordering::Relaxed));
     TRACE.store(
         std::env::var_os("DINOVMF_ALLOC_TRACE").is_some(),
         Ordering::Relaxed,
@@ -82,12 +76,12 @@ pub fn counted<R>(f: impl FnOnce() -> R) -> (R, [u64; 4]) {
     let r = f();
     COUNTING.store(false, Ordering::Relaxed);
     let after = read();
-    (r, [0, 1, 2, 3].map(|i| after[i] - before[i]))
+    (r, [0, 1].map(|i| after[i] - before[i]))
 }
 
 /// What `steps` training steps of `be` on `batch` allocate after two warm-up steps, as
 /// [`counted`] gives it, on the calling thread's rayon pool.
-pub fn warm_steps(be: &mut CpuBackend, batch: &Batch, steps: u64) -> [u64; 4] {
+pub fn warm_steps(be: &mut CpuBackend, batch: &Batch, steps: u64) -> [u64; 2] {
     let mut hp = super::step_hyper(0);
     for s in 0..2 {
         hp.seed = s;

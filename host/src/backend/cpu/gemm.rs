@@ -1,59 +1,12 @@
-//! Matrix products of the CPU backend, all through one function so the GEMM crate is one choice.
+//! Matrix products of the CPU backend, all through one function so the GEMM is one choice.
 //!
-//! `gemm` (by the faer authors) is used because it dispatches to AVX-512/AVX2+FMA kernels at run
-//! time and parallelises with rayon; on the 2-core Zen 4 dev machine it beats `matrixmultiply`
-//! on the skinny shapes of a small ViT (see `benches/` and the project notes).
+//! The f32 products run on our driver [`super::gemm_f32`] around the microkernels of the
+//! `gemm-f32` crate (by the faer authors: AVX-512/AVX2+FMA chosen at run time), which packs into
+//! thread-local buffers kept from call to call, so that a warm training step allocates nothing
+//! (the `gemm` crate itself allocates its packing buffers on every call). The `gemm` crate stays
+//! as the reference the tests and `benches/gemm.rs` compare against ([`matmul_gemm_crate`]).
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-thread_local! {
-    /// Calls into the `gemm` crate open on this thread (see [`inside_gemm_crate`]).
-    static GEMM_CALLS_HERE: Cell<u32> = const { Cell::new(0) };
-}
-/// Multi-threaded calls into the `gemm` crate in flight, in the whole process.
-static PARALLEL_GEMM_CALLS: AtomicUsize = AtomicUsize::new(0);
-
-/// Whether an allocation made now on this thread is the `gemm` crate's: true while this thread
-/// is inside a call to `gemm::gemm`, or while any multi-threaded call is in flight (its tasks
-/// run on other rayon threads, which do not know they work for it).
-///
-/// `gemm` 0.19 allocates its packing buffers on every call and has no entry point that takes
-/// the caller's memory, so a warm training step still allocates there; everything else the
-/// step needs is allocated once, up front. This is how a counting allocator (the test
-/// `tests/step_allocations.rs`, the bench `step_allocations`) tells the two apart. Exact when
-/// the step runs on a one-thread pool; with more threads and one step at a time, everything
-/// that runs while a parallel product is in flight belongs to that product too, since the
-/// step waits for it.
-pub fn inside_gemm_crate() -> bool {
-    PARALLEL_GEMM_CALLS.load(Ordering::Relaxed) > 0
-        || GEMM_CALLS_HERE.try_with(|c| c.get() > 0).unwrap_or(false)
-}
-
-/// Marks one call into the `gemm` crate for [`inside_gemm_crate`], from creation to drop.
-struct GemmCall {
-    parallel: bool,
-}
-
-impl GemmCall {
-    fn enter(par: gemm::Parallelism) -> Self {
-        let parallel = !matches!(par, gemm::Parallelism::None);
-        if parallel {
-            PARALLEL_GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
-        }
-        GEMM_CALLS_HERE.with(|c| c.set(c.get() + 1));
-        Self { parallel }
-    }
-}
-
-impl Drop for GemmCall {
-    fn drop(&mut self) {
-        GEMM_CALLS_HERE.with(|c| c.set(c.get() - 1));
-        if self.parallel {
-            PARALLEL_GEMM_CALLS.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
+use super::gemm_f32::{self, Mat};
 
 /// How an operand is stored: `N` = as given (row-major rows x cols), `T` = transposed view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,24 +42,74 @@ pub fn matmul(
         }
         return;
     }
-    // Strides in elements: (column stride, row stride) of the logical matrix.
-    let (a_cs, a_rs) = match op_a {
-        Op::N => (1isize, k as isize),
-        Op::T => (m as isize, 1isize),
-    };
-    let (b_cs, b_rs) = match op_b {
-        Op::N => (1isize, n as isize),
-        Op::T => (k as isize, 1isize),
-    };
-    let flops = m * n * k;
-    let par = if flops >= 1 << 16 {
+    // SAFETY: the asserts above bound every index the views reach; c does not alias a or b
+    // (distinct borrows).
+    unsafe {
+        gemm_f32::gemm(
+            super::fastmath::simd_level(),
+            m,
+            n,
+            k,
+            Mat {
+                ptr: c.as_mut_ptr(),
+                rs: n,
+                cs: 1,
+            },
+            accumulate,
+            op_mat(a.as_ptr(), op_a, m, k),
+            op_mat(b.as_ptr(), op_b, k, n),
+            1.0,
+            true,
+        );
+    }
+}
+
+/// The logical `rows x cols` matrix of a row-major buffer read as `op`.
+fn op_mat(ptr: *const f32, op: Op, rows: usize, cols: usize) -> Mat<*const f32> {
+    match op {
+        Op::N => Mat {
+            ptr,
+            rs: cols,
+            cs: 1,
+        },
+        Op::T => Mat {
+            ptr,
+            rs: 1,
+            cs: rows,
+        },
+    }
+}
+
+/// [`matmul`] through the `gemm` crate (which allocates on every call): the reference that
+/// the tests and `benches/gemm.rs` compare our driver with. Multi-threaded above `2^16`
+/// multiply-adds, as `matmul` was when it called the crate.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_gemm_crate(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    op_a: Op,
+    b: &[f32],
+    op_b: Op,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (a, b) = (
+        op_mat(a.as_ptr(), op_a, m, k),
+        op_mat(b.as_ptr(), op_b, k, n),
+    );
+    let par = if m * n * k >= 1 << 16 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
         gemm::Parallelism::None
     };
-    let _call = GemmCall::enter(par);
-    // SAFETY: the asserts above bound every index the strides reach; c does not alias a or b
-    // (distinct borrows).
+    // SAFETY: the assert bounds every index the views reach; c is a distinct borrow.
     unsafe {
         gemm::gemm(
             m,
@@ -116,12 +119,12 @@ pub fn matmul(
             1,
             n as isize,
             accumulate,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
+            a.ptr,
+            a.cs as isize,
+            a.rs as isize,
+            b.ptr,
+            b.cs as isize,
+            b.rs as isize,
             1.0,
             1.0,
             false,
@@ -184,8 +187,8 @@ impl View {
 
 /// `c = (accumulate ? c : 0) + scale * a[m x k] b[k x n]` on strided views, single-threaded
 /// when `parallel` is false (the attention calls it from inside a rayon loop over images).
-/// gemm splits its parallel work over output tiles only and runs k in a fixed order, so the
-/// result does not depend on scheduling.
+/// The driver splits its parallel work over output tiles only and runs k in a fixed order, so
+/// the result does not depend on scheduling.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_strided(
     m: usize,
@@ -217,34 +220,31 @@ pub fn matmul_strided(
         }
         return;
     }
-    let par = if parallel && m * n * k >= 1 << 16 {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
-    let _call = GemmCall::enter(par);
     // SAFETY: `fits` bounds every index the views reach; `c` is a distinct mutable borrow.
     unsafe {
-        gemm::gemm(
+        gemm_f32::gemm(
+            super::fastmath::simd_level(),
             m,
             n,
             k,
-            c.as_mut_ptr().add(vc.offset),
-            vc.cs as isize,
-            vc.rs as isize,
+            Mat {
+                ptr: c.as_mut_ptr().add(vc.offset),
+                rs: vc.rs,
+                cs: vc.cs,
+            },
             accumulate,
-            a.as_ptr().add(va.offset),
-            va.cs as isize,
-            va.rs as isize,
-            b.as_ptr().add(vb.offset),
-            vb.cs as isize,
-            vb.rs as isize,
-            1.0,
+            Mat {
+                ptr: a.as_ptr().add(va.offset),
+                rs: va.rs,
+                cs: va.cs,
+            },
+            Mat {
+                ptr: b.as_ptr().add(vb.offset),
+                rs: vb.rs,
+                cs: vb.cs,
+            },
             scale,
-            false,
-            false,
-            false,
-            par,
+            parallel,
         );
     }
 }

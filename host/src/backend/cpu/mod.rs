@@ -1,4 +1,4 @@
-//! The CPU backend: all cores through rayon, matrix products through one GEMM crate.
+//! The CPU backend: all cores through rayon, matrix products through one GEMM driver.
 //!
 //! One training step is a pure function of (state, batch, hyper-parameters): drop-path masks come
 //! from a ChaCha8 stream seeded by `StepHyper::seed`, every GEMM splits its parallel work over
@@ -6,11 +6,10 @@
 //! fixed partition (see `rows`). Results are bit-identical run to run, whatever the scheduling.
 //!
 //! Every activation and scratch buffer of the step is allocated once, in [`CpuBackend::new`]
-//! (bf16's packing memory: per thread, grown once, in `gemm_bf16`); the only allocations
-//! inside a warm step are the packing buffers the `gemm` crate makes per call, which
-//! [`gemm::inside_gemm_crate`] tells apart (`tests/step_allocations.rs` asserts that nothing
-//! else allocates). With several ranks the collective (and Sinkhorn-Knopp's gather of the
-//! column maxima, `reduce::SinkhornOver`) still allocate.
+//! (the GEMMs' packing memory: per thread, grown once, in `gemm_f32` and `gemm_bf16`), so a warm
+//! one-rank step allocates nothing (`tests/step_allocations.rs` asserts it). With several ranks
+//! the collective (and Sinkhorn-Knopp's gather of the column maxima, `reduce::SinkhornOver`)
+//! still allocate.
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
@@ -31,6 +30,7 @@ mod attention;
 pub mod fastmath;
 pub mod gemm;
 pub mod gemm_bf16;
+pub mod gemm_f32;
 mod head;
 mod ibot;
 pub mod koleo;
