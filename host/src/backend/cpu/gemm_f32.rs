@@ -1210,4 +1210,60 @@ mod tests {
             cs: v.cs,
         }
     }
+
+    /// The AVX-512 path cannot run on a CPU without AVX-512, but its blocking can be checked
+    /// anywhere: every level's microkernel shape is one the packing handles, and the packing at
+    /// every such `mr` / `nr` (plain code and AVX transposes, no AVX-512) matches a plain
+    /// element-by-element copy, zero padding included (poisoned first).
+    #[test]
+    fn every_level_kernel_shape_is_packed_right() {
+        for level in [SimdLevel::Baseline, SimdLevel::Avx2, SimdLevel::Avx512] {
+            let kern = Kernels::of(level);
+            assert!(
+                [2, 16, 64].contains(&kern.mr) && [4, 6].contains(&kern.nr),
+                "{level:?}: mr {} nr {} not handled by pack_lhs_panel / pack_rhs_panel",
+                kern.mr,
+                kern.nr
+            );
+            assert_eq!(
+                kern.ukr.len(),
+                (kern.mr / kern.lanes) * kern.nr,
+                "{level:?}"
+            );
+            assert_eq!(kern.hukr.len(), kern.h_m * kern.h_n, "{level:?}");
+            let mut r = rng(7 + kern.mr as u64);
+            for (rows, kb) in [(kern.mr, 19), (kern.mr - 1, 8), (1, 5), (kern.mr, 16)] {
+                for (rs, cs) in [(1usize, kern.mr + 3), (kb + 2, 1), (3, 3 * kern.mr + 1)] {
+                    let src: Vec<f32> = (0..rows * rs + kb * cs + 1).map(|_| r()).collect();
+                    let mut got = vec![f32::NAN; kern.mr * kb];
+                    // SAFETY: `src` holds every (row, step) the strides reach; `got` is mr x kb.
+                    unsafe {
+                        pack_lhs_panel(&kern, rows, kb, src.as_ptr(), rs, cs, got.as_mut_ptr())
+                    };
+                    for q in 0..kb {
+                        for i in 0..kern.mr {
+                            let want = if i < rows { src[i * rs + q * cs] } else { 0.0 };
+                            assert_eq!(got[q * kern.mr + i].to_bits(), want.to_bits());
+                        }
+                    }
+                }
+            }
+            for (cols, kb) in [(kern.nr, 11), (kern.nr - 1, 4)] {
+                for (rs, cs) in [(kern.nr + 2, 1), (1, kb + 1)] {
+                    let src: Vec<f32> = (0..kb * rs + cols * cs + 1).map(|_| r()).collect();
+                    let mut got = vec![f32::NAN; kern.nr * kb];
+                    // SAFETY: as above, for a column panel.
+                    unsafe {
+                        pack_rhs_panel(kern.nr, cols, kb, src.as_ptr(), rs, cs, got.as_mut_ptr())
+                    };
+                    for q in 0..kb {
+                        for j in 0..kern.nr {
+                            let want = if j < cols { src[q * rs + j * cs] } else { 0.0 };
+                            assert_eq!(got[q * kern.nr + j].to_bits(), want.to_bits());
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
