@@ -521,6 +521,15 @@ fn run_with(
                  with f32 sums ({:?} kernel), everything else f32",
                 crate::backend::cpu::gemm_bf16::bf16_kernel()
             );
+            if crate::backend::cpu::gemm_bf16::bf16_kernel()
+                == crate::backend::cpu::gemm_bf16::Bf16Kernel::Emulated
+            {
+                eprintln!(
+                    "  this CPU has no bf16 instructions (AVX512-BF16 or AMX): the bf16 products \
+                     are emulated (operands rounded to bf16, then the f32 GEMM), so the run has \
+                     bf16's numerics but is slower than --precision f32"
+                );
+            }
         }
     }
     let s = train::train(cfg, opts)?;
