@@ -70,10 +70,7 @@ fn main() {
             .iter()
             .zip(&cref)
             .all(|(x, y)| x.to_bits() == y.to_bits());
-        let drift = c32
-            .iter()
-            .zip(&cref)
-            .fold(0f32, |w, (x, y)| w.max((x - y).abs()));
+        let drift = largest_difference(&c32, &cref);
         assert!(
             drift <= 1e-5 * k as f32,
             "{what}: our driver differs from the gemm crate by {drift}"
@@ -81,10 +78,7 @@ fn main() {
         matmul_bf16(m, n, k, &a, oa, &b, ob, &mut c16, false);
         // |a|, |b| < 1: each product off by at most 2^-7, a sum of k by k 2^-7.
         let bound = k as f32 / 128.0;
-        let worst = c32
-            .iter()
-            .zip(&c16)
-            .fold(0f32, |w, (x, y)| w.max((x - y).abs()));
+        let worst = largest_difference(&c32, &c16);
         assert!(
             worst <= bound,
             "{what}: bf16 differs from f32 by {worst} > {bound}"
@@ -116,4 +110,9 @@ fn main() {
             t32 / t16
         );
     }
+}
+
+/// The largest `|x - y|` over the two products.
+fn largest_difference(x: &[f32], y: &[f32]) -> f32 {
+    x.iter().zip(y).fold(0f32, |w, (a, b)| w.max((a - b).abs()))
 }

@@ -1,8 +1,8 @@
 //! How much one CPU training step allocates once warm (issue 16: "no allocation inside a
 //! step"): a counting global allocator around the system one, two warm-up steps, then the
 //! allocations and bytes of the next three steps, per step, for the tiny preset and the
-//! default small32 one (every allocation on every thread; the GEMMs pack into thread-local
-//! buffers grown once, so a warm step in the pool makes none).
+//! default small32 one (every allocation on every thread; the GEMMs pack on the stack or into
+//! buffers allocated once, so a warm step makes none).
 //!
 //! Each configuration runs twice: inside `install` of a rayon pool of the default thread
 //! count (every parallel loop of the step starts on a pool thread; what `dinovmf train` gets

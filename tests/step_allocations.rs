@@ -1,6 +1,6 @@
 //! Issue 16, "no allocation inside a step": a warm CPU training step allocates nothing, and
 //! neither does a warm matrix product (`backend::cpu::gemm_f32`, our driver around the
-//! `gemm-f32` microkernels, packs into thread-local buffers grown once).
+//! `gemm-f32` microkernels, packs on the stack or into buffers allocated once).
 //!
 //! This file is its own test binary so that it can install a counting `#[global_allocator]`
 //! that counts every allocation on every thread while a measurement runs. The steps run on a

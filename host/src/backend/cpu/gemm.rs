@@ -1,8 +1,8 @@
 //! Matrix products of the CPU backend, all through one function so the GEMM is one choice.
 //!
 //! The f32 products run on our driver [`super::gemm_f32`] around the microkernels of the
-//! `gemm-f32` crate (by the faer authors: AVX-512/AVX2+FMA chosen at run time), which packs into
-//! thread-local buffers kept from call to call, so that a warm training step allocates nothing
+//! `gemm-f32` crate (by the faer authors: AVX-512/AVX2+FMA chosen at run time), which packs on
+//! the stack or into buffers allocated once and kept, so that a warm training step allocates nothing
 //! (the `gemm` crate itself allocates its packing buffers on every call). The `gemm` crate stays
 //! as the reference the tests and `benches/gemm.rs` compare against ([`matmul_gemm_crate`]).
 
@@ -33,34 +33,30 @@ pub fn matmul(
     assert!(a.len() >= m * k, "matmul: a has {} < {}x{}", a.len(), m, k);
     assert!(b.len() >= k * n, "matmul: b has {} < {}x{}", b.len(), k, n);
     assert!(c.len() >= m * n, "matmul: c has {} < {}x{}", c.len(), m, n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c[..m * n].fill(0.0);
-        }
-        return;
-    }
     // SAFETY: the asserts above bound every index the views reach; c does not alias a or b
-    // (distinct borrows).
+    // (distinct borrows). (Empty products and k = 0 are the driver's to handle.)
     unsafe {
         gemm_f32::gemm(
             super::fastmath::simd_level(),
             m,
             n,
             k,
-            Mat {
-                ptr: c.as_mut_ptr(),
-                rs: n,
-                cs: 1,
-            },
+            row_major(c.as_mut_ptr(), n),
             accumulate,
             op_mat(a.as_ptr(), op_a, m, k),
             op_mat(b.as_ptr(), op_b, k, n),
             1.0,
             true,
         );
+    }
+}
+
+/// A row-major destination whose rows are `cols` apart.
+fn row_major(ptr: *mut f32, cols: usize) -> Mat<*mut f32> {
+    Mat {
+        ptr,
+        rs: cols,
+        cs: 1,
     }
 }
 
@@ -80,9 +76,8 @@ fn op_mat(ptr: *const f32, op: Op, rows: usize, cols: usize) -> Mat<*const f32> 
     }
 }
 
-/// [`matmul`] through the `gemm` crate (which allocates on every call): the reference that
-/// the tests and `benches/gemm.rs` compare our driver with. Multi-threaded above `2^16`
-/// multiply-adds, as `matmul` was when it called the crate.
+/// [`matmul`] through the `gemm` crate ([`gemm_f32::gemm_crate`], which allocates on every
+/// call): the reference that the tests and `benches/gemm.rs` compare our driver with.
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_gemm_crate(
@@ -100,37 +95,18 @@ pub fn matmul_gemm_crate(
     if m == 0 || n == 0 {
         return;
     }
-    let (a, b) = (
-        op_mat(a.as_ptr(), op_a, m, k),
-        op_mat(b.as_ptr(), op_b, k, n),
-    );
-    let par = if m * n * k >= 1 << 16 {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: the assert bounds every index the views reach; c is a distinct borrow.
     unsafe {
-        gemm::gemm(
+        gemm_f32::gemm_crate(
             m,
             n,
             k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
+            row_major(c.as_mut_ptr(), n),
             accumulate,
-            a.ptr,
-            a.cs as isize,
-            a.rs as isize,
-            b.ptr,
-            b.cs as isize,
-            b.rs as isize,
+            op_mat(a.as_ptr(), op_a, m, k),
+            op_mat(b.as_ptr(), op_b, k, n),
             1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
+            true,
         );
     }
 }
@@ -208,19 +184,11 @@ pub fn matmul_strided(
     assert!(vb.fits(k, n, b.len()), "matmul_strided: b out of bounds");
     assert!(vc.fits(m, n, c.len()), "matmul_strided: c out of bounds");
     if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    c[vc.offset + i * vc.rs + j * vc.cs] = 0.0;
-                }
-            }
-        }
+        // (`fits` allows any offset for an empty view: no pointer is formed from it.)
         return;
     }
     // SAFETY: `fits` bounds every index the views reach; `c` is a distinct mutable borrow.
+    // (k = 0 is the driver's to handle.)
     unsafe {
         gemm_f32::gemm(
             super::fastmath::simd_level(),

@@ -131,33 +131,55 @@ pub unsafe fn gemm(
     {
         // No microkernels of ours here: the crate (which allocates) does the product.
         let _ = level;
-        let par = if parallel && m * n * k >= PARALLEL_WORK {
-            gemm::Parallelism::Rayon(rayon::current_num_threads())
-        } else {
-            gemm::Parallelism::None
-        };
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.ptr,
-            c.cs as isize,
-            c.rs as isize,
-            accumulate,
-            a.ptr,
-            a.cs as isize,
-            a.rs as isize,
-            b.ptr,
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            par,
-        );
+        gemm_crate(m, n, k, c, accumulate, a, b, scale, parallel);
     }
+}
+
+/// [`gemm`] through the `gemm` crate itself, which allocates its packing buffers on every
+/// call: the product on targets without our microkernels, and the reference the tests and
+/// `benches/gemm.rs` compare our driver with (bit-identical at the crate's ISA, see the module
+/// doc). Multi-threaded when `parallel` and the product is [`PARALLEL_WORK`] or larger.
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_crate(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: Mat<*mut f32>,
+    accumulate: bool,
+    a: Mat<*const f32>,
+    b: Mat<*const f32>,
+    scale: f32,
+    parallel: bool,
+) {
+    let par = if parallel && m * n * k >= PARALLEL_WORK {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c.ptr,
+        c.cs as isize,
+        c.rs as isize,
+        accumulate,
+        a.ptr,
+        a.cs as isize,
+        a.rs as isize,
+        b.ptr,
+        b.cs as isize,
+        b.rs as isize,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        par,
+    );
 }
 
 /// One ISA's microkernels, as the `gemm-f32` crate publishes them.
@@ -833,6 +855,21 @@ mod tests {
         fn at(self, i: usize, j: usize) -> usize {
             self.off + i * self.rs + j * self.cs
         }
+        /// The view over `x` as the driver takes it.
+        fn read(self, x: &[f32]) -> Mat<*const f32> {
+            Mat {
+                ptr: x[self.off..].as_ptr(),
+                rs: self.rs,
+                cs: self.cs,
+            }
+        }
+        fn write(self, x: &mut [f32]) -> Mat<*mut f32> {
+            Mat {
+                ptr: x[self.off..].as_mut_ptr(),
+                rs: self.rs,
+                cs: self.cs,
+            }
+        }
         /// Row-major (`N`) or the transpose of a row-major buffer (`T`).
         fn op(op: Op, rows: usize, cols: usize) -> Self {
             match op {
@@ -861,6 +898,22 @@ mod tests {
         accumulate: bool,
     }
 
+    impl Case {
+        /// Row-major buffers read as `op_a` / `op_b`, a row-major `c`, no scale.
+        fn plain(m: usize, n: usize, k: usize, op_a: Op, op_b: Op, accumulate: bool) -> Self {
+            Case {
+                m,
+                n,
+                k,
+                va: V::op(op_a, m, k),
+                vb: V::op(op_b, k, n),
+                vc: V::op(Op::N, m, n),
+                scale: 1.0,
+                accumulate,
+            }
+        }
+    }
+
     /// Runs the case at `level` on fresh operands from `seed`; returns (c, f64 reference).
     fn run(level: SimdLevel, cs: &Case, seed: u64, parallel: bool) -> (Vec<f32>, Vec<f64>) {
         let mut r = rng(seed);
@@ -883,9 +936,6 @@ mod tests {
                 want[cs.vc.at(i, j)] = old + cs.scale as f64 * s;
             }
         }
-        let mat = |v: V| (v.rs, v.cs, v.off);
-        let ((ars, acs, aoff), (brs, bcs, boff), (crs, ccs, coff)) =
-            (mat(cs.va), mat(cs.vb), mat(cs.vc));
         // SAFETY: the buffers were sized by `V::len` for these views.
         unsafe {
             gemm(
@@ -893,22 +943,10 @@ mod tests {
                 cs.m,
                 cs.n,
                 cs.k,
-                Mat {
-                    ptr: c.as_mut_ptr().add(coff),
-                    rs: crs,
-                    cs: ccs,
-                },
+                cs.vc.write(&mut c),
                 cs.accumulate,
-                Mat {
-                    ptr: a.as_ptr().add(aoff),
-                    rs: ars,
-                    cs: acs,
-                },
-                Mat {
-                    ptr: b.as_ptr().add(boff),
-                    rs: brs,
-                    cs: bcs,
-                },
+                cs.va.read(&a),
+                cs.vb.read(&b),
                 cs.scale,
                 parallel,
             );
@@ -972,16 +1010,7 @@ mod tests {
                 for op_a in [Op::N, Op::T] {
                     for op_b in [Op::N, Op::T] {
                         for accumulate in [false, true] {
-                            let case = Case {
-                                m,
-                                n,
-                                k,
-                                va: V::op(op_a, m, k),
-                                vb: V::op(op_b, k, n),
-                                vc: V::op(Op::N, m, n),
-                                scale: 1.0,
-                                accumulate,
-                            };
+                            let case = Case::plain(m, n, k, op_a, op_b, accumulate);
                             check(level, &case, s as u64);
                         }
                     }
@@ -1000,16 +1029,7 @@ mod tests {
                 (300, 200, 96, Op::N, Op::T),
                 (96, 300, 2176, Op::T, Op::N),
             ] {
-                let case = Case {
-                    m,
-                    n,
-                    k,
-                    va: V::op(op_a, m, k),
-                    vb: V::op(op_b, k, n),
-                    vc: V::op(Op::N, m, n),
-                    scale: 1.0,
-                    accumulate: false,
-                };
+                let case = Case::plain(m, n, k, op_a, op_b, false);
                 check(level, &case, 7);
             }
         }
@@ -1114,16 +1134,7 @@ mod tests {
                 (96, 300, 2176, Op::T, Op::N),
                 (2176, 96, 384, Op::N, Op::N),
             ] {
-                let case = Case {
-                    m,
-                    n,
-                    k,
-                    va: V::op(op_a, m, k),
-                    vb: V::op(op_b, k, n),
-                    vc: V::op(Op::N, m, n),
-                    scale: 1.0,
-                    accumulate: true,
-                };
+                let case = Case::plain(m, n, k, op_a, op_b, true);
                 let one = pool(1).install(|| run(level, &case, 3, true).0);
                 for t in [2, 3] {
                     let many = pool(t).install(|| run(level, &case, 3, true).0);
@@ -1170,14 +1181,10 @@ mod tests {
                                 m,
                                 n,
                                 k,
-                                Mat {
-                                    ptr: ours.as_mut_ptr(),
-                                    rs: n,
-                                    cs: 1,
-                                },
+                                V::op(Op::N, m, n).write(&mut ours),
                                 accumulate,
-                                crate_view(&a, op_a, m, k),
-                                crate_view(&b, op_b, k, n),
+                                V::op(op_a, m, k).read(&a),
+                                V::op(op_b, k, n).read(&b),
                                 1.0,
                                 true,
                             );
@@ -1199,15 +1206,6 @@ mod tests {
                     }
                 }
             }
-        }
-    }
-
-    fn crate_view(x: &[f32], op: Op, rows: usize, cols: usize) -> Mat<*const f32> {
-        let v = V::op(op, rows, cols);
-        Mat {
-            ptr: x.as_ptr(),
-            rs: v.rs,
-            cs: v.cs,
         }
     }
 

@@ -6,7 +6,7 @@
 //! fixed partition (see `rows`). Results are bit-identical run to run, whatever the scheduling.
 //!
 //! Every activation and scratch buffer of the step is allocated once, in [`CpuBackend::new`]
-//! (the GEMMs' packing memory: per thread, grown once, in `gemm_f32` and `gemm_bf16`), so a warm
+//! (the GEMMs' packing memory: allocated once and reused, in `gemm_f32` and `gemm_bf16`), so a warm
 //! one-rank step allocates nothing (`tests/step_allocations.rs` asserts it). With several ranks
 //! the collective (and Sinkhorn-Knopp's gather of the column maxima, `reduce::SinkhornOver`)
 //! still allocate.
