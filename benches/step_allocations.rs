@@ -1,6 +1,6 @@
 //! How much one CPU training step allocates once warm (issue 16: "no allocation inside a
 //! step"): a counting global allocator around the system one, two warm-up steps, then the
-//! allocations and bytes of the next three steps, per step, for the tiny preset and the
+//! allocations and bytes of the next three steps, in all, for the tiny preset and the
 //! default small32 one (every allocation on every thread; the GEMMs pack on the stack or into
 //! buffers allocated once, so a warm step makes none).
 //!
@@ -24,9 +24,9 @@ use dinovmf::train::{LossKind, Method, TrainConfig};
 #[global_allocator]
 static A: alloc_count::Counting = alloc_count::Counting;
 
-/// Per warm step: `[count, bytes]`, the steps run inside `pool.install` (`Some`) or from this
-/// thread on the global pool (`None`).
-fn per_step(cfg: &TrainConfig, pool: Option<&rayon::ThreadPool>) -> [u64; 2] {
+/// `[count, bytes]` over [`STEPS`] warm steps, run inside `pool.install` (`Some`) or from this
+/// thread on the global pool (`None`). (Totals: a per-step mean would round 1 or 2 down to 0.)
+fn warm_total(cfg: &TrainConfig, pool: Option<&rayon::ThreadPool>) -> [u64; 2] {
     let mut bc = backend_config(cfg);
     if std::env::var("DINOVMF_BENCH_PRECISION").is_ok_and(|v| v == "bf16") {
         bc.precision = dinovmf::backend::Precision::Bf16;
@@ -35,19 +35,20 @@ fn per_step(cfg: &TrainConfig, pool: Option<&rayon::ThreadPool>) -> [u64; 2] {
     be.set_state(&TrainState::initial(&bc.model, bc.loss.centering, 0))
         .unwrap();
     let batch = random_batch(&bc.shapes, bc.model.vit.in_chans, 1);
-    let steps = 3;
-    let mut run = || alloc_count::warm_steps(&mut be, &batch, steps);
-    let total = match pool {
+    let mut run = || alloc_count::warm_steps(&mut be, &batch, STEPS);
+    match pool {
         Some(p) => p.install(run),
         None => run(),
-    };
-    total.map(|c| c / steps)
+    }
 }
+
+/// Warm steps counted per configuration.
+const STEPS: u64 = 3;
 
 fn main() {
     let pool = rayon::ThreadPoolBuilder::new().build().unwrap();
     println!(
-        "{} threads; per warm step: allocations (bytes)",
+        "{} threads; in {STEPS} warm steps: allocations (bytes)",
         pool.current_num_threads()
     );
     let tiny = |loss| TrainConfig::preset_for("tiny", Method::Dino, loss).unwrap();
@@ -60,7 +61,7 @@ fn main() {
         ),
     ] {
         for (how, p) in [("in the pool", Some(&pool)), ("from outside", None)] {
-            let [n, b] = per_step(&cfg, p);
+            let [n, b] = warm_total(&cfg, p);
             println!("{name}, {how}: {n} ({b} B)");
         }
     }
