@@ -149,24 +149,31 @@ pub fn simd_level() -> SimdLevel {
 /// contraction), so the paths agree to the bit; the tests below check that on the CPU they run on.
 macro_rules! multiversion {
     ($(#[$m:meta])* pub fn $name:ident / $name_at:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        multiversion! { $(#[$m])* pub fn $name / $name_at($($a: $t),*) -> () $body }
+    };
+    ($(#[$m:meta])* pub fn $name:ident / $name_at:ident($($a:ident: $t:ty),* $(,)?) -> $r:ty $body:block) => {
         $(#[$m])*
-        pub fn $name($($a: $t),*) {
+        #[allow(clippy::too_many_arguments)]
+        pub fn $name($($a: $t),*) -> $r {
             $name_at(simd_level(), $($a),*)
         }
 
         /// The same kernel at `level` (or the best level below it that the CPU has).
         #[allow(clippy::too_many_arguments)]
-        pub fn $name_at(level: SimdLevel, $($a: $t),*) {
+        pub fn $name_at(level: SimdLevel, $($a: $t),*) -> $r {
             #[inline(always)]
-            fn body($($a: $t),*) $body
+            #[allow(clippy::too_many_arguments)]
+            fn body($($a: $t),*) -> $r $body
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx2,fma")]
-            unsafe fn avx512($($a: $t),*) {
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx512($($a: $t),*) -> $r {
                 body($($a),*)
             }
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2($($a: $t),*) {
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx2($($a: $t),*) -> $r {
                 body($($a),*)
             }
             #[cfg(target_arch = "x86_64")]
@@ -181,6 +188,8 @@ macro_rules! multiversion {
         }
     };
 }
+
+pub(crate) use multiversion;
 
 multiversion! {
     /// Rows of `pre[rows, cols]`: `pre += bias`, `act = gelu(pre)`, and `dgelu = gelu'(pre)`
@@ -256,7 +265,7 @@ multiversion! {
 
 /// Sum of `v` in eight fixed lanes, combined pairwise (the same bits at every SIMD width).
 #[inline(always)]
-fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+pub(crate) fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0.0f32; 8];
     let mut it = v.chunks_exact(8);
     for c in &mut it {
@@ -292,6 +301,63 @@ multiversion! {
             .zip(rstd.iter_mut())
         {
             (*m, *r) = layernorm_row(yr, xr, gamma, beta, eps);
+        }
+    }
+}
+
+multiversion! {
+    /// LayerNorm backward of every row of `[rows, d]` (`d = gamma.len()`), ADDING the input
+    /// gradient into `dx` (`dx += LN'(dy)`, the residual stream's gradient) and accumulating
+    /// `dgamma += dy xhat`, `dbeta += dy` row after row. The arithmetic of core's
+    /// `ops::layernorm_backward`, with its two per-row means in [`lane_sum`]'s eight lanes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm_backward_add_rows / layernorm_backward_add_rows_at(
+        dx: &mut [f32],
+        dgamma: &mut [f32],
+        dbeta: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        gamma: &[f32],
+    ) {
+        let d = gamma.len();
+        let (dgamma, dbeta) = (&mut dgamma[..d], &mut dbeta[..d]);
+        let inv_d = 1.0 / d as f32;
+        for ((((dxr, dyr), xr), &m), &s) in dx
+            .chunks_exact_mut(d)
+            .zip(dy.chunks_exact(d))
+            .zip(x.chunks_exact(d))
+            .zip(mean)
+            .zip(rstd)
+        {
+            let mut acc_g = [0.0f32; 8];
+            let mut acc_gx = [0.0f32; 8];
+            let (cy, cx, cg) = (dyr.chunks_exact(8), xr.chunks_exact(8), gamma.chunks_exact(8));
+            let (ry, rx, rg) = (cy.remainder(), cx.remainder(), cg.remainder());
+            for ((y, x), g) in cy.zip(cx).zip(cg) {
+                for j in 0..8 {
+                    let xh = (x[j] - m) * s;
+                    let gy = y[j] * g[j];
+                    acc_g[j] += gy;
+                    acc_gx[j] += gy * xh;
+                }
+            }
+            let lanes = |a: [f32; 8]| ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+            let (mut sum_g, mut sum_gx) = (lanes(acc_g), lanes(acc_gx));
+            for ((&y, &x), &g) in ry.iter().zip(rx).zip(rg) {
+                let xh = (x - m) * s;
+                sum_g += y * g;
+                sum_gx += y * g * xh;
+            }
+            let (mean_g, mean_gx) = (sum_g * inv_d, sum_gx * inv_d);
+            let (dxr, dyr, xr) = (&mut dxr[..d], &dyr[..d], &xr[..d]);
+            for i in 0..d {
+                let xh = (xr[i] - m) * s;
+                dgamma[i] += dyr[i] * xh;
+                dbeta[i] += dyr[i];
+                dxr[i] += s * (dyr[i] * gamma[i] - mean_g - xh * mean_gx);
+            }
         }
     }
 }
@@ -482,7 +548,11 @@ mod tests {
                 level, &mut o2, &mut y2, &mut m2, &mut r2, &x, &sm, &bias, 1.25, &gamma, &bias,
                 1e-6,
             );
-            [pre, act, dg, sm, y, m, r, o2, y2, m2, r2]
+            let (mut dx, mut dgam, mut dbet) = (sm.clone(), vec![0.5f32; 19], vec![-0.5f32; 19]);
+            layernorm_backward_add_rows_at(
+                level, &mut dx, &mut dgam, &mut dbet, &act, &x, &m, &r, &gamma,
+            );
+            [pre, act, dg, sm, y, m, r, o2, y2, m2, r2, dx, dgam, dbet]
                 .map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
         };
         let best = run(detected_simd_level());

@@ -1,23 +1,23 @@
-//! The DINO / DINO-vMF loss on GEMMs: `dots = Y M^T` for all rows at once, then core's row
-//! functions (logits, teacher targets, multi-crop cross-entropy) in parallel over rows, and the
-//! backward `dY = dDots M`, `dM = dDots^T Y` as two more GEMMs.
+//! The DINO / DINO-vMF loss on GEMMs: `dots = Y M^T` for all rows at once, then the row
+//! functions in parallel over rows (core's logits; the teacher targets and the multi-crop
+//! cross-entropy from `loss_rows`, core's made fast), and the backward `dY = dDots M`,
+//! `dM = dDots^T Y` as two more GEMMs.
 //!
 //! Per-prototype sums over rows (the center statistic, `dL/dg`) use a fixed partition of the
 //! rows into chunks, each with its own partial buffer, added in chunk order: deterministic.
 use rayon::prelude::*;
 
-use dinovmf_core::centering::{add_row_mean, center_update, teacher_targets_row, Centering};
+use dinovmf_core::centering::{add_row_mean, center_update, Centering};
 use dinovmf_core::collapse::{collapse_stats_given_row_entropy, entropy, CollapseStats};
 use dinovmf_core::logits::{branch_terms_forward, logits_row_backward};
-use dinovmf_core::loss::{
-    multicrop_target_sum, n_pairs, xent_row_forward_backward_inplace, LossConfig,
-};
+use dinovmf_core::loss::{multicrop_target_sum, n_pairs, LossConfig};
 use dinovmf_core::sinkhorn::sinkhorn_targets_over_ranks;
 
 use dinovmf_core::logits::NORMALIZE_EPS;
 use dinovmf_core::ops::{l2norm_row_backward, l2norm_row_inplace};
 
 use super::gemm::{matmul, Op};
+use super::loss_rows::{teacher_row, teacher_shifts, xent_row};
 use crate::backend::reduce::{Collective, SinkhornOver};
 
 const NORM_EPS: f32 = NORMALIZE_EPS as f32;
@@ -66,6 +66,8 @@ pub struct LossBufs {
     /// Sinkhorn-Knopp's per-prototype scratch.
     col_max: Vec<f32>,
     col_sum: Vec<f32>,
+    /// The center's per-prototype shift of the teacher's logits `[K]`.
+    shift: Vec<f32>,
 }
 
 impl LossBufs {
@@ -108,6 +110,7 @@ impl LossBufs {
             mean_p: z(k),
             col_max: z(k),
             col_sum: z(k),
+            shift: z(k),
         }
     }
 }
@@ -192,7 +195,8 @@ pub fn forward_backward(
         sinkhorn_targets(lb, nt, k, iters, ranks)?;
     } else {
         let w_t = 1.0 / nt as f32;
-        let (scale, bias) = (&lb.scale_t, &lb.bias_t);
+        teacher_shifts(&mut lb.shift, &center[..k], tau_t, cfg.centering);
+        let (scale, bias, shift) = (&lb.scale_t, &lb.bias_t, &lb.shift);
         let nc = nt.div_ceil(LOSS_CHUNK);
         lb.part[..nc * k]
             .par_chunks_mut(k)
@@ -209,8 +213,7 @@ pub fn forward_backward(
                     for ((x, &s), &b) in l.iter_mut().zip(scale).zip(bias) {
                         *x = s * *x + b;
                     }
-                    teacher_targets_row(pt, part, l, center, tau_t, cfg.centering, w_t);
-                    *e = entropy(pt);
+                    *e = teacher_row(pt, part, l, shift, tau_t, cfg.centering, w_t);
                 }
             });
         lb.stat.fill(0.0);
@@ -280,7 +283,7 @@ pub fn forward_backward(
                     for (((x, &d), &s), &bb) in l.iter_mut().zip(dots).zip(scale).zip(bias) {
                         *x = s * d + bb;
                     }
-                    *rl = xent_row_forward_backward_inplace(l, dd, n as f32, gs);
+                    *rl = xent_row(l, dd, n as f32, gs);
                     logits_row_backward(
                         dd,
                         if norm_last { None } else { Some(&mut part[..]) },

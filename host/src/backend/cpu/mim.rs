@@ -7,16 +7,16 @@
 //! partition of the rows: deterministic.
 use rayon::prelude::*;
 
-use dinovmf_core::centering::{add_row_mean, center_update, Centering, CENTER_FLOOR};
+use dinovmf_core::centering::{add_row_mean, center_update, Centering};
 use dinovmf_core::collapse::entropy;
 use dinovmf_core::logits::{branch_terms_forward, logits_row_backward, NORMALIZE_EPS};
-use dinovmf_core::loss::{xent_row_forward_backward_inplace, LossConfig};
+use dinovmf_core::loss::LossConfig;
 use dinovmf_core::mim_loss::mim_row_weight;
 use dinovmf_core::ops::{l2norm_row_backward, l2norm_row_inplace};
 use dinovmf_core::sinkhorn::sinkhorn_targets_over_ranks;
 
-use super::fastmath;
 use super::gemm::{matmul, Op};
+use super::loss_rows::{teacher_row, teacher_shifts, xent_row};
 use crate::backend::reduce::{Collective, SinkhornOver};
 
 const NORM_EPS: f32 = NORMALIZE_EPS as f32;
@@ -107,57 +107,6 @@ pub struct MimReport {
     pub loss: f32,
     /// Mean entropy of the teacher's patch targets.
     pub teacher_entropy: f32,
-}
-
-/// One teacher patch row, as core's `teacher_targets_row` (the tests hold it to core's
-/// composite) but made for thousands of rows: the center's per-prototype shift (`c / tau` or
-/// `ln c`) comes precomputed, exponentials are `fastmath::exp`, and the entropy of the target
-/// is `ln Z + m - sum_k p_k x_k` (no logarithm per entry). Returns that entropy.
-fn targets_row(
-    pt: &mut [f32],
-    stat: &mut [f32],
-    l: &[f32],
-    shift: &[f32],
-    tau_t: f32,
-    centering: Centering,
-    w: f32,
-) -> f32 {
-    match centering {
-        Centering::Logit => {
-            for (s, &x) in stat.iter_mut().zip(l) {
-                *s += w * (tau_t * x);
-            }
-        }
-        Centering::Sinkhorn { .. } => {}
-        Centering::Probability => {
-            let m = l.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-            let mut z = 0.0f32;
-            for (o, &x) in pt.iter_mut().zip(l) {
-                *o = fastmath::exp(x - m);
-                z += *o;
-            }
-            let inv = w / z;
-            for (s, &e) in stat.iter_mut().zip(pt.iter()) {
-                *s += e * inv;
-            }
-        }
-    }
-    let mut m = f32::NEG_INFINITY;
-    for (&x, &c) in l.iter().zip(shift) {
-        m = m.max(x - c);
-    }
-    let mut z = 0.0f32;
-    for ((o, &x), &c) in pt.iter_mut().zip(l).zip(shift) {
-        *o = fastmath::exp(x - c - m);
-        z += *o;
-    }
-    let inv = 1.0 / z;
-    let mut px = 0.0f32;
-    for ((o, &x), &c) in pt.iter_mut().zip(l).zip(shift) {
-        *o *= inv;
-        px += *o * (x - c - m);
-    }
-    z.ln() - px
 }
 
 /// Sinkhorn-Knopp targets over every teacher patch row of the batch (the logits
@@ -285,13 +234,7 @@ pub fn forward_backward(
         false,
     );
     let nc = rows.div_ceil(CHUNK);
-    for (sh, &c) in mb.shift.iter_mut().zip(&center[..k]) {
-        *sh = match cfg.centering {
-            Centering::Logit => c / tau_t,
-            Centering::Probability => c.max(CENTER_FLOOR as f32).ln(),
-            Centering::Sinkhorn { .. } => 0.0,
-        };
-    }
+    teacher_shifts(&mut mb.shift, &center[..k], tau_t, cfg.centering);
     if let Centering::Sinkhorn { iters } = cfg.centering {
         sinkhorn_patch_targets(mb, rows, iters, ranks)?;
     } else {
@@ -312,7 +255,7 @@ pub fn forward_backward(
                     for ((x, &s), &b) in l.iter_mut().zip(scale).zip(bias) {
                         *x = s * *x + b;
                     }
-                    *e = targets_row(pt, part, l, shift, tau_t, cfg.centering, w_t);
+                    *e = teacher_row(pt, part, l, shift, tau_t, cfg.centering, w_t);
                 }
             });
         mb.stat.fill(0.0);
@@ -390,7 +333,7 @@ pub fn forward_backward(
                     for (((x, &d), &s), &bb) in l.iter_mut().zip(dots).zip(scale).zip(bias) {
                         *x = s * d + bb;
                     }
-                    *rl = w * xent_row_forward_backward_inplace(l, dd, 1.0, w * weight);
+                    *rl = w * xent_row(l, dd, 1.0, w * weight);
                     logits_row_backward(
                         dd,
                         if norm_last { None } else { Some(&mut part[..]) },

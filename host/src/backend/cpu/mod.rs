@@ -35,6 +35,7 @@ mod head;
 mod ibot;
 pub mod koleo;
 pub mod loss;
+mod loss_rows;
 mod mim;
 mod passes;
 mod probe;

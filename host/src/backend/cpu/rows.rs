@@ -7,9 +7,8 @@
 //! the chunks or how many threads there are.
 use rayon::prelude::*;
 
-use dinovmf_core::ops::layernorm_backward;
 #[cfg(test)]
-use dinovmf_core::ops::layernorm_forward;
+use dinovmf_core::ops::{layernorm_backward, layernorm_forward};
 
 use super::fastmath;
 
@@ -47,12 +46,12 @@ pub fn layernorm_fwd(
 }
 
 /// LayerNorm backward that ADDS the input gradient into `dx` (`dx += LN'(dy)`: the residual
-/// stream's gradient) and accumulates `dgamma`, `dbeta` over a fixed partition.
-/// `tmp` is `[n, d]` scratch, `partials` `[n_chunks(n), 2 d]`.
+/// stream's gradient) and accumulates `dgamma`, `dbeta` over a fixed partition
+/// ([`fastmath::layernorm_backward_add_rows`] on chunks of rows in parallel; tested against
+/// core's f64 reference below). `partials` is `[n_chunks(n), 2 d]`.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_bwd_add(
     dx: &mut [f32],
-    tmp: &mut [f32],
     dgamma: &mut [f32],
     dbeta: &mut [f32],
     dy: &[f32],
@@ -68,20 +67,15 @@ pub fn layernorm_bwd_add(
     let nc = n_chunks(n);
     dx[..n * d]
         .par_chunks_mut(c * d)
-        .zip(tmp[..n * d].par_chunks_mut(c * d))
         .zip(partials[..nc * 2 * d].par_chunks_mut(2 * d))
         .zip(dy[..n * d].par_chunks(c * d))
         .zip(x[..n * d].par_chunks(c * d))
         .zip(mean[..n].par_chunks(c))
         .zip(rstd[..n].par_chunks(c))
-        .for_each(|((((((dx, t), part), dy), x), m), r)| {
-            let rows = m.len();
+        .for_each(|(((((dx, part), dy), x), m), r)| {
             part.fill(0.0);
             let (pg, pb) = part.split_at_mut(d);
-            layernorm_backward(t, pg, pb, dy, x, m, r, gamma, rows, d);
-            for (a, &b) in dx.iter_mut().zip(t.iter()) {
-                *a += b;
-            }
+            fastmath::layernorm_backward_add_rows(dx, pg, pb, dy, x, m, r, &gamma[..d]);
         });
     sum_partials_into(dgamma, &partials[..nc * 2 * d], 2 * d, 0, d);
     sum_partials_into(dbeta, &partials[..nc * 2 * d], 2 * d, d, d);
@@ -299,11 +293,10 @@ mod tests {
         let (mut m, mut r) = (vec![0.0; n], vec![0.0; n]);
         layernorm_fwd(&mut y, &mut m, &mut r, &x, &gamma, &beta, n, d, 1e-6);
         let mut dx = resid.clone();
-        let mut tmp = vec![0.0; n * d];
         let (mut dg, mut db) = (vec![0.5f32; d], vec![-0.5f32; d]);
         let mut part = vec![0.0; n_chunks(n) * 2 * d];
         layernorm_bwd_add(
-            &mut dx, &mut tmp, &mut dg, &mut db, &dy, &x, &m, &r, &gamma, &mut part, n, d,
+            &mut dx, &mut dg, &mut db, &dy, &x, &m, &r, &gamma, &mut part, n, d,
         );
         let close = |a: f32, b: f64, scale: f64| (a as f64 - b).abs() <= 1e-5 * scale;
         for i in 0..n * d {

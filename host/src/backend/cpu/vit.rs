@@ -576,7 +576,6 @@ pub fn backward_ext(
         let (gw, gb) = grads[lay.norm_w..lay.norm_w + 2 * d].split_at_mut(d);
         rows::layernorm_bwd_add(
             &mut bs.dx,
-            &mut bs.dtmp,
             gw,
             gb,
             dy,
@@ -594,7 +593,6 @@ pub fn backward_ext(
         let (gw, gb) = grads[lay.norm_w..lay.norm_w + 2 * d].split_at_mut(d);
         rows::layernorm_bwd_add(
             &mut bs.dx,
-            &mut bs.dtmp,
             gw,
             gb,
             dcls,
@@ -686,7 +684,6 @@ pub fn backward_ext(
             let (gw, gb) = grads[o.norm2_w..o.norm2_w + 2 * d].split_at_mut(d);
             rows::layernorm_bwd_add(
                 &mut bs.dx,
-                &mut bs.dtmp,
                 gw,
                 gb,
                 &bs.dln,
@@ -805,7 +802,6 @@ pub fn backward_ext(
             let (gw, gb) = grads[o.norm1_w..o.norm1_w + 2 * d].split_at_mut(d);
             rows::layernorm_bwd_add(
                 &mut bs.dx,
-                &mut bs.dtmp,
                 gw,
                 gb,
                 &bs.dln,
