@@ -8,16 +8,16 @@
 use rayon::prelude::*;
 
 use dinovmf_core::centering::{add_row_mean, center_update, Centering};
-use dinovmf_core::collapse::{collapse_stats_given_row_entropy, entropy, CollapseStats};
+use dinovmf_core::collapse::{collapse_stats_given_row_entropy, CollapseStats};
 use dinovmf_core::logits::{branch_terms_forward, logits_row_backward};
 use dinovmf_core::loss::{multicrop_target_sum, n_pairs, LossConfig};
-use dinovmf_core::sinkhorn::sinkhorn_targets_over_ranks;
 
 use dinovmf_core::logits::NORMALIZE_EPS;
 use dinovmf_core::ops::{l2norm_row_backward, l2norm_row_inplace};
 
 use super::gemm::{matmul, Op};
 use super::loss_rows::{teacher_row, teacher_shifts, xent_row};
+use super::sinkhorn::sinkhorn_targets_over_ranks;
 use crate::backend::reduce::{Collective, SinkhornOver};
 
 const NORM_EPS: f32 = NORMALIZE_EPS as f32;
@@ -371,8 +371,9 @@ pub fn forward_backward(
 }
 
 /// Sinkhorn-Knopp targets of the teacher logits: the logits (`scale dots + bias`, rows in
-/// parallel) go into `p_t`, core balances the whole batch there (over every rank's rows), then
-/// the batch statistic (the targets' mean over this rank's rows) and the row entropies.
+/// parallel) go into `p_t`, `sinkhorn.rs` balances the whole batch there (over every rank's
+/// rows) and gives the row entropies, then the batch statistic (the targets' mean over this
+/// rank's rows).
 fn sinkhorn_targets(
     lb: &mut LossBufs,
     nt: usize,
@@ -393,6 +394,7 @@ fn sinkhorn_targets(
         &mut lb.p_t[..nt * k],
         &mut lb.col_max,
         &mut lb.col_sum,
+        &mut lb.row_ent[..nt],
         nt,
         k,
         iters,
@@ -400,10 +402,6 @@ fn sinkhorn_targets(
     )?;
     lb.stat.fill(0.0);
     add_row_mean(&mut lb.stat, &lb.p_t, nt, k);
-    lb.row_ent[..nt]
-        .par_iter_mut()
-        .zip(lb.p_t.par_chunks(k))
-        .for_each(|(e, pt)| *e = entropy(pt));
     Ok(())
 }
 

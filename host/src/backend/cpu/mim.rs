@@ -8,15 +8,14 @@
 use rayon::prelude::*;
 
 use dinovmf_core::centering::{add_row_mean, center_update, Centering};
-use dinovmf_core::collapse::entropy;
 use dinovmf_core::logits::{branch_terms_forward, logits_row_backward, NORMALIZE_EPS};
 use dinovmf_core::loss::LossConfig;
 use dinovmf_core::mim_loss::mim_row_weight;
 use dinovmf_core::ops::{l2norm_row_backward, l2norm_row_inplace};
-use dinovmf_core::sinkhorn::sinkhorn_targets_over_ranks;
 
 use super::gemm::{matmul, Op};
 use super::loss_rows::{teacher_row, teacher_shifts, xent_row};
+use super::sinkhorn::sinkhorn_targets_over_ranks;
 use crate::backend::reduce::{Collective, SinkhornOver};
 
 const NORM_EPS: f32 = NORMALIZE_EPS as f32;
@@ -133,6 +132,7 @@ fn sinkhorn_patch_targets(
         &mut mb.p_t[..rows * k],
         &mut mb.col_max,
         &mut mb.col_sum,
+        &mut mb.row_ent[..rows],
         rows,
         k,
         iters,
@@ -140,10 +140,6 @@ fn sinkhorn_patch_targets(
     )?;
     mb.stat.fill(0.0);
     add_row_mean(&mut mb.stat, &mb.p_t, rows, k);
-    mb.row_ent[..rows]
-        .par_iter_mut()
-        .zip(mb.p_t.par_chunks(k))
-        .for_each(|(e, pt)| *e = entropy(pt));
     Ok(())
 }
 

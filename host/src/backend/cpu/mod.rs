@@ -41,6 +41,7 @@ mod passes;
 mod probe;
 mod rows;
 mod shards;
+mod sinkhorn;
 mod vit;
 
 pub use shards::ShardedCpu;
