@@ -31,11 +31,11 @@ for l in sys.stdin:
 # use no instruction the remaining tests (every Op pair, strided views, edge sizes) do not.
 for cpu_level in Haswell:avx2 Nehalem:baseline; do
     cpu=${cpu_level%%:*}
-    echo "== qemu-x86_64 -cpu $cpu (expected level ${cpu_level#*:}): backend::cpu::gemm, backend::cpu::fastmath, backend::cpu::rows"
+    echo "== qemu-x86_64 -cpu $cpu (expected level ${cpu_level#*:}): backend::cpu::gemm, backend::cpu::fastmath, backend::cpu::rows, backend::cpu::loss_rows, backend::cpu::sinkhorn"
     # (QEMU warns about each CPUID feature of the model it does not emulate: filtered out.)
     DINOVMF_EXPECT_SIMD=${cpu_level#*:} DINOVMF_EXPECT_BF16=emulated \
         qemu-x86_64 -cpu "$cpu" "$bin" --test-threads 1 backend::cpu::gemm backend::cpu::fastmath \
-        backend::cpu::rows --skip thread_count_does_not_change_bits \
+        backend::cpu::rows backend::cpu::loss_rows backend::cpu::sinkhorn --skip thread_count_does_not_change_bits \
         --skip matches_f64_reference_large_every_level --skip bit_identical_to_the_gemm_crate \
         2> >(grep -v "TCG doesn.t support" >&2)
 done
