@@ -12,7 +12,7 @@
 //! finding where they come from).
 mod common;
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use common::alloc_count;
 use dinovmf::backend::cpu::gemm::{matmul, matmul_strided, Op, View};
@@ -27,11 +27,20 @@ static A: alloc_count::Counting = alloc_count::Counting;
 /// The counters are global: the tests take this lock so that their measurements never overlap.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn pool(threads: usize) -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap()
+/// The rayon pool of `threads` (1 or 2), built on first use and never dropped. A pool per
+/// measurement would be dropped before the next one, and its worker threads exit
+/// asynchronously: a worker's exit allocates (crossbeam-epoch hands the thread's garbage bag,
+/// 2072 bytes, to its global queue), which then fell into the next measurement now and then
+/// (seen once in CI as "dino, 1 threads: 1 allocations (2072 bytes)").
+fn pool(threads: usize) -> &'static rayon::ThreadPool {
+    static POOLS: [OnceLock<rayon::ThreadPool>; 2] = [OnceLock::new(), OnceLock::new()];
+    assert!((1..=2).contains(&threads), "pools of 1 or 2 threads only");
+    POOLS[threads - 1].get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    })
 }
 
 /// `(allocations, bytes)` made by `steps` warm steps (after two warm-up steps) of `cfg`'s
