@@ -60,6 +60,29 @@ fn the_suite_runs_on_a_tiny_config_and_writes_its_table() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("unknown set 'nope'"), "{e}");
+    assert!(rows.iter().all(|r| r.options.is_empty()), "the defaults");
+    assert!(!md.contains("options"), "{md}");
+    // Recipe overrides reach every set's run and are named in the table and the rows.
+    let recipe =
+        dinovmf::cli::recipe::RecipeArgs::from_args(&["--n-local", "3", "--flip", "0"]).unwrap();
+    let over = SuiteOptions {
+        sets: vec!["textures".into()],
+        recipe,
+        out: root.join("runs-over"),
+        ..o.clone()
+    };
+    let rows = run_suite(&over).unwrap();
+    assert_eq!(rows[0].options, ["--n-local 3", "--flip 0"]);
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(over.out.join("textures/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (cfg["n_local"].as_u64(), cfg["flip"].as_f64()),
+        (Some(3), Some(0.0))
+    );
+    let md = std::fs::read_to_string(over.out.join("quality.md")).unwrap();
+    assert!(md.contains("options --n-local 3 --flip 0"), "{md}");
     std::fs::remove_dir_all(&root).ok();
 }
 

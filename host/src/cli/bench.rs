@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
+use crate::cli::recipe::RecipeArgs;
 use crate::quality::sets::{gen_set, GEN_SETS};
 use crate::quality::{markdown, run_suite, set_names, SuiteOptions};
 use crate::train::LossKind;
@@ -14,7 +15,7 @@ pub enum BenchCommand {
     /// MNIST-5k when its folder exists, generated sets) and print one table: k-NN k = 20
     /// trained / at init / raw pixels, linear probe, prototypes in use, RankMe, the teacher's
     /// entropies, NMI / purity, steps and wall time. Also writes OUT/quality.{json,md}.
-    Quality(QualityArgs),
+    Quality(Box<QualityArgs>),
     /// Write a few images of each class of the generated sets as PNG, to look at.
     PreviewSets(PreviewArgs),
     /// Time training steps of a preset on a synthetic batch (no data loading): images/s, the
@@ -64,6 +65,10 @@ pub struct QualityArgs {
     pub preset: String,
     #[arg(long, value_enum, default_value = "vmf")]
     pub loss: LossKind,
+    /// Recipe overrides, as `dinovmf train` takes them (e.g. `--n-local 8 --koleo 0`): every
+    /// set trains with them, and the table's heading names them.
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
     /// Stop each run after N steps (smoke tests; the schedules still span the full length).
     #[arg(long)]
     pub max_steps: Option<u64>,
@@ -117,6 +122,7 @@ fn quality(a: &QualityArgs) -> Result<()> {
     o.heldout = a.heldout;
     o.preset = a.preset.clone();
     o.loss = a.loss;
+    o.recipe = a.recipe.clone();
     o.max_steps = a.max_steps;
     o.epochs = a.epochs;
     o.scale = a.scale;

@@ -8,6 +8,7 @@ pub mod eval;
 pub mod export;
 pub mod import;
 pub mod math;
+pub mod recipe;
 pub mod report;
 pub mod train;
 pub mod verify;

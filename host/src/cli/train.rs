@@ -7,12 +7,11 @@ use std::sync::Arc;
 use anyhow::Result;
 use clap::Args;
 
+use super::recipe::RecipeArgs;
 use crate::backend::Device;
 use crate::checkpoint::LoadOptions;
 use crate::data::OnError;
-use crate::train::{
-    self, CenteringKind, DataSpec, ExistingRun, LossKind, Method, Parallel, RunOptions, TrainConfig,
-};
+use crate::train::{self, DataSpec, ExistingRun, LossKind, Parallel, RunOptions, TrainConfig};
 
 /// The run folder link new runs update when no -o is given.
 pub const DEFAULT_OUT: &str = "runs/latest";
@@ -26,59 +25,9 @@ pub struct TrainArgs {
     /// dino: w.y/tau logits; vmf: kappa mu.y + log C_p(kappa) (DINO-vMF).
     #[arg(long, value_enum, default_value = "vmf")]
     pub loss: LossKind,
-    /// dino: self-distillation of the [CLS] token; ibot: plus masked image modelling (the
-    /// student's global crops are block-masked and must predict the teacher's patch
-    /// distributions at the masked positions). Combine with --loss: ibot + vmf is iBOT-vMF.
-    #[arg(long, value_enum, default_value = "dino")]
-    pub method: Method,
-    /// iBOT: weight of the patch loss in L = L_cls + w L_mim.
-    #[arg(long)]
-    pub mim_weight: Option<f64>,
-    /// iBOT: patch teacher temperature after warm-up (small presets: 0.02; iBOT: 0.07).
-    #[arg(long)]
-    pub patch_teacher_temp: Option<f64>,
-    /// iBOT: patch teacher temperature at step 0 (warms up linearly to --patch-teacher-temp).
-    #[arg(long)]
-    pub warmup_patch_teacher_temp: Option<f64>,
-    #[arg(long)]
-    pub warmup_patch_teacher_temp_epochs: Option<u64>,
-    /// iBOT: momentum of the patch center (its own, next to the [CLS] one).
-    #[arg(long)]
-    pub patch_center_momentum: Option<f64>,
-    /// iBOT: give patch tokens their own prototype layer instead of sharing [CLS]'s.
-    #[arg(long)]
-    pub separate_patch_head: bool,
-    /// iBOT: probability that a student global crop is masked at all (iBOT: 0.5).
-    #[arg(long)]
-    pub mask_prob: Option<f64>,
-    /// iBOT: masked fraction of a masked crop, uniform in `MIN,MAX` (iBOT: 0.1,0.5).
-    #[arg(long, value_parser = parse_pair)]
-    pub mask_ratio: Option<(f64, f64)>,
-    /// iBOT: aspect ratio range of the mask blocks, log-uniform in `MIN,MAX` (0.3,3.33).
-    #[arg(long, value_parser = parse_pair)]
-    pub mask_aspect: Option<(f64, f64)>,
-    /// Teacher centering. sinkhorn (the small presets' default): balance the batch's teacher
-    /// assignments with Sinkhorn-Knopp (SwAV / DINOv2); logit / probability: DINO's and
-    /// DINO-vMF's running centers (the 224 px presets' defaults, by loss).
-    #[arg(long, value_enum)]
-    pub centering: Option<CenteringKind>,
-    /// KoLeo weight on the student's L2-normalised [CLS] backbone features of each global view,
-    /// -(1/B) sum_i ln(d_i + 1e-8), d_i the distance to the nearest other image (small presets:
-    /// 0.1 as DINOv2; 224 px presets: 0 = off).
-    #[arg(long)]
-    pub koleo: Option<f64>,
-    /// Arithmetic of the matrix products. f32 (default): the reference. bf16: bf16 operands
-    /// with f32 sums; on the CPU the linear layers' forward and input-gradient products (AMX or
-    /// AVX512-BF16 where the CPU has them), on CUDA every GEMM of the step on tensor cores;
-    /// master weights, optimiser, prototype logits, softmax and loss stay f32 on both.
-    #[arg(long, value_enum)]
-    pub precision: Option<crate::backend::Precision>,
-    /// Rounds of Sinkhorn-Knopp balancing with --centering sinkhorn (default 3).
-    #[arg(long)]
-    pub sinkhorn_iters: Option<u32>,
-    /// Fix the prototype norms g = 1 (default: on for dino, off for vmf).
-    #[arg(long)]
-    pub norm_last_layer: Option<bool>,
+    /// The recipe: method, model, schedule and augmentation overrides of the preset.
+    #[command(flatten)]
+    pub recipe: RecipeArgs,
     /// Training data: `builtin` (procedural dataset in the binary), `folder:PATH`
     /// (PATH/<class>/<image>; held-out split from `folder:PATH,TEST_PATH`) or `cifar:PATH`
     /// (folder with the CIFAR-10/100 .bin files).
@@ -112,84 +61,6 @@ pub struct TrainArgs {
     /// the number of training images; the other presets use their own).
     #[arg(long)]
     pub epochs: Option<u64>,
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Base learning rate for batch 256 (scaled by batch/256).
-    #[arg(long)]
-    pub lr: Option<f64>,
-    #[arg(long)]
-    pub warmup_epochs: Option<u64>,
-    /// Dimension p of the sphere the prototypes live on (the head's bottleneck).
-    #[arg(long)]
-    pub bottleneck: Option<usize>,
-    /// Width of the head's hidden layers.
-    #[arg(long)]
-    pub head_hidden: Option<usize>,
-    /// ViT width, depth and heads (override the preset's).
-    #[arg(long)]
-    pub dim: Option<usize>,
-    #[arg(long)]
-    pub depth: Option<usize>,
-    #[arg(long)]
-    pub heads: Option<usize>,
-    /// Side of the square input the crops are resized to (global crops; local crops follow it).
-    #[arg(long)]
-    pub img_size: Option<usize>,
-    /// Side of a ViT patch in pixels (must divide the image and local crop sizes).
-    #[arg(long)]
-    pub patch: Option<usize>,
-    /// Number of prototypes K.
-    #[arg(long)]
-    pub prototypes: Option<usize>,
-    /// Final teacher temperature (after warm-up).
-    #[arg(long)]
-    pub teacher_temp: Option<f64>,
-    /// Teacher temperature at step 0 (warms up linearly to --teacher-temp).
-    #[arg(long)]
-    pub warmup_teacher_temp: Option<f64>,
-    #[arg(long)]
-    pub warmup_teacher_temp_epochs: Option<u64>,
-    #[arg(long)]
-    pub student_temp: Option<f64>,
-    /// Teacher EMA momentum at step 0 (cosine to 1).
-    #[arg(long)]
-    pub momentum_teacher: Option<f64>,
-    #[arg(long)]
-    pub center_momentum: Option<f64>,
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    #[arg(long)]
-    pub weight_decay_end: Option<f64>,
-    /// Per-tensor gradient-norm clip (0 = off).
-    #[arg(long)]
-    pub clip_grad: Option<f64>,
-    /// Epochs during which the prototype layer gets no update (DINO: 1).
-    #[arg(long)]
-    pub freeze_last_layer_epochs: Option<u64>,
-    /// Learning rate at the end of the cosine schedule.
-    #[arg(long)]
-    pub min_lr: Option<f64>,
-    /// Area range of the global crops, as `MIN,MAX` fractions of the image (DINO: 0.4,1).
-    #[arg(long, value_parser = parse_range)]
-    pub global_scale: Option<(f32, f32)>,
-    /// Area range of the local crops, as `MIN,MAX` fractions of the image (DINO: 0.05,0.4).
-    #[arg(long, value_parser = parse_range)]
-    pub local_scale: Option<(f32, f32)>,
-    /// Scale of the colour augmentations' probabilities (1 = DINO's jitter 0.8 and grayscale
-    /// 0.2; 0 = none).
-    #[arg(long)]
-    pub color_aug: Option<f32>,
-    /// Probability of a horizontal flip of each crop (DINO: 0.5). Use 0 when a mirrored image
-    /// means something else (digits, text).
-    #[arg(long)]
-    pub flip: Option<f32>,
-    /// Number of local crops.
-    #[arg(long)]
-    pub n_local: Option<usize>,
-    #[arg(long)]
-    pub drop_path: Option<f32>,
-    #[arg(long)]
-    pub seed: Option<u64>,
     /// Stop after this many steps (the schedules still span all epochs).
     #[arg(long)]
     pub max_steps: Option<u64>,
@@ -213,10 +84,6 @@ pub struct TrainArgs {
     /// unique prototypes, entropies) every N steps (default: once per epoch; 0 = off).
     #[arg(long)]
     pub diag_every: Option<u64>,
-    /// KoLeo-proto regulariser weight: pushes each student prototype away from its nearest
-    /// neighbour, -(1/K) sum_k ln min_j ||mu_k - mu_j|| (0 = off; CPU backend).
-    #[arg(long)]
-    pub koleo_proto: Option<f64>,
     /// Do not draw the figures (PNG) into the run folder at the end.
     #[arg(long)]
     pub no_figures: bool,
@@ -229,71 +96,10 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// The configuration these arguments describe.
     pub fn config(&self) -> Result<TrainConfig> {
-        let mut c = TrainConfig::preset_for(&self.preset, self.method, self.loss)?;
-        if let Some(v) = self.centering {
-            c.centering = v;
-        }
-        if let Some(v) = self.norm_last_layer {
-            c.norm_last_layer = v;
-        }
+        let (mut c, _) = self.recipe.apply(&self.preset, self.loss)?;
         c.data = parse_data(&self.data, &c.data)?;
-        macro_rules! set {
-            ($($f:ident => $($path:ident).+),* $(,)?) => {$(
-                if let Some(v) = self.$f { c.$($path).+ = v; }
-            )*};
-        }
-        set!(epochs => epochs, batch_size => batch_size, lr => lr, warmup_epochs => warmup_epochs,
-             prototypes => model.prototypes, bottleneck => model.bottleneck,
-             head_hidden => model.head_hidden, dim => model.dim, depth => model.depth, heads => model.heads, img_size => model.img_size, patch => model.patch, teacher_temp => teacher_temp,
-             warmup_teacher_temp => warmup_teacher_temp,
-             warmup_teacher_temp_epochs => warmup_teacher_temp_epochs, student_temp => student_temp,
-             momentum_teacher => momentum_teacher, center_momentum => center_momentum,
-             weight_decay => weight_decay, weight_decay_end => weight_decay_end,
-             clip_grad => clip_grad, freeze_last_layer_epochs => freeze_last_layer_epochs,
-             min_lr => min_lr, global_scale => global_scale, local_scale => local_scale, n_local => n_local, color_aug => color_aug, flip => flip, drop_path => model.drop_path, seed => seed);
-        set!(mim_weight => ibot.mim_weight, patch_teacher_temp => ibot.patch_teacher_temp,
-             warmup_patch_teacher_temp => ibot.warmup_patch_teacher_temp,
-             warmup_patch_teacher_temp_epochs => ibot.warmup_patch_teacher_temp_epochs,
-             patch_center_momentum => ibot.patch_center_momentum, mask_prob => ibot.mask_prob,
-             mask_ratio => ibot.mask_ratio, mask_aspect => ibot.mask_aspect);
-        if self.separate_patch_head {
-            c.ibot.separate_patch_head = true;
-        }
-        if self.patch_teacher_temp.is_some()
-            && self.warmup_patch_teacher_temp.is_none()
-            && c.ibot.warmup_patch_teacher_temp_epochs == 0
-        {
-            c.ibot.warmup_patch_teacher_temp = c.ibot.patch_teacher_temp;
-        }
-        if c.method == Method::Dino
-            && (self.separate_patch_head
-                || self.mim_weight.is_some()
-                || self.patch_teacher_temp.is_some()
-                || self.mask_prob.is_some()
-                || self.mask_ratio.is_some())
-        {
-            anyhow::bail!("the iBOT options (--mim-weight, --patch-*, --mask-*, --separate-patch-head) need --method ibot");
-        }
-        if self.teacher_temp.is_some()
-            && self.warmup_teacher_temp.is_none()
-            && c.warmup_teacher_temp_epochs == 0
-        {
-            c.warmup_teacher_temp = c.teacher_temp;
-        }
-        if let Some(v) = self.koleo_proto {
-            c.koleo_proto = v;
-        }
-        if let Some(v) = self.precision {
-            c.precision = v;
-        }
-        if let Some(v) = self.koleo {
-            c.koleo = v;
-        }
-        if let Some(v) = self.precision {
-            c.precision = v;
-        }
-        if let Some(v) = self.sinkhorn_iters {
-            c.sinkhorn_iters = v;
+        if let Some(e) = self.epochs {
+            c.epochs = e;
         }
         c.validate()?;
         Ok(c)
@@ -345,7 +151,7 @@ impl TrainArgs {
 }
 
 /// `MIN,MAX` (two numbers; the config's validation checks their range).
-fn parse_pair(s: &str) -> Result<(f64, f64), String> {
+pub(crate) fn parse_pair(s: &str) -> Result<(f64, f64), String> {
     let (a, b) = s
         .split_once(',')
         .ok_or_else(|| format!("expected MIN,MAX, got '{s}'"))?;
@@ -355,7 +161,7 @@ fn parse_pair(s: &str) -> Result<(f64, f64), String> {
 }
 
 /// `MIN,MAX` with 0 < MIN <= MAX <= 1.
-fn parse_range(s: &str) -> Result<(f32, f32), String> {
+pub(crate) fn parse_range(s: &str) -> Result<(f32, f32), String> {
     let (a, b) = s
         .split_once(',')
         .ok_or_else(|| format!("expected MIN,MAX, got '{s}'"))?;
@@ -414,7 +220,7 @@ pub fn sized_config(
     let data = train::open_data(&cfg.data, cfg.model.img_size, on_error)?;
     let len = train::run_length::data_sized(&cfg, data.train.len())?;
     cfg.epochs = len.epochs;
-    if args.warmup_epochs.is_none() {
+    if args.recipe.warmup_epochs.is_none() {
         cfg.warmup_epochs = len.warmup_epochs;
     }
     cfg.validate()?;

@@ -12,6 +12,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use crate::cli::eval::{load, probe, proto_diag};
+use crate::cli::recipe::RecipeArgs;
 use crate::train::{self, run_length, DataSpec, ExistingRun, LossKind, RunOptions, TrainConfig};
 use sets::{gen_set, GenSet, GEN_SETS};
 
@@ -30,6 +31,8 @@ pub struct SuiteOptions {
     pub heldout: bool,
     pub preset: String,
     pub loss: LossKind,
+    /// Overrides of the preset's recipe, as `dinovmf train` takes them (none by default).
+    pub recipe: RecipeArgs,
     /// Cap on the steps of each run (the schedules still span the chosen length).
     pub max_steps: Option<u64>,
     /// Fixed epochs instead of the data-sized default.
@@ -55,6 +58,7 @@ impl SuiteOptions {
             heldout: false,
             preset: "small32".into(),
             loss: LossKind::Vmf,
+            recipe: RecipeArgs::default(),
             max_steps: None,
             epochs: None,
             scale: 1.0,
@@ -72,6 +76,8 @@ impl SuiteOptions {
 pub struct SuiteRow {
     pub set: String,
     pub heldout: bool,
+    /// The recipe overrides the set trained with, as on the command line (empty: the defaults).
+    pub options: Vec<String>,
     pub train_images: usize,
     pub steps: u64,
     pub epochs: u64,
@@ -138,7 +144,7 @@ fn at_k20(v: &Option<Vec<(usize, f64)>>) -> f64 {
 
 /// Trains and evaluates one set with the defaults.
 fn run_set(name: &str, data: DataSpec, o: &SuiteOptions) -> Result<SuiteRow> {
-    let mut cfg = TrainConfig::preset(&o.preset, o.loss)?;
+    let (mut cfg, options) = o.recipe.apply(&o.preset, o.loss)?;
     cfg.data = data;
     let ds = train::open_data(&cfg.data, cfg.model.img_size, crate::data::OnError::Skip)?;
     let train_images = ds.train.len();
@@ -148,10 +154,13 @@ fn run_set(name: &str, data: DataSpec, o: &SuiteOptions) -> Result<SuiteRow> {
             let l = run_length::data_sized(&cfg, train_images)?;
             eprintln!("{name}: {}", l.describe());
             cfg.epochs = l.epochs;
-            cfg.warmup_epochs = l.warmup_epochs;
+            if o.recipe.warmup_epochs.is_none() {
+                cfg.warmup_epochs = l.warmup_epochs;
+            }
         }
         None => {}
     }
+    cfg.validate()?;
     let dir = o.out.join(name);
     let opts = RunOptions {
         out_dir: dir.clone(),
@@ -172,6 +181,7 @@ fn run_set(name: &str, data: DataSpec, o: &SuiteOptions) -> Result<SuiteRow> {
     Ok(SuiteRow {
         set: name.to_string(),
         heldout: gen_set(name).is_some_and(|s| s.heldout),
+        options,
         train_images,
         steps: s.steps,
         epochs: cfg.epochs,
@@ -231,7 +241,9 @@ pub fn run_suite(o: &SuiteOptions) -> Result<Vec<SuiteRow>> {
     );
     let sets = sets_to_run(o)?;
     std::fs::create_dir_all(&o.out)?;
-    let base = TrainConfig::preset(&o.preset, o.loss)?;
+    // The overrides are checked before the first set trains (a typo fails now, not an hour in).
+    let (base, _) = o.recipe.apply(&o.preset, o.loss)?;
+    base.validate()?;
     let mut rows = Vec::new();
     for name in &sets {
         let Some(data) = set_data(name, o, &base)? else {
@@ -259,9 +271,13 @@ pub fn markdown(rows: &[SuiteRow], o: &SuiteOptions) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "preset {}, loss {:?}, {} (k-NN k = 20 on the held-out split, %)\n",
+        "preset {}, loss {:?}{}, {} (k-NN k = 20 on the held-out split, %)\n",
         o.preset,
         o.loss,
+        match o.recipe.apply(&o.preset, o.loss) {
+            Ok((_, given)) if !given.is_empty() => format!(", options {}", given.join(" ")),
+            _ => String::new(),
+        },
         match (o.epochs, o.max_steps) {
             (Some(e), _) => format!("{e} epochs"),
             (None, Some(m)) => format!("data-sized schedule capped at {m} steps"),
