@@ -57,7 +57,7 @@ pub struct RecipeArgs {
     /// AVX512-BF16 where the CPU has them), on CUDA every GEMM of the step on tensor cores;
     /// master weights, optimiser, prototype logits, softmax and loss stay f32 on both.
     #[arg(long, value_enum)]
-    pub precision: Option<crate::backend::Precision>,
+    pub precision: Option<Precision>,
     /// Rounds of Sinkhorn-Knopp balancing with --centering sinkhorn (default 3).
     #[arg(long)]
     pub sinkhorn_iters: Option<u32>,
@@ -198,17 +198,16 @@ fn enum_text<E: ValueEnum>(v: &E) -> String {
         .map_or_else(String::new, |p| p.get_name().to_string())
 }
 
-impl ArgText for CenteringKind {
-    fn arg_text(&self) -> String {
-        enum_text(self)
-    }
+macro_rules! enum_arg_text {
+    ($($t:ty),*) => {$(
+        impl ArgText for $t {
+            fn arg_text(&self) -> String {
+                enum_text(self)
+            }
+        }
+    )*};
 }
-
-impl ArgText for Precision {
-    fn arg_text(&self) -> String {
-        enum_text(self)
-    }
-}
+enum_arg_text!(CenteringKind, Precision);
 
 /// Applies each given option to the config (`field => config.path`) and lists it, spelled as
 /// on the command line, in `given`: one list, so the two cannot disagree.
@@ -245,7 +244,10 @@ impl RecipeArgs {
             weight_decay_end => weight_decay_end, clip_grad => clip_grad,
             freeze_last_layer_epochs => freeze_last_layer_epochs, min_lr => min_lr,
             global_scale => global_scale, local_scale => local_scale, n_local => n_local,
-            color_aug => color_aug, flip => flip, drop_path => model.drop_path, seed => seed,
+            color_aug => color_aug, flip => flip, drop_path => model.drop_path, seed => seed);
+        // The iBOT group: any of it given means iBOT options, which DINO refuses.
+        let before_ibot = given.len();
+        overrides!(self, c, given;
             mim_weight => ibot.mim_weight, patch_teacher_temp => ibot.patch_teacher_temp,
             warmup_patch_teacher_temp => ibot.warmup_patch_teacher_temp,
             warmup_patch_teacher_temp_epochs => ibot.warmup_patch_teacher_temp_epochs,
@@ -255,17 +257,7 @@ impl RecipeArgs {
             c.ibot.separate_patch_head = true;
             given.push("--separate-patch-head".into());
         }
-        if c.method == Method::Dino
-            && (self.separate_patch_head
-                || self.mim_weight.is_some()
-                || self.patch_teacher_temp.is_some()
-                || self.warmup_patch_teacher_temp.is_some()
-                || self.warmup_patch_teacher_temp_epochs.is_some()
-                || self.patch_center_momentum.is_some()
-                || self.mask_prob.is_some()
-                || self.mask_ratio.is_some()
-                || self.mask_aspect.is_some())
-        {
+        if c.method == Method::Dino && given.len() > before_ibot {
             bail!("the iBOT options (--mim-weight, --patch-*, --warmup-patch-*, --mask-*, --separate-patch-head) need --method ibot");
         }
         // A final temperature given alone, with no warm-up, is the temperature throughout.

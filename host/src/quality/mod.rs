@@ -142,9 +142,16 @@ fn at_k20(v: &Option<Vec<(usize, f64)>>) -> f64 {
         .map_or(f64::NAN, |x| x.1)
 }
 
-/// Trains and evaluates one set with the defaults.
-fn run_set(name: &str, data: DataSpec, o: &SuiteOptions) -> Result<SuiteRow> {
-    let (mut cfg, options) = o.recipe.apply(&o.preset, o.loss)?;
+/// Trains and evaluates one set with `base` (the preset with the suite's recipe overrides,
+/// spelled as `options`) on `data`.
+fn run_set(
+    name: &str,
+    data: DataSpec,
+    base: &TrainConfig,
+    options: &[String],
+    o: &SuiteOptions,
+) -> Result<SuiteRow> {
+    let mut cfg = base.clone();
     cfg.data = data;
     let ds = train::open_data(&cfg.data, cfg.model.img_size, crate::data::OnError::Skip)?;
     let train_images = ds.train.len();
@@ -181,7 +188,7 @@ fn run_set(name: &str, data: DataSpec, o: &SuiteOptions) -> Result<SuiteRow> {
     Ok(SuiteRow {
         set: name.to_string(),
         heldout: gen_set(name).is_some_and(|s| s.heldout),
-        options,
+        options: options.to_vec(),
         train_images,
         steps: s.steps,
         epochs: cfg.epochs,
@@ -242,7 +249,7 @@ pub fn run_suite(o: &SuiteOptions) -> Result<Vec<SuiteRow>> {
     let sets = sets_to_run(o)?;
     std::fs::create_dir_all(&o.out)?;
     // The overrides are checked before the first set trains (a typo fails now, not an hour in).
-    let (base, _) = o.recipe.apply(&o.preset, o.loss)?;
+    let (base, options) = o.recipe.apply(&o.preset, o.loss)?;
     base.validate()?;
     let mut rows = Vec::new();
     for name in &sets {
@@ -250,7 +257,7 @@ pub fn run_suite(o: &SuiteOptions) -> Result<Vec<SuiteRow>> {
             continue;
         };
         eprintln!("== {name} ==");
-        let row = run_set(name, data, o)?;
+        let row = run_set(name, data, &base, &options, o)?;
         rows.push(row);
         // Written after every set, so an interrupted suite keeps what it finished.
         write_results(&o.out, &rows, o)?;
@@ -274,8 +281,9 @@ pub fn markdown(rows: &[SuiteRow], o: &SuiteOptions) -> String {
         "preset {}, loss {:?}{}, {} (k-NN k = 20 on the held-out split, %)\n",
         o.preset,
         o.loss,
-        match o.recipe.apply(&o.preset, o.loss) {
-            Ok((_, given)) if !given.is_empty() => format!(", options {}", given.join(" ")),
+        // Every row trained with the same overrides.
+        match rows.first() {
+            Some(r) if !r.options.is_empty() => format!(", options {}", r.options.join(" ")),
             _ => String::new(),
         },
         match (o.epochs, o.max_steps) {
