@@ -48,10 +48,11 @@ PRESETS = {
     "vit-b16": dict(arch="vit_base", img=224, local=96, patch=16, dim=768, depth=12, heads=12,
                     k=65536, hidden=2048, bottleneck=256, dinovmf="vit-b16"),
     # issue 16's model: dinovmf's small32 backbone at patch 4 (its default is now patch 8),
-    # 4 blocks of width 96, 3 heads; without the small presets' KoLeo, which DINO lacks.
+    # 4 blocks of width 96, 3 heads; without the small presets' KoLeo and convolutional stem,
+    # which DINO lacks.
     "small32": dict(arch=None, img=32, local=16, patch=4, dim=96, depth=4, heads=3,
                     k=1024, hidden=512, bottleneck=128, dinovmf="small32",
-                    dinovmf_args=["--patch", "4", "--koleo", "0"]),
+                    dinovmf_args=["--patch", "4", "--koleo", "0", "--stem-convs", "0"]),
 }
 
 

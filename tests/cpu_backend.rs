@@ -168,7 +168,19 @@ fn check_centering<T: dinovmf_core::logits::VmfReal + dinovmf_core::loss::Stored
     koleo: f32,
     tol: f64,
 ) {
-    let cfg = model(norm_last, drop_path);
+    check_model::<T>(&model(norm_last, drop_path), vmf, centering, koleo, tol)
+}
+
+/// [`check_centering`] on the model `cfg` (its `norm_last_layer` and drop path are the run's).
+fn check_model<T: dinovmf_core::logits::VmfReal + dinovmf_core::loss::Stored<T>>(
+    cfg: &ModelConfig,
+    vmf: bool,
+    centering: Option<dinovmf_core::centering::Centering>,
+    koleo: f32,
+    tol: f64,
+) {
+    let cfg = *cfg;
+    let (norm_last, drop_path) = (cfg.head.norm_last_layer, cfg.vit.drop_path);
     let mut lc = loss_cfg(vmf, norm_last);
     if let Some(c) = centering {
         lc.centering = c;
@@ -181,8 +193,8 @@ fn check_centering<T: dinovmf_core::logits::VmfReal + dinovmf_core::loss::Stored
     let rep = be.compute_gradients(&bt, &hp).unwrap();
     let r = reference::<T>(&cfg, &lc, &st, &bt, &hp, koleo);
     let what = format!(
-        "vmf={vmf} norm_last={norm_last} drop_path={drop_path} centering={:?} koleo={koleo}",
-        lc.centering
+        "vmf={vmf} norm_last={norm_last} drop_path={drop_path} centering={:?} koleo={koleo} stem_convs={}",
+        lc.centering, cfg.vit.stem_convs
     );
     let e = rel_err(be.student_z(), &r.z_s, 1e-6);
     assert!(e < tol, "{what}: z_s rel err {e:e} >= {tol:e}");
@@ -239,6 +251,16 @@ fn gradients_match_f64_reference_with_koleo_rel_2e5() {
     check_centering::<f64>(true, false, 0.0, None, 0.5, 2e-5);
     check_centering::<f64>(false, true, 0.1, None, 0.1, 2e-5);
     check_centering::<f64>(true, false, 0.0, sk, 0.3, 2e-5);
+}
+
+/// The convolutional stem (one and two convolutions per stage; 12 px global and 8 px local
+/// crops through two stride-2 stages) against the f64 reference, with drop path and Sinkhorn.
+#[test]
+fn gradients_match_f64_reference_with_conv_stem_rel_2e5() {
+    use dinovmf_core::centering::Centering;
+    let sk = Some(Centering::Sinkhorn { iters: 3 });
+    check_model::<f64>(&model(false, 0.0).with_stem(1), true, None, 0.0, 2e-5);
+    check_model::<f64>(&model(true, 0.6).with_stem(2), false, sk, 0.1, 2e-5);
 }
 
 #[test]

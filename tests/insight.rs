@@ -30,6 +30,7 @@ fn model() -> ModelConfig {
             qkv_bias: true,
             ln_eps: 1e-6,
             drop_path: 0.0,
+            stem_convs: 0,
         },
         head: HeadConfig {
             hidden: 32,

@@ -30,7 +30,9 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 fn layout_table_agrees_with_offsets_and_known_sizes() {
     for cfg in [
         ModelConfig::tiny_test(),
+        ModelConfig::tiny_test().with_stem(2),
         ModelConfig::small32(),
+        ModelConfig::small32().with_stem(1),
         ModelConfig::vit_s16(),
         ModelConfig::vit_b16(),
     ] {
@@ -74,6 +76,18 @@ fn layout_table_agrees_with_offsets_and_known_sizes() {
                     "mlp.fc2.bias" => o.fc2_b,
                     _ => return None,
                 })
+            });
+            let want = want.or_else(|| {
+                let rest = name.strip_prefix("backbone.patch_embed.stem.")?;
+                let (i, field) = rest.split_once('.')?;
+                let i: usize = i.parse().ok()?;
+                let l = cfg.vit.stem_layer(i);
+                assert_eq!(
+                    p.shape(),
+                    &[l.c_out, l.c_in, 3, 3][..if field == "weight" { 4 } else { 1 }]
+                );
+                let (w, b) = lay.stem_layer(i);
+                Some(if field == "weight" { w } else { b })
             });
             let want = want.or_else(|| {
                 let rest = name.strip_prefix("head.mlp.")?;
@@ -148,6 +162,43 @@ fn decay_trainable_and_last_layer_flags_follow_the_spec() {
     assert_eq!(pw.shape(), &[8, 3, 4, 4]);
 }
 
+/// The stem's convolutions: He uniform U(-sqrt(6 / fan_in), +) (sd sqrt(2 / fan_in)), biases 0;
+/// the 1 x 1 patch embedding after it keeps PyTorch's Conv2d default with fan_in = D.
+#[test]
+fn stem_init_is_he_uniform() {
+    let cfg = ModelConfig::small32().with_stem(2);
+    let mut r = ChaCha8Rng::seed_from_u64(22);
+    let mut p = vec![f32::NAN; num_params(&cfg)];
+    init_params(&cfg, &mut p, &mut || randn(&mut r));
+    let mut seen = 0;
+    for_each_param(&cfg, |s| {
+        let x = &p[s.range()];
+        let fan_in = (s.numel / s.shape[0]) as f64;
+        match s.kind {
+            ParamKind::StemWeight => {
+                seen += 1;
+                let bound = (6.0 / fan_in).sqrt();
+                assert!(x.iter().all(|&v| (v as f64).abs() <= bound), "{}", s.name);
+                let sd =
+                    (x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / x.len() as f64).sqrt();
+                let want = (2.0 / fan_in).sqrt();
+                assert!(
+                    (sd / want - 1.0).abs() < 0.1,
+                    "{}: sd {sd} vs {want}",
+                    s.name
+                );
+            }
+            ParamKind::StemBias => assert!(x.iter().all(|&v| v == 0.0), "{}", s.name),
+            ParamKind::PatchWeight => {
+                assert_eq!(fan_in, 96.0, "1 x 1 embedding of D channels");
+                assert!(x.iter().all(|&v| (v as f64).abs() <= 1.0 / fan_in.sqrt()));
+            }
+            _ => {}
+        }
+    });
+    assert_eq!(seen, 4, "patch 4: two stages of two convolutions");
+}
+
 #[test]
 fn init_statistics_match_dino() {
     let cfg = ModelConfig::small32();
@@ -200,6 +251,7 @@ fn init_statistics_match_dino() {
                     "patch bias U"
                 )
             }
+            ParamKind::StemWeight | ParamKind::StemBias => panic!("small32 has no stem"),
         }
     });
     let n = lin.len() as f64;
@@ -280,7 +332,9 @@ fn random_params(cfg: &ModelConfig, r: &mut ChaCha8Rng) -> Vec<f64> {
         for x in &mut p[s.range()] {
             let z = randn(r);
             *x = match s.kind {
-                ParamKind::LinearWeight | ParamKind::PatchWeight => z / (fan_in as f64).sqrt(),
+                ParamKind::LinearWeight | ParamKind::PatchWeight | ParamKind::StemWeight => {
+                    z / (fan_in as f64).sqrt()
+                }
                 ParamKind::NormWeight => 1.0 + 0.3 * z,
                 ParamKind::LastLayerG => 1.0 + 0.3 * z.abs(),
                 ParamKind::ClsToken | ParamKind::PosEmbed | ParamKind::LastLayerV => z,
@@ -385,7 +439,16 @@ impl Case {
 }
 
 fn make_case(seed: u64, img: usize, b: usize, with_masks: bool) -> (Case, Vec<f64>) {
-    let cfg = ModelConfig::tiny_test();
+    make_case_for(ModelConfig::tiny_test(), seed, img, b, with_masks)
+}
+
+fn make_case_for(
+    cfg: ModelConfig,
+    seed: u64,
+    img: usize,
+    b: usize,
+    with_masks: bool,
+) -> (Case, Vec<f64>) {
     let mut r = ChaCha8Rng::seed_from_u64(seed);
     let params = random_params(&cfg, &mut r);
     let images = rvec(&mut r, b * cfg.vit.in_chans * img * img, 1.0);
@@ -504,6 +567,18 @@ fn whole_model_gradient_local_crops_fd_tol_1e6() {
     check_case(&case, &params, "local 8px, drop path");
     let (case, params) = make_case(33, 16, 1, false);
     check_case(&case, &params, "16px, no drop path");
+}
+
+#[test]
+fn whole_model_gradient_conv_stem_fd_tol_1e6() {
+    // tiny_test's patch 4 as two stride-2 stages of two convolutions each (4 and 8 channels):
+    // 12 px -> 6 -> 6 -> 3 -> 3 (the base grid), and an 8 px local crop down to 2 x 2.
+    let cfg = ModelConfig::tiny_test().with_stem(2);
+    assert_eq!(cfg.vit.stem_len(), 4);
+    let (case, params) = make_case_for(cfg, 34, 12, 2, true);
+    check_case(&case, &params, "conv stem 12px, drop path");
+    let (case, params) = make_case_for(ModelConfig::tiny_test().with_stem(1), 35, 8, 2, false);
+    check_case(&case, &params, "conv stem 8px");
 }
 
 #[test]

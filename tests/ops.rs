@@ -481,6 +481,84 @@ fn patch_embed_matches_conv2d_formula() {
     );
 }
 
+/// A 3 x 3, padding 1 convolution as im2col + linear against the Conv2d formula on HWC maps,
+/// stride 1 and 2, even and odd sides.
+#[test]
+fn conv3x3_im2col_matches_conv2d_formula() {
+    let mut r = rng(19);
+    for (side, stride) in [(6, 1), (6, 2), (5, 2), (4, 1)] {
+        let (b, c, o) = (2, 3, 4);
+        let so = conv3x3_out_side(side, stride);
+        let chw = rvec(&mut r, b * c * side * side, 1.0);
+        let mut x = vec![0.0; chw.len()];
+        chw_to_hwc(&mut x, &chw, b, c, side * side);
+        let w = rvec(&mut r, o * c * 9, 0.3);
+        let bias = rvec(&mut r, o, 0.3);
+        let mut cols = vec![f64::NAN; b * so * so * c * 9];
+        im2col3x3(&mut cols, &x, b, c, side, stride);
+        let mut y = vec![0.0; b * so * so * o];
+        linear_forward(&mut y, &cols, &w, Some(&bias), b * so * so, c * 9, o);
+        let mut err = 0.0f64;
+        for bi in 0..b {
+            for oy in 0..so {
+                for ox in 0..so {
+                    for oc in 0..o {
+                        let mut s = bias[oc];
+                        for ci in 0..c {
+                            for ki in 0..3 {
+                                for kj in 0..3 {
+                                    let (iy, ix) = (
+                                        (stride * oy + ki) as isize - 1,
+                                        (stride * ox + kj) as isize - 1,
+                                    );
+                                    if iy < 0
+                                        || ix < 0
+                                        || iy >= side as isize
+                                        || ix >= side as isize
+                                    {
+                                        continue;
+                                    }
+                                    let (iy, ix) = (iy as usize, ix as usize);
+                                    s += w[((oc * c + ci) * 3 + ki) * 3 + kj]
+                                        * chw[((bi * c + ci) * side + iy) * side + ix];
+                                }
+                            }
+                        }
+                        err = err.max((y[((bi * so + oy) * so + ox) * o + oc] - s).abs());
+                    }
+                }
+            }
+        }
+        assert!(
+            err < 1e-13,
+            "side {side} stride {stride}: im2col conv vs Conv2d formula err {err:e} >= 1e-13"
+        );
+    }
+}
+
+/// col2im is im2col's adjoint: <im2col(x), y> = <x, col2im(y)> (f64, 1e-12 relative), and it
+/// overwrites its output (poisoned first).
+#[test]
+fn col2im3x3_is_the_adjoint_of_im2col() {
+    let mut r = rng(20);
+    for (side, stride) in [(6, 1), (6, 2), (5, 2), (3, 1)] {
+        let (b, c) = (2, 3);
+        let so = conv3x3_out_side(side, stride);
+        let x = rvec(&mut r, b * side * side * c, 1.0);
+        let y = rvec(&mut r, b * so * so * c * 9, 1.0);
+        let mut cols = vec![0.0; y.len()];
+        im2col3x3(&mut cols, &x, b, c, side, stride);
+        let mut dx = vec![f64::NAN; x.len()];
+        col2im3x3(&mut dx, &y, b, c, side, stride);
+        let (lhs, rhs) = (dot(&cols, &y), dot(&x, &dx));
+        let scale = cols.iter().zip(&y).map(|(a, b)| (a * b).abs()).sum::<f64>();
+        assert!(
+            (lhs - rhs).abs() <= 1e-12 * scale,
+            "side {side} stride {stride}: <im2col x, y> {lhs} vs <x, col2im y> {rhs}"
+        );
+    }
+}
+
 #[test]
 fn patch_embed_backward_matches_fd_tol_1e7() {
     let mut r = rng(10);

@@ -112,3 +112,55 @@ fn bad_configs_and_checkpoints_are_clear_errors() {
     assert!(train::train(&tiny(LossKind::Dino), &o).is_err());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The convolutional stem (`--stem-convs`): a tiny run trains to finite losses, its
+/// checkpoint holds the stem's tensors and reloads, resume is bit-exact, and `export` refuses
+/// it (the edge format and timm have no stem) without writing a file.
+#[test]
+fn a_conv_stem_run_trains_resumes_bit_exactly_and_is_refused_by_export() {
+    let mut cfg = tiny(LossKind::Vmf);
+    cfg.model.stem_convs = 2;
+    train::validate::validate_config(&cfg).unwrap();
+    let full_dir = tmp("stem-full");
+    let full = train::train(&cfg, &opts(&full_dir)).unwrap();
+    assert!(
+        full.losses.iter().all(|l| l.is_finite()),
+        "{:?}",
+        full.losses
+    );
+    let (st, _, saved, _) = state::load_checkpoint(&full.checkpoint).unwrap();
+    assert_eq!(saved.model.stem_convs, 2);
+    let mc = dinovmf::config::model_config(&saved);
+    let stem = dinovmf_core::model::find_param(&mc, "backbone.patch_embed.stem.0.weight")
+        .expect("the stem's first convolution is in the layout");
+    assert!(st.teacher[stem.range()].iter().all(|v| v.is_finite()));
+
+    let half_dir = tmp("stem-half");
+    let mut o = opts(&half_dir);
+    o.max_steps = Some(full.steps / 2 + 1);
+    let first = train::train(&cfg, &o).unwrap();
+    let mut o2 = opts(&half_dir);
+    o2.resume = Some(first.checkpoint.clone());
+    let second = train::train(&cfg, &o2).unwrap();
+    let mut joined = first.losses.clone();
+    joined.extend_from_slice(&second.losses);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&joined), bits(&full.losses), "resumed losses differ");
+
+    for format in [["--int8"], ["--f32"]] {
+        let out = full_dir.join("model.bin");
+        let ck = full.checkpoint.to_str().unwrap().to_string();
+        let o = out.to_str().unwrap().to_string();
+        let mut args = vec!["dinovmf", "export", &ck, "-o", &o];
+        args.extend(format);
+        let e = dinovmf::cli::run_args(args).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("--stem-convs 2") && e.contains("cannot be exported"),
+            "{e}"
+        );
+        assert!(!out.exists(), "a refused export wrote {}", out.display());
+    }
+    std::fs::remove_dir_all(&full_dir).ok();
+    std::fs::remove_dir_all(&half_dir).ok();
+}

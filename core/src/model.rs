@@ -27,6 +27,77 @@ pub struct VitConfig {
     pub ln_eps: f64,
     /// Largest drop-path rate (the last block's); rates grow linearly from 0 over depth.
     pub drop_path: f32,
+    /// Convolutional stem (an option outside DINO's ViT; method.md, "Convolutional stem"):
+    /// 0 = DINO's patch embedding. `n > 0`: `log2(P)` stages of `n` 3 x 3 convolutions each
+    /// (padding 1; the first of a stage has stride 2, the others stride 1), each followed by
+    /// GELU, stage `s` with `D / 2^(S-1-s)` channels; the patch embedding is then a 1 x 1
+    /// convolution (`D -> D`) on the stem's `(H/P) x (W/P)` map, so the token grid is unchanged.
+    pub stem_convs: usize,
+}
+
+/// One 3 x 3 convolution of the stem (see [`VitConfig::stem_convs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StemLayer {
+    pub c_in: usize,
+    pub c_out: usize,
+    /// 2 for the first convolution of a stage, else 1.
+    pub stride: usize,
+    /// Stride-2 convolutions before this one (its input side is the crop's side `>> halvings`).
+    pub halvings: usize,
+}
+
+/// What fixes the stem's shapes (a part of [`VitConfig`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StemShape {
+    pub in_chans: usize,
+    pub dim: usize,
+    pub patch: usize,
+    /// Convolutions per stage (0: no stem).
+    pub convs: usize,
+}
+
+impl StemShape {
+    /// Stride-2 stages: `log2(P)` with a stem, else 0.
+    pub const fn stages(&self) -> usize {
+        if self.convs > 0 && self.patch > 0 {
+            self.patch.trailing_zeros() as usize
+        } else {
+            0
+        }
+    }
+    pub const fn len(&self) -> usize {
+        self.stages() * self.convs
+    }
+    pub const fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Channels of stage `s`: `D / 2^(S-1-s)`.
+    pub const fn channels(&self, s: usize) -> usize {
+        self.dim >> (self.stages() - 1 - s)
+    }
+    /// Convolution `i` (`i < len()`).
+    pub const fn layer(&self, i: usize) -> StemLayer {
+        let n = self.convs;
+        let (s, j) = (i / n, i % n);
+        let c_in = if i == 0 {
+            self.in_chans
+        } else {
+            self.channels((i - 1) / n)
+        };
+        StemLayer {
+            c_in,
+            c_out: self.channels(s),
+            stride: if j == 0 { 2 } else { 1 },
+            halvings: if j == 0 { s } else { s + 1 },
+        }
+    }
+}
+
+impl StemLayer {
+    /// Inputs of one output pixel, `C_in 3 3` (a row of the im2col matrix).
+    pub const fn col_len(&self) -> usize {
+        self.c_in * 9
+    }
 }
 
 impl VitConfig {
@@ -48,9 +119,46 @@ impl VitConfig {
     pub const fn mlp_hidden(&self) -> usize {
         self.dim * self.mlp_ratio
     }
-    /// Inputs of one patch, `C P P`.
+    /// Inputs of one patch, `C P P`; with a stem, the 1 x 1 convolution's `D`.
     pub const fn patch_len(&self) -> usize {
-        self.in_chans * self.patch * self.patch
+        self.embed_in_chans() * self.embed_patch() * self.embed_patch()
+    }
+    /// Channels the patch embedding reads: the image's, or the stem's last stage (`D`).
+    pub const fn embed_in_chans(&self) -> usize {
+        if self.stem_convs > 0 {
+            self.dim
+        } else {
+            self.in_chans
+        }
+    }
+    /// Kernel of the patch embedding: `P`, or 1 after a stem (which does all the downsampling).
+    pub const fn embed_patch(&self) -> usize {
+        if self.stem_convs > 0 {
+            1
+        } else {
+            self.patch
+        }
+    }
+    /// Stride-2 stages of the stem: `log2(P)` with a stem, else 0.
+    pub const fn stem_stages(&self) -> usize {
+        self.stem().stages()
+    }
+    /// Convolutions of the stem (0 without one).
+    pub const fn stem_len(&self) -> usize {
+        self.stem().len()
+    }
+    /// Stem convolution `i` (`i < stem_len()`).
+    pub const fn stem_layer(&self, i: usize) -> StemLayer {
+        self.stem().layer(i)
+    }
+    /// The numbers that fix the stem's shapes.
+    pub const fn stem(&self) -> StemShape {
+        StemShape {
+            in_chans: self.in_chans,
+            dim: self.dim,
+            patch: self.patch,
+            convs: self.stem_convs,
+        }
     }
     /// Whether a crop of side `img` can be embedded (a whole number of patches, at least one).
     pub const fn accepts(&self, img: usize) -> bool {
@@ -136,6 +244,7 @@ impl ModelConfig {
                 qkv_bias: true,
                 ln_eps: 1e-6,
                 drop_path: 0.1,
+                stem_convs: 0,
             },
             head: HeadConfig {
                 hidden: 16,
@@ -163,6 +272,7 @@ impl ModelConfig {
                 qkv_bias: true,
                 ln_eps: 1e-6,
                 drop_path: 0.1,
+                stem_convs: 0,
             },
             head: HeadConfig {
                 hidden: 512,
@@ -189,6 +299,7 @@ impl ModelConfig {
                 qkv_bias: true,
                 ln_eps: 1e-6,
                 drop_path: 0.1,
+                stem_convs: 0,
             },
             head: HeadConfig {
                 hidden: 2048,
@@ -215,6 +326,12 @@ impl ModelConfig {
         self
     }
 
+    /// Same model with a convolutional stem of `convs` convolutions per stage (0: none).
+    pub const fn with_stem(mut self, convs: usize) -> Self {
+        self.vit.stem_convs = convs;
+        self
+    }
+
     /// Same model with the iBOT parts `ibot`.
     pub const fn with_ibot(mut self, ibot: IbotParts) -> Self {
         self.ibot = ibot;
@@ -236,8 +353,16 @@ impl ModelConfig {
             && self.head.bottleneck > 0
             && self.head.out_dim > 0
             && (self.head.n_layers == 1 || self.head.hidden > 0)
+            && (v.stem_convs == 0
+                || (v.stem_convs <= MAX_STEM_CONVS
+                    && v.patch >= 2
+                    && v.patch.is_power_of_two()
+                    && divisible(v.dim, 1 << (v.stem_stages() - 1))))
     }
 }
+
+/// Most convolutions per stem stage.
+pub const MAX_STEM_CONVS: usize = 4;
 
 /// Capacity of a parameter name (`backbone.blocks.NN.attn.proj.weight` is 35).
 pub const NAME_CAP: usize = 48;
@@ -251,6 +376,9 @@ pub enum ParamKind {
     /// Conv2d weight of the patch embedding, `[D, C, P, P]`.
     PatchWeight,
     PatchBias,
+    /// Conv2d weight of a stem convolution, `[C_out, C_in, 3, 3]`.
+    StemWeight,
+    StemBias,
     /// `nn.Linear` weight `[out, in]` (backbone blocks and head MLP).
     LinearWeight,
     LinearBias,
@@ -340,10 +468,23 @@ pub fn for_each_param(cfg: &ModelConfig, mut f: impl FnMut(&ParamSpec)) {
         PosEmbed,
         &[1, v.num_tokens(), d],
     );
+    for i in 0..v.stem_len() {
+        let l = v.stem_layer(i);
+        emit(
+            format_args!("backbone.patch_embed.stem.{i}.weight"),
+            StemWeight,
+            &[l.c_out, l.c_in, 3, 3],
+        );
+        emit(
+            format_args!("backbone.patch_embed.stem.{i}.bias"),
+            StemBias,
+            &[l.c_out],
+        );
+    }
     emit(
         format_args!("backbone.patch_embed.proj.weight"),
         PatchWeight,
-        &[d, v.in_chans, v.patch, v.patch],
+        &[d, v.embed_in_chans(), v.embed_patch(), v.embed_patch()],
     );
     emit(
         format_args!("backbone.patch_embed.proj.bias"),
@@ -513,6 +654,9 @@ pub struct HeadLayerOffsets {
 pub struct Layout {
     pub cls: usize,
     pub pos: usize,
+    /// First stem tensor (`== patch_w` without a stem).
+    pub stem: usize,
+    stem_shape: StemShape,
     pub patch_w: usize,
     pub patch_b: usize,
     blocks: usize,
@@ -544,7 +688,14 @@ impl Layout {
         let m = v.mlp_hidden();
         let cls = 0;
         let pos = cls + d;
-        let patch_w = pos + v.num_tokens() * d;
+        let stem = pos + v.num_tokens() * d;
+        let mut patch_w = stem;
+        let mut i = 0;
+        while i < v.stem_len() {
+            let l = v.stem_layer(i);
+            patch_w += l.c_out * l.col_len() + l.c_out;
+            i += 1;
+        }
         let patch_b = patch_w + d * v.patch_len();
         let blocks = patch_b + d;
         let block_len = 4 * d
@@ -583,6 +734,8 @@ impl Layout {
         Self {
             cls,
             pos,
+            stem,
+            stem_shape: v.stem(),
             patch_w,
             patch_b,
             blocks,
@@ -602,6 +755,19 @@ impl Layout {
             head_start: head,
             total,
         }
+    }
+
+    /// Offsets of stem convolution `i`'s weight `[C_out, C_in 9]` and bias `[C_out]`.
+    pub const fn stem_layer(&self, i: usize) -> (usize, usize) {
+        let mut w = self.stem;
+        let mut k = 0;
+        while k < i {
+            let l = self.stem_shape.layer(k);
+            w += l.c_out * l.col_len() + l.c_out;
+            k += 1;
+        }
+        let l = self.stem_shape.layer(i);
+        (w, w + l.c_out * l.col_len())
     }
 
     pub const fn block(&self, i: usize) -> BlockOffsets {
@@ -681,6 +847,9 @@ fn uniform_sym(bound: f64, normal: &mut impl FnMut() -> f64) -> f64 {
 ///   trunc-normal std 0.02; linear biases 0; LayerNorm weight 1, bias 0;
 /// - `patch_embed.proj` (a Conv2d, which DINO's `_init_weights` does not touch): PyTorch's
 ///   default, weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = C P P;
+/// - stem convolutions (an option without a DINO counterpart, and without batch norm): He's
+///   uniform init for the GELU that follows, U(-sqrt(6 / fan_in), sqrt(6 / fan_in)), fan_in =
+///   C_in 3 3, which keeps the activations' scale through the stem; biases 0;
 /// - `masked_embed` (iBOT): zeros;
 /// - `last_layer` (built AFTER `apply(_init_weights)` in `DINOHead`): `weight_v` has PyTorch's
 ///   default Linear init U(-1/sqrt(p), 1/sqrt(p)); `weight_g` = 1.
@@ -702,6 +871,12 @@ pub fn init_params(cfg: &ModelConfig, params: &mut [f32], normal: &mut impl FnMu
                     *x = uniform_sym(bound, normal) as f32;
                 }
             }
+            ParamKind::StemWeight => {
+                let bound = libm::sqrt(6.0 / (p.numel / p.shape[0]) as f64);
+                for x in dst {
+                    *x = uniform_sym(bound, normal) as f32;
+                }
+            }
             ParamKind::LastLayerV => {
                 let bound = 1.0 / libm::sqrt(cfg.head.bottleneck as f64);
                 for x in dst {
@@ -710,7 +885,10 @@ pub fn init_params(cfg: &ModelConfig, params: &mut [f32], normal: &mut impl FnMu
             }
             // iBOT initialises `masked_embed` to zeros (no draws, so the other tensors get the
             // same values as without it).
-            ParamKind::LinearBias | ParamKind::NormBias | ParamKind::MaskToken => dst.fill(0.0),
+            ParamKind::LinearBias
+            | ParamKind::NormBias
+            | ParamKind::MaskToken
+            | ParamKind::StemBias => dst.fill(0.0),
             ParamKind::NormWeight | ParamKind::LastLayerG => dst.fill(1.0),
         }
     });

@@ -48,6 +48,17 @@ pub struct BlockCache<T> {
     pub fc2: Vec<T>,
 }
 
+/// Saved activations of one stem convolution.
+#[derive(Clone, Debug)]
+pub struct StemCache<T> {
+    /// Input side of the convolution.
+    pub side: usize,
+    /// im2col of its input `[B, So So, C_in 9]`.
+    pub cols: Vec<T>,
+    /// Output before GELU `[B, So So, C_out]`.
+    pub pre: Vec<T>,
+}
+
 /// Everything the backward needs, plus the features the evaluation reads.
 #[derive(Clone, Debug)]
 pub struct Activations<T> {
@@ -57,8 +68,10 @@ pub struct Activations<T> {
     pub grid: usize,
     /// Tokens per image, `grid^2 + 1`.
     pub tokens: usize,
-    /// Patchified images `[B, N, C P P]`.
+    /// Patchified images `[B, N, C P P]` (with a stem: its last map, `[B, N, D]`).
     pub patches: Vec<T>,
+    /// The stem's convolutions, first to last (empty without a stem).
+    pub stem: Vec<StemCache<T>>,
     /// Position embedding on this grid, `[T, D]`.
     pub pos: Vec<T>,
     /// Residual stream: `stream[0]` are the embedded tokens, `stream[i + 1]` block `i`'s output.
@@ -174,19 +187,59 @@ pub fn forward_ibot<T: Real>(
     // Tokens.
     let mut patch_tok = vec![T::ZERO; b * np * d];
     let mut patches = vec![T::ZERO; b * np * v.patch_len()];
-    patch_embed_forward(
-        &mut patch_tok,
-        &mut patches,
-        images,
-        pw(lay.patch_w, d * v.patch_len()),
-        Some(pw(lay.patch_b, d)),
-        b,
-        c,
-        img_size,
-        img_size,
-        v.patch,
-        d,
-    );
+    let mut stem = Vec::new();
+    if v.stem_len() == 0 {
+        patch_embed_forward(
+            &mut patch_tok,
+            &mut patches,
+            images,
+            pw(lay.patch_w, d * v.patch_len()),
+            Some(pw(lay.patch_b, d)),
+            b,
+            c,
+            img_size,
+            img_size,
+            v.patch,
+            d,
+        );
+    } else {
+        // HWC maps from the image down to the token grid, then the 1 x 1 patch embedding.
+        let mut x = vec![T::ZERO; b * c * img_size * img_size];
+        chw_to_hwc(&mut x, images, b, c, img_size * img_size);
+        let mut side = img_size;
+        for i in 0..v.stem_len() {
+            let l = v.stem_layer(i);
+            let so = conv3x3_out_side(side, l.stride);
+            let rows = b * so * so;
+            let mut cols = vec![T::ZERO; rows * l.col_len()];
+            im2col3x3(&mut cols, &x, b, l.c_in, side, l.stride);
+            let (w_off, b_off) = lay.stem_layer(i);
+            let mut pre = vec![T::ZERO; rows * l.c_out];
+            linear_forward(
+                &mut pre,
+                &cols,
+                pw(w_off, l.c_out * l.col_len()),
+                Some(pw(b_off, l.c_out)),
+                rows,
+                l.col_len(),
+                l.c_out,
+            );
+            x = vec![T::ZERO; rows * l.c_out];
+            gelu_forward(&mut x, &pre);
+            stem.push(StemCache { side, cols, pre });
+            side = so;
+        }
+        patches.copy_from_slice(&x);
+        linear_forward(
+            &mut patch_tok,
+            &patches,
+            pw(lay.patch_w, d * v.patch_len()),
+            Some(pw(lay.patch_b, d)),
+            b * np,
+            v.patch_len(),
+            d,
+        );
+    }
     if let Some(m) = patch_mask {
         need(m.len() >= b * np, "patch_mask")?;
         let tok = lay.mask_token.ok_or(ShapeError::Length("mask token"))?;
@@ -358,6 +411,7 @@ pub fn forward_ibot<T: Real>(
         grid: g,
         tokens: t,
         patches,
+        stem,
         pos,
         stream,
         blocks,
@@ -664,5 +718,46 @@ pub fn backward_with_cls_grad<T: Real>(
     let k = v.patch_len();
     let (dw, db) = pair_mut(grads, (lay.patch_w, d * k), (lay.patch_b, d));
     patch_embed_backward(dw, Some(db), &dpatch_tok, &acts.patches, b * np, k, d);
+    if v.stem_len() > 0 {
+        // Down the stem: the gradient at the last map, then each convolution in reverse.
+        let mut dmap = vec![T::ZERO; b * np * k];
+        linear_backward(
+            Some(&mut dmap),
+            &mut vec![T::ZERO; d * k],
+            None,
+            &dpatch_tok,
+            &acts.patches,
+            &params[lay.patch_w..lay.patch_w + d * k],
+            b * np,
+            k,
+            d,
+        );
+        for i in (0..v.stem_len()).rev() {
+            let l = v.stem_layer(i);
+            let sc = &acts.stem[i];
+            let rows = sc.pre.len() / l.c_out;
+            let mut dpre = vec![T::ZERO; rows * l.c_out];
+            gelu_backward(&mut dpre, &sc.pre, &dmap);
+            let (w_off, b_off) = lay.stem_layer(i);
+            let wlen = l.c_out * l.col_len();
+            let mut dcols = vec![T::ZERO; if i > 0 { rows * l.col_len() } else { 0 }];
+            let (dw, db) = pair_mut(grads, (w_off, wlen), (b_off, l.c_out));
+            linear_backward(
+                (i > 0).then_some(&mut dcols[..]),
+                dw,
+                Some(db),
+                &dpre,
+                &sc.cols,
+                &params[w_off..w_off + wlen],
+                rows,
+                l.col_len(),
+                l.c_out,
+            );
+            if i > 0 {
+                dmap = vec![T::ZERO; b * sc.side * sc.side * l.c_in];
+                col2im3x3(&mut dmap, &dcols, b, l.c_in, sc.side, l.stride);
+            }
+        }
+    }
     Ok(())
 }

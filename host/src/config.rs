@@ -26,6 +26,7 @@ pub fn model_config(cfg: &TrainConfig) -> ModelConfig {
             qkv_bias: true,
             ln_eps: 1e-6,
             drop_path: m.drop_path,
+            stem_convs: m.stem_convs,
         },
         head: HeadConfig {
             hidden: m.head_hidden,

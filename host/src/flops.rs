@@ -12,7 +12,7 @@ use crate::train::{Method, TrainConfig};
 /// is not counted. `local` is the local crops' size in pixels.
 pub fn step_flops(cfg: &TrainConfig, local: usize, ibot_masked: f64) -> f64 {
     let m = &cfg.model;
-    let (d, pch) = (m.dim as f64, m.patch as f64);
+    let d = m.dim as f64;
     let head = m.head_hidden as f64;
     let head_row = 2.0
         * (d * head
@@ -22,7 +22,7 @@ pub fn step_flops(cfg: &TrainConfig, local: usize, ibot_masked: f64) -> f64 {
     let crop = |size: usize| {
         let patches = ((size / m.patch) * (size / m.patch)) as f64;
         let t = patches + 1.0;
-        let embed = 2.0 * patches * 3.0 * pch * pch * d;
+        let embed = embed_flops(cfg, size);
         let mlp = m.mlp_ratio as f64;
         let blocks =
             m.depth as f64 * (t * 2.0 * (4.0 * d * d + 2.0 * mlp * d * d) + 2.0 * 2.0 * t * t * d);
@@ -36,6 +36,22 @@ pub fn step_flops(cfg: &TrainConfig, local: usize, ibot_masked: f64) -> f64 {
     let mut flops = 3.0 * student + teacher;
     if cfg.method == Method::Ibot {
         flops += b * 2.0 * g_patches * head_row * (1.0 + 3.0 * ibot_masked);
+    }
+    flops
+}
+
+/// Multiply-add FLOPs of turning one crop of `size` px into patch tokens: the patch
+/// embedding, and the convolutional stem's 3 x 3 convolutions before it when the model has one.
+pub fn embed_flops(cfg: &TrainConfig, size: usize) -> f64 {
+    let m = &cfg.model;
+    let v = crate::config::model_config(cfg).vit;
+    let patches = ((size / m.patch.max(1)) * (size / m.patch.max(1))) as f64;
+    let mut flops = 2.0 * patches * v.patch_len() as f64 * m.dim as f64;
+    let mut side = size;
+    for i in 0..v.stem_len() {
+        let l = v.stem_layer(i);
+        side = dinovmf_core::ops::conv3x3_out_side(side, l.stride);
+        flops += 2.0 * (side * side) as f64 * (l.col_len() * l.c_out) as f64;
     }
     flops
 }

@@ -39,6 +39,7 @@ pub fn test_model(norm_last_layer: bool, drop_path: f32, ibot: IbotParts) -> Mod
             qkv_bias: true,
             ln_eps: 1e-6,
             drop_path,
+            stem_convs: 0,
         },
         head: HeadConfig {
             hidden: 32,

@@ -14,6 +14,7 @@
 //!
 //! Slice lengths are checked with `debug_assert!` only; dims are the caller's contract.
 pub mod attention;
+pub mod conv_stem;
 pub mod dot;
 pub mod drop_path;
 pub mod gelu;
@@ -26,6 +27,7 @@ pub mod softmax;
 pub mod tokens;
 
 pub use attention::{attention_backward, attention_forward};
+pub use conv_stem::{chw_to_hwc, col2im3x3, conv3x3_out_side, im2col3x3};
 pub use dot::{axpy, dot};
 pub use drop_path::{
     drop_path_backward, drop_path_forward, drop_path_mask_from_uniform, drop_path_rates,

@@ -352,6 +352,8 @@ impl Header {
                 qkv_bias: qkv_bias == 1,
                 ln_eps: f(0) as f64,
                 drop_path: 0.0,
+                // The edge format has no stem (`dinovmf export` refuses models with one).
+                stem_convs: 0,
             },
             head: HeadConfig {
                 hidden,

@@ -42,6 +42,10 @@ pub struct SpeedArgs {
     /// Local crops per image (default: the preset's).
     #[arg(long)]
     pub n_local: Option<usize>,
+    /// Convolutions per stem stage (default: the preset's; 0 = DINO's patch embedding, which
+    /// the CUDA backend and the official code side by side need).
+    #[arg(long, value_name = "N")]
+    pub stem_convs: Option<usize>,
     /// Matrix products: f32 or bf16 (CPU: the linear layers, AMX / AVX512-BF16; CUDA: tensor
     /// cores).
     #[arg(long, value_enum, default_value = "f32")]
@@ -196,6 +200,9 @@ fn speed(a: &SpeedArgs) -> Result<()> {
         anyhow::ensure!(k > 0, "--prototypes must be at least 1");
         cfg.model.prototypes = k;
     }
+    if let Some(s) = a.stem_convs {
+        cfg.model.stem_convs = s;
+    }
     if let Some(n) = a.n_local {
         cfg.n_local = n;
     }
@@ -296,6 +303,7 @@ mod tests {
             batch: Some(4),
             prototypes: None,
             n_local: None,
+            stem_convs: None,
             precision: crate::backend::Precision::F32,
             steps,
         }

@@ -2,7 +2,7 @@
 //! microcontrollers (core's quantized inference reads it in place).
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use dinovmf_core::quant::format::Dtype;
 use dinovmf_core::quant::infer::scratch_len;
@@ -96,6 +96,13 @@ impl ExportArgs {
 
 pub fn run(a: &ExportArgs) -> Result<()> {
     let teacher = Teacher::load(&a.checkpoint)?;
+    if teacher.model.vit.stem_convs > 0 {
+        bail!(
+            "{} was trained with --stem-convs {} (a convolutional stem): neither the edge model format nor timm's VisionTransformer has one, so it cannot be exported; train without --stem-convs to export",
+            a.checkpoint.display(),
+            teacher.model.vit.stem_convs
+        );
+    }
     if a.format == ExportFormat::Timm {
         return run_timm(a, &teacher);
     }

@@ -40,13 +40,23 @@ pub fn run(a: &ImportArgs) -> Result<()> {
             out.display()
         );
     }
-    let cfg = a.run.config()?;
-    let mc = model_config(&cfg);
+    let mut cfg = a.run.config()?;
     let mut sd = read_state_dict(&a.weights)?;
     if let Some(h) = &a.head {
         sd = with_head(sd, read_state_dict(h)?)
             .with_context(|| format!("joining {} and {}", a.weights.display(), h.display()))?;
     }
+    if cfg.model.stem_convs > 0 && !sd.tensors.keys().any(|k| k.contains("patch_embed.stem.")) {
+        // DINO's and timm's ViTs embed patches with one convolution: the run takes their
+        // patch embedding instead of the preset's convolutional stem.
+        eprintln!(
+            "import: {} has no convolutional stem, so the new run uses DINO's patch embedding (--stem-convs 0 instead of the preset's {})",
+            a.weights.display(),
+            cfg.model.stem_convs
+        );
+        cfg.model.stem_convs = 0;
+    }
+    let mc = model_config(&cfg);
     let mut st = state::init_state(&cfg);
     let imp = import_state_dict(&sd, &mc, &st.teacher)
         .with_context(|| format!("importing {}", a.weights.display()))?;

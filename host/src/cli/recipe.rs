@@ -90,6 +90,13 @@ pub struct RecipeArgs {
     /// Side of a ViT patch in pixels (must divide the image and local crop sizes).
     #[arg(long)]
     pub patch: Option<usize>,
+    /// Convolutional stem in place of the patch embedding (a change of method: docs/quality.md,
+    /// sixth round): N 3 x 3 convolutions (GELU after each) per stride-2 stage, log2(patch)
+    /// stages, widths dim/4, dim/2, dim for patch 8; then a 1 x 1 convolution to the tokens.
+    /// 0: DINO's patch embedding. Default: the preset's (small32: 1; tiny and the 224 px
+    /// presets: 0). CPU backend only for now (CUDA: pass 0).
+    #[arg(long, value_name = "N")]
+    pub stem_convs: Option<usize>,
     /// Number of prototypes K.
     #[arg(long)]
     pub prototypes: Option<usize>,
@@ -237,6 +244,7 @@ impl RecipeArgs {
             prototypes => model.prototypes, bottleneck => model.bottleneck,
             head_hidden => model.head_hidden, dim => model.dim, depth => model.depth,
             heads => model.heads, img_size => model.img_size, patch => model.patch,
+            stem_convs => model.stem_convs,
             teacher_temp => teacher_temp, warmup_teacher_temp => warmup_teacher_temp,
             warmup_teacher_temp_epochs => warmup_teacher_temp_epochs,
             student_temp => student_temp, momentum_teacher => momentum_teacher,

@@ -47,7 +47,14 @@ pub fn run(args: &VerifyArgs) -> Result<()> {
     if args.skip_kernels && !args.compare_cpu && !args.large {
         anyhow::bail!("--skip-kernels leaves nothing to run: add --compare-cpu or --large");
     }
-    let cfg = TrainConfig::preset_for(&args.preset, args.method, args.loss)?;
+    let mut cfg = TrainConfig::preset_for(&args.preset, args.method, args.loss)?;
+    if cfg.model.stem_convs > 0 {
+        eprintln!(
+            "verify-kernels: the CUDA backend has no convolutional stem yet; preset {} is compared with --stem-convs 0 (DINO's patch embedding)",
+            cfg.preset
+        );
+        cfg.model.stem_convs = 0;
+    }
     cfg.validate()?;
     imp::run(args, &cfg)
 }

@@ -99,6 +99,10 @@ pub struct ModelSpec {
     pub bottleneck: usize,
     pub prototypes: usize,
     pub drop_path: f32,
+    /// Convolutions per stage of the convolutional stem (0: DINO's patch embedding; absent in
+    /// configs written before the stem existed). See core's `VitConfig::stem_convs`.
+    #[serde(default)]
+    pub stem_convs: usize,
 }
 
 /// Where the images come from.
@@ -301,6 +305,7 @@ impl TrainConfig {
                     bottleneck: 128,
                     prototypes: 1024,
                     drop_path: 0.1,
+                    stem_convs: 0,
                 },
                 6,
             ),
@@ -318,6 +323,7 @@ impl TrainConfig {
                         bottleneck: 16,
                         prototypes: 64,
                         drop_path: 0.0,
+                        stem_convs: 0,
                     },
                     1,
                 );
@@ -341,6 +347,7 @@ impl TrainConfig {
                 bottleneck: 256,
                 prototypes: 65536,
                 drop_path: 0.1,
+                stem_convs: 0,
             }),
             "vit-b16" => big(ModelSpec {
                 img_size: 224,
@@ -353,6 +360,7 @@ impl TrainConfig {
                 bottleneck: 256,
                 prototypes: 65536,
                 drop_path: 0.1,
+                stem_convs: 0,
             }),
             other => bail!(
                 "unknown preset '{other}' (choose one of: {})",

@@ -77,7 +77,7 @@ fn crop_flops(cfg: &TrainConfig, size: usize) -> f64 {
     let d = m.dim as f64;
     let r = m.mlp_ratio as f64;
     let block = 2.0 * t * (4.0 + 2.0 * r) * d * d + 4.0 * t * t * d;
-    let embed = 2.0 * patches * (3 * m.patch * m.patch) as f64 * d;
+    let embed = crate::flops::embed_flops(cfg, size);
     let (h, p, k) = (
         m.head_hidden as f64,
         m.bottleneck as f64,
@@ -104,6 +104,8 @@ pub fn step_flops_per_image(cfg: &TrainConfig) -> f64 {
 fn reference() -> Result<TrainConfig> {
     let mut r = TrainConfig::preset("small32", super::LossKind::Vmf)?;
     r.model.patch = 4;
+    // Measured before the preset had its convolutional stem (the FLOP model counts the stem).
+    r.model.stem_convs = 0;
     Ok(r)
 }
 

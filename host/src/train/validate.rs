@@ -4,7 +4,7 @@
 //! configuration needs, checked before anything large is allocated, and the difference between
 //! two configurations (for a resume with other options).
 use anyhow::{bail, Result};
-use dinovmf_core::model::num_params;
+use dinovmf_core::model::{num_params, MAX_STEM_CONVS};
 
 use super::config::{DataSpec, Method, TrainConfig};
 
@@ -117,6 +117,25 @@ pub fn validate_config(cfg: &TrainConfig) -> Result<()> {
         );
     }
     opt("--mlp-ratio", "model.mlp_ratio").count(w(m.mlp_ratio), 1, 64)?;
+    opt("--stem-convs", "model.stem_convs").count(w(m.stem_convs), 0, w(MAX_STEM_CONVS))?;
+    if m.stem_convs > 0 {
+        if m.patch < 2 || !m.patch.is_power_of_two() {
+            bail!(
+                "--stem-convs {} needs a patch size that is a power of two (2, 4, 8, ...), not {} (config field `model.patch`): each stem stage halves the image; pass --stem-convs 0 for DINO's patch embedding",
+                m.stem_convs,
+                m.patch
+            );
+        }
+        let stages = m.patch.trailing_zeros();
+        if !m.dim.is_multiple_of(1 << (stages - 1)) {
+            bail!(
+                "--stem-convs with patch {} has {stages} stages of width dim / 2^k: --dim {} must be divisible by {} (or pass --stem-convs 0)",
+                m.patch,
+                m.dim,
+                1usize << (stages - 1)
+            );
+        }
+    }
     opt("--head-hidden", "model.head_hidden").count(w(m.head_hidden), 1, w(MAX_WIDTH))?;
     opt("--bottleneck", "model.bottleneck").count(w(m.bottleneck), 1, w(MAX_WIDTH))?;
     opt("--prototypes", "model.prototypes").count(w(m.prototypes), 2, w(MAX_PROTOTYPES))?;
@@ -387,6 +406,7 @@ mod tests {
             ("--global-scale", Box::new(|c| c.global_scale = (0.9, 0.1))),
             ("--n-local", Box::new(|c| c.n_local = 1000)),
             ("--patch", Box::new(|c| c.model.patch = 0)),
+            ("--stem-convs", Box::new(|c| c.model.stem_convs = 99)),
             ("--epochs", Box::new(|c| c.epochs = 0)),
         ];
         for (flag, edit) in cases {
@@ -399,6 +419,30 @@ mod tests {
                 "{flag}: {e}"
             );
         }
+    }
+
+    /// The stem halves the image per stage: a patch that is not a power of two, or a width
+    /// the stages' channels do not divide, is refused with the reason.
+    #[test]
+    fn a_stem_needs_a_power_of_two_patch_and_a_divisible_width() {
+        let mut c = tiny();
+        c.model.stem_convs = 1;
+        assert!(validate_config(&c).is_ok(), "{:?}", validate_config(&c));
+        c.model.img_size = 24;
+        c.model.patch = 6;
+        let e = err(&c);
+        assert!(
+            e.contains("--stem-convs") && e.contains("power of two"),
+            "{e}"
+        );
+        let mut c = tiny();
+        c.model.stem_convs = 1;
+        c.model.patch = 8;
+        c.model.img_size = 32;
+        c.model.dim = 6;
+        c.model.heads = 1;
+        let e = err(&c);
+        assert!(e.contains("--dim 6") && e.contains("divisible by 4"), "{e}");
     }
 
     #[test]

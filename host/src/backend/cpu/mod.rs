@@ -27,6 +27,7 @@ use super::{
 use crate::data::Batch;
 
 mod attention;
+mod conv_stem;
 pub mod fastmath;
 pub mod gemm;
 pub mod gemm_bf16;

@@ -12,6 +12,7 @@ use dinovmf_core::model::BlockOffsets;
 use dinovmf_core::ops::{patchify, pos_embed_for_grid_backward, pos_embed_for_grid_forward};
 
 use super::attention;
+use super::conv_stem::{self, StemBufs, StemScratch};
 use super::gemm::{linear_matmul, Op};
 use super::rows::{self, n_chunks, NormOut};
 
@@ -63,6 +64,9 @@ pub struct Group {
     pub t: usize,
     /// Keeps every block's activations (training) or reuses one set (inference).
     pub saved: bool,
+    /// The convolutional stem's maps (empty without a stem).
+    pub stem: StemBufs,
+    /// Patch rows `[n, N, C P P]` (with a stem: its last map `[n, N, D]`).
     pub patches: Vec<f32>,
     pub pos: Vec<f32>,
     pub stream: Vec<Vec<f32>>,
@@ -99,6 +103,7 @@ impl Group {
             np,
             t,
             saved,
+            stem: StemBufs::new(cx, cap, size),
             patches: vec![0.0; cap * np * cx.kp],
             pos: vec![0.0; t * d],
             stream: (0..ns).map(|_| vec![0.0; cap * t * d]).collect(),
@@ -149,6 +154,7 @@ pub struct BackScratch {
     pub dp: Vec<f32>,
     pub dpos: Vec<f32>,
     pub partials: Vec<f32>,
+    pub stem: StemScratch,
 }
 
 impl BackScratch {
@@ -156,6 +162,16 @@ impl BackScratch {
     pub fn new(cx: &Cx, groups: &[(usize, usize)]) -> Self {
         let (d, mh) = (cx.d, cx.mh);
         let rows = groups.iter().map(|&(n, t)| n * t).max().unwrap_or(0);
+        // (images, crop side) of each group: tokens t = (side / P)^2 + 1.
+        let stem_groups: Vec<(usize, usize)> = groups
+            .iter()
+            .map(|&(n, t)| {
+                (
+                    n,
+                    (t.saturating_sub(1) as f64).sqrt().round() as usize * cx.cfg.vit.patch,
+                )
+            })
+            .collect();
         let nt2 = groups.iter().map(|&(n, t)| n * t * t).max().unwrap_or(0);
         let td = groups.iter().map(|&(_, t)| t * d).max().unwrap_or(0);
         let part_rows = n_chunks(rows) * (3 * d).max(mh).max(2 * d);
@@ -175,6 +191,7 @@ impl BackScratch {
             dp: vec![0.0; nt2],
             dpos: vec![0.0; td],
             partials: vec![0.0; part_rows.max(part_img).max(n_chunks(rows) * 2 * d)],
+            stem: StemScratch::new(cx, &stem_groups),
         }
     }
 }
@@ -231,10 +248,14 @@ pub fn forward_ext(
     let img_len = c * size * size;
 
     // Patch tokens, position embedding on this grid, tokens.
-    g.patches[..n * np * kp]
-        .par_chunks_mut(np * kp)
-        .zip(images[..n * img_len].par_chunks(img_len))
-        .for_each(|(pt, im)| patchify(pt, im, 1, c, size, size, v.patch));
+    if v.stem_len() > 0 {
+        conv_stem::forward(cx, p, &mut g.stem, images, n, &mut g.patches);
+    } else {
+        g.patches[..n * np * kp]
+            .par_chunks_mut(np * kp)
+            .zip(images[..n * img_len].par_chunks(img_len))
+            .for_each(|(pt, im)| patchify(pt, im, 1, c, size, size, v.patch));
+    }
     linear_matmul(
         cx.prec,
         n * np,
@@ -869,4 +890,20 @@ pub fn backward_ext(
         &mut grads[lay.patch_w..lay.patch_w + d * kp],
         true,
     );
+    if v.stem_len() > 0 {
+        // The patch rows' gradient `dtmp w` (w = [d, kp]) into the stem's scratch, then down it.
+        linear_matmul(
+            cx.prec,
+            n * np,
+            kp,
+            d,
+            &bs.dtmp,
+            Op::N,
+            &p[lay.patch_w..lay.patch_w + d * kp],
+            Op::N,
+            &mut bs.stem.dact,
+            false,
+        );
+        conv_stem::backward(cx, p, grads, &g.stem, n, &mut bs.stem);
+    }
 }

@@ -124,6 +124,11 @@ impl<D: Device> GpuBackend<D> {
     ) -> Result<Self> {
         shapes.validate(&model, &loss)?;
         ensure!(
+            model.vit.stem_convs == 0,
+            "the CUDA backend has no convolutional stem yet (--stem-convs {}, the small presets' default): pass --stem-convs 0 for DINO's patch embedding on the GPU, or train on the CPU (--device cpu)",
+            model.vit.stem_convs
+        );
+        ensure!(
             reducer.world_size() == 1,
             "data-parallel training ({} ranks) on the CUDA backend reduces on the device: \
              give it a device collective (NCCL, `with_device_ranks`), not a host one",
