@@ -40,34 +40,8 @@ fn tiny_runs_write_a_finite_history_checkpoint_and_metrics_for_both_losses() {
 #[test]
 fn resume_is_bit_exact() {
     for loss in [LossKind::Dino, LossKind::Vmf] {
-        let cfg = tiny(loss);
-        let full_dir = tmp(&format!("full-{loss:?}"));
-        let full = train::train(&cfg, &opts(&full_dir)).unwrap();
-        let n = full.steps;
-        assert!(n >= 4, "need a few steps, got {n}");
-
-        let half_dir = tmp(&format!("half-{loss:?}"));
-        let mut o = opts(&half_dir);
-        o.max_steps = Some(n / 2 + 1); // stop mid-epoch on purpose
-        let first = train::train(&cfg, &o).unwrap();
-        let mut o2 = opts(&half_dir);
-        o2.resume = Some(first.checkpoint.clone());
-        let second = train::train(&cfg, &o2).unwrap();
-
-        let mut joined = first.losses.clone();
-        joined.extend_from_slice(&second.losses);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(
-            bits(&joined),
-            bits(&full.losses),
-            "{loss:?}: resumed losses differ"
-        );
-        // Final states agree bit for bit as well.
-        let (a, ..) = state::load_checkpoint(&full.checkpoint).unwrap();
-        let (b, ..) = state::load_checkpoint(&second.checkpoint).unwrap();
-        assert!(a == b, "{loss:?}: final states differ");
-        std::fs::remove_dir_all(&full_dir).ok();
-        std::fs::remove_dir_all(&half_dir).ok();
+        let full = common::assert_resume_is_bit_exact(&tiny(loss), "train", &format!("{loss:?}"));
+        std::fs::remove_dir_all(full.checkpoint.parent().unwrap()).ok();
     }
 }
 
@@ -121,8 +95,8 @@ fn a_conv_stem_run_trains_resumes_bit_exactly_and_is_refused_by_export() {
     let mut cfg = tiny(LossKind::Vmf);
     cfg.model.stem_convs = 2;
     train::validate::validate_config(&cfg).unwrap();
-    let full_dir = tmp("stem-full");
-    let full = train::train(&cfg, &opts(&full_dir)).unwrap();
+    let full = common::assert_resume_is_bit_exact(&cfg, "train", "stem");
+    let full_dir = full.checkpoint.parent().unwrap().to_path_buf();
     assert!(
         full.losses.iter().all(|l| l.is_finite()),
         "{:?}",
@@ -134,18 +108,6 @@ fn a_conv_stem_run_trains_resumes_bit_exactly_and_is_refused_by_export() {
     let stem = dinovmf_core::model::find_param(&mc, "backbone.patch_embed.stem.0.weight")
         .expect("the stem's first convolution is in the layout");
     assert!(st.teacher[stem.range()].iter().all(|v| v.is_finite()));
-
-    let half_dir = tmp("stem-half");
-    let mut o = opts(&half_dir);
-    o.max_steps = Some(full.steps / 2 + 1);
-    let first = train::train(&cfg, &o).unwrap();
-    let mut o2 = opts(&half_dir);
-    o2.resume = Some(first.checkpoint.clone());
-    let second = train::train(&cfg, &o2).unwrap();
-    let mut joined = first.losses.clone();
-    joined.extend_from_slice(&second.losses);
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&joined), bits(&full.losses), "resumed losses differ");
 
     for format in [["--int8"], ["--f32"]] {
         let out = full_dir.join("model.bin");
@@ -162,5 +124,4 @@ fn a_conv_stem_run_trains_resumes_bit_exactly_and_is_refused_by_export() {
         assert!(!out.exists(), "a refused export wrote {}", out.display());
     }
     std::fs::remove_dir_all(&full_dir).ok();
-    std::fs::remove_dir_all(&half_dir).ok();
 }

@@ -77,30 +77,8 @@ fn ibot_resume_is_bit_exact() {
     for loss in [LossKind::Dino, LossKind::Vmf] {
         let mut cfg = tiny(Method::Ibot, loss);
         cfg.ibot.separate_patch_head = loss == LossKind::Vmf;
-        let full_dir = tmp(&format!("full-{loss:?}"));
-        let full = train::train(&cfg, &opts(&full_dir)).unwrap();
-        let n = full.steps;
-        assert!(n >= 4, "need a few steps, got {n}");
-        let half_dir = tmp(&format!("half-{loss:?}"));
-        let mut o = opts(&half_dir);
-        o.max_steps = Some(n / 2 + 1);
-        let first = train::train(&cfg, &o).unwrap();
-        let mut o2 = opts(&half_dir);
-        o2.resume = Some(first.checkpoint.clone());
-        let second = train::train(&cfg, &o2).unwrap();
-        let mut joined = first.losses.clone();
-        joined.extend_from_slice(&second.losses);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(
-            bits(&joined),
-            bits(&full.losses),
-            "{loss:?}: resumed losses differ"
-        );
-        let (a, ..) = state::load_checkpoint(&full.checkpoint).unwrap();
-        let (b, ..) = state::load_checkpoint(&second.checkpoint).unwrap();
-        assert!(a == b, "{loss:?}: final states differ");
-        std::fs::remove_dir_all(&full_dir).ok();
-        std::fs::remove_dir_all(&half_dir).ok();
+        let full = common::assert_resume_is_bit_exact(&cfg, "ibot", &format!("{loss:?}"));
+        std::fs::remove_dir_all(full.checkpoint.parent().unwrap()).ok();
     }
 }
 

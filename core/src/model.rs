@@ -27,7 +27,8 @@ pub struct VitConfig {
     pub ln_eps: f64,
     /// Largest drop-path rate (the last block's); rates grow linearly from 0 over depth.
     pub drop_path: f32,
-    /// Convolutional stem (an option outside DINO's ViT; method.md, "Convolutional stem"):
+    /// Convolutional stem (an option outside DINO's ViT; a change of method recorded in
+    /// docs/quality.md, "Sixth round"):
     /// 0 = DINO's patch embedding. `n > 0`: `log2(P)` stages of `n` 3 x 3 convolutions each
     /// (padding 1; the first of a stage has stride 2, the others stride 1), each followed by
     /// GELU, stage `s` with `D / 2^(S-1-s)` channels; the patch embedding is then a 1 x 1
@@ -42,8 +43,6 @@ pub struct StemLayer {
     pub c_out: usize,
     /// 2 for the first convolution of a stage, else 1.
     pub stride: usize,
-    /// Stride-2 convolutions before this one (its input side is the crop's side `>> halvings`).
-    pub halvings: usize,
 }
 
 /// What fixes the stem's shapes (a part of [`VitConfig`]).
@@ -88,8 +87,19 @@ impl StemShape {
             c_in,
             c_out: self.channels(s),
             stride: if j == 0 { 2 } else { 1 },
-            halvings: if j == 0 { s } else { s + 1 },
         }
+    }
+    /// Parameters of convolutions `0..i` (weights and biases): where convolution `i` starts,
+    /// counted from the stem's first tensor.
+    pub const fn params_before(&self, i: usize) -> usize {
+        let mut n = 0;
+        let mut k = 0;
+        while k < i {
+            let l = self.layer(k);
+            n += l.c_out * l.col_len() + l.c_out;
+            k += 1;
+        }
+        n
     }
 }
 
@@ -655,7 +665,7 @@ pub struct Layout {
     pub cls: usize,
     pub pos: usize,
     /// First stem tensor (`== patch_w` without a stem).
-    pub stem: usize,
+    stem: usize,
     stem_shape: StemShape,
     pub patch_w: usize,
     pub patch_b: usize,
@@ -689,13 +699,7 @@ impl Layout {
         let cls = 0;
         let pos = cls + d;
         let stem = pos + v.num_tokens() * d;
-        let mut patch_w = stem;
-        let mut i = 0;
-        while i < v.stem_len() {
-            let l = v.stem_layer(i);
-            patch_w += l.c_out * l.col_len() + l.c_out;
-            i += 1;
-        }
+        let patch_w = stem + v.stem().params_before(v.stem_len());
         let patch_b = patch_w + d * v.patch_len();
         let blocks = patch_b + d;
         let block_len = 4 * d
@@ -759,13 +763,7 @@ impl Layout {
 
     /// Offsets of stem convolution `i`'s weight `[C_out, C_in 9]` and bias `[C_out]`.
     pub const fn stem_layer(&self, i: usize) -> (usize, usize) {
-        let mut w = self.stem;
-        let mut k = 0;
-        while k < i {
-            let l = self.stem_shape.layer(k);
-            w += l.c_out * l.col_len() + l.c_out;
-            k += 1;
-        }
+        let w = self.stem + self.stem_shape.params_before(i);
         let l = self.stem_shape.layer(i);
         (w, w + l.c_out * l.col_len())
     }

@@ -229,7 +229,7 @@ pub fn forward_ibot<T: Real>(
             stem.push(StemCache { side, cols, pre });
             side = so;
         }
-        patches.copy_from_slice(&x);
+        patches = x;
         linear_forward(
             &mut patch_tok,
             &patches,
@@ -717,14 +717,16 @@ pub fn backward_with_cls_grad<T: Real>(
     }
     let k = v.patch_len();
     let (dw, db) = pair_mut(grads, (lay.patch_w, d * k), (lay.patch_b, d));
-    patch_embed_backward(dw, Some(db), &dpatch_tok, &acts.patches, b * np, k, d);
-    if v.stem_len() > 0 {
-        // Down the stem: the gradient at the last map, then each convolution in reverse.
+    if v.stem_len() == 0 {
+        patch_embed_backward(dw, Some(db), &dpatch_tok, &acts.patches, b * np, k, d);
+    } else {
+        // The 1 x 1 embedding also passes its gradient down to the stem's last map, then each
+        // convolution in reverse.
         let mut dmap = vec![T::ZERO; b * np * k];
         linear_backward(
             Some(&mut dmap),
-            &mut vec![T::ZERO; d * k],
-            None,
+            dw,
+            Some(db),
             &dpatch_tok,
             &acts.patches,
             &params[lay.patch_w..lay.patch_w + d * k],

@@ -210,3 +210,43 @@ pub fn rel_err<T: Real>(a: &[f32], b: &[T], floor: f64) -> f64 {
         .fold(0.0f64, |m, (x, y)| m.max((*x as f64 - y.to_f64()).abs()))
         / scale
 }
+
+/// Trains `cfg` whole into `scratch_dir(suite, "{name}-full")`, then again into
+/// `"{name}-half"`, stopped mid-run (half the steps plus one) and resumed from its checkpoint;
+/// asserts that the joined losses and the final training states equal the whole run's bit for
+/// bit. Returns the whole run's summary (its folder is kept for the caller; the halved run's is
+/// removed).
+pub fn assert_resume_is_bit_exact(
+    cfg: &TrainConfig,
+    suite: &str,
+    name: &str,
+) -> dinovmf::train::TrainSummary {
+    use dinovmf::train::{state, train};
+    let full = train(
+        cfg,
+        &quiet_options(&scratch_dir(suite, &format!("{name}-full"))),
+    )
+    .unwrap();
+    let n = full.steps;
+    assert!(n >= 4, "{name}: need a few steps, got {n}");
+    let half_dir = scratch_dir(suite, &format!("{name}-half"));
+    let mut o = quiet_options(&half_dir);
+    o.max_steps = Some(n / 2 + 1); // stop mid-epoch on purpose
+    let first = train(cfg, &o).unwrap();
+    let mut o2 = quiet_options(&half_dir);
+    o2.resume = Some(first.checkpoint.clone());
+    let second = train(cfg, &o2).unwrap();
+    let mut joined = first.losses.clone();
+    joined.extend_from_slice(&second.losses);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(&joined),
+        bits(&full.losses),
+        "{name}: resumed losses differ"
+    );
+    let (a, ..) = state::load_checkpoint(&full.checkpoint).unwrap();
+    let (b, ..) = state::load_checkpoint(&second.checkpoint).unwrap();
+    assert!(a == b, "{name}: final states differ");
+    std::fs::remove_dir_all(&half_dir).ok();
+    full
+}

@@ -324,7 +324,7 @@ fn run_with(
         if cfg.model.stem_convs > 0 {
             let v = crate::config::model_config(cfg).vit;
             let widths: Vec<String> = (0..v.stem_stages())
-                .map(|s| v.stem_layer(s * v.stem_convs).c_out.to_string())
+                .map(|s| v.stem().channels(s).to_string())
                 .collect();
             eprintln!(
                 "convolutional stem: {} stride-2 stage(s) of {} 3 x 3 convolution(s) with GELU, widths {}, then a 1 x 1 convolution to the tokens (a change of method: docs/quality.md, \"Sixth round\")",

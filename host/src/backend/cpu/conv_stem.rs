@@ -25,7 +25,7 @@ pub struct StemLayerBufs {
     /// Pre-activation (bias included) and GELU output, `[cap, So So, C_out]`.
     pub pre: Vec<f32>,
     pub act: Vec<f32>,
-    /// gelu'(pre), for the backward.
+    /// gelu'(pre), for the backward (empty in a group that keeps no activations).
     pub dgelu: Vec<f32>,
 }
 
@@ -37,7 +37,8 @@ pub struct StemBufs {
 }
 
 impl StemBufs {
-    pub fn new(cx: &Cx, cap: usize, size: usize) -> Self {
+    /// For up to `cap` crops of side `size`; `saved`: the group runs backward (see `Group`).
+    pub fn new(cx: &Cx, cap: usize, size: usize, saved: bool) -> Self {
         let v = &cx.cfg.vit;
         if v.stem_len() == 0 {
             return Self {
@@ -58,7 +59,7 @@ impl StemBufs {
                     cols: vec![0.0; rows * layer.col_len()],
                     pre: vec![0.0; rows * layer.c_out],
                     act: vec![0.0; rows * layer.c_out],
-                    dgelu: vec![0.0; rows * layer.c_out],
+                    dgelu: vec![0.0; if saved { rows * layer.c_out } else { 0 }],
                 };
                 side = out_side;
                 b
@@ -150,10 +151,11 @@ pub fn forward(cx: &Cx, p: &[f32], s: &mut StemBufs, images: &[f32], n: usize, o
             &mut lb.pre,
             false,
         );
+        let dgelu = (!lb.dgelu.is_empty()).then_some(&mut lb.dgelu[..]);
         rows::bias_gelu(
             &mut lb.pre,
             &mut lb.act,
-            Some(&mut lb.dgelu),
+            dgelu,
             &p[b_off..b_off + l.c_out],
             rows,
         );

@@ -168,9 +168,9 @@ impl CpuBackend {
         let (c, gs, ls) = (model.vit.in_chans, shapes.global_size, shapes.local_size);
         let glob = Group::new(&cx, n_g, shapes.global_size, true);
         let loc = (shapes.n_local > 0).then(|| Group::new(&cx, n_l, shapes.local_size, true));
-        let mut groups = vec![(n_g, glob.t)];
+        let mut groups = vec![(n_g, glob.size)];
         if let Some(l) = &loc {
-            groups.push((n_l, l.t));
+            groups.push((n_l, l.size));
         }
         let back = BackScratch::new(&cx, &groups);
         let hw = head::max_width(&cx);

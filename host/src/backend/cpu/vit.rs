@@ -103,7 +103,7 @@ impl Group {
             np,
             t,
             saved,
-            stem: StemBufs::new(cx, cap, size),
+            stem: StemBufs::new(cx, cap, size, saved),
             patches: vec![0.0; cap * np * cx.kp],
             pos: vec![0.0; t * d],
             stream: (0..ns).map(|_| vec![0.0; cap * t * d]).collect(),
@@ -158,20 +158,14 @@ pub struct BackScratch {
 }
 
 impl BackScratch {
-    /// For groups of `(images, tokens)` in `groups`.
-    pub fn new(cx: &Cx, groups: &[(usize, usize)]) -> Self {
+    /// For groups of `(images, crop side)` in `sized`.
+    pub fn new(cx: &Cx, sized: &[(usize, usize)]) -> Self {
         let (d, mh) = (cx.d, cx.mh);
-        let rows = groups.iter().map(|&(n, t)| n * t).max().unwrap_or(0);
-        // (images, crop side) of each group: tokens t = (side / P)^2 + 1.
-        let stem_groups: Vec<(usize, usize)> = groups
+        let groups: Vec<(usize, usize)> = sized
             .iter()
-            .map(|&(n, t)| {
-                (
-                    n,
-                    (t.saturating_sub(1) as f64).sqrt().round() as usize * cx.cfg.vit.patch,
-                )
-            })
+            .map(|&(n, side)| (n, cx.cfg.vit.num_patches_for(side) + 1))
             .collect();
+        let rows = groups.iter().map(|&(n, t)| n * t).max().unwrap_or(0);
         let nt2 = groups.iter().map(|&(n, t)| n * t * t).max().unwrap_or(0);
         let td = groups.iter().map(|&(_, t)| t * d).max().unwrap_or(0);
         let part_rows = n_chunks(rows) * (3 * d).max(mh).max(2 * d);
@@ -191,7 +185,7 @@ impl BackScratch {
             dp: vec![0.0; nt2],
             dpos: vec![0.0; td],
             partials: vec![0.0; part_rows.max(part_img).max(n_chunks(rows) * 2 * d)],
-            stem: StemScratch::new(cx, &stem_groups),
+            stem: StemScratch::new(cx, sized),
         }
     }
 }
